@@ -1,0 +1,448 @@
+"""data2vec-audio in `flax.linen`, module for module the layout of transformers' PyTorch model.
+
+Module names follow the checkpoint (`feature_extractor.conv_layers.N`, `feature_projection`,
+`encoder.pos_conv_embed.layers.N`, `encoder.layer_norm`, `encoder.layers.N`, `masked_spec_embed`,
+`lm_head`) so a key in an error message points at the code that owns it. Flax spells list
+indices `conv_layers_0`; `flax_d2v.convert.keys` is the one table between the two spellings.
+
+Parity details that matter (each checked by tests against transformers):
+- exact (erf) GELU everywhere (`jax.nn.gelu` defaults to the tanh approximation);
+- the positional embedding is `num_conv_pos_embeddings` stacked grouped convolutions, each
+  followed by an affine-free LayerNorm and GELU (no weight norm, unlike wav2vec2);
+- padded frames are zeroed once, right before the positional convolution;
+- post-LN transformer layers (attention, residual, LayerNorm, FFN, residual, LayerNorm).
+
+Sharding is not declared here: parameters and activations carry *logical* axis names
+(`embed`, `mlp`, `heads`, ...) that `flax_d2v.train.sharding` maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from flax_d2v.config import Data2VecAudioConfig
+from flax_d2v.masking import compute_mask_indices
+
+Array = jax.Array
+Dtype = Any
+
+# torch.nn.LayerNorm's default eps: used where transformers builds LayerNorm without config eps.
+TORCH_LAYER_NORM_EPS = 1e-5
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU, as `torch.nn.functional.gelu` (transformers' "gelu")."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+@flax.struct.dataclass
+class Data2VecAudioOutput:
+    """What `apply` returns. Fields not asked for are None.
+
+    hidden_states: as transformers, [0] is the encoder input after the positional convolution
+    and `encoder.layer_norm`, [i] the output of layer i. layer_results: for each layer the FFN
+    output before dropout, residual and `final_layer_norm` (data2vec's teacher targets).
+    """
+
+    last_hidden_state: Array
+    extract_features: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+    layer_results: tuple[Array, ...] | None = None
+    logits: Array | None = None
+    frame_mask: Array | None = None
+    mask_time_indices: Array | None = None
+
+
+def feat_extract_output_lengths(config: Data2VecAudioConfig, input_lengths: Any) -> Any:
+    """Frames the conv feature encoder makes from `input_lengths` samples (ints or arrays)."""
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        input_lengths = (input_lengths - kernel) // stride + 1
+    return input_lengths
+
+
+def _dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        use_bias=use_bias,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+def _layer_norm(eps: float, axis_name: str, dtype: Dtype, name: str, affine: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        use_scale=affine,
+        use_bias=affine,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+        name=name,
+    )
+
+
+class ConvLayer(nn.Module):
+    """`feature_extractor.conv_layers.N`: Conv1d, LayerNorm over channels, GELU."""
+
+    config: Data2VecAudioConfig
+    layer_id: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        x = nn.Conv(
+            c.conv_dim[self.layer_id],
+            kernel_size=(c.conv_kernel[self.layer_id],),
+            strides=(c.conv_stride[self.layer_id],),
+            padding="VALID",
+            use_bias=c.conv_bias,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "conv_dim")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_dim",)),
+            name="conv",
+        )(x)
+        x = _layer_norm(TORCH_LAYER_NORM_EPS, "conv_dim", self.dtype, "layer_norm")(x)
+        return gelu(x)
+
+
+class FeatureEncoder(nn.Module):
+    """`feature_extractor`: raw waveform (batch, samples) to features (batch, frames, conv_dim[-1])."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_values: Array) -> Array:
+        x = input_values[..., None].astype(self.dtype)
+        for i in range(self.config.num_feat_extract_layers):
+            x = ConvLayer(self.config, i, self.dtype, name=f"conv_layers_{i}")(x)
+        return x
+
+
+class FeatureProjection(nn.Module):
+    """`feature_projection`: LayerNorm, Linear to hidden_size, dropout."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, Array]:
+        c = self.config
+        normed = _layer_norm(c.layer_norm_eps, "conv_dim", self.dtype, "layer_norm")(x)
+        h = _dense(c.hidden_size, ("conv_dim", "embed"), self.dtype, "projection")(normed)
+        h = nn.Dropout(c.feat_proj_dropout)(h, deterministic=deterministic)
+        return h, normed
+
+
+class PositionalConvLayer(nn.Module):
+    """`encoder.pos_conv_embed.layers.N`: grouped Conv1d ("same" length), affine-free LayerNorm, GELU."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        k = c.conv_pos_kernel_size
+        length = x.shape[1]
+        x = nn.Conv(
+            c.hidden_size,
+            kernel_size=(k,),
+            padding=[(k // 2, k // 2)],
+            feature_group_count=c.num_conv_pos_embedding_groups,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="conv",
+        )(x)
+        x = x[:, :length]  # an even kernel makes one frame too many (transformers' PadLayer)
+        x = _layer_norm(TORCH_LAYER_NORM_EPS, "embed", self.dtype, "layer_norm", affine=False)(x)
+        return gelu(x)
+
+
+class PositionalConvEmbedding(nn.Module):
+    """`encoder.pos_conv_embed`: the stack of positional conv layers."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for i in range(self.config.num_conv_pos_embeddings):
+            x = PositionalConvLayer(self.config, self.dtype, name=f"layers_{i}")(x)
+        return x
+
+
+class Attention(nn.Module):
+    """`encoder.layers.N.attention`: multi-head self-attention with a key padding bias."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, attention_bias: Array | None, deterministic: bool = True) -> Array:
+        c = self.config
+        heads = c.num_attention_heads
+        head_dim = c.hidden_size // heads
+        b, t, _ = x.shape
+
+        def proj(name: str) -> Array:
+            y = _dense(c.hidden_size, ("embed", "heads"), self.dtype, name)(x)
+            return y.reshape(b, t, heads, head_dim)
+
+        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
+        scores = scores.astype(jnp.float32)
+        if attention_bias is not None:
+            scores = scores + attention_bias
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, c.hidden_size)
+        return _dense(c.hidden_size, ("heads", "embed"), self.dtype, "out_proj")(out)
+
+
+class FeedForward(nn.Module):
+    """`encoder.layers.N.feed_forward`: Linear, GELU, dropout, Linear (output dropout is the caller's)."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        c = self.config
+        x = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, "intermediate_dense")(x)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_mlp"))
+        x = gelu(x)
+        x = nn.Dropout(c.activation_dropout)(x, deterministic=deterministic)
+        return _dense(c.hidden_size, ("mlp", "embed"), self.dtype, "output_dense")(x)
+
+
+class EncoderLayer(nn.Module):
+    """`encoder.layers.N`: post-LN transformer layer, with LayerDrop when training.
+
+    Returns the new hidden state and the FFN output before dropout/residual/LayerNorm (fairseq's
+    `layer_result`, the data2vec target).
+    """
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, attention_bias: Array | None, deterministic: bool = True) -> tuple[Array, Array]:
+        c = self.config
+        residual = x
+        h = Attention(c, self.dtype, name="attention")(x, attention_bias, deterministic)
+        h = nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+        h = _layer_norm(c.layer_norm_eps, "embed", self.dtype, "layer_norm")(residual + h)
+        ffn = FeedForward(c, self.dtype, name="feed_forward")(h, deterministic)
+        out = h + nn.Dropout(c.hidden_dropout)(ffn, deterministic=deterministic)
+        out = _layer_norm(c.layer_norm_eps, "embed", self.dtype, "final_layer_norm")(out)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_embed"))
+        if not deterministic and c.layerdrop > 0.0:
+            skip = jax.random.uniform(self.make_rng("dropout"), ()) < c.layerdrop
+            out = jnp.where(skip, x, out)
+        return out, ffn
+
+
+def _remat(cls: type[nn.Module], policy: str) -> type[nn.Module]:
+    if policy == "none":
+        return cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
+    # argument 3 of __call__ (counting self) is `deterministic`, a Python bool
+    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, policy), static_argnums=(3,))
+
+
+class _ScanStep(nn.Module):
+    """One `nn.scan` iteration: the layer under the name `layer`, collecting what was asked for."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype
+    deterministic: bool
+    remat_policy: str
+    collect_hidden: bool
+    collect_results: bool
+
+    @nn.compact
+    def __call__(self, x: Array, attention_bias: Array | None) -> tuple[Array, tuple[Array | None, Array | None]]:
+        layer = _remat(EncoderLayer, self.remat_policy)(self.config, self.dtype, name="layer")
+        x, result = layer(x, attention_bias, self.deterministic)
+        return x, (x if self.collect_hidden else None, result if self.collect_results else None)
+
+
+class Encoder(nn.Module):
+    """`encoder`: zero padding, positional conv, LayerNorm, dropout, the layers."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, frame_mask: Array | None, deterministic: bool = True,
+                 output_hidden_states: bool = False, output_layer_results: bool = False
+                 ) -> tuple[Array, tuple[Array, ...] | None, tuple[Array, ...] | None]:
+        c = self.config
+        attention_bias = None
+        if frame_mask is not None:
+            x = jnp.where(frame_mask[..., None], x, 0.0)
+            attention_bias = jnp.where(frame_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        x = x + PositionalConvEmbedding(c, self.dtype, name="pos_conv_embed")(x)
+        x = _layer_norm(c.layer_norm_eps, "embed", self.dtype, "layer_norm")(x)
+        x = nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        hidden_states = [x]
+        if self.scan_layers:
+            scan = nn.scan(
+                _ScanStep,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
+                length=c.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, (hs, rs) = scan(c, self.dtype, deterministic, self.remat_policy, output_hidden_states,
+                               output_layer_results, name="layers")(x, attention_bias)
+            hidden_states += list(hs) if output_hidden_states else []
+            results = list(rs) if output_layer_results else []
+        else:
+            layer_cls = _remat(EncoderLayer, self.remat_policy)
+            results = []
+            for i in range(c.num_hidden_layers):
+                x, r = layer_cls(c, self.dtype, name=f"layers_{i}")(x, attention_bias, deterministic)
+                hidden_states.append(x)
+                results.append(r)
+        return (x, tuple(hidden_states) if output_hidden_states else None,
+                tuple(results) if output_layer_results else None)
+
+
+class Data2VecAudioModel(nn.Module):
+    """The bare encoder (transformers' `Data2VecAudioModel`).
+
+    Call: `module.apply({"params": p}, input_values, attention_mask=None, output_hidden_states=False)`.
+    `input_values` is (batch, samples) normalised audio; `attention_mask` (batch, samples) marks
+    real samples (1) against right padding (0). Deterministic unless `deterministic=False` and a
+    `"dropout"` rng is given; then dropout, LayerDrop and SpecAugment (unless masks are passed in)
+    are on.
+    """
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    freeze_feature_encoder: bool = False
+
+    def setup(self) -> None:
+        c = self.config
+        self.feature_extractor = FeatureEncoder(c, self.dtype)
+        self.feature_projection = FeatureProjection(c, self.dtype)
+        if c.has_masked_spec_embed:
+            self.masked_spec_embed = self.param(
+                "masked_spec_embed", nn.with_logical_partitioning(nn.initializers.uniform(1.0), ("embed",)),
+                (c.hidden_size,))
+        self.encoder = Encoder(c, self.dtype, self.remat_policy, self.scan_layers)
+
+    def frame_mask(self, attention_mask: Array | None, num_frames: int) -> Array | None:
+        if attention_mask is None:
+            return None
+        lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1))
+        return jnp.arange(num_frames)[None, :] < lengths[:, None]
+
+    def _spec_augment(self, h: Array, frame_mask: Array | None, mask_time_indices: Array | None,
+                      mask_feature_indices: Array | None, deterministic: bool) -> tuple[Array, Array | None]:
+        c = self.config
+        b, t, d = h.shape
+        if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
+            lengths = None if frame_mask is None else frame_mask.sum(-1)
+            mask_time_indices = compute_mask_indices(self.make_rng("dropout"), (b, t), c.mask_time_prob,
+                                                     c.mask_time_length, c.mask_time_min_masks, lengths)
+        if mask_time_indices is not None:
+            if not c.has_masked_spec_embed:
+                raise ValueError("mask_time_indices given but the config has no masked_spec_embed "
+                                 "(mask_time_prob and mask_feature_prob are both 0)")
+            h = jnp.where(mask_time_indices[..., None], self.masked_spec_embed.astype(h.dtype), h)
+        if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
+            mask_feature_indices = compute_mask_indices(self.make_rng("dropout"), (b, d), c.mask_feature_prob,
+                                                        c.mask_feature_length, c.mask_feature_min_masks)
+        if mask_feature_indices is not None:
+            h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
+        return h, mask_time_indices
+
+    def __call__(self, input_values: Array, attention_mask: Array | None = None,
+                 output_hidden_states: bool = False, *, deterministic: bool = True,
+                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
+                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+        features = self.feature_extractor(input_values)
+        if self.freeze_feature_encoder:
+            features = jax.lax.stop_gradient(features)
+        frame_mask = self.frame_mask(attention_mask, features.shape[1])
+        h, extract_features = self.feature_projection(features, deterministic)
+        h, mask_time_indices = self._spec_augment(h, frame_mask, mask_time_indices, mask_feature_indices,
+                                                  deterministic)
+        last, hidden_states, layer_results = self.encoder(h, frame_mask, deterministic, output_hidden_states,
+                                                          output_layer_results)
+        return Data2VecAudioOutput(last_hidden_state=last, extract_features=extract_features,
+                                   hidden_states=hidden_states, layer_results=layer_results,
+                                   frame_mask=frame_mask, mask_time_indices=mask_time_indices)
+
+
+class Data2VecAudioForCTC(nn.Module):
+    """The encoder with `lm_head` for CTC (transformers' `Data2VecAudioForCTC`); adds `logits`."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    freeze_feature_encoder: bool = False
+
+    @nn.compact
+    def __call__(self, input_values: Array, attention_mask: Array | None = None,
+                 output_hidden_states: bool = False, *, deterministic: bool = True,
+                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
+                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+        c = self.config
+        out = Data2VecAudioModel(c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder,
+                                 name="data2vec_audio")(
+            input_values, attention_mask, output_hidden_states, deterministic=deterministic,
+            mask_time_indices=mask_time_indices, mask_feature_indices=mask_feature_indices,
+            output_layer_results=output_layer_results)
+        h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
+        logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
+        return out.replace(logits=logits.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(module: nn.Module, rng: Array, num_samples: int) -> Any:
+    return module.init(rng, jnp.zeros((1, num_samples), jnp.float32))["params"]
+
+
+def init_params(module: nn.Module, rng: Array | int = 0, num_samples: int = 16000) -> Any:
+    """Random parameters (unboxed: plain arrays) for `module`."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    return nn.meta.unbox(_init(module, rng, num_samples))
+
+
+def param_shapes(module: nn.Module, num_samples: int = 16000) -> Any:
+    """Parameter shapes/dtypes without allocating (the tree a checkpoint must match)."""
+    boxed = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, num_samples), jnp.float32))["params"],
+                           jax.random.PRNGKey(0))
+    return nn.meta.unbox(boxed)
+
+
+def logical_axes(module: nn.Module, num_samples: int = 16000) -> Any:
+    """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
+    boxed = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, num_samples), jnp.float32))["params"],
+                           jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)
