@@ -1,0 +1,52 @@
+"""flax-d2v: data2vec-audio in JAX/Flax.
+
+    import flax_d2v
+    module, params = flax_d2v.from_pretrained(path)   # HF dir, our Flax dir, fairseq .pt, or hub id
+    out = module.apply({"params": params}, input_values, attention_mask=None, output_hidden_states=False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax_d2v.config import Data2VecAudioConfig, base_config, large_config, preset, tiny_config
+from flax_d2v.errors import D2VError
+from flax_d2v.modeling import (
+    Data2VecAudioForCTC,
+    Data2VecAudioModel,
+    Data2VecAudioOutput,
+    feat_extract_output_lengths,
+    init_params,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "D2VError",
+    "Data2VecAudioConfig",
+    "Data2VecAudioForCTC",
+    "Data2VecAudioModel",
+    "Data2VecAudioOutput",
+    "base_config",
+    "feat_extract_output_lengths",
+    "from_pretrained",
+    "init_params",
+    "large_config",
+    "preset",
+    "tiny_config",
+    "transcribe",
+]
+
+
+def from_pretrained(path: str, **kwargs: Any):
+    """(module, params) from an HF dir, a flax-d2v dir, a fairseq `.pt`, or a hub id."""
+    from flax_d2v.pretrained import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, **kwargs)
+
+
+def transcribe(model_or_path: Any, files_or_arrays: Any, **kwargs: Any):
+    """CTC transcription; see `flax_d2v.transcribe.transcribe`."""
+    from flax_d2v.transcribe import transcribe as _transcribe
+
+    return _transcribe(model_or_path, files_or_arrays, **kwargs)
