@@ -1,0 +1,207 @@
+"""transformers checkpoints <-> Flax parameters, through the one key table in `keys.py`.
+
+Reads an HF directory (`config.json` + `model.safetensors`, a sharded `.safetensors` index, or a
+legacy `pytorch_model.bin` loaded with `torch.load(weights_only=True)`), checks every key and
+shape against the Flax model that the config describes, and writes HF directories back that
+`transformers` loads with no missing, unexpected or mismatched keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flax_d2v.checkpoint import PROCESSOR_FILES, copy_processor_files, read_safetensors
+from flax_d2v.config import Data2VecAudioConfig
+from flax_d2v.convert.keys import (
+    CTC_PREFIX_HF,
+    flatten,
+    flax_to_hf_key,
+    hf_to_flax_key,
+    is_scanned,
+    to_flax_array,
+    to_hf_array,
+    unflatten,
+    unstack_layers,
+)
+from flax_d2v.errors import D2VError
+from flax_d2v.fileio import atomic_dir
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
+DEFAULT_PREPROCESSOR = {
+    "do_normalize": True,
+    "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+    "feature_size": 1,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": True,
+    "sampling_rate": 16000,
+}
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return any((p / n).is_file() for n in (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX))
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A torch pickle read with `weights_only=True`: plain tensors and containers only, no code runs."""
+    try:
+        import torch
+    except ImportError:
+        raise D2VError(f"{path}: reading a PyTorch .bin/.pt file needs PyTorch (pip install 'flax-d2v[torch]')") from None
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        reason = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first
+                      else "refused")
+        raise D2VError(f"{path}: refused to load (weights_only): {reason.strip()}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise D2VError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {msg}") from None
+
+
+def _tensor_to_numpy(value: Any, key: str, source: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - load_torch_file already needed torch
+        raise D2VError(f"{source}: key {key!r}: PyTorch needed") from None
+    if not isinstance(value, torch.Tensor):
+        raise D2VError(f"{source}: key {key!r} is a {type(value).__name__}, not a tensor")
+    value = value.detach().cpu()
+    if value.dtype in (torch.bfloat16, torch.float16):
+        value = value.float()
+    return value.numpy()
+
+
+def read_hf_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+    """(state dict as numpy arrays, the file it came from) of an HF model directory."""
+    d = Path(model_dir)
+    if (d / SAFETENSORS).is_file():
+        return read_safetensors(d / SAFETENSORS), str(d / SAFETENSORS)
+    for index_name, reader in ((SAFETENSORS_INDEX, read_safetensors), (PYTORCH_BIN_INDEX, None)):
+        if (d / index_name).is_file():
+            try:
+                index = json.loads((d / index_name).read_text(encoding="utf-8"))
+                shards = sorted(set(index["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise D2VError(f"{d / index_name}: not a valid weight index ({e})") from None
+            state: dict[str, np.ndarray] = {}
+            for shard in shards:
+                part = reader(d / shard) if reader else load_torch_file(d / shard)
+                state.update({k: _tensor_to_numpy(v, k, str(d / shard)) for k, v in part.items()})
+            return state, str(d / index_name)
+    if (d / PYTORCH_BIN).is_file():
+        raw = load_torch_file(d / PYTORCH_BIN)
+        if not isinstance(raw, dict):
+            raise D2VError(f"{d / PYTORCH_BIN}: expected a state dict, found {type(raw).__name__}")
+        return {k: _tensor_to_numpy(v, k, str(d / PYTORCH_BIN)) for k, v in raw.items()}, str(d / PYTORCH_BIN)
+    raise D2VError(f"{d}: no model weights found (expected {SAFETENSORS} or {PYTORCH_BIN})")
+
+
+def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig, source: str
+                       ) -> tuple[bool, dict[str, Any]]:
+    """(is_ctc, Flax params) from an HF state dict; every key and shape checked against the config."""
+    from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel, param_shapes
+
+    is_ctc = any(k.startswith("lm_head.") for k in state)
+    if not is_ctc and state and all(k.startswith(CTC_PREFIX_HF) for k in state):
+        state = {k[len(CTC_PREFIX_HF):]: v for k, v in state.items()}  # encoder saved from a wrapper model
+    module = (Data2VecAudioForCTC if is_ctc else Data2VecAudioModel)(config)
+    expected = flatten(param_shapes(module))
+    params: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        mapped = hf_to_flax_key(key)
+        if mapped is None:
+            raise D2VError(f"{source}: unexpected key {key!r}: not a data2vec-audio parameter")
+        path, kind = mapped
+        if path not in expected:
+            raise D2VError(f"{source}: unexpected key {key!r}: the model in config.json has no such parameter")
+        want_hf = to_hf_array(np.empty(expected[path].shape, np.int8), kind).shape
+        if tuple(value.shape) != tuple(want_hf):
+            raise D2VError(f"{source}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(want_hf)} "
+                           "from config.json")
+        arr = to_flax_array(value, kind)
+        params[path] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        hf_key = flax_to_hf_key(missing[0])
+        name = hf_key[0] if hf_key else missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise D2VError(f"{source}: missing key {name!r}{more}")
+    return is_ctc, unflatten(params)
+
+
+def load_hf(model_dir: str | os.PathLike) -> tuple[Data2VecAudioConfig, bool, dict[str, Any]]:
+    """(config, is_ctc, params) of an HF data2vec-audio directory."""
+    d = Path(model_dir)
+    config = Data2VecAudioConfig.from_json_file(d / "config.json")
+    state, source = read_hf_state_dict(d)
+    is_ctc, params = state_dict_to_flax(state, config, source)
+    return config, is_ctc, params
+
+
+def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """HF state dict (numpy, HF layouts) from Flax params (scanned or not)."""
+    from flax_d2v.checkpoint import jax_to_numpy
+
+    params = jax_to_numpy(params)
+    if is_scanned(params):
+        params = unstack_layers(params)
+    state = {}
+    for path, value in flatten(params).items():
+        mapped = flax_to_hf_key(path)
+        if mapped is None:
+            raise D2VError(f"Flax parameter {path!r} has no transformers counterpart")
+        key, kind = mapped
+        state[key] = to_hf_array(np.asarray(value), kind)
+    return state
+
+
+def hf_config_dict(config: Data2VecAudioConfig, is_ctc: bool) -> dict[str, Any]:
+    out = config.to_dict()
+    out["architectures"] = ["Data2VecAudioForCTC" if is_ctc else "Data2VecAudioModel"]
+    return out
+
+
+def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
+            files_from: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None,
+            overwrite: bool = False) -> Path:
+    """Write an HF directory (config.json, model.safetensors, preprocessor_config.json, vocab files).
+
+    `files_from`: a directory whose processor/tokenizer files are copied; a default
+    `preprocessor_config.json` (HF normalisation on) is written when none is given.
+    """
+    from safetensors.numpy import save_file
+
+    state = flax_to_state_dict(params)
+    is_ctc = "lm_head.weight" in state
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.fspath(tmp / SAFETENSORS),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, is_ctc), indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
+        if files_from is not None:
+            copy_processor_files(files_from, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if not (tmp / "preprocessor_config.json").exists():
+            (tmp / "preprocessor_config.json").write_text(json.dumps(DEFAULT_PREPROCESSOR, indent=2) + "\n",
+                                                         encoding="utf-8")
+    return Path(dst)
+
+
+__all__ = ["PROCESSOR_FILES", "flax_to_state_dict", "is_hf_dir", "load_hf", "load_torch_file", "read_hf_state_dict",
+           "save_hf", "state_dict_to_flax"]

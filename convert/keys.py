@@ -1,0 +1,169 @@
+"""THE key table between transformers' PyTorch state dict and our Flax parameter tree.
+
+One table, used in both directions (`hf_to_flax_key` and `flax_to_hf_key`), so an import and an
+export can never disagree. Each row is (HF key template, Flax path template, transform):
+`{n}` is a list index (PyTorch `layers.3` is Flax `layers_3`), `{proj}` one of q/k/v/out.
+
+Transforms are exact permutations of axes, so HF -> Flax -> HF is bit-identical:
+- ``linear``: torch Linear weight (out, in) <-> Flax Dense kernel (in, out);
+- ``conv``:   torch Conv1d weight (out, in/groups, k) <-> Flax Conv kernel (k, in/groups, out);
+- ``copy``:   biases, LayerNorm weight (Flax ``scale``) and bias, ``masked_spec_embed``.
+
+The CTC model nests the encoder under ``data2vec_audio`` in both layouts; ``lm_head`` is its head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+CTC_PREFIX_HF = "data2vec_audio."
+CTC_PREFIX_FLAX = "data2vec_audio/"
+
+# (HF template, Flax template, transform)
+KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("masked_spec_embed", "masked_spec_embed", "copy"),
+    ("feature_extractor.conv_layers.{n}.conv.weight", "feature_extractor/conv_layers_{n}/conv/kernel", "conv"),
+    ("feature_extractor.conv_layers.{n}.conv.bias", "feature_extractor/conv_layers_{n}/conv/bias", "copy"),
+    ("feature_extractor.conv_layers.{n}.layer_norm.weight", "feature_extractor/conv_layers_{n}/layer_norm/scale",
+     "copy"),
+    ("feature_extractor.conv_layers.{n}.layer_norm.bias", "feature_extractor/conv_layers_{n}/layer_norm/bias", "copy"),
+    ("feature_projection.layer_norm.weight", "feature_projection/layer_norm/scale", "copy"),
+    ("feature_projection.layer_norm.bias", "feature_projection/layer_norm/bias", "copy"),
+    ("feature_projection.projection.weight", "feature_projection/projection/kernel", "linear"),
+    ("feature_projection.projection.bias", "feature_projection/projection/bias", "copy"),
+    ("encoder.pos_conv_embed.layers.{n}.conv.weight", "encoder/pos_conv_embed/layers_{n}/conv/kernel", "conv"),
+    ("encoder.pos_conv_embed.layers.{n}.conv.bias", "encoder/pos_conv_embed/layers_{n}/conv/bias", "copy"),
+    ("encoder.layer_norm.weight", "encoder/layer_norm/scale", "copy"),
+    ("encoder.layer_norm.bias", "encoder/layer_norm/bias", "copy"),
+    ("encoder.layers.{n}.attention.{proj}_proj.weight", "encoder/layers_{n}/attention/{proj}_proj/kernel", "linear"),
+    ("encoder.layers.{n}.attention.{proj}_proj.bias", "encoder/layers_{n}/attention/{proj}_proj/bias", "copy"),
+    ("encoder.layers.{n}.layer_norm.weight", "encoder/layers_{n}/layer_norm/scale", "copy"),
+    ("encoder.layers.{n}.layer_norm.bias", "encoder/layers_{n}/layer_norm/bias", "copy"),
+    ("encoder.layers.{n}.feed_forward.intermediate_dense.weight",
+     "encoder/layers_{n}/feed_forward/intermediate_dense/kernel", "linear"),
+    ("encoder.layers.{n}.feed_forward.intermediate_dense.bias",
+     "encoder/layers_{n}/feed_forward/intermediate_dense/bias", "copy"),
+    ("encoder.layers.{n}.feed_forward.output_dense.weight", "encoder/layers_{n}/feed_forward/output_dense/kernel",
+     "linear"),
+    ("encoder.layers.{n}.feed_forward.output_dense.bias", "encoder/layers_{n}/feed_forward/output_dense/bias", "copy"),
+    ("encoder.layers.{n}.final_layer_norm.weight", "encoder/layers_{n}/final_layer_norm/scale", "copy"),
+    ("encoder.layers.{n}.final_layer_norm.bias", "encoder/layers_{n}/final_layer_norm/bias", "copy"),
+    ("lm_head.weight", "lm_head/kernel", "linear"),
+    ("lm_head.bias", "lm_head/bias", "copy"),
+)
+
+_PLACEHOLDERS = {"n": r"(?P<n>\d+)", "proj": r"(?P<proj>q|k|v|out)"}
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{\w+\})", template)
+    regex = "".join(_PLACEHOLDERS[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile(f"^{regex}$")
+
+
+_HF_RULES = [(_compile(hf), flax, kind) for hf, flax, kind in KEY_TABLE]
+_FLAX_RULES = [(_compile(flax), hf, kind) for hf, flax, kind in KEY_TABLE]
+
+
+def _split_prefix(key: str, prefix: str) -> tuple[str, str]:
+    return (prefix, key[len(prefix):]) if key.startswith(prefix) else ("", key)
+
+
+def hf_to_flax_key(key: str) -> tuple[str, str] | None:
+    """(Flax path, transform) for an HF state-dict key, or None if the table has no row for it."""
+    prefix, rest = _split_prefix(key, CTC_PREFIX_HF)
+    for regex, template, kind in _HF_RULES:
+        m = regex.match(rest)
+        if m and not (prefix and template.startswith("lm_head")):
+            return (CTC_PREFIX_FLAX if prefix else "") + template.format(**m.groupdict()), kind
+    return None
+
+
+def flax_to_hf_key(path: str) -> tuple[str, str] | None:
+    """(HF key, transform) for a Flax path, or None if the table has no row for it."""
+    prefix, rest = _split_prefix(path, CTC_PREFIX_FLAX)
+    for regex, template, kind in _FLAX_RULES:
+        m = regex.match(rest)
+        if m:
+            return (CTC_PREFIX_HF if prefix else "") + template.format(**m.groupdict()), kind
+    return None
+
+
+def to_flax_array(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return np.ascontiguousarray(value.T)
+    if kind == "conv":
+        return np.ascontiguousarray(value.transpose(2, 1, 0))
+    return np.ascontiguousarray(value)
+
+
+def to_hf_array(value: np.ndarray, kind: str) -> np.ndarray:
+    # Both permutations are their own inverse.
+    return to_flax_array(value, kind)
+
+
+# ---------------------------------------------------------------- tree helpers
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": x}} -> {"a/b": x}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a/b": x} -> {"a": {"b": x}}."""
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+# ---------------------------------------------------------------- scanned layout
+_LAYER_RE = re.compile(r"^(?P<pre>(?:data2vec_audio/)?encoder/)layers_(?P<n>\d+)/(?P<rest>.*)$")
+_SCANNED_RE = re.compile(r"^(?P<pre>(?:data2vec_audio/)?encoder/)layers/layer/(?P<rest>.*)$")
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Unscanned (`encoder/layers_N/...`) -> scanned (`encoder/layers/layer/...`, leading axis N)."""
+    flat = flatten(params)
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[int, Any]] = {}
+    for path, v in flat.items():
+        m = _LAYER_RE.match(path)
+        if m:
+            groups.setdefault(f"{m['pre']}layers/layer/{m['rest']}", {})[int(m["n"])] = v
+        else:
+            out[path] = v
+    for path, by_index in groups.items():
+        out[path] = np.stack([np.asarray(by_index[i]) for i in range(len(by_index))])
+    return unflatten(out)
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Scanned -> unscanned (inverse of `stack_layers`)."""
+    out: dict[str, Any] = {}
+    for path, v in flatten(params).items():
+        m = _SCANNED_RE.match(path)
+        if m:
+            for i in range(v.shape[0]):
+                out[f"{m['pre']}layers_{i}/{m['rest']}"] = np.asarray(v[i])
+        else:
+            out[path] = v
+    return unflatten(out)
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+    return any(_SCANNED_RE.match(p) for p in flatten(params))

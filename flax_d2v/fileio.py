@@ -1,0 +1,65 @@
+"""Writing outputs so that nothing is ever left half-written.
+
+A destination directory is built under a temporary name beside it and renamed into place at
+the end; a file is written to a temporary name and `os.replace`d. If anything fails (or the
+process is killed) the old output, if any, is still there untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from flax_d2v.errors import D2VError
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `dst` when the block exits cleanly.
+
+    A non-empty `dst` is refused unless `overwrite`; then it is replaced only after the new
+    content is complete.
+    """
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise D2VError(f"{dst}: exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise D2VError(f"{dst}: destination is not empty (use --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if dst.exists():
+        backup = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, backup)
+    os.replace(tmp, dst)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,90 @@
+"""`from_pretrained`: one entry point for every checkpoint a user may hold.
+
+    module, params = flax_d2v.from_pretrained(path)
+
+`path` is a flax-d2v directory (`flax_model.safetensors`), a transformers directory
+(`model.safetensors` or `pytorch_model.bin`), a fairseq `.pt` file, or a hub id such as
+`facebook/data2vec-audio-base-960h` (downloaded with `huggingface_hub`; fails with a clear message
+when offline). The module is `Data2VecAudioForCTC` when the checkpoint has an `lm_head`, else
+`Data2VecAudioModel`. Module options (`dtype`, `scan_layers`, `remat_policy`,
+`freeze_feature_encoder`) are passed through; with `scan_layers=True` the params come stacked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from flax_d2v.checkpoint import is_flax_dir, load_flax
+from flax_d2v.config import Data2VecAudioConfig
+from flax_d2v.errors import D2VError
+from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.txt"]
+
+
+def build_module(config: Data2VecAudioConfig, is_ctc: bool, **module_kwargs: Any):
+    cls = Data2VecAudioForCTC if is_ctc else Data2VecAudioModel
+    return cls(config, **module_kwargs)
+
+
+def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, bool, dict[str, Any], str]:
+    """(config, is_ctc, unscanned params, resolved local directory or file) for any supported source."""
+    p = Path(path)
+    if p.is_dir():
+        if is_flax_dir(p):
+            config, params = load_flax(p)
+            return config, "lm_head" in params, params, str(p)
+        from flax_d2v.convert.hf import is_hf_dir, load_hf
+
+        if is_hf_dir(p):
+            config, is_ctc, params = load_hf(p)
+            return config, is_ctc, params, str(p)
+        if not (p / "config.json").is_file():
+            raise D2VError(f"{p}: config.json not found (not a flax-d2v or transformers model directory)")
+        raise D2VError(f"{p}: no weights found (expected flax_model.safetensors, model.safetensors or "
+                       "pytorch_model.bin)")
+    if p.is_file():
+        if p.suffix == ".pt":
+            try:
+                from flax_d2v.convert import fairseq
+            except ImportError:
+                raise D2VError(f"{p}: fairseq checkpoints are not supported by this version") from None
+            config, is_ctc, params = fairseq.load_fairseq(p)[:3]
+            return config, is_ctc, params, str(p)
+        raise D2VError(f"{p}: expected a model directory or a fairseq .pt file")
+    if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
+        return load_any(download_from_hub(str(path)))
+    raise D2VError(f"{path}: no such file or directory")
+
+
+def download_from_hub(repo_id: str) -> str:
+    """Local snapshot of a hub repo; a clear error when the hub cannot be reached."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise D2VError(f"{repo_id}: looks like a hub id, but huggingface_hub is not installed "
+                       "(pip install huggingface_hub), or pass a local directory") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:  # noqa: BLE001 - any network/auth failure gets the same advice
+        raise D2VError(f"{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}); "
+                       "are you offline? Download the model elsewhere and pass its directory") from None
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool = False,
+                    remat_policy: str = "none", freeze_feature_encoder: bool = False):
+    """(module, params) ready for `module.apply({"params": params}, input_values, ...)`."""
+    config, is_ctc, params, _ = load_any(path)
+    module = build_module(config, is_ctc, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy,
+                          freeze_feature_encoder=freeze_feature_encoder)
+    if scan_layers:
+        from flax_d2v.convert.keys import stack_layers
+
+        params = stack_layers(params)
+    return module, params
