@@ -1,0 +1,228 @@
+"""Layer-by-layer parity: the Flax model against transformers' PyTorch model on real audio.
+
+Both models get the same weights (an HF directory is loaded by both; a flax-d2v directory or a
+fairseq `.pt` is exported to a temporary HF directory first) and the same preprocessed audio:
+one utterance, and a right-padded batch of utterances of different lengths. For every stage
+(conv feature extractor, feature projection, each hidden state, the logits) the report gives the
+max and mean absolute error, the max error relative to the reference's largest magnitude, and
+the cosine similarity, against a named tolerance. Padded frames are left out of the comparison:
+their values are not defined by either model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flax_d2v.errors import D2VError
+
+# Relative tolerance: max |flax - torch| / max |torch|. fp32 against fp64 PyTorch differs by about
+# 1.5e-6 at base size on real speech, so 1e-4 leaves room only for reduction order, not for a bug
+# (a tanh GELU or a missing LayerNorm shows up as 1e-3 .. 1e-1).
+PARITY_RTOL = 1e-4
+
+
+@dataclasses.dataclass
+class StageError:
+    case: str
+    stage: str
+    max_abs: float
+    mean_abs: float
+    ref_max: float
+    rel: float
+    cosine: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.rel) and self.rel <= PARITY_RTOL)
+
+
+def compare(case: str, stage: str, got: np.ndarray, ref: np.ndarray, frame_mask: np.ndarray | None) -> StageError:
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        raise D2VError(f"{stage}: shape {got.shape} (Flax) differs from {ref.shape} (PyTorch)")
+    if frame_mask is not None:
+        got, ref = got[frame_mask], ref[frame_mask]
+    diff = np.abs(got - ref)
+    ref_max = float(np.abs(ref).max())
+    cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-30))
+    return StageError(case, stage, float(diff.max()), float(diff.mean()), ref_max,
+                      float(diff.max() / max(ref_max, 1e-30)), cos)
+
+
+def _torch_model(hf_dir: str, dtype: str):
+    import torch
+    from transformers import Data2VecAudioForCTC, Data2VecAudioModel
+
+    from flax_d2v.convert.hf import read_hf_state_dict
+
+    state, _ = read_hf_state_dict(hf_dir)
+    cls = Data2VecAudioForCTC if "lm_head.weight" in state else Data2VecAudioModel
+    model = cls.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    if dtype == "float64":
+        model = model.double()
+    torch.set_grad_enabled(False)
+    return model
+
+
+def _run_torch(model, values: np.ndarray, mask: np.ndarray | None, dtype: str) -> dict[str, np.ndarray]:
+    import torch
+
+    base = getattr(model, "data2vec_audio", model)
+    captured: dict[str, np.ndarray] = {}
+    hooks = [
+        base.feature_extractor.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("feature_extractor", o.transpose(1, 2).double().numpy())),
+        base.feature_projection.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("feature_projection", o[0].double().numpy())),
+    ]
+    try:
+        x = torch.from_numpy(values).to(torch.float64 if dtype == "float64" else torch.float32)
+        m = None if mask is None else torch.from_numpy(mask).long()
+        out = model(x, attention_mask=m, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, h in enumerate(out.hidden_states):
+        captured[f"hidden_states[{i}]"] = h.double().numpy()
+    if getattr(out, "logits", None) is not None:
+        captured["logits"] = out.logits.double().numpy()
+    return captured
+
+
+def _run_flax(module, params, values: np.ndarray, mask: np.ndarray | None) -> tuple[dict[str, np.ndarray],
+                                                                                     np.ndarray | None]:
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def fwd(p, x, m):
+        return module.apply({"params": p}, x, m, output_hidden_states=True, capture_intermediates=True,
+                            mutable=["intermediates"])
+
+    out, state = fwd(params, jnp.asarray(values), None if mask is None else jnp.asarray(mask))
+    inter = state["intermediates"]
+    base = inter.get("data2vec_audio", inter)
+    result = {
+        "feature_extractor": np.asarray(base["feature_extractor"]["__call__"][0]),
+        "feature_projection": np.asarray(base["feature_projection"]["__call__"][0][0]),
+    }
+    for i, h in enumerate(out.hidden_states):
+        result[f"hidden_states[{i}]"] = np.asarray(h)
+    if out.logits is not None:
+        result["logits"] = np.asarray(out.logits)
+    frame_mask = None if out.frame_mask is None else np.asarray(out.frame_mask)
+    return result, frame_mask
+
+
+def _hf_dir_for(src: str, tmp: str) -> str:
+    """A directory transformers can load with the same weights as `src`."""
+    from flax_d2v.convert.hf import is_hf_dir, save_hf
+    from flax_d2v.pretrained import load_any
+
+    if Path(src).is_dir() and is_hf_dir(src):
+        return src
+    config, _, params, _ = load_any(src)
+    out = os.path.join(tmp, "hf")
+    save_hf(out, config, params, files_from=src if Path(src).is_dir() else None)
+    return out
+
+
+def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32",
+           batch: bool = True) -> tuple[list[StageError], dict]:
+    """Run both models on the clips; (rows of the report, facts about the run)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise D2VError("d2v verify needs PyTorch and transformers: pip install 'flax-d2v[torch]'") from None
+    from flax_d2v.audio import load_audio, pad_batch, read_preprocessor_config
+    from flax_d2v.pretrained import from_pretrained
+
+    files = list(audio) or [default_clip()]
+    waves = [load_audio(f) for f in files]
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = _hf_dir_for(src, tmp)
+        pre = read_preprocessor_config(hf_dir)
+        module, params = from_pretrained(hf_dir)
+        model = _torch_model(hf_dir, reference_dtype)
+        cases: list[tuple[str, list[np.ndarray]]] = [(f"single: {Path(files[0]).name}", [waves[0]])]
+        if batch:
+            if len(waves) > 1:
+                group = waves
+            else:  # one clip: a batch of it and two shorter crops of it
+                n = len(waves[0])
+                group = [waves[0], waves[0][: int(n * 0.75)], waves[0][: int(n * 0.5)]]
+            cases.append((f"padded batch of {len(group)}", group))
+        rows: list[StageError] = []
+        for name, group in cases:
+            values, mask = pad_batch(group, do_normalize=pre.do_normalize)
+            use_mask = mask if len(group) > 1 else None
+            ref = _run_torch(model, values, use_mask, reference_dtype)
+            got, frame_mask = _run_flax(module, params, values, use_mask)
+            for stage in ref:
+                rows.append(compare(name, stage, got[stage], ref[stage], frame_mask))
+    facts = {"model": src, "audio": files, "reference": f"transformers PyTorch ({reference_dtype}, eager attention)",
+             "tolerance": PARITY_RTOL, "layers": module.config.num_hidden_layers,
+             "hidden_size": module.config.hidden_size}
+    return rows, facts
+
+
+def default_clip() -> str:
+    from importlib import resources
+
+    return str(resources.files("flax_d2v.assets") / "librivox_0880.wav")
+
+
+def format_table(rows: Sequence[StageError]) -> str:
+    header = ("| case | stage | max abs err | mean abs err | max rel err | cosine | result |\n"
+              "|---|---|---|---|---|---|---|")
+    lines = [header]
+    for r in rows:
+        lines.append(f"| {r.case} | {r.stage} | {r.max_abs:.3e} | {r.mean_abs:.3e} | {r.rel:.3e} | "
+                     f"{r.cosine:.9f} | {'pass' if r.passed else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: Sequence[StageError], facts: dict, plot_name: str | None) -> str:
+    ok = all(r.passed for r in rows)
+    parts = [
+        "# data2vec-audio parity report: Flax vs PyTorch\n",
+        f"- model: `{facts['model']}` ({facts['layers']} layers, hidden {facts['hidden_size']})",
+        f"- reference: {facts['reference']}",
+        "- audio: " + ", ".join(f"`{a}`" for a in facts["audio"]),
+        f"- tolerance: max abs error <= {facts['tolerance']:g} x the reference's largest magnitude "
+        "(PARITY_RTOL), valid frames only",
+        f"- result: **{'PASS' if ok else 'FAIL'}** ({sum(r.passed for r in rows)}/{len(rows)} stages within tolerance)\n",
+        format_table(rows),
+    ]
+    if plot_name:
+        parts.append(f"\n![error by layer]({plot_name})")
+    return "\n".join(parts) + "\n"
+
+
+def plot_errors(rows: Sequence[StageError], path: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for case in dict.fromkeys(r.case for r in rows):
+        sel = [r for r in rows if r.case == case]
+        ax.semilogy(range(len(sel)), [max(r.rel, 1e-12) for r in sel], marker="o", label=case)
+        ax.set_xticks(range(len(sel)), [r.stage.replace("hidden_states", "h") for r in sel], rotation=60,
+                      fontsize=8)
+    ax.axhline(PARITY_RTOL, color="red", linestyle="--", label=f"tolerance {PARITY_RTOL:g}")
+    ax.set_ylabel("max |flax - torch| / max |torch|")
+    ax.set_title("Flax vs PyTorch error by stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

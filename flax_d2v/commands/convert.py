@@ -1,0 +1,56 @@
+"""d2v convert SRC DST [--to hf]: transformers / fairseq checkpoints to Flax, and Flax back to transformers.
+
+SRC is an HF directory (config.json + model.safetensors or pytorch_model.bin), a fairseq `.pt`,
+or (with --to hf) a flax-d2v directory. DST must be empty or absent unless --overwrite; it is
+built in a temporary directory and renamed at the end, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flax_d2v.errors import D2VError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="HF model dir, fairseq .pt, or (with --to hf) flax-d2v dir")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=["flax", "hf"], default="flax", help="output format (default: flax)")
+    p.add_argument("--dict", dest="dict_path", default=None,
+                   help="fairseq dict.ltr.txt for a fine-tuned .pt (default: the one beside the .pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flax_d2v.checkpoint import is_flax_dir, load_flax, save_flax
+    from flax_d2v.convert.hf import is_hf_dir, load_hf, save_hf
+
+    src = Path(args.src)
+    if not src.exists():
+        raise D2VError(f"{src}: no such file or directory")
+    if args.to == "flax":
+        if src.is_file() and src.suffix == ".pt":
+            from flax_d2v.convert.fairseq import convert_fairseq
+
+            convert_fairseq(src, args.dst, dict_path=args.dict_path, overwrite=args.overwrite)
+        elif src.is_dir() and is_hf_dir(src):
+            config, is_ctc, params = load_hf(src)
+            save_flax(args.dst, config, params, files_from=src, overwrite=args.overwrite)
+        elif src.is_dir() and is_flax_dir(src):
+            raise D2VError(f"{src}: already a flax-d2v directory (use --to hf to export it)")
+        else:
+            raise D2VError(f"{src}: not a transformers model directory or fairseq .pt "
+                           "(expected config.json with model.safetensors or pytorch_model.bin)")
+        kind = "Data2VecAudioForCTC" if "lm_head" in load_flax(args.dst)[1] else "Data2VecAudioModel"
+        print(f"wrote flax-d2v checkpoint ({kind}) to {args.dst}")
+        return 0
+    if not (src.is_dir() and is_flax_dir(src)):
+        raise D2VError(f"{src}: --to hf needs a flax-d2v directory (with flax_model.safetensors)")
+    config, params = load_flax(src)
+    save_hf(args.dst, config, params, files_from=src, overwrite=args.overwrite)
+    if (src / "flax_aux.safetensors").is_file():
+        print(f"note: {src}/flax_aux.safetensors (pretraining head final_proj and EMA teacher) has no "
+              "transformers counterpart and was left out of the HF export")
+    print(f"wrote transformers checkpoint to {args.dst}")
+    return 0

@@ -1,0 +1,81 @@
+"""d2v embed --model M --layer {N|all|last} --out OUT FILE...: hidden states as float32 .npz.
+
+Arrays are named `layer_0` ... `layer_L` (layer_0 is the encoder input after the positional conv
+and LayerNorm, layer_i the output of transformer layer i, as transformers' `hidden_states`), each
+(frames, hidden). Audio is preprocessed as the checkpoint's preprocessor_config.json says (HF
+normalisation, eps 1e-7). With several files, OUT is a directory holding one `<name>.npz` each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from flax_d2v.errors import D2VError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    p.add_argument("--model", required=True, help="flax-d2v dir, HF dir, fairseq .pt, or hub id")
+    p.add_argument("--layer", default="last", help="N, 'all' or 'last' (default: last)")
+    p.add_argument("--out", required=True, help="OUT.npz for one file; a directory for several")
+    p.add_argument("--strict-audio", action="store_true", help="refuse audio that is not 16 kHz mono")
+
+
+def parse_layer(spec: str, num_layers: int) -> list[int]:
+    if spec == "all":
+        return list(range(num_layers + 1))
+    if spec == "last":
+        return [num_layers]
+    try:
+        n = int(spec)
+    except ValueError:
+        raise D2VError(f"--layer {spec!r}: expected an integer, 'all' or 'last'") from None
+    if not 0 <= n <= num_layers:
+        raise D2VError(f"--layer {n}: the model has layers 0..{num_layers}")
+    return [n]
+
+
+def embed_arrays(module, params, wave: np.ndarray, layers: list[int], do_normalize: bool) -> dict[str, np.ndarray]:
+    import jax.numpy as jnp
+
+    from flax_d2v.audio import pad_batch
+
+    values, _ = pad_batch([wave], do_normalize=do_normalize)
+    out = module.apply({"params": params}, jnp.asarray(values), output_hidden_states=True)
+    return {f"layer_{i}": np.asarray(out.hidden_states[i][0], np.float32) for i in layers}
+
+
+def run(args: argparse.Namespace) -> int:
+    from flax_d2v.audio import load_audio, read_preprocessor_config
+    from flax_d2v.fileio import atomic_write_bytes
+    from flax_d2v.pretrained import build_module, load_any
+
+    config, is_ctc, params, resolved = load_any(args.model)
+    module = build_module(config, is_ctc)
+    pre = read_preprocessor_config(resolved if Path(resolved).is_dir() else Path(resolved).parent)
+    layers = parse_layer(args.layer, module.config.num_hidden_layers)
+    out = Path(args.out)
+    several = len(args.files) > 1
+    if several and out.suffix == ".npz":
+        raise D2VError(f"--out {out}: with several files --out must be a directory")
+    failures = 0
+    for f in args.files:
+        try:
+            wave = load_audio(f, strict=args.strict_audio)
+        except D2VError as e:
+            print(f"d2v embed: error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        arrays = embed_arrays(module, params, wave, layers, pre.do_normalize)
+        target = out / (Path(f).stem + ".npz") if several else out
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(target, buf.getvalue())
+        frames, hidden = next(iter(arrays.values())).shape
+        print(f"{f}\t{target}\t{len(arrays)} layer(s) x ({frames}, {hidden})")
+    return 1 if failures else 0
