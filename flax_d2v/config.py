@@ -143,7 +143,7 @@ class Data2VecAudioConfig:
     def from_json_file(cls, path: str | os.PathLike) -> Data2VecAudioConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise D2VError(f"{path}: config.json not found")
+            raise D2VError(f"{path}: file not found (a model directory needs config.json)")
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
