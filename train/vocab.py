@@ -1,0 +1,202 @@
+"""Character vocabulary for CTC fine-tuning, in the format of transformers' `Wav2Vec2CTCTokenizer`.
+
+    from flax_d2v.train import vocab as V
+    vocab = V.build_vocab(texts)                  # or V.load_vocab("vocab.json")
+    ids, n_unknown = V.encode("Hello, world!", vocab)
+    V.decode(ids, vocab)                           # -> "HELLO WORLD"
+    V.save_tokenizer_files(out_dir, vocab)         # vocab.json, tokenizer_config.json, special_tokens_map.json
+    V.save_preprocessor_config(out_dir)            # preprocessor_config.json (Wav2Vec2FeatureExtractor)
+
+Transcript normalisation rule (`normalize_transcript`), applied to every transcript before the
+vocabulary is built and before a transcript is encoded, so training targets, the saved vocabulary
+and the reference text of WER/CER all agree:
+
+1. Unicode NFKC (compatibility forms folded: full-width letters, ligatures such as "ﬁ" -> "fi").
+2. Typographic apostrophes (’ ‘ ʼ ` ´ ′) become the ASCII apostrophe `'`.
+3. Upper-case (`str.upper`), as LibriSpeech and the published checkpoints
+   (`facebook/data2vec-audio-base-960h`: upper-case letters, `'`, `|`).
+4. Letters, combining marks and decimal digits are kept, and so is `'`; every other character
+   (punctuation, symbols, hyphens, control characters, whitespace) becomes a word break.
+5. Words made only of apostrophes (stray quote marks) are dropped; words are joined by single
+   spaces, no leading or trailing space.
+
+Digits are kept rather than spelled out (spelling numbers is language-specific): a vocabulary
+built from transcripts with digits contains them; with a vocabulary that lacks them (the
+LibriSpeech one) they become `<unk>` and are counted.
+
+Vocabulary layout (HF convention): `<pad>`=0 (also the CTC blank), `<s>`=1, `</s>`=2, `<unk>`=3,
+`|`=4 (the word delimiter, standing for a space), then the characters of the normalised
+transcripts by descending frequency, ties broken by code point, so the same transcripts always
+give the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from flax_d2v.errors import D2VError
+from flax_d2v.fileio import atomic_write_text
+
+PAD = "<pad>"
+BOS = "<s>"
+EOS = "</s>"
+UNK = "<unk>"
+WORD_DELIMITER = "|"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, WORD_DELIMITER)
+PAD_ID = 0  # also the CTC blank: HF's Data2VecAudioForCTC uses config.pad_token_id as the blank.
+SAMPLING_RATE = 16000
+
+_APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'", "\u2032": "'"}
+_APOSTROPHE_TABLE = str.maketrans(_APOSTROPHES)
+
+
+def _keep(ch: str) -> bool:
+    return ch == "'" or unicodedata.category(ch)[0] in "LM" or unicodedata.category(ch) == "Nd"
+
+
+def normalize_transcript(text: str) -> str:
+    """Normalise a transcript by the rule in the module docstring (NFKC, upper case, letters/digits/')."""
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHE_TABLE).upper()
+    chars = [ch if _keep(ch) else " " for ch in text]
+    words = [w for w in "".join(chars).split() if w.strip("'")]
+    return " ".join(words)
+
+
+def build_vocab(transcripts: Iterable[str], normalize: bool = True) -> dict[str, int]:
+    """An HF-style vocabulary from training transcripts (special tokens first, then by frequency)."""
+    counts: Counter[str] = Counter()
+    for text in transcripts:
+        if text is None:
+            continue
+        counts.update((normalize_transcript(text) if normalize else text).replace(" ", ""))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if ch not in vocab:
+            vocab[ch] = len(vocab)
+    return vocab
+
+
+def encode(text: str, vocab: Mapping[str, int], normalize: bool = True) -> tuple[list[int], int]:
+    """Label ids of `text` and how many of its characters were not in `vocab` (mapped to `<unk>`).
+
+    A space becomes the word delimiter `|`; this is what `Wav2Vec2CTCTokenizer` gives for the
+    normalised text.
+    """
+    if normalize:
+        text = normalize_transcript(text)
+    unk = vocab[UNK]
+    delim = vocab[WORD_DELIMITER]
+    ids: list[int] = []
+    n_unknown = 0
+    for ch in text:
+        if ch == " ":
+            ids.append(delim)
+            continue
+        i = vocab.get(ch)
+        if i is None:
+            n_unknown += 1
+            i = unk
+        ids.append(i)
+    return ids, n_unknown
+
+
+def decode(ids: Sequence[int], vocab: Mapping[str, int], group_tokens: bool = True) -> str:
+    """Text of label ids or of greedy CTC frame predictions (argmax per frame).
+
+    Exactly `Wav2Vec2CTCTokenizer.decode(ids)` with its defaults, so our transcripts and
+    transformers' agree character for character: with `group_tokens` (CTC) runs of the same id
+    collapse to one, then `<pad>` (the blank) is removed, `|` becomes a space and the result is
+    stripped. Other special tokens (`<unk>`, and `<s>`/`</s>`, which a CTC model is never trained
+    to emit) stay literal, and a doubled delimiter gives two spaces, as in transformers; WER/CER
+    tools split on whitespace anyway.
+    """
+    inv = {i: tok for tok, i in vocab.items()}
+    tokens = [inv.get(int(i), UNK) for i in ids]
+    if group_tokens:
+        tokens = [t for j, t in enumerate(tokens) if j == 0 or t != tokens[j - 1]]
+    return "".join(" " if t == WORD_DELIMITER else t for t in tokens if t != PAD).strip()
+
+
+def validate_vocab(vocab: Mapping[str, int], source: str = "vocab") -> dict[str, int]:
+    """Check the layout that CTC training relies on; returns a plain dict."""
+    if not isinstance(vocab, Mapping) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise D2VError(f"{source}: must be a JSON object mapping tokens to integer ids")
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise D2VError(f"{source}: missing special token(s) {', '.join(missing)}")
+    if vocab[PAD] != PAD_ID:
+        raise D2VError(f"{source}: '{PAD}' must have id {PAD_ID} (it is the CTC blank), found {vocab[PAD]}")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise D2VError(f"{source}: ids must be 0..{len(vocab) - 1} without gaps or duplicates")
+    return dict(vocab)
+
+
+def load_vocab(path: str | os.PathLike) -> dict[str, int]:
+    """Read an HF `vocab.json` (a file, or a directory holding one) and check its layout."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "vocab.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise D2VError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise D2VError(f"{path}: not valid JSON ({e})") from None
+    return validate_vocab(data, str(path))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_tokenizer_files(directory: str | os.PathLike, vocab: Mapping[str, int]) -> list[str]:
+    """Write vocab.json, tokenizer_config.json and special_tokens_map.json (each atomically).
+
+    The files are what `transformers.Wav2Vec2CTCTokenizer.from_pretrained(directory)` reads; they
+    are written here without importing transformers. Returns the file names written.
+    """
+    vocab = validate_vocab(vocab)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+    config = {
+        **special,
+        "do_lower_case": False,
+        "word_delimiter_token": WORD_DELIMITER,
+        "replace_word_delimiter_char": " ",
+        "tokenizer_class": "Wav2Vec2CTCTokenizer",
+        "processor_class": "Wav2Vec2Processor",
+    }
+    _write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda kv: kv[1])))
+    _write_json(directory / "tokenizer_config.json", config)
+    _write_json(directory / "special_tokens_map.json", special)
+    return ["vocab.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def preprocessor_config(do_normalize: bool = True, return_attention_mask: bool = True) -> dict:
+    """The `Wav2Vec2FeatureExtractor` settings that match our input pipeline (16 kHz, right padding with 0)."""
+    return {
+        "do_normalize": bool(do_normalize),
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "processor_class": "Wav2Vec2Processor",
+        "return_attention_mask": bool(return_attention_mask),
+        "sampling_rate": SAMPLING_RATE,
+    }
+
+
+def save_preprocessor_config(
+    directory: str | os.PathLike, do_normalize: bool = True, return_attention_mask: bool = True
+) -> str:
+    """Write preprocessor_config.json (atomically); returns its file name."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json(directory / "preprocessor_config.json", preprocessor_config(do_normalize, return_attention_mask))
+    return "preprocessor_config.json"
