@@ -37,15 +37,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
-DEFAULT_PREPROCESSOR = {
-    "do_normalize": True,
-    "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-    "feature_size": 1,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": True,
-    "sampling_rate": 16000,
-}
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -58,7 +49,8 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        raise D2VError(f"{path}: reading a PyTorch .bin/.pt file needs PyTorch (pip install 'flax-d2v[torch]')") from None
+        raise D2VError(f"{path}: reading a PyTorch .bin/.pt file needs PyTorch "
+                       "(pip install 'flax-d2v[torch]')") from None
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -198,8 +190,9 @@ def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if not (tmp / "preprocessor_config.json").exists():
-            (tmp / "preprocessor_config.json").write_text(json.dumps(DEFAULT_PREPROCESSOR, indent=2) + "\n",
-                                                         encoding="utf-8")
+            from flax_d2v.train.vocab import save_preprocessor_config
+
+            save_preprocessor_config(tmp)
     return Path(dst)
 
 

@@ -199,7 +199,8 @@ def markdown_report(rows: Sequence[StageError], facts: dict, plot_name: str | No
         "- audio: " + ", ".join(f"`{a}`" for a in facts["audio"]),
         f"- tolerance: max abs error <= {facts['tolerance']:g} x the reference's largest magnitude "
         "(PARITY_RTOL), valid frames only",
-        f"- result: **{'PASS' if ok else 'FAIL'}** ({sum(r.passed for r in rows)}/{len(rows)} stages within tolerance)\n",
+        f"- result: **{'PASS' if ok else 'FAIL'}** "
+        f"({sum(r.passed for r in rows)}/{len(rows)} stages within tolerance)\n",
         format_table(rows),
     ]
     if plot_name:

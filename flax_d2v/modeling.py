@@ -63,7 +63,7 @@ class Data2VecAudioOutput:
 
 def feat_extract_output_lengths(config: Data2VecAudioConfig, input_lengths: Any) -> Any:
     """Frames the conv feature encoder makes from `input_lengths` samples (ints or arrays)."""
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
         input_lengths = (input_lengths - kernel) // stride + 1
     return input_lengths
 

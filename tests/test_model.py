@@ -66,7 +66,7 @@ def test_remat_same_values_and_gradients():
 
     g1 = grads(plain)
     g2 = grads(flax_d2v.Data2VecAudioForCTC(config, remat_policy="nothing_saveable"))
-    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
         # 1e-4 relative: same math, recomputation may fuse differently in fp32
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
