@@ -27,6 +27,11 @@ and fairseq's `Dictionary`, mapped by name to `DictionaryState`, an inert attrib
 fairseq code is imported or run). Anything else (`os.system`, `builtins.eval`, `omegaconf` objects
 of pre-2021 checkpoints, ...) is refused with a `D2VError` naming the file and the global.
 
+Config: the architecture comes from `cfg.model` (`w2v_args` for a fine-tune), dropout and LayerDrop
+from the checkpoint's own training run, SpecAugment (`mask_time_*`, `mask_feature_*`) from a fine-tune's
+`mask_prob`/`mask_channel_prob` (a pretrained model's `mask_prob` is the data2vec objective's, so its
+config keeps transformers' defaults). The whole cfg and the update count are kept in `fairseq_cfg.json`.
+
 Audio normalisation: fairseq's `task.normalize` becomes `do_normalize` in
 `preprocessor_config.json`; fairseq normalises with `F.layer_norm` (eps 1e-5) where transformers
 uses eps 1e-7, so the file also records `"normalize_eps": 1e-05` (transformers ignores the key).
@@ -41,6 +46,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -145,6 +151,9 @@ def _allowed_globals() -> list[Any]:
 def _refusal_reason(message: str) -> str:
     """The useful part of torch's weights_only refusal: which global the pickle wanted."""
     m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m and m.group(1).startswith("omegaconf."):
+        return (f"its config is pickled as {m.group(1)!r} objects (fairseq before March 2021), which are not "
+                "loaded; re-save it with a fairseq that stores cfg as a plain dict")
     if m:
         return f"it asks for the global {m.group(1)!r}, which is not plain checkpoint data"
     lines = [ln.strip() for ln in message.splitlines() if re.search(r"[Uu]nsupported|unrecognized|blocked", ln)]
@@ -162,8 +171,10 @@ def read_fairseq_file(path: str | os.PathLike) -> dict[str, Any]:
         raise D2VError(f"{path}: no such file")
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path) and "GLOBAL" not in str(e):  # not torch's format at all: garbage
+            raise D2VError(f"{path}: not a readable PyTorch file (truncated or corrupt?)") from None
         raise D2VError(f"{path}: refused to load: {_refusal_reason(str(e))}; nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -253,9 +264,8 @@ def _model_name(model: Mapping[str, Any]) -> str | None:
     return model.get("_name") or model.get("arch")
 
 
-def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str
-                        ) -> tuple[Data2VecAudioConfig, bool, dict[str, Any]]:
-    """(config, task normalize flag, pretraining cfg section) of a checkpoint, refusing what is not data2vec."""
+def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str) -> tuple[Data2VecAudioConfig, bool]:
+    """(config, the task's `normalize` flag) of a checkpoint; anything that is not data2vec-audio is refused."""
     is_args = ckpt.get("cfg") is None
     if is_args and ckpt.get("args") is None:
         raise D2VError(f"{source}: has neither 'cfg' nor 'args': cannot tell the architecture")
@@ -285,9 +295,7 @@ def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str
         raise D2VError(f"{source}: {where}.pos_conv_depth is {depth}: a single weight-normalised positional conv "
                        "is wav2vec 2.0's, not data2vec-audio's (pos_conv_depth > 1)")
     conv = parse_conv_layers(a["conv_feature_layers"], f"{source}: {where}.conv_feature_layers")
-    mask_prob = float(t.get("mask_prob", 0.0)) if t.get("apply_mask", True) else 0.0
-    channel_prob = float(t.get("mask_channel_prob", 0.0)) if t.get("apply_mask", True) else 0.0
-    fields = dict(
+    fields: dict[str, Any] = dict(
         hidden_size=int(a["encoder_embed_dim"]), num_hidden_layers=int(a["encoder_layers"]),
         num_attention_heads=int(a["encoder_attention_heads"]), intermediate_size=int(a["encoder_ffn_embed_dim"]),
         conv_dim=[c[0] for c in conv], conv_kernel=[c[1] for c in conv], conv_stride=[c[2] for c in conv],
@@ -296,13 +304,21 @@ def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str
         hidden_dropout=float(t["dropout"]), attention_dropout=float(t["attention_dropout"]),
         activation_dropout=float(t["activation_dropout"]), feat_proj_dropout=float(t["dropout_input"]),
         layerdrop=float(t.get("layerdrop", t["encoder_layerdrop"]) if is_ctc else t["encoder_layerdrop"]),
-        mask_time_prob=mask_prob, mask_time_length=int(t["mask_length"]),
-        mask_time_min_masks=1,  # data2vec_audio.apply_mask: compute_mask_indices(..., min_masks=1)
-        mask_feature_prob=channel_prob, mask_feature_length=int(t["mask_channel_length"]), mask_feature_min_masks=0,
     )
-    if is_ctc and t.get("final_dropout") is not None:
-        fields["final_dropout"] = float(t["final_dropout"])
-    return Data2VecAudioConfig(**fields), bool(normalize), arch
+    if is_ctc:
+        # A fine-tune's mask_prob/mask_channel_prob are its SpecAugment: transformers' mask_time_*/mask_feature_*.
+        # (A pretrained model's mask_prob is the data2vec objective's mask, which flax_d2v.train.pretrain
+        # configures itself; its config keeps transformers' SpecAugment defaults, as the hub's data2vec-audio-base.)
+        on = bool(t.get("apply_mask", True))
+        fields.update(
+            mask_time_prob=float(t["mask_prob"]) if on else 0.0, mask_time_length=int(t["mask_length"]),
+            mask_time_min_masks=1,  # data2vec_audio.apply_mask: compute_mask_indices(..., min_masks=1)
+            mask_feature_prob=float(t["mask_channel_prob"]) if on else 0.0,
+            mask_feature_length=int(t["mask_channel_length"]), mask_feature_min_masks=0,
+        )
+        if t.get("final_dropout") is not None:
+            fields["final_dropout"] = float(t["final_dropout"])
+    return Data2VecAudioConfig(**fields), bool(normalize)
 
 
 # ------------------------------------------------------------------------------------ vocabulary
@@ -429,7 +445,7 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
     ckpt = read_fairseq_file(path)
     model_state = dict(ckpt["model"])
     is_ctc = any(k.startswith("w2v_encoder.") for k in model_state)
-    config, normalize, _ = config_from_fairseq(ckpt, is_ctc, source)
+    config, normalize = config_from_fairseq(ckpt, is_ctc, source)
     notes: list[str] = []
 
     aux: dict[str, Any] = {}

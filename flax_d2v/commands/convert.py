@@ -8,6 +8,7 @@ built in a temporary directory and renamed at the end, so it is never half-writt
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from flax_d2v.errors import D2VError
@@ -33,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
         if src.is_file() and src.suffix == ".pt":
             from flax_d2v.convert.fairseq import convert_fairseq
 
-            convert_fairseq(src, args.dst, dict_path=args.dict_path, overwrite=args.overwrite)
+            result = convert_fairseq(src, args.dst, dict_path=args.dict_path, overwrite=args.overwrite)
+            for note in result.notes:
+                print(note, file=sys.stderr)
         elif src.is_dir() and is_hf_dir(src):
             config, is_ctc, params = load_hf(src)
             save_flax(args.dst, config, params, files_from=src, overwrite=args.overwrite)
@@ -49,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise D2VError(f"{src}: --to hf needs a flax-d2v directory (with flax_model.safetensors)")
     config, params = load_flax(src)
     save_hf(args.dst, config, params, files_from=src, overwrite=args.overwrite)
-    if (src / "flax_aux.safetensors").is_file():
-        print(f"note: {src}/flax_aux.safetensors (pretraining head final_proj and EMA teacher) has no "
-              "transformers counterpart and was left out of the HF export")
+    from flax_d2v.convert.fairseq import aux_note
+
+    note = aux_note(src)
+    if note:
+        print(note, file=sys.stderr)
     print(f"wrote transformers checkpoint to {args.dst}")
     return 0
