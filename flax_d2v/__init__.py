@@ -45,8 +45,6 @@ def from_pretrained(path: str, **kwargs: Any):
     return _from_pretrained(path, **kwargs)
 
 
-def transcribe(model_or_path: Any, files_or_arrays: Any, **kwargs: Any):
-    """CTC transcription; see `flax_d2v.transcribe.transcribe`."""
-    from flax_d2v.transcribe import transcribe as _transcribe
-
-    return _transcribe(model_or_path, files_or_arrays, **kwargs)
+# Bound last and eagerly: the submodule `flax_d2v.transcribe` shares the name, and an eager import
+# keeps `flax_d2v.transcribe` the function (a later `import flax_d2v.transcribe` does not rebind it).
+from flax_d2v.transcribe import transcribe  # noqa: E402

@@ -1,0 +1,65 @@
+"""CTC transcription of audio files: one `path<TAB>transcript` line per file (or JSON lines).
+
+Any format soundfile reads, at any sample rate (resampled to 16 kHz with soxr), mono or not
+(averaged), of any length (chunked with overlapping strides). Bad files are reported on stderr,
+one line each; the others are still transcribed and the exit status is 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, Transcriber
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, Ogg, ...)")
+    parser.add_argument("--model", required=True, metavar="M",
+                        help="CTC checkpoint: flax-d2v or transformers directory (with vocab.json), or hub id")
+    parser.add_argument("--json", action="store_true",
+                        help='print JSON lines {"path", "text", "seconds"} instead of path<TAB>text')
+    parser.add_argument("--timestamps", action="store_true",
+                        help='add "words": [{"word", "start", "end"}] in seconds, from CTC frame offsets '
+                             "(implies --json)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="chunks per forward pass (default: %(default)s)")
+    parser.add_argument("--chunk-length-s", type=float, default=DEFAULT_CHUNK_LENGTH_S,
+                        help="recordings longer than this many seconds are cut into overlapping chunks; 0 = never "
+                             "(default: %(default)s)")
+    parser.add_argument("--stride-length-s", type=float, default=None,
+                        help="overlap on each side of a chunk whose logits are dropped "
+                             "(default: chunk length / 6, as transformers' ASR pipeline)")
+    parser.add_argument("--beam-width", type=int, default=0,
+                        help="0 or 1: greedy decoding (= Wav2Vec2CTCTokenizer.decode); > 1: pyctcdecode beam search "
+                             "(default: %(default)s)")
+    parser.add_argument("--lm", default=None, metavar="FILE",
+                        help="KenLM n-gram (.arpa/.bin) for the beam search (needs kenlm; beam width 100 if unset)")
+    parser.add_argument("--strict-audio", action="store_true",
+                        help="refuse files that are not 16 kHz mono instead of resampling / averaging them")
+    parser.add_argument("--skip-special-tokens", action="store_true",
+                        help="drop <s>, </s>, <unk> like decode(skip_special_tokens=True) (this also drops the "
+                             "blank before repeats merge, as transformers does)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or throughput line on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    def warn(message: str) -> None:
+        print(f"d2v transcribe: {message}", file=sys.stderr, flush=True)
+
+    as_json = args.json or args.timestamps
+    runner = Transcriber(args.model, batch_size=args.batch_size, chunk_length_s=args.chunk_length_s,
+                         stride_length_s=args.stride_length_s, beam_width=args.beam_width, lm=args.lm,
+                         skip_special_tokens=args.skip_special_tokens)
+    failed = 0
+    for result in runner.iter(args.files, strict_audio=args.strict_audio, warn=warn, progress=not args.no_progress):
+        if result.error is not None:
+            failed += 1
+            continue
+        if as_json:
+            line = json.dumps(result.to_json(timestamps=args.timestamps), ensure_ascii=False)
+        else:
+            line = f"{result.path}\t{result.text}"
+        print(line, flush=True)
+    return 1 if failed else 0

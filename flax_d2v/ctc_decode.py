@@ -1,0 +1,245 @@
+"""CTC decoding: greedy (bit-for-bit transformers' `Wav2Vec2CTCTokenizer.decode`) and beam search.
+
+Greedy decoding reproduces `Wav2Vec2CTCTokenizer._decode` step by step, so that a transcript
+from `d2v transcribe` equals `processor.batch_decode(logits.argmax(-1))` for the same logits:
+ids -> tokens (unknown ids -> unk), optionally drop special tokens *before* grouping (as
+transformers does with `skip_special_tokens=True`), group repeats, drop the pad (blank) token,
+word delimiter -> `replace_word_delimiter_char`, join, strip, optional clean-up and lower case.
+Word offsets follow `output_word_offsets`: frame indices; seconds are
+`frame * inputs_to_logits_ratio / sampling_rate`.
+
+Beam search uses pyctcdecode, with a KenLM n-gram when the `kenlm` module is installed. Both are
+optional and imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flax_d2v.errors import D2VError
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_DEFAULT_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WordOffset:
+    """A decoded word and its CTC frame span [start_offset, end_offset)."""
+
+    word: str
+    start_offset: int
+    end_offset: int
+
+    def times(self, inputs_to_logits_ratio: int, sampling_rate: int = 16000) -> tuple[float, float]:
+        """(start, end) in seconds, as transformers' docs and ASR pipeline compute them."""
+        scale = inputs_to_logits_ratio / sampling_rate
+        return self.start_offset * scale, self.end_offset * scale
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token as saved by transformers: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return None if value is None else str(value)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise D2VError(f"{path}: not a readable JSON file ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CTCTokenizer:
+    """The decoding half of `Wav2Vec2CTCTokenizer`, without transformers."""
+
+    vocab: dict[str, int]
+    pad_token: str = "<pad>"
+    unk_token: str = "<unk>"
+    word_delimiter_token: str | None = "|"
+    replace_word_delimiter_char: str = " "
+    do_lower_case: bool = False
+    clean_up_tokenization_spaces: bool = False
+    special_tokens: frozenset[str] = frozenset({"<s>", "</s>", "<unk>", "<pad>"})
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> CTCTokenizer:
+        """`vocab.json` plus, when present, `tokenizer_config.json` / `special_tokens_map.json`."""
+        model_dir = Path(model_dir)
+        vocab_path = model_dir / "vocab.json"
+        if not vocab_path.is_file():
+            raise D2VError(f"{model_dir}: no vocab.json (a CTC model needs its tokenizer's vocab.json to decode)")
+        return cls.from_files(vocab_path, model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json")
+
+    @classmethod
+    def from_files(cls, vocab_path: str | os.PathLike, tokenizer_config: str | os.PathLike | None = None,
+                   special_tokens_map: str | os.PathLike | None = None) -> CTCTokenizer:
+        vocab_path = Path(vocab_path)
+        if not vocab_path.is_file():
+            raise D2VError(f"{vocab_path}: no such vocab file")
+        vocab = _read_json(vocab_path)
+        cfg: dict[str, Any] = {}
+        for p in (tokenizer_config, special_tokens_map):
+            if p is not None and Path(p).is_file():
+                data = _read_json(Path(p))
+                if not isinstance(data, dict):
+                    raise D2VError(f"{p}: expected a JSON object")
+                cfg.update({k: v for k, v in data.items() if v is not None})
+        if isinstance(vocab, dict) and vocab and all(isinstance(v, dict) for v in vocab.values()):
+            lang = cfg.get("target_lang")
+            if lang not in vocab:
+                raise D2VError(f"{vocab_path}: a multi-lingual vocab needs target_lang in tokenizer_config.json "
+                               f"(one of {sorted(vocab)[:5]}...), got {lang!r}")
+            vocab = vocab[lang]
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+            raise D2VError(f"{vocab_path}: expected a JSON object mapping tokens to integer ids")
+        return cls.from_vocab(vocab, **cfg)
+
+    @classmethod
+    def from_vocab(cls, vocab: dict[str, int], **tokenizer_config: Any) -> CTCTokenizer:
+        """From a token->id dict and `Wav2Vec2CTCTokenizer` keyword arguments (unknown ones ignored)."""
+        specials = dict(_DEFAULT_SPECIALS)
+        for key in _SPECIAL_KEYS:
+            if key in tokenizer_config:
+                specials[key] = _token_str(tokenizer_config[key])
+        extra = tokenizer_config.get("extra_special_tokens") or tokenizer_config.get("additional_special_tokens") or []
+        if isinstance(extra, dict):
+            extra = list(extra.values())
+        all_special = {t for t in specials.values() if t is not None} | {_token_str(t) for t in extra}
+        delimiter = tokenizer_config.get("word_delimiter_token", "|")
+        return cls(
+            vocab=dict(vocab),
+            pad_token=specials.get("pad_token") or "<pad>",
+            unk_token=specials.get("unk_token") or "<unk>",
+            word_delimiter_token=_token_str(delimiter),
+            replace_word_delimiter_char=str(tokenizer_config.get("replace_word_delimiter_char", " ")),
+            do_lower_case=bool(tokenizer_config.get("do_lower_case", False)),
+            clean_up_tokenization_spaces=bool(tokenizer_config.get("clean_up_tokenization_spaces", False)),
+            special_tokens=frozenset(t for t in all_special if t is not None),
+        )
+
+    # ------------------------------------------------------------------ greedy decoding
+    @functools.cached_property
+    def id_to_token(self) -> dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False,
+               output_word_offsets: bool = False) -> str | tuple[str, list[WordOffset]]:
+        """Text (and word offsets) for one sequence of per-frame argmax ids."""
+        id_to_token = self.id_to_token
+        tokens = [id_to_token.get(int(i), self.unk_token) for i in np.asarray(ids).reshape(-1)]
+        if skip_special_tokens:
+            # transformers drops special tokens (the pad/blank included) before grouping repeats.
+            tokens = [t for t in tokens if t not in self.special_tokens or t == self.word_delimiter_token]
+        text, words = self._tokens_to_string(tokens, output_word_offsets)
+        if self.clean_up_tokenization_spaces:
+            text = clean_up_tokenization(text)
+        return (text, words) if output_word_offsets else text
+
+    def _tokens_to_string(self, tokens: list[str], with_offsets: bool) -> tuple[str, list[WordOffset]]:
+        if not tokens:
+            return "", []
+        groups = [(tok, len(list(run))) for tok, run in itertools.groupby(tokens)]
+        chars = [self.replace_word_delimiter_char if t == self.word_delimiter_token else t
+                 for t, _ in groups if t != self.pad_token]
+        text = "".join(chars).strip()
+        if self.do_lower_case:
+            text = text.lower()
+        if not with_offsets:
+            return text, []
+        ends = np.cumsum([n for _, n in groups])
+        starts = np.concatenate([[0], ends[:-1]])
+        spans = [(int(s), int(e)) for (t, _), s, e in zip(groups, starts, ends, strict=True) if t != self.pad_token]
+        return text, _word_offsets(chars, spans, self.replace_word_delimiter_char)
+
+
+def _word_offsets(chars: list[str], spans: list[tuple[int, int]], delimiter: str) -> list[WordOffset]:
+    """transformers' `_get_word_offsets`: runs of non-delimiter characters with their frame spans."""
+    words: list[WordOffset] = []
+    last_state, word, start, end = "SPACE", "", 0, 0
+    for char, (s, e) in zip(chars, spans, strict=True):
+        state = "SPACE" if char == delimiter else "WORD"
+        if state == last_state:
+            end = e
+            word += char
+        elif state == "SPACE":
+            words.append(WordOffset(word, start, end))
+        else:
+            word, start, end = char, s, e
+        last_state = state
+    if last_state == "WORD":
+        words.append(WordOffset(word, start, end))
+    return words
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (on when a tokenizer_config asks for it)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+# ---------------------------------------------------------------------------------------- beam search
+class BeamSearchDecoder:
+    """pyctcdecode's CTC prefix beam search over this tokenizer's labels, with an optional KenLM.
+
+    Labels follow transformers' `Wav2Vec2ProcessorWithLM`: the pad token is the blank, the word
+    delimiter is a space. Logit columns without a vocab entry can never be chosen.
+    """
+
+    def __init__(self, tokenizer: CTCTokenizer, num_logits: int, lm_path: str | os.PathLike | None = None,
+                 alpha: float = 0.5, beta: float = 1.5):
+        logging.getLogger("pyctcdecode").setLevel(logging.ERROR)  # it logs about kenlm/alphabets at import
+        try:
+            from pyctcdecode import build_ctcdecoder
+        except ImportError:
+            raise D2VError("--beam-width: beam search needs pyctcdecode (pip install pyctcdecode --no-deps "
+                           "pygtrie; its metadata pins numpy<2 but it runs on numpy 2)") from None
+        if lm_path is not None:
+            lm_path = os.fspath(lm_path)
+            if not os.path.isfile(lm_path):
+                raise D2VError(f"{lm_path}: no such language model file")
+            try:
+                import kenlm  # noqa: F401
+            except ImportError:
+                raise D2VError(f"{lm_path}: --lm needs the kenlm Python module, which is not installed "
+                               "(pip install kenlm compiles it from source; needs a C++ compiler and cmake)") from None
+        id_to_token = tokenizer.id_to_token
+        self.unused = np.array([i not in id_to_token for i in range(num_logits)])
+        labels = []
+        for i in range(num_logits):
+            token = id_to_token.get(i, f"<unused_{i}>")
+            if token == tokenizer.pad_token:
+                token = ""
+            elif token == tokenizer.word_delimiter_token:
+                token = " "
+            labels.append(token)
+        try:
+            self._decoder = build_ctcdecoder(labels, kenlm_model_path=lm_path, alpha=alpha, beta=beta)
+        except Exception as e:  # kenlm raises OSError/RuntimeError on a bad ARPA/binary file
+            raise D2VError(f"{lm_path or 'beam search'}: cannot build the CTC decoder ({e})") from None
+        self.tokenizer = tokenizer
+
+    def decode(self, logits: np.ndarray, beam_width: int) -> tuple[str, list[WordOffset]]:
+        """Best beam's text and word frame offsets for (frames, vocab) logits."""
+        x = np.asarray(logits, np.float32)
+        x = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)  # log-softmax: pyctcdecode wants log-probs
+        if self.unused.any():
+            x = np.where(self.unused[None, :], -1e4, x)
+        beams = self._decoder.decode_beams(x, beam_width=beam_width)
+        text, _, word_frames = beams[0][0], beams[0][1], beams[0][2]
+        if self.tokenizer.do_lower_case:
+            text = text.lower()
+        return text, [WordOffset(w, int(s), int(e)) for w, (s, e) in word_frames]
