@@ -1,0 +1,279 @@
+"""data2vec pretraining: a masked student regresses its EMA teacher; checkpoints, metrics.jsonl, RUN/hf.
+
+    d2v pretrain --train clips.tsv --out runs/pt --steps 400000 --batch-size 64 --config base
+    d2v pretrain --train clips.tsv --out runs/pt2 --steps 1000 --batch-size 8 --model runs/pt/flax
+
+Defaults are fairseq's `examples/data2vec/config/audio/pretraining/base_librispeech.yaml`. The
+manifest needs only a `path` column. Start from scratch (`--config tiny|base|large` or a
+config.json), from an HF or flax-d2v model (`--model DIR`: the teacher starts as a copy of the
+student, `final_proj` fresh), or from a fairseq pretrained `.pt` / a flax-d2v dir with
+`flax_aux.safetensors` (teacher and `final_proj` taken from it). Running the same command again
+with the same `--out` resumes from the latest checkpoint in `RUN/checkpoints`.
+
+Writes `RUN/metrics.jsonl` (step, loss, lr, grad_norm, ema_decay, target_var, pred_var, ...),
+`RUN/training_curves.png`, `RUN/hf/` (the student as a transformers `Data2VecAudioModel`, ready
+for `d2v finetune --model RUN/hf`) and `RUN/flax/` (student + `flax_aux.safetensors` with the
+teacher and `final_proj`, to continue pretraining from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from flax_d2v.errors import D2VError
+
+PRESETS = ("tiny", "base", "large")
+# fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names.
+REGULARISATION = {"hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
+                  "feat_proj_dropout": 0.0, "layerdrop": 0.05}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    bool_flag = argparse.BooleanOptionalAction
+    g = p.add_argument_group("run")
+    g.add_argument("--train", required=True, help="manifest: TSV with a `path` column, fairseq .tsv, tfds:NAME/SPLIT")
+    g.add_argument("--out", required=True, help="run directory (resumes when it holds checkpoints)")
+    g.add_argument("--steps", type=int, required=True, help="number of optimizer updates (fairseq max_update)")
+    g.add_argument("--batch-size", type=int, required=True, help="clips per update (global, all devices and hosts)")
+    init = g.add_mutually_exclusive_group(required=True)
+    init.add_argument("--model", help="init from an HF or flax-d2v model dir, or a fairseq pretrained .pt")
+    init.add_argument("--config", help="random init: a preset (tiny|base|large) or a transformers config.json")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, dropout and masks")
+    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every K updates")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--log-every", type=int, default=10, help="metrics.jsonl row every K updates")
+    g.add_argument("--tensorboard", action=bool_flag, default=False, help="also write TensorBoard")
+    g.add_argument("--progress", action=bool_flag, default=True, help="progress bar")
+    g.add_argument("--export-hf", action=bool_flag, default=True, help="write RUN/hf and RUN/flax at the end")
+    g.add_argument("--async-checkpoint", action=bool_flag, default=True, help="write checkpoints in the background")
+    g = p.add_argument_group("data2vec objective (fairseq names)")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="teacher EMA decay at the start")
+    g.add_argument("--ema-end-decay", type=float, default=0.9999, help="teacher EMA decay after the anneal")
+    g.add_argument("--ema-anneal-end-step", type=int, default=30000, help="updates over which the decay anneals")
+    g.add_argument("--ema-layers-only", action=bool_flag, default=True,
+                   help="copy the positional conv into the teacher instead of averaging it")
+    g.add_argument("--average-top-k-layers", type=int, default=8, help="teacher layers averaged into the target")
+    g.add_argument("--instance-norm-target-layer", action=bool_flag, default=True,
+                   help="instance-normalise each target layer over time")
+    g.add_argument("--instance-norm-over-padding", action=bool_flag, default=False,
+                   help="include padded frames in the target statistics (fairseq verbatim; only matters with "
+                        "--no-crop)")
+    g.add_argument("--mask-prob", type=float, default=0.65, help="span-start rate: ~49%% of frames end up masked")
+    g.add_argument("--mask-length", type=int, default=10, help="frames per masked span")
+    g.add_argument("--require-same-masks", action=bool_flag, default=True,
+                   help="trim every row to the batch's smallest mask count")
+    g.add_argument("--loss-beta", type=float, default=0.0, help="0: squared error; >0: smooth L1 with this beta")
+    g.add_argument("--loss-scale", type=float, default=None, help="loss scale (default 1/sqrt(hidden size))")
+    g.add_argument("--min-target-var", type=float, default=0.1, help="stop when target_var falls below")
+    g.add_argument("--min-pred-var", type=float, default=0.01, help="stop when pred_var falls below")
+    g.add_argument("--guard-after", type=int, default=5000, help="the two guards act after this many updates")
+    g = p.add_argument_group("data")
+    g.add_argument("--crop", action=bool_flag, default=True,
+                   help="crop each batch to its shortest clip, random offsets, no padding (fairseq's pretraining)")
+    g.add_argument("--min-seconds", type=float, default=None, help="drop shorter clips (fairseq: 2.0)")
+    g.add_argument("--max-seconds", type=float, default=None, help="drop longer clips")
+    g.add_argument("--num-workers", type=int, default=4, help="audio decoding threads")
+    g = p.add_argument_group("optimisation (fairseq names in brackets)")
+    g.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (lr)")
+    g.add_argument("--lr-schedule", choices=("tri_stage", "linear", "constant"), default="tri_stage")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: from --phase-ratio")
+    g.add_argument("--hold-steps", type=int, default=None)
+    g.add_argument("--decay-steps", type=int, default=None)
+    g.add_argument("--phase-ratio", default="0.03,0.9,0.07", help="tri_stage phases as fractions of --steps")
+    g.add_argument("--init-lr-scale", type=float, default=0.01)
+    g.add_argument("--final-lr-scale", type=float, default=0.01)
+    g.add_argument("--adam-b1", type=float, default=0.9, help="(adam_betas)")
+    g.add_argument("--adam-b2", type=float, default=0.98, help="(adam_betas)")
+    g.add_argument("--adam-eps", type=float, default=1e-6)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled, as fairseq's adam")
+    g.add_argument("--clip-norm", type=float, default=0.0, help="0: off")
+    g.add_argument("--grad-accum", type=int, default=1, help="(update_freq) micro-batches per update")
+    g.add_argument("--freeze-feature-encoder", action=bool_flag, default=False,
+                   help="keep the conv feature encoder fixed (feature_grad_mult 0; pretraining trains it)")
+    g = p.add_argument_group("regularisation of the student (HF config names; defaults: fairseq base)")
+    g.add_argument("--dropout", type=float, default=None, help="hidden, attention and activation dropout at once")
+    for name, value in REGULARISATION.items():
+        g.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"default {value}")
+    g = p.add_argument_group("compute")
+    g.add_argument("--bf16", action=bool_flag, default=False, help="bfloat16 compute, fp32 params and teacher")
+    g.add_argument("--remat", default="none", help="rematerialisation policy of the layers")
+    g.add_argument("--scan-layers", action=bool_flag, default=False, help="nn.scan over the layers")
+    g = p.add_argument_group("scale-out")
+    g.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4")
+    g.add_argument("--pmap", action=bool_flag, default=False, help="run the step under jax.pmap")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    from flax_d2v.train import sharding as S
+
+    S.initialize_distributed(cfg["coordinator"], cfg["num_processes"], cfg["process_id"])
+    pretrain(cfg)
+    return 0
+
+
+def objective_config(cfg: dict) -> Any:
+    from flax_d2v.train.pretrain import Data2VecPretrainConfig
+
+    names = {f.name for f in dataclasses.fields(Data2VecPretrainConfig)}
+    return Data2VecPretrainConfig(**{k: cfg[k] for k in names if k in cfg})
+
+
+def regularisation(cfg: dict) -> dict[str, float]:
+    over = dict(REGULARISATION)
+    if cfg.get("dropout") is not None:
+        over.update(hidden_dropout=cfg["dropout"], attention_dropout=cfg["dropout"], activation_dropout=cfg["dropout"])
+    over.update({k: cfg[k] for k in REGULARISATION if cfg.get(k) is not None})
+    return over
+
+
+def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str]:
+    """(model config, encoder params or None (random init), aux {"final_proj"?, "ema"?}, description).
+
+    The hook for pretrained starting points: anything `flax_d2v.pretrained.load_any` reads gives
+    the student; a fairseq `.pt` (`flax_d2v.convert.fairseq.load_fairseq`) or a flax-d2v dir with
+    `flax_aux.safetensors` also gives the teacher (`ema`) and `final_proj`.
+    """
+    from flax_d2v.config import Data2VecAudioConfig, preset
+
+    if cfg.get("config"):
+        name = str(cfg["config"])
+        if name in PRESETS and not Path(name).exists():
+            return preset(name), None, {}, f"random init, preset {name}"
+        if not Path(name).is_file():
+            raise D2VError(f"--config: {name} is neither a preset ({'|'.join(PRESETS)}) nor a config.json file")
+        return Data2VecAudioConfig.from_json_file(name), None, {}, f"random init, {name}"
+    from flax_d2v.pretrained import load_any
+
+    path = Path(cfg["model"])
+    aux: dict = {}
+    if path.is_file() and path.suffix == ".pt":
+        from flax_d2v.convert.fairseq import load_fairseq
+
+        ck = load_fairseq(path)
+        config, is_ctc, params, aux = ck.config, ck.is_ctc, ck.params, dict(ck.aux or {})
+    else:
+        config, is_ctc, params, _ = load_any(path)
+        from flax_d2v.checkpoint import is_flax_dir, load_flax_aux
+
+        if path.is_dir() and is_flax_dir(path):
+            aux = dict(load_flax_aux(path) or {})
+    if is_ctc:
+        params = params["data2vec_audio"]  # a fine-tuned model: its encoder, the CTC head left out
+    parts = ["student"] + [k for k in ("final_proj", "ema") if k in aux]
+    return config, params, aux, f"{path} ({', '.join(parts)})"
+
+
+def pretrain(cfg: dict) -> Any:
+    """The whole command as a function (also used by tests): returns the loop's `FitResult`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_d2v.commands.finetune import _host, _write_json_atomic, graft
+    from flax_d2v.modeling import Data2VecAudioModel, init_params, logical_axes
+    from flax_d2v.train import data as D
+    from flax_d2v.train import sharding as S
+    from flax_d2v.train.loop import PMAP_AXIS, LoopConfig, Trainer, log
+    from flax_d2v.train.pretrain import CroppedBatches, Data2VecObjective
+    from flax_d2v.train.schedules import make_schedule
+    from flax_d2v.train.state import make_optimizer
+
+    run_dir = Path(cfg["out"])
+    steps, batch_size, seed = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["seed"])
+    if steps < 1 or batch_size < 1:
+        raise D2VError("--steps and --batch-size must be >= 1")
+    mesh = S.make_mesh(None if cfg["pmap"] else cfg["mesh"])
+    dp = jax.device_count() if cfg["pmap"] else S.data_parallel_size(mesh)
+    accum = int(cfg["grad_accum"])
+    if batch_size % (dp * accum):
+        raise D2VError(f"--batch-size: {batch_size} must be divisible by the data-parallel size {dp} "
+                       f"x --grad-accum {accum}")
+
+    base_config, loaded, aux, source = load_init(cfg)
+    config = base_config.replace(**regularisation(cfg))
+    if not config.has_masked_spec_embed:  # the mask embedding pretraining needs; HF's default rate
+        config = config.replace(mask_time_prob=0.05)
+    module = Data2VecAudioModel(config, dtype=jnp.bfloat16 if cfg["bf16"] else jnp.float32,
+                                remat_policy=cfg["remat"], scan_layers=bool(cfg["scan_layers"]),
+                                freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]))
+    objective = Data2VecObjective(module, objective_config(cfg), axis_name=PMAP_AXIS if cfg["pmap"] else None)
+    stack = lambda tree: tree
+    if cfg["scan_layers"]:
+        from flax_d2v.convert.keys import stack_layers
+
+        stack = stack_layers
+    model_params, new_keys, _ = graft(init_params(module, seed), None if loaded is None else stack(loaded))
+    final_proj = aux.get("final_proj")
+    params = objective.init_params(model_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1), final_proj)
+    log(f"init: {source}" + (f"; new tensors: {', '.join(new_keys)}" if loaded is not None and new_keys else ""))
+
+    manifest = D.read_manifest(cfg["train"], require_text=False)
+    pc, pi = jax.process_count(), jax.process_index()
+    loader = D.BatchLoader(manifest, batch_size=batch_size, vocab=None, seed=seed, min_seconds=cfg["min_seconds"],
+                           max_seconds=cfg["max_seconds"], process_index=pi, process_count=pc,
+                           num_workers=int(cfg["num_workers"]))
+    log(f"train data: {json.dumps(loader.summary())}")
+    batches = CroppedBatches(loader, seed) if cfg["crop"] else loader
+
+    phase = tuple(float(x) for x in str(cfg["phase_ratio"]).split(","))
+    schedule = make_schedule(cfg["lr_schedule"], float(cfg["learning_rate"]), steps,
+                             warmup_steps=cfg["warmup_steps"], hold_steps=cfg["hold_steps"],
+                             decay_steps=cfg["decay_steps"], phase_ratio=phase,
+                             init_lr_scale=float(cfg["init_lr_scale"]), final_lr_scale=float(cfg["final_lr_scale"]))
+    tx = make_optimizer(params, schedule, b1=float(cfg["adam_b1"]), b2=float(cfg["adam_b2"]),
+                        eps=float(cfg["adam_eps"]), weight_decay=float(cfg["weight_decay"]),
+                        clip_norm=float(cfg["clip_norm"]), freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]))
+    loop_cfg = LoopConfig(out_dir=str(run_dir), steps=steps, grad_accum=accum, log_every=int(cfg["log_every"]),
+                          save_every=int(cfg["save_every"]), keep=int(cfg["keep"]),
+                          async_checkpoint=bool(cfg["async_checkpoint"]), tensorboard=bool(cfg["tensorboard"]),
+                          use_pmap=bool(cfg["pmap"]), progress=bool(cfg["progress"]),
+                          plot_curves=("loss", "target_var", "pred_var"),
+                          meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())})
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run_dir / "pretrain_config.json", {k: v for k, v in cfg.items() if v is not None})
+    trainer = Trainer(objective, tx, schedule, mesh, objective.params_logical_axes(logical_axes(module)), loop_cfg)
+    state, data_state, start = trainer.start(params, seed)
+    if data_state:
+        batches.restore(data_state)
+    elif start == 0 and "ema" in aux:  # a fresh run from a checkpoint that has its teacher
+        teacher = stack({"encoder": aux["ema"]})["encoder"]
+        teacher = jax.tree.map(lambda x: np.asarray(x, np.float32), teacher)
+        state = state.replace(extra={"encoder": trainer._put(teacher, trainer.state_shardings.extra["encoder"])})
+        log("teacher: the checkpoint's EMA encoder")
+    try:
+        result = trainer.fit(state, batches, start, data_state=batches.state)
+    finally:
+        batches.close()
+    trainer.finish(title=f"d2v pretrain {run_dir.name}")
+    if not result.stopped and cfg["export_hf"]:
+        export(run_dir, config, _host(result.state.params), _host(result.state.extra))
+    return result
+
+
+def export(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
+    """RUN/hf (transformers Data2VecAudioModel) and RUN/flax (student + teacher and final_proj aux)."""
+    import jax
+
+    from flax_d2v.checkpoint import save_flax
+    from flax_d2v.convert.hf import save_hf
+    from flax_d2v.convert.keys import is_scanned, unstack_layers
+    from flax_d2v.train.loop import log
+
+    if jax.process_index() != 0:
+        return
+    teacher = extra["encoder"]
+    if is_scanned({"encoder": teacher}):
+        teacher = unstack_layers({"encoder": teacher})["encoder"]
+    save_hf(run_dir / "hf", config, params["model"], overwrite=True)
+    save_flax(run_dir / "flax", config, params["model"], aux={"final_proj": params["final_proj"], "ema": teacher},
+              overwrite=True)
+    log(f"wrote {run_dir / 'hf'} (transformers Data2VecAudioModel) and {run_dir / 'flax'} (with teacher, final_proj)")

@@ -1,0 +1,152 @@
+"""What a run writes about itself: `RUN/metrics.jsonl`, optional TensorBoard, the end-of-run plot, WER/CER.
+
+`metrics.jsonl` has one JSON object per line: training rows (`step`, `loss`, `lr`, `grad_norm`,
+`steps_per_s`, `audio_s_per_s`, plus the objective's own metrics) every `--log-every` updates,
+averaged over the updates since the previous row, and eval rows (`step`, `wer`, `cer`, ...).
+Only process 0 writes. Each line is flushed as it is written; a resumed run first drops the
+rows past the step it resumes from (and a line torn by a kill), so the file always describes one
+consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flax_d2v.errors import D2VError
+from flax_d2v.fileio import atomic_write_bytes, atomic_write_text
+
+
+def _clean(v: Any) -> Any:
+    v = float(v) if not isinstance(v, (int, str, bool)) else v
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no inf/nan
+    return v
+
+
+class MetricsWriter:
+    """Append-only `metrics.jsonl` (+ TensorBoard) on process 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            try:  # tf.summary writes the event files TensorBoard reads; needs tensorflow + tensorboard
+                import tensorboard  # noqa: F401
+                import tensorflow as tf
+            except ImportError:
+                raise D2VError("--tensorboard: needs tensorflow and tensorboard (pip install tensorflow-cpu "
+                               "tensorboard)") from None
+            self._tf = tf
+            self._tb = tf.summary.create_file_writer(str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with `step` > `step` (a resumed run rewrites that part of the history)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [json.dumps(r) for r in map(_parse, rows) if r is not None and r.get("step", 0) <= step]
+        if len(kept) != len(rows):
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if self._tb is not None:
+            step = int(row["step"])
+            with self._tb.as_default():
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self._tf.summary.scalar(k, v, step=step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [r for r in map(_parse, path.read_text().splitlines()) if r is not None]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A row, or None for a blank line or the torn last line of a killed process."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """Corpus WER and CER (jiwer: edit operations summed over all utterances / reference length)."""
+    import jiwer
+
+    refs = [r if r.strip() else "<empty>" for r in references]  # jiwer refuses empty references
+    hyps = list(hypotheses)
+    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
+
+
+def plot_history(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike, title: str = "",
+                 curves: Sequence[str] = ("loss",), eval_curves: Sequence[str] = ("wer", "cer")) -> Path | None:
+    """Loss (log scale) and eval error rates against step, one PNG (atomic). None if nothing to plot."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k in r for k in eval_curves)]
+    extra = [c for c in curves if c != "loss" and any(c in r for r in train)]
+    panels = 1 + bool(evals) + bool(extra)
+    if not train and not evals:
+        return None
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    ys = [r["loss"] for r in train if isinstance(r["loss"], (int, float))]
+    ax.plot([r["step"] for r in train if isinstance(r["loss"], (int, float))], ys, lw=1.2)
+    if ys and min(ys) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    i = 1
+    if extra:
+        for c in extra:
+            axes[0, i].plot([r["step"] for r in train if c in r], [r[c] for r in train if c in r], label=c)
+        axes[0, i].set_xlabel("step")
+        axes[0, i].legend()
+        axes[0, i].grid(alpha=0.3)
+        i += 1
+    if evals:
+        for c in eval_curves:
+            pts = [(r["step"], r[c]) for r in evals if c in r]
+            if pts:
+                axes[0, i].plot(*zip(*pts, strict=True), marker="o", label=c.upper())
+        axes[0, i].set_xlabel("step")
+        axes[0, i].set_ylabel("error rate")
+        axes[0, i].legend()
+        axes[0, i].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+    return Path(out_png)

@@ -1,0 +1,112 @@
+"""The train state (one pytree) and the optimizer that updates it.
+
+`TrainState` holds everything a step reads and writes: the update count, the trained params, the
+optimizer state, the objective's `extra` state (data2vec's EMA teacher) and the base rng. It is
+what a checkpoint holds and what `jax.jit` donates, so nothing that matters lives outside it.
+
+The optimizer is fairseq's fine-tuning optimizer as optax: gradient clipping by global norm
+(fairseq `clip_norm`), AdamW (`adam_betas (0.9, 0.98)`, eps 1e-8, decoupled weight decay), a
+learning-rate schedule, and per-parameter groups:
+
+- `frozen`: the conv feature encoder when `--freeze-feature-encoder` (fairseq `feature_grad_mult
+  0.0`): `optax.set_to_zero`, so neither Adam nor weight decay touches it and it keeps no
+  optimizer moments.
+- `delayed`: the transformer when `--freeze-transformer-steps K` (fairseq
+  `freeze_finetune_updates`): only the head (`lm_head`) learns for the first K updates; the
+  transformer's Adam state stays untouched until then, as fairseq does not compute its
+  gradients at all.
+- `trainable`: everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+PyTree = Any
+
+# Path prefixes (joined with "/") of the feature encoder and of the head, in both the CTC
+# module's tree (`data2vec_audio/...`) and the bare model's tree.
+FEATURE_ENCODER_KEYS = ("feature_extractor",)
+HEAD_KEYS = ("lm_head",)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything one training step reads and writes (a pytree; checkpointed as a whole)."""
+
+    step: jax.Array  # int32 scalar: number of optimizer updates done
+    params: PyTree
+    opt_state: PyTree
+    extra: PyTree  # objective state outside the gradient (EMA teacher), {} for CTC
+    rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def param_labels(params: PyTree, freeze_feature_encoder: bool, freeze_transformer_steps: int) -> PyTree:
+    """The optimizer group of every parameter: 'frozen', 'delayed' or 'trainable'."""
+    flat = traverse_util.flatten_dict(params)
+
+    def label(path: tuple[str, ...]) -> str:
+        if freeze_feature_encoder and any(k in path for k in FEATURE_ENCODER_KEYS):
+            return "frozen"
+        if freeze_transformer_steps > 0 and not any(k in path for k in HEAD_KEYS):
+            return "delayed"
+        return "trainable"
+
+    return traverse_util.unflatten_dict({k: label(k) for k in flat})
+
+
+class DelayedState(flax.struct.PyTreeNode):
+    count: jax.Array
+    inner: PyTree
+
+
+def delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+    """`inner`, but zero updates (and `inner`'s state left as it was) for the first `start` updates."""
+
+    def init(params):
+        return DelayedState(count=jnp.zeros((), jnp.int32), inner=inner.init(params))
+
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        active = state.count >= start
+        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_inner, state.inner)
+        return new_updates, DelayedState(count=state.count + 1, inner=new_inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(params: PyTree, schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.98,
+                   eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float = 0.0,
+                   freeze_feature_encoder: bool = True, freeze_transformer_steps: int = 0
+                   ) -> optax.GradientTransformation:
+    """Clip, then AdamW with `schedule`, per parameter group (see the module docstring).
+
+    The schedule sees the number of updates of the whole optimizer, so the head and a delayed
+    transformer share one clock (fairseq's single lr scheduler).
+    """
+    adamw = lambda: optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    transforms: dict[str, optax.GradientTransformation] = {
+        "trainable": adamw(),
+        "frozen": optax.set_to_zero(),
+        "delayed": delayed(adamw(), freeze_transformer_steps),
+    }
+    labels = param_labels(params, freeze_feature_encoder, freeze_transformer_steps)
+    chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []
+    return optax.chain(*chain, optax.multi_transform(transforms, labels))
+
+
+def create_state(params: PyTree, tx: optax.GradientTransformation, extra: PyTree, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra, rng=rng)
+
+
+def count_params(params: PyTree, predicate: Callable[[tuple[str, ...]], bool] | None = None) -> int:
+    flat = traverse_util.flatten_dict(params)
+    return int(sum(v.size for k, v in flat.items() if predicate is None or predicate(k)))
