@@ -238,8 +238,6 @@ class Trainer:
 
         return jax.tree.map(put, tree, shardings)
 
-    _put = put  # the name flax_d2v/commands/pretrain.py used first
-
     # -- start ----------------------------------------------------------------------------------
     def start(self, params: PyTree, seed: int) -> tuple[TrainState, dict, int]:
         """(state, data position, step): the latest checkpoint in `out_dir` if any, else a fresh state."""

@@ -24,9 +24,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flax_d2v.config import PRESETS
 from flax_d2v.errors import D2VError
+from flax_d2v.train import run_common as R
 
-PRESETS = ("tiny", "base", "large")
+# The pretraining recipe (fairseq base_librispeech): where its defaults differ from fine-tuning's.
+RECIPE = {"learning_rate": 5e-4, "phase_ratio": "0.03,0.9,0.07", "final_lr_scale": 0.01, "adam_eps": 1e-6,
+          "weight_decay": 0.01, "freeze_feature_encoder": False}
 # fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names.
 REGULARISATION = {"hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
                   "feat_proj_dropout": 0.0, "layerdrop": 0.05}
@@ -37,19 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--train", required=True, help="manifest: TSV with a `path` column, fairseq .tsv, tfds:NAME/SPLIT")
     g.add_argument("--out", required=True, help="run directory (resumes when it holds checkpoints)")
-    g.add_argument("--steps", type=int, required=True, help="number of optimizer updates (fairseq max_update)")
-    g.add_argument("--batch-size", type=int, required=True, help="clips per update (global, all devices and hosts)")
     init = g.add_mutually_exclusive_group(required=True)
     init.add_argument("--model", help="init from an HF or flax-d2v model dir, or a fairseq pretrained .pt")
     init.add_argument("--config", help="random init: a preset (tiny|base|large) or a transformers config.json")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, dropout and masks")
-    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every K updates")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    g.add_argument("--log-every", type=int, default=10, help="metrics.jsonl row every K updates")
-    g.add_argument("--tensorboard", action=bool_flag, default=False, help="also write TensorBoard")
-    g.add_argument("--progress", action=bool_flag, default=True, help="progress bar")
+    groups = R.add_common_arguments(p, {**R.COMMON_DEFAULTS, **RECIPE}, groups={"run": g})
     g.add_argument("--export-hf", action=bool_flag, default=True, help="write RUN/hf and RUN/flax at the end")
-    g.add_argument("--async-checkpoint", action=bool_flag, default=True, help="write checkpoints in the background")
+    groups["data"].add_argument("--crop", action=bool_flag, default=True, help="crop each batch to its shortest "
+                                "clip, random offsets, no padding (fairseq's pretraining)")
     g = p.add_argument_group("data2vec objective (fairseq names)")
     g.add_argument("--ema-decay", type=float, default=0.999, help="teacher EMA decay at the start")
     g.add_argument("--ema-end-decay", type=float, default=0.9999, help="teacher EMA decay after the anneal")
@@ -71,50 +69,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-target-var", type=float, default=0.1, help="stop when target_var falls below")
     g.add_argument("--min-pred-var", type=float, default=0.01, help="stop when pred_var falls below")
     g.add_argument("--guard-after", type=int, default=5000, help="the two guards act after this many updates")
-    g = p.add_argument_group("data")
-    g.add_argument("--crop", action=bool_flag, default=True,
-                   help="crop each batch to its shortest clip, random offsets, no padding (fairseq's pretraining)")
-    g.add_argument("--min-seconds", type=float, default=None, help="drop shorter clips (fairseq: 2.0)")
-    g.add_argument("--max-seconds", type=float, default=None, help="drop longer clips")
-    g.add_argument("--num-workers", type=int, default=4, help="audio decoding threads")
-    g = p.add_argument_group("optimisation (fairseq names in brackets)")
-    g.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (lr)")
-    g.add_argument("--lr-schedule", choices=("tri_stage", "linear", "constant"), default="tri_stage")
-    g.add_argument("--warmup-steps", type=int, default=None, help="default: from --phase-ratio")
-    g.add_argument("--hold-steps", type=int, default=None)
-    g.add_argument("--decay-steps", type=int, default=None)
-    g.add_argument("--phase-ratio", default="0.03,0.9,0.07", help="tri_stage phases as fractions of --steps")
-    g.add_argument("--init-lr-scale", type=float, default=0.01)
-    g.add_argument("--final-lr-scale", type=float, default=0.01)
-    g.add_argument("--adam-b1", type=float, default=0.9, help="(adam_betas)")
-    g.add_argument("--adam-b2", type=float, default=0.98, help="(adam_betas)")
-    g.add_argument("--adam-eps", type=float, default=1e-6)
-    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled, as fairseq's adam")
-    g.add_argument("--clip-norm", type=float, default=0.0, help="0: off")
-    g.add_argument("--grad-accum", type=int, default=1, help="(update_freq) micro-batches per update")
-    g.add_argument("--freeze-feature-encoder", action=bool_flag, default=False,
-                   help="keep the conv feature encoder fixed (feature_grad_mult 0; pretraining trains it)")
     g = p.add_argument_group("regularisation of the student (HF config names; defaults: fairseq base)")
     g.add_argument("--dropout", type=float, default=None, help="hidden, attention and activation dropout at once")
     for name, value in REGULARISATION.items():
         g.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"default {value}")
-    g = p.add_argument_group("compute")
-    g.add_argument("--bf16", action=bool_flag, default=False, help="bfloat16 compute, fp32 params and teacher")
-    g.add_argument("--remat", default="none", help="rematerialisation policy of the layers")
-    g.add_argument("--scan-layers", action=bool_flag, default=False, help="nn.scan over the layers")
-    g = p.add_argument_group("scale-out")
-    g.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4")
-    g.add_argument("--pmap", action=bool_flag, default=False, help="run the step under jax.pmap")
-    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed)")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    from flax_d2v.train import sharding as S
-
-    S.initialize_distributed(cfg["coordinator"], cfg["num_processes"], cfg["process_id"])
+    R.init_distributed(cfg)
     pretrain(cfg)
     return 0
 
@@ -174,80 +137,45 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str]:
 def pretrain(cfg: dict) -> Any:
     """The whole command as a function (also used by tests): returns the loop's `FitResult`."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from flax_d2v.commands.finetune import _host, _write_json_atomic, graft
     from flax_d2v.modeling import Data2VecAudioModel, init_params, logical_axes
     from flax_d2v.train import data as D
-    from flax_d2v.train import sharding as S
-    from flax_d2v.train.loop import PMAP_AXIS, LoopConfig, Trainer, log
+    from flax_d2v.train.loop import PMAP_AXIS, Trainer, log
     from flax_d2v.train.pretrain import CroppedBatches, Data2VecObjective
-    from flax_d2v.train.schedules import make_schedule
-    from flax_d2v.train.state import make_optimizer
 
     run_dir = Path(cfg["out"])
-    steps, batch_size, seed = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["seed"])
-    if steps < 1 or batch_size < 1:
-        raise D2VError("--steps and --batch-size must be >= 1")
-    mesh = S.make_mesh(None if cfg["pmap"] else cfg["mesh"])
-    dp = jax.device_count() if cfg["pmap"] else S.data_parallel_size(mesh)
-    accum = int(cfg["grad_accum"])
-    if batch_size % (dp * accum):
-        raise D2VError(f"--batch-size: {batch_size} must be divisible by the data-parallel size {dp} "
-                       f"x --grad-accum {accum}")
+    seed = int(cfg["seed"])
+    mesh, _ = R.make_mesh(cfg)
 
     base_config, loaded, aux, source = load_init(cfg)
     config = base_config.replace(**regularisation(cfg))
     if not config.has_masked_spec_embed:  # the mask embedding pretraining needs; HF's default rate
         config = config.replace(mask_time_prob=0.05)
-    module = Data2VecAudioModel(config, dtype=jnp.bfloat16 if cfg["bf16"] else jnp.float32,
-                                remat_policy=cfg["remat"], scan_layers=bool(cfg["scan_layers"]),
-                                freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]))
+    module = Data2VecAudioModel(config, **R.module_options(cfg))
     objective = Data2VecObjective(module, objective_config(cfg), axis_name=PMAP_AXIS if cfg["pmap"] else None)
-    stack = lambda tree: tree
-    if cfg["scan_layers"]:
-        from flax_d2v.convert.keys import stack_layers
-
-        stack = stack_layers
-    model_params, new_keys, _ = graft(init_params(module, seed), None if loaded is None else stack(loaded))
+    model_params, new_keys, _ = R.graft(init_params(module, seed), R.stacked(cfg, loaded))
     final_proj = aux.get("final_proj")
     params = objective.init_params(model_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1), final_proj)
     log(f"init: {source}" + (f"; new tensors: {', '.join(new_keys)}" if loaded is not None and new_keys else ""))
 
-    manifest = D.read_manifest(cfg["train"], require_text=False)
-    pc, pi = jax.process_count(), jax.process_index()
-    loader = D.BatchLoader(manifest, batch_size=batch_size, vocab=None, seed=seed, min_seconds=cfg["min_seconds"],
-                           max_seconds=cfg["max_seconds"], process_index=pi, process_count=pc,
-                           num_workers=int(cfg["num_workers"]))
-    log(f"train data: {json.dumps(loader.summary())}")
+    loader = R.train_loader(cfg, D.read_manifest(cfg["train"], require_text=False), None)
     batches = CroppedBatches(loader, seed) if cfg["crop"] else loader
 
-    phase = tuple(float(x) for x in str(cfg["phase_ratio"]).split(","))
-    schedule = make_schedule(cfg["lr_schedule"], float(cfg["learning_rate"]), steps,
-                             warmup_steps=cfg["warmup_steps"], hold_steps=cfg["hold_steps"],
-                             decay_steps=cfg["decay_steps"], phase_ratio=phase,
-                             init_lr_scale=float(cfg["init_lr_scale"]), final_lr_scale=float(cfg["final_lr_scale"]))
-    tx = make_optimizer(params, schedule, b1=float(cfg["adam_b1"]), b2=float(cfg["adam_b2"]),
-                        eps=float(cfg["adam_eps"]), weight_decay=float(cfg["weight_decay"]),
-                        clip_norm=float(cfg["clip_norm"]), freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]))
-    loop_cfg = LoopConfig(out_dir=str(run_dir), steps=steps, grad_accum=accum, log_every=int(cfg["log_every"]),
-                          save_every=int(cfg["save_every"]), keep=int(cfg["keep"]),
-                          async_checkpoint=bool(cfg["async_checkpoint"]), tensorboard=bool(cfg["tensorboard"]),
-                          use_pmap=bool(cfg["pmap"]), progress=bool(cfg["progress"]),
-                          plot_curves=("loss", "target_var", "pred_var"),
-                          meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())})
+    schedule, tx = R.make_schedule_and_optimizer(cfg, params)
+    loop_cfg = R.loop_config(cfg, plot_curves=("loss", "target_var", "pred_var"),
+                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())})
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_dir / "pretrain_config.json", {k: v for k, v in cfg.items() if v is not None})
+        R.save_settings(run_dir / "pretrain_config.json", cfg)
     trainer = Trainer(objective, tx, schedule, mesh, objective.params_logical_axes(logical_axes(module)), loop_cfg)
     state, data_state, start = trainer.start(params, seed)
     if data_state:
         batches.restore(data_state)
     elif start == 0 and "ema" in aux:  # a fresh run from a checkpoint that has its teacher
-        teacher = stack({"encoder": aux["ema"]})["encoder"]
+        teacher = R.stacked(cfg, {"encoder": aux["ema"]})["encoder"]
         teacher = jax.tree.map(lambda x: np.asarray(x, np.float32), teacher)
-        state = state.replace(extra={"encoder": trainer._put(teacher, trainer.state_shardings.extra["encoder"])})
+        state = state.replace(extra={"encoder": trainer.put(teacher, trainer.state_shardings.extra["encoder"])})
         log("teacher: the checkpoint's EMA encoder")
     try:
         result = trainer.fit(state, batches, start, data_state=batches.state)
@@ -255,7 +183,7 @@ def pretrain(cfg: dict) -> Any:
         batches.close()
     trainer.finish(title=f"d2v pretrain {run_dir.name}")
     if not result.stopped and cfg["export_hf"]:
-        export(run_dir, config, _host(result.state.params), _host(result.state.extra))
+        export(run_dir, config, R.host(result.state.params), R.host(result.state.extra))
     return result
 
 
