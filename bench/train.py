@@ -1,0 +1,233 @@
+"""Training speed: one CTC fine-tuning step, Flax against PyTorch, same weights and data, one process.
+
+    python bench/train.py                               # base size, batch 4 x 5 s, 5 timed steps
+    python bench/train.py --batch 4 --seconds 5 --repeats 10 --json results/train.json
+
+The step, as in data2vec/wav2vec2 fine-tuning: forward in training mode (dropout, SpecAugment
+time masks at the config's `mask_time_prob`), CTC loss (`ctc_loss_reduction="sum"`, the pad id as
+blank), backward with the conv feature encoder frozen, AdamW update. Flax: one jitted pure
+function `(params, opt_state, batch, rng) -> (params, opt_state, loss)` with buffers donated,
+`freeze_feature_encoder=True` (stop-gradient) and `optax.set_to_zero` on the encoder's params.
+PyTorch: `Data2VecAudioForCTC.freeze_feature_encoder()`, `loss.backward()`, `torch.optim.AdamW`
+(the fused CPU kernel when available). LayerDrop is set to 0 on both sides: PyTorch skips the
+dropped layers' work while a jitted step computes them, which would make the step's cost random.
+Before timing, both compute the deterministic (eval-mode) loss at the same weights: the two
+numbers must agree, or the sides are not doing the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+import flax_d2v  # noqa: E402
+from flax_d2v.train import vocab as V  # noqa: E402
+
+PyTree = Any
+LEARNING_RATE = 1e-4  # any value: the step costs the same
+WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, set explicitly on both sides
+
+
+def encode_labels(texts: list[str], vocab: dict[str, int], max_len: int) -> np.ndarray:
+    """(B, L) int32 character ids, right-padded with -100 (transformers' label padding)."""
+    ids = [V.encode(t, vocab)[0][:max_len] for t in texts]
+    out = np.full((len(ids), max(len(i) for i in ids)), -100, np.int32)
+    for row, i in zip(out, ids, strict=True):
+        row[: len(i)] = i
+    return out
+
+
+def frozen_labels(params: PyTree) -> PyTree:
+    """"frozen" for the conv feature encoder's params, "train" for the rest."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {k: "frozen" if "feature_extractor" in k else "train" for k in flat})
+
+
+def make_optimizer(params: PyTree) -> optax.GradientTransformation:
+    adamw = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY)
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, frozen_labels(params))
+
+
+def ctc_loss(module: Any, params: PyTree, x: jax.Array, labels: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Summed CTC loss over the batch (transformers' `ctc_loss_reduction="sum"`); rng None = eval mode."""
+    kwargs = {"deterministic": True} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    logits = module.apply({"params": params}, x, **kwargs).logits
+    logit_paddings = jnp.zeros(logits.shape[:2], jnp.float32)
+    label_paddings = (labels < 0).astype(jnp.float32)
+    blank = module.config.pad_token_id or 0
+    per_example = optax.ctc_loss(logits, logit_paddings, jnp.maximum(labels, 0), label_paddings, blank_id=blank)
+    return per_example.sum()
+
+
+def make_train_step(module: Any, tx: optax.GradientTransformation) -> Callable:
+    """The jitted pure step `(params, opt_state, x, labels, rng) -> (params, opt_state, loss)`."""
+
+    def step(params, opt_state, x, labels, rng):
+        loss, grads = jax.value_and_grad(lambda p: ctc_loss(module, p, x, labels, rng))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def torch_side(path: str, x: np.ndarray, labels: np.ndarray, config_overrides: dict[str, Any], dtype: str
+               ) -> dict[str, Any]:
+    """PyTorch's step: fp32 weights and optimizer; `bfloat16` computes under autocast (mixed precision)."""
+    import torch
+
+    device = C.torch_device()
+    model = C.torch_model(path, ctc=True, **config_overrides).to(device)
+    model.freeze_feature_encoder()
+    xt, lt = torch.from_numpy(x).to(device), torch.from_numpy(labels.astype(np.int64)).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.no_grad(), autocast:
+        eval_loss = float(model.eval()(xt, labels=lt).loss)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True)
+        kind = "fused"
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, foreach=True)
+        kind = "foreach"
+
+    def call():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(xt, labels=lt).loss
+        loss.backward()
+        opt.step()
+        return loss.item()  # blocks until the step is done (CUDA included)
+
+    return {"call": call, "eval_loss": eval_loss, "adamw": kind, "device": device}
+
+
+def flax_side(path: str, x: np.ndarray, labels: np.ndarray, seed: int = 0, dtype: str = "float32"
+              ) -> dict[str, Any]:
+    """Flax's step: fp32 params and optimizer state; `dtype` is the module's compute dtype."""
+    module, params = flax_d2v.from_pretrained(path, freeze_feature_encoder=True, dtype=jnp.dtype(dtype))
+    xj, lj = jnp.asarray(x), jnp.asarray(labels)
+    eval_loss = float(jax.jit(lambda p: ctc_loss(module, p, xj, lj, None))(params))
+    tx = make_optimizer(params)
+    state = {"params": jax.device_put(params), "opt_state": jax.jit(tx.init)(params)}
+    step = make_train_step(module, tx)
+    rng = jax.random.PRNGKey(seed)
+    lowered, lower_s = C.timed(lambda: step.lower(state["params"], state["opt_state"], xj, lj, rng))
+    compiled, compile_s = C.timed(lowered.compile)
+
+    def call():
+        nonlocal rng
+        rng, key = jax.random.split(rng)
+        state["params"], state["opt_state"], loss = compiled(state["params"], state["opt_state"], xj, lj, key)
+        return float(loss)  # blocks until the step is done
+
+    return {"call": call, "eval_loss": eval_loss, "lower_s": lower_s, "compile_s": compile_s,
+            "xla_flops": C.xla_flops(compiled), "xla_memory": C.xla_memory(compiled), "module": module}
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """One timed comparison; returns the JSON-ready result."""
+    threads = None if args.no_torch else C.set_torch_threads(args.torch_threads)
+    result: dict[str, Any] = {"benchmark": "train_ctc_step", "machine": C.machine_info(threads), "size": args.size,
+                              "model": args.model, "batch": args.batch, "seconds": args.seconds,
+                              "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup}
+    start_peak = C.matmul_peak(args.peak_sizes, dtype=args.dtype)
+    print(f"matmul peak: {start_peak['gflops']:.0f} GFLOP/s", file=sys.stderr)
+    clips = C.load_clips()
+    x, texts = C.speech_batch(clips, args.batch, args.seconds)
+    vocab = V.build_vocab(texts)
+    overrides = {"layerdrop": 0.0, "ctc_loss_reduction": "sum", "vocab_size": max(32, len(vocab)),
+                 "pad_token_id": V.PAD_ID}
+    with C.hf_checkpoint(args.size, ctc=True, model_dir=args.model, **overrides) as path:
+        config = flax_d2v.pretrained.load_any(path)[0] if args.model else C.SIZES[args.size]().replace(**overrides)
+        frames = int(flax_d2v.modeling.feat_extract_output_lengths(config, x.shape[1]))
+        labels = encode_labels(texts, vocab, max_len=frames // 2)
+        if args.model:  # its own vocabulary: fold our ids into it, never onto the blank
+            labels = np.where(labels > 0, 1 + (labels - 1) % (config.vocab_size - 1), labels)
+        fx = flax_side(path, x, labels, args.seed, args.dtype)
+        tx = None if args.no_torch else torch_side(path, x, labels, {"layerdrop": 0.0, "ctc_loss_reduction": "sum"},
+                                                   args.dtype)
+    sides = {"flax": fx["call"]} if tx is None else {"flax": fx["call"], "pytorch": tx["call"]}
+    first = {name: C.timed(call)[1] for name, call in sides.items()}
+    times = C.interleaved_times(sides, args.repeats, args.warmup)
+    # the ceiling: the better of the measurements before and after (foreign load only lowers it)
+    result["matmul_peak"] = peak = C.best_peak(start_peak, C.matmul_peak(args.peak_sizes, dtype=args.dtype))
+    flops = C.ctc_train_flops(fx["module"].config, args.batch, x.shape[1])
+    audio_s = args.batch * x.shape[1] / C.SAMPLE_RATE
+    result.update(frames=frames, label_lengths=[int((r >= 0).sum()) for r in labels], analytic_flops=flops,
+                  matmul_peak_gflops=peak["gflops"])
+    for name, call in sides.items():
+        s = C.summarize(times[name])
+        rate = flops["total"] / s["median_s"] / 1e9
+        result[name] = {**s, "first_call_s": first[name], "x_real_time": audio_s / s["median_s"],
+                        "gflops_per_s": rate, "fraction_of_matmul_peak": rate / peak["gflops"],
+                        "peak_rss_growth_bytes": C.peak_rss_growth(call)}
+    result["flax"].update(eval_loss=fx["eval_loss"], lower_s=fx["lower_s"], compile_s=fx["compile_s"],
+                          xla_flops=fx["xla_flops"], xla_memory=fx["xla_memory"])
+    if tx is not None:
+        result["pytorch"].update(eval_loss=tx["eval_loss"], adamw=tx["adamw"], device=tx["device"])
+        result["eval_loss_rel_diff"] = abs(fx["eval_loss"] - tx["eval_loss"]) / abs(tx["eval_loss"])
+        result["speedup_flax_over_pytorch"] = C.ratio(result["flax"]["median_s"], result["pytorch"]["median_s"])
+    result["device_peak_bytes"] = C.device_peak_bytes()
+    result["loadavg_end"] = C.load_average()
+    return result
+
+
+def format_report(r: dict[str, Any]) -> str:
+    f, t = r["flax"], r.get("pytorch")
+
+    def rate(s):
+        return f"{s['gflops_per_s']:.0f} ({100 * s['fraction_of_matmul_peak']:.0f}%)"
+
+    header = ["step", "Flax ms", "PyTorch ms", "PT/Flax", "Flax GFLOP/s (% peak)", "PT GFLOP/s (% peak)",
+              "Flax compile s", "peak mem Flax / PT", "eval loss Flax / PT"]
+    row = [f"CTC {r['batch']} x {r['seconds']:g} s", f"{1000 * f['median_s']:.0f}",
+           f"{1000 * t['median_s']:.0f}" if t else "-", f"{r['speedup_flax_over_pytorch']:.2f}" if t else "-",
+           rate(f), rate(t) if t else "-", f"{f['compile_s']:.1f}",
+           f"{C.fmt_bytes(f['peak_rss_growth_bytes'])} / {C.fmt_bytes(t['peak_rss_growth_bytes']) if t else '-'}",
+           f"{f['eval_loss']:.2f} / {t['eval_loss']:.2f}" if t else f"{f['eval_loss']:.2f}"]
+    return C.markdown_table(header, [row])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(C.SIZES), default="base", help="random-weight model size")
+    p.add_argument("--model", default=None, help="a transformers CTC checkpoint directory instead")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per side (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side before timing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (params and optimizer state stay float32 on both sides)")
+    p.add_argument("--torch-threads", type=int, default=None, help="default: all cores this process may use")
+    p.add_argument("--no-torch", action="store_true", help="time Flax alone")
+    p.add_argument("--peak-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048])
+    p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON ('-' for stdout)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = benchmark(args)
+    print(format_report(result), file=sys.stderr)
+    if args.json:
+        C.write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
