@@ -135,22 +135,29 @@ class CTCTokenizer:
         return {i: t for t, i in self.vocab.items()}
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False,
-               output_word_offsets: bool = False) -> str | tuple[str, list[WordOffset]]:
-        """Text (and word offsets) for one sequence of per-frame argmax ids."""
+               output_word_offsets: bool = False, group_tokens: bool = True) -> str | tuple[str, list[WordOffset]]:
+        """Text (and word offsets) for one sequence of per-frame argmax ids.
+
+        `group_tokens=False` reads label ids (no CTC collapsing of repeats), as transformers' flag.
+        """
         id_to_token = self.id_to_token
         tokens = [id_to_token.get(int(i), self.unk_token) for i in np.asarray(ids).reshape(-1)]
         if skip_special_tokens:
             # transformers drops special tokens (the pad/blank included) before grouping repeats.
             tokens = [t for t in tokens if t not in self.special_tokens or t == self.word_delimiter_token]
-        text, words = self._tokens_to_string(tokens, output_word_offsets)
+        text, words = self._tokens_to_string(tokens, output_word_offsets, group_tokens)
         if self.clean_up_tokenization_spaces:
             text = clean_up_tokenization(text)
         return (text, words) if output_word_offsets else text
 
-    def _tokens_to_string(self, tokens: list[str], with_offsets: bool) -> tuple[str, list[WordOffset]]:
+    def _tokens_to_string(self, tokens: list[str], with_offsets: bool,
+                          group_tokens: bool = True) -> tuple[str, list[WordOffset]]:
         if not tokens:
             return "", []
-        groups = [(tok, len(list(run))) for tok, run in itertools.groupby(tokens)]
+        if group_tokens:
+            groups = [(tok, len(list(run))) for tok, run in itertools.groupby(tokens)]
+        else:
+            groups = [(tok, 1) for tok in tokens]
         chars = [self.replace_word_delimiter_char if t == self.word_delimiter_token else t
                  for t, _ in groups if t != self.pad_token]
         text = "".join(chars).strip()

@@ -115,11 +115,9 @@ def decode(ids: Sequence[int], vocab: Mapping[str, int], group_tokens: bool = Tr
     to emit) stay literal, and a doubled delimiter gives two spaces, as in transformers; WER/CER
     tools split on whitespace anyway.
     """
-    inv = {i: tok for tok, i in vocab.items()}
-    tokens = [inv.get(int(i), UNK) for i in ids]
-    if group_tokens:
-        tokens = [t for j, t in enumerate(tokens) if j == 0 or t != tokens[j - 1]]
-    return "".join(" " if t == WORD_DELIMITER else t for t in tokens if t != PAD).strip()
+    from flax_d2v.ctc_decode import CTCTokenizer  # the one decoder (d2v transcribe and eval use it too)
+
+    return CTCTokenizer.from_vocab(dict(vocab)).decode(ids, group_tokens=group_tokens)
 
 
 def validate_vocab(vocab: Mapping[str, int], source: str = "vocab") -> dict[str, int]:
