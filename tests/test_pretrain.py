@@ -9,6 +9,7 @@ independently of the JAX code: the student is transformers' `Data2VecAudioModel`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -448,3 +449,27 @@ def test_d2v_pretrain_resumes_with_its_teacher(speech_dir, tmp_path):
     ta, tb = load_flax_aux(tmp_path / "once" / "flax"), load_flax_aux(tmp_path / "twice" / "flax")
     for x, y in zip(jax.tree.leaves((a, ta)), jax.tree.leaves((b, tb)), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_schedule_continues_from_a_fairseq_checkpoints_update_count(setup, tmp_path):
+    """Starting from a fairseq .pt with its teacher, the decay goes on from the checkpoint's
+    `num_updates` (1234 in the fixture) instead of restarting at `ema_decay`."""
+    pytest.importorskip("torch")
+    import fairseq_fixtures as F
+
+    from flax_d2v.commands.pretrain import load_init
+
+    _, module, _, _, _, _ = setup
+    cfg = Data2VecPretrainConfig(average_top_k_layers=2, ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=2000,
+                                 ema_start_update=1234)
+    objective = Data2VecObjective(module, cfg)
+    fresh = Data2VecObjective(module, dataclasses.replace(cfg, ema_start_update=0))
+    np.testing.assert_allclose(float(objective.ema_decay(1)), float(fresh.ema_decay(1235)), rtol=1e-7)
+    np.testing.assert_allclose(float(objective.ema_decay(766)), 0.99, rtol=1e-7)
+
+    pt = F.save_checkpoint(F.checkpoint(F.hf_model(ctc=False), ctc=False), tmp_path / "ckpt.pt")
+    *_, seen = load_init({"model": str(pt), "config": None})
+    assert seen == 1234
+    no_teacher = F.save_checkpoint(F.checkpoint(F.hf_model(ctc=False), ctc=False, ema=False), tmp_path / "noema.pt")
+    *_, seen = load_init({"model": str(no_teacher), "config": None})
+    assert seen == 0

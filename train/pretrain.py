@@ -84,6 +84,9 @@ class Data2VecPretrainConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     guard_after: int = 5000  # the collapse guards act once more than this many updates are done
+    # Updates the teacher had already seen before this run's step 0 (a continued fairseq run): the
+    # decay schedule goes on from there instead of restarting at `ema_decay`.
+    ema_start_update: int = 0
 
     def validate(self, num_hidden_layers: int) -> None:
         if not 1 <= self.average_top_k_layers <= num_hidden_layers:
@@ -97,6 +100,8 @@ class Data2VecPretrainConfig:
             raise D2VError(f"--ema-decay/--ema-end-decay: {self.ema_decay}/{self.ema_end_decay} must be in [0, 1]")
         if self.ema_anneal_end_step < 1:
             raise D2VError(f"--ema-anneal-end-step: {self.ema_anneal_end_step} must be at least 1")
+        if self.ema_start_update < 0:
+            raise D2VError(f"--ema-start-update: {self.ema_start_update} must be >= 0")
         if self.loss_beta < 0:
             raise D2VError(f"--loss-beta: {self.loss_beta} must be >= 0")
 
@@ -310,7 +315,8 @@ class Data2VecObjective:
         return {"encoder": params_axes["model"]["encoder"]}
 
     def ema_decay(self, num_updates: jax.Array | int) -> jax.Array:
-        return ema_decay_at(self.config, num_updates)
+        """The decay after `num_updates` updates of this run (offset by `ema_start_update`)."""
+        return ema_decay_at(self.config, jnp.asarray(num_updates) + self.config.ema_start_update)
 
     def update_extra(self, extra: PyTree, new_params: PyTree, step: jax.Array) -> PyTree:
         """EMA step after update number `step + 1` (`step` = updates done before it, `TrainState.step`)."""

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema-decay", type=float, default=0.999, help="teacher EMA decay at the start")
     g.add_argument("--ema-end-decay", type=float, default=0.9999, help="teacher EMA decay after the anneal")
     g.add_argument("--ema-anneal-end-step", type=int, default=30000, help="updates over which the decay anneals")
+    g.add_argument("--ema-start-update", type=int, default=None,
+                   help="updates the teacher has already seen, so the decay schedule continues (default: the "
+                        "fairseq checkpoint's num_updates when --model brings its EMA teacher, else 0)")
     g.add_argument("--ema-layers-only", action=bool_flag, default=True,
                    help="copy the positional conv into the teacher instead of averaging it")
     g.add_argument("--average-top-k-layers", type=int, default=8, help="teacher layers averaged into the target")
@@ -97,8 +100,9 @@ def regularisation(cfg: dict) -> dict[str, float]:
     return over
 
 
-def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str]:
-    """(model config, encoder params or None (random init), aux {"final_proj"?, "ema"?}, description).
+def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
+    """(model config, encoder params or None (random init), aux {"final_proj"?, "ema"?}, description,
+    updates the checkpoint's teacher has seen (fairseq's `num_updates`; 0 when unknown or no teacher)).
 
     The hook for pretrained starting points: anything `flax_d2v.pretrained.load_any` reads gives
     the student; a fairseq `.pt` (`flax_d2v.convert.fairseq.load_fairseq`) or a flax-d2v dir with
@@ -109,29 +113,33 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str]:
     if cfg.get("config"):
         name = str(cfg["config"])
         if name in PRESETS and not Path(name).exists():
-            return preset(name), None, {}, f"random init, preset {name}"
+            return preset(name), None, {}, f"random init, preset {name}", 0
         if not Path(name).is_file():
             raise D2VError(f"--config: {name} is neither a preset ({'|'.join(PRESETS)}) nor a config.json file")
-        return Data2VecAudioConfig.from_json_file(name), None, {}, f"random init, {name}"
+        return Data2VecAudioConfig.from_json_file(name), None, {}, f"random init, {name}", 0
     from flax_d2v.pretrained import load_any
 
     path = Path(cfg["model"])
     aux: dict = {}
+    fairseq_cfg: dict = {}
     if path.is_file() and path.suffix == ".pt":
         from flax_d2v.convert.fairseq import load_fairseq
 
         ck = load_fairseq(path)
-        config, is_ctc, params, aux = ck.config, ck.is_ctc, ck.params, dict(ck.aux or {})
+        config, is_ctc, params, aux, fairseq_cfg = ck.config, ck.is_ctc, ck.params, dict(ck.aux or {}), ck.cfg or {}
     else:
         config, is_ctc, params, _ = load_any(path)
-        from flax_d2v.checkpoint import is_flax_dir, load_flax_aux
+        from flax_d2v.checkpoint import is_flax_dir, load_flax_aux, read_json
 
         if path.is_dir() and is_flax_dir(path):
             aux = dict(load_flax_aux(path) or {})
+            if (path / "fairseq_cfg.json").is_file():  # converted by `d2v convert x.pt`
+                fairseq_cfg = read_json(path / "fairseq_cfg.json")
     if is_ctc:
         params = params["data2vec_audio"]  # a fine-tuned model: its encoder, the CTC head left out
     parts = ["student"] + [k for k in ("final_proj", "ema") if k in aux]
-    return config, params, aux, f"{path} ({', '.join(parts)})"
+    seen = int(fairseq_cfg.get("num_updates") or 0) if "ema" in aux else 0
+    return config, params, aux, f"{path} ({', '.join(parts)})", seen
 
 
 def pretrain(cfg: dict) -> Any:
@@ -148,7 +156,9 @@ def pretrain(cfg: dict) -> Any:
     seed = int(cfg["seed"])
     mesh, _ = R.make_mesh(cfg)
 
-    base_config, loaded, aux, source = load_init(cfg)
+    base_config, loaded, aux, source, teacher_updates = load_init(cfg)
+    if cfg.get("ema_start_update") is None:
+        cfg = {**cfg, "ema_start_update": teacher_updates}
     config = base_config.replace(**regularisation(cfg))
     if not config.has_masked_spec_embed:  # the mask embedding pretraining needs; HF's default rate
         config = config.replace(mask_time_prob=0.05)
