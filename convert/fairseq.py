@@ -43,10 +43,8 @@ import argparse
 import ast
 import json
 import os
-import pickle
 import re
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,6 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flax_d2v.config import Data2VecAudioConfig
+from flax_d2v.convert.hf import load_torch_file, state_dict_to_flax, tensor_to_numpy
 from flax_d2v.errors import D2VError
 
 CTC_PREFIX_FAIRSEQ = "w2v_encoder.w2v_model."
@@ -148,51 +147,16 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
-def _refusal_reason(message: str) -> str:
-    """The useful part of torch's weights_only refusal: which global the pickle wanted."""
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    if m and m.group(1).startswith("omegaconf."):
-        return (f"its config is pickled as {m.group(1)!r} objects (fairseq before March 2021), which are not "
-                "loaded; re-save it with a fairseq that stores cfg as a plain dict")
-    if m:
-        return f"it asks for the global {m.group(1)!r}, which is not plain checkpoint data"
-    lines = [ln.strip() for ln in message.splitlines() if re.search(r"[Uu]nsupported|unrecognized|blocked", ln)]
-    return lines[0] if lines else "it holds objects other than tensors and plain containers"
-
-
 def read_fairseq_file(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict of a fairseq `.pt`, unpickled with `weights_only=True` and the allow-list."""
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         raise D2VError(f"{path}: reading a fairseq .pt needs PyTorch (pip install 'flax-d2v[torch]')") from None
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise D2VError(f"{path}: no such file")
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path) and "GLOBAL" not in str(e):  # not torch's format at all: garbage
-            raise D2VError(f"{path}: not a readable PyTorch file (truncated or corrupt?)") from None
-        raise D2VError(f"{path}: refused to load: {_refusal_reason(str(e))}; nothing in it was run") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise D2VError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {msg}") from None
+    ckpt = load_torch_file(path, _allowed_globals())
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
         raise D2VError(f"{path}: not a fairseq checkpoint (expected a dict with a 'model' state dict)")
     return ckpt
-
-
-def _to_numpy(value: Any, key: str, source: str) -> np.ndarray:
-    import torch
-
-    if not isinstance(value, torch.Tensor):
-        raise D2VError(f"{source}: key {key!r} is a {type(value).__name__}, not a tensor")
-    value = value.detach().cpu()
-    if value.is_floating_point() and value.dtype != torch.float32:
-        value = value.float()  # fp16/bf16 -> fp32 is exact
-    return value.numpy()
 
 
 # ------------------------------------------------------------------------------------ architecture
@@ -419,7 +383,7 @@ def _ema_tree(ema: Mapping[str, Any], student_encoder: Mapping[str, Any], source
         if mapped is None or not mapped[0].startswith("encoder/") or mapped[0][len("encoder/"):] not in want:
             raise D2VError(f"{source}: unexpected key {EMA_KEY}.{key!r} in the EMA teacher")
         path, kind = mapped[0][len("encoder/"):], mapped[1]
-        arr = _to_numpy(value, f"{EMA_KEY}.{key}", source)
+        arr = tensor_to_numpy(value, f"{EMA_KEY}.{key}", source)
         if to_flax_array(arr, kind).shape != want[path].shape:
             raise D2VError(f"{source}: {EMA_KEY}.{key!r} has shape {tuple(arr.shape)}, expected "
                            f"{tuple(to_hf_array(np.asarray(want[path]), kind).shape)}")
@@ -437,7 +401,6 @@ def _ema_tree(ema: Mapping[str, Any], student_encoder: Mapping[str, Any], source
 
 def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = None) -> FairseqCheckpoint:
     """Read a fairseq data2vec-audio `.pt` (pretrained or CTC fine-tuned) without running its code."""
-    from flax_d2v.convert.hf import state_dict_to_flax
     from flax_d2v.convert.keys import flatten, flax_to_hf_key, to_hf_array
     from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel, param_shapes
 
@@ -455,14 +418,14 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
     for key, value in model_state.items():
         m = FINAL_PROJ_KEYS.match(key)
         if m and not is_ctc:
-            arr = _to_numpy(value, key, source)
+            arr = tensor_to_numpy(value, key, source)
             final_proj["kernel" if m["p"] == "weight" else "bias"] = np.ascontiguousarray(arr.T if arr.ndim == 2
                                                                                          else arr)
             continue
         hf = fairseq_to_hf_key(key)
         if hf is None or (is_ctc and not hf.startswith(("data2vec_audio.", "lm_head."))):
             raise D2VError(f"{source}: unexpected key {key!r}: not a data2vec-audio parameter")
-        state[hf] = _to_numpy(value, key, source)
+        state[hf] = tensor_to_numpy(value, key, source)
     if is_ctc:
         config = config.replace(vocab_size=int(state["lm_head.weight"].shape[0])) if "lm_head.weight" in state \
             else config

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,36 +47,55 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return any((p / n).is_file() for n in (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX))
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A torch pickle read with `weights_only=True`: plain tensors and containers only, no code runs."""
+def _refusal_reason(message: str) -> str:
+    """The useful part of torch's weights_only refusal: which global the pickle wanted."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m and m.group(1).startswith("omegaconf."):
+        return (f"its config is pickled as {m.group(1)!r} objects (fairseq before March 2021), which are not "
+                "loaded; re-save it with a fairseq that stores cfg as a plain dict")
+    if m:
+        return f"it asks for the global {m.group(1)!r}, which is not plain checkpoint data"
+    lines = [ln.strip() for ln in message.splitlines() if re.search(r"[Uu]nsupported|unrecognized|blocked", ln)]
+    return lines[0] if lines else "it holds objects other than tensors and plain containers"
+
+
+def load_torch_file(path: str | os.PathLike, allowed_globals: Sequence[Any] = ()) -> Any:
+    """A torch pickle read with `weights_only=True`: plain tensors and containers only, no code runs.
+
+    `allowed_globals` extends torch's allow-list (`torch.serialization.safe_globals`), e.g. the
+    plain types a fairseq checkpoint holds. A pickle asking for anything else is refused with a
+    one-line `D2VError` naming the file and the global.
+    """
     try:
         import torch
     except ImportError:
         raise D2VError(f"{path}: reading a PyTorch .bin/.pt file needs PyTorch "
                        "(pip install 'flax-d2v[torch]')") from None
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise D2VError(f"{path}: no such file")
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        reason = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first
-                      else "refused")
-        raise D2VError(f"{path}: refused to load (weights_only): {reason.strip()}") from None
+        if not zipfile.is_zipfile(path) and "GLOBAL" not in str(e):  # not torch's format at all: garbage
+            raise D2VError(f"{path}: not a readable PyTorch file (truncated or corrupt?)") from None
+        raise D2VError(f"{path}: refused to load: {_refusal_reason(str(e))}; nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise D2VError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {msg}") from None
 
 
-def _tensor_to_numpy(value: Any, key: str, source: str) -> np.ndarray:
+def tensor_to_numpy(value: Any, key: str, source: str) -> np.ndarray:
+    """A loaded tensor as a NumPy array; fp16/bf16/fp64 become fp32 (exact for the half formats)."""
     if isinstance(value, np.ndarray):
         return value
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - load_torch_file already needed torch
-        raise D2VError(f"{source}: key {key!r}: PyTorch needed") from None
+    import torch  # load_torch_file already needed it
+
     if not isinstance(value, torch.Tensor):
         raise D2VError(f"{source}: key {key!r} is a {type(value).__name__}, not a tensor")
     value = value.detach().cpu()
-    if value.dtype in (torch.bfloat16, torch.float16):
+    if value.is_floating_point() and value.dtype != torch.float32:
         value = value.float()
     return value.numpy()
 
@@ -93,13 +115,13 @@ def read_hf_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarr
             state: dict[str, np.ndarray] = {}
             for shard in shards:
                 part = reader(d / shard) if reader else load_torch_file(d / shard)
-                state.update({k: _tensor_to_numpy(v, k, str(d / shard)) for k, v in part.items()})
+                state.update({k: tensor_to_numpy(v, k, str(d / shard)) for k, v in part.items()})
             return state, str(d / index_name)
     if (d / PYTORCH_BIN).is_file():
         raw = load_torch_file(d / PYTORCH_BIN)
         if not isinstance(raw, dict):
             raise D2VError(f"{d / PYTORCH_BIN}: expected a state dict, found {type(raw).__name__}")
-        return {k: _tensor_to_numpy(v, k, str(d / PYTORCH_BIN)) for k, v in raw.items()}, str(d / PYTORCH_BIN)
+        return {k: tensor_to_numpy(v, k, str(d / PYTORCH_BIN)) for k, v in raw.items()}, str(d / PYTORCH_BIN)
     raise D2VError(f"{d}: no model weights found (expected {SAFETENSORS} or {PYTORCH_BIN})")
 
 
@@ -197,4 +219,4 @@ def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
 
 
 __all__ = ["PROCESSOR_FILES", "flax_to_state_dict", "is_hf_dir", "load_hf", "load_torch_file", "read_hf_state_dict",
-           "save_hf", "state_dict_to_flax"]
+           "save_hf", "state_dict_to_flax", "tensor_to_numpy"]
