@@ -16,7 +16,6 @@ Normalisation mirrors the two references exactly:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import struct
 import sys
@@ -184,12 +183,9 @@ def read_preprocessor_config(model_dir: str | os.PathLike) -> PreprocessorConfig
     path = Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
         return PreprocessorConfig()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise D2VError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise D2VError(f"{path}: expected a JSON object")
+    from flax_d2v.fileio import read_json_object
+
+    data = read_json_object(path)
     cfg = PreprocessorConfig(
         do_normalize=bool(data.get("do_normalize", True)),
         return_attention_mask=bool(data.get("return_attention_mask", True)),

@@ -16,7 +16,6 @@ by key, and the reader needs no Python object deserialisation.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -124,11 +123,3 @@ def jax_to_numpy(tree: Any) -> Any:
     import jax
 
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(tree) if tree is not None else tree)
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise D2VError(f"{path}: not readable JSON ({e})") from None

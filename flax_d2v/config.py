@@ -144,13 +144,9 @@ class Data2VecAudioConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise D2VError(f"{path}: file not found (a model directory needs config.json)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise D2VError(f"{path}: not a readable JSON config ({e})") from None
-        if not isinstance(data, dict):
-            raise D2VError(f"{path}: expected a JSON object")
+        from flax_d2v.fileio import read_json_object
+
+        data = read_json_object(path)
         try:
             return cls.from_dict(data)
         except TypeError as e:

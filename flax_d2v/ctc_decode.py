@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import read_json, read_json_object
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _DEFAULT_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -51,13 +51,6 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return None if value is None else str(value)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise D2VError(f"{path}: not a readable JSON file ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +81,11 @@ class CTCTokenizer:
         vocab_path = Path(vocab_path)
         if not vocab_path.is_file():
             raise D2VError(f"{vocab_path}: no such vocab file")
-        vocab = _read_json(vocab_path)
+        vocab = read_json(vocab_path)
         cfg: dict[str, Any] = {}
         for p in (tokenizer_config, special_tokens_map):
             if p is not None and Path(p).is_file():
-                data = _read_json(Path(p))
-                if not isinstance(data, dict):
-                    raise D2VError(f"{p}: expected a JSON object")
+                data = read_json_object(p)
                 cfg.update({k: v for k, v in data.items() if v is not None})
         if isinstance(vocab, dict) and vocab and all(isinstance(v, dict) for v in vocab.values()):
             lang = cfg.get("target_lang")

@@ -8,11 +8,13 @@ process is killed) the old output, if any, is still there untouched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from flax_d2v.errors import D2VError
 
@@ -63,3 +65,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parsed JSON of `path`; a missing, unreadable or malformed file is a one-line `D2VError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise D2VError(f"{path}: no such file") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise D2VError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise D2VError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """`read_json` for files that must hold a JSON object (configs, vocabularies, settings)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise D2VError(f"{path}: expected a JSON object")
+    return data

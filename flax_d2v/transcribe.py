@@ -242,15 +242,11 @@ class Transcriber:
                  lm: str | os.PathLike | None = None, skip_special_tokens: bool = False):
         preprocessor = PreprocessorConfig()
         if isinstance(model_or_path, (str, os.PathLike)):
-            from flax_d2v import from_pretrained
+            from flax_d2v.pretrained import build_module, load_any
 
-            where = os.fspath(model_or_path)
-            if not os.path.exists(where):
-                from flax_d2v.pretrained import HUB_ID, download_from_hub
-
-                if HUB_ID.match(where):  # a hub id: the snapshot directory holds vocab.json too
-                    where = download_from_hub(where)
-            module, params = from_pretrained(where)
+            # `where` is the local directory or file (a hub id's snapshot holds vocab.json too)
+            config, is_ctc, params, where = load_any(model_or_path)
+            module = build_module(config, is_ctc)
             model_dir = Path(where) if Path(where).is_dir() else Path(where).parent
             tokenizer = _tokenizer_from(vocab, where) if vocab is not None else CTCTokenizer.from_dir(model_dir)
             preprocessor = read_preprocessor_config(model_dir)

@@ -43,8 +43,7 @@ def build(manifest: str, process_index: int = 0, process_count: int = 1):
     params = init_params(module, 0)
     sched = constant(1e-3)
     tx = make_optimizer(params, sched, clip_norm=1.0)
-    objective = CTCObjective(module, mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2,
-                             mask_feature_length=4)
+    objective = CTCObjective(module)  # SpecAugment settings from the config above
     loader = D.BatchLoader(m, batch_size=8, vocab=vocab, seed=0, prefetch=0, process_index=process_index,
                            process_count=process_count)
     batches = [next(loader) for _ in range(STEPS)]

@@ -205,7 +205,7 @@ def _tiny_ctc(freeze_transformer_steps=0, grad_accum=1):
     params = init_params(module, 0)
     sched = constant(1e-3)
     tx = make_optimizer(params, sched, freeze_feature_encoder=True, freeze_transformer_steps=freeze_transformer_steps)
-    objective = CTCObjective(module, mask_time_prob=0.3, mask_time_length=2)
+    objective = CTCObjective(module)  # SpecAugment settings from the config above
     state = create_state(params, tx, {}, jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(objective, tx, sched, grad_accum))
     rng = np.random.default_rng(0)

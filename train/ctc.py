@@ -86,21 +86,15 @@ def reduce_ctc(loss: jax.Array, label_lengths: jax.Array, valid: jax.Array, redu
 class CTCObjective(NoExtra):
     """CTC on `Data2VecAudioForCTC`, with SpecAugment masks drawn per example (see `objective.py`).
 
-    Masks come from the objective's own probabilities (HF names), drawn with
+    Masks follow the module config's SpecAugment fields (`mask_time_prob`, `mask_time_length`,
+    `mask_time_min_masks`, `mask_feature_*`, the one place those facts live), drawn with
     `per_example_mask_indices` from `fold_in(step_key, index)`, and are passed to the model, so
-    they do not depend on the device layout. The module's config decides only whether the
-    `masked_spec_embed` parameter exists (it must when `mask_time_prob > 0`).
+    they do not depend on the device layout.
     """
 
     module: nn.Module
     reduction: str = "mean"
     zero_infinity: bool = True
-    mask_time_prob: float = 0.0
-    mask_time_length: int = 10
-    mask_time_min_masks: int = 2
-    mask_feature_prob: float = 0.0
-    mask_feature_length: int = 10
-    mask_feature_min_masks: int = 0
     name: str = "ctc"
 
     def __post_init__(self) -> None:
@@ -117,14 +111,14 @@ class CTCObjective(NoExtra):
         num_frames = int(feat_extract_output_lengths(config, batch["input_values"].shape[1]))
         lengths = feat_extract_output_lengths(config, batch["attention_mask"].astype(jnp.int32).sum(-1))
         time = feature = None
-        if self.mask_time_prob > 0:
+        if config.mask_time_prob > 0:
             keys = example_keys(jax.random.fold_in(rng, 1), batch["index"])
-            time = per_example_mask_indices(keys, num_frames, self.mask_time_prob, self.mask_time_length,
-                                            self.mask_time_min_masks, lengths)
-        if self.mask_feature_prob > 0:
+            time = per_example_mask_indices(keys, num_frames, config.mask_time_prob, config.mask_time_length,
+                                            config.mask_time_min_masks, lengths)
+        if config.mask_feature_prob > 0:
             keys = example_keys(jax.random.fold_in(rng, 2), batch["index"])
-            feature = per_example_mask_indices(keys, config.hidden_size, self.mask_feature_prob,
-                                               self.mask_feature_length, self.mask_feature_min_masks)
+            feature = per_example_mask_indices(keys, config.hidden_size, config.mask_feature_prob,
+                                               config.mask_feature_length, config.mask_feature_min_masks)
         return time, feature
 
     def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array

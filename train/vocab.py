@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from flax_d2v.errors import D2VError
-from flax_d2v.fileio import atomic_write_text
+from flax_d2v.fileio import atomic_write_text, read_json
 
 PAD = "<pad>"
 BOS = "<s>"
@@ -139,13 +139,7 @@ def load_vocab(path: str | os.PathLike) -> dict[str, int]:
     path = Path(path)
     if path.is_dir():
         path = path / "vocab.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise D2VError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise D2VError(f"{path}: not valid JSON ({e})") from None
-    return validate_vocab(data, str(path))
+    return validate_vocab(read_json(path), str(path))
 
 
 def _write_json(path: Path, obj: dict) -> None:

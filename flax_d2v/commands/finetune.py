@@ -19,6 +19,7 @@ from typing import Any
 
 from flax_d2v.config import PRESETS, preset
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import read_json
 from flax_d2v.train import run_common as R
 
 # The fine-tuning recipe (fairseq base_960h): where its defaults differ from pretraining's.
@@ -82,12 +83,7 @@ def resolve(args: argparse.Namespace | dict) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(DEFAULTS)
     path = given.pop("config", None)
     if path:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise D2VError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise D2VError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise D2VError(f"{path}: expected a JSON object of settings")
         for k, v in data.items():
@@ -247,12 +243,7 @@ def finetune(cfg: dict) -> Any:
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params,
                                                  freeze_transformer_steps=int(cfg["freeze_transformer_steps"]))
-    objective = CTCObjective(module, reduction=cfg["ctc_reduction"], zero_infinity=bool(cfg["ctc_zero_infinity"]),
-                             mask_time_prob=config.mask_time_prob, mask_time_length=config.mask_time_length,
-                             mask_time_min_masks=config.mask_time_min_masks,
-                             mask_feature_prob=config.mask_feature_prob,
-                             mask_feature_length=config.mask_feature_length,
-                             mask_feature_min_masks=config.mask_feature_min_masks)
+    objective = CTCObjective(module, reduction=cfg["ctc_reduction"], zero_infinity=bool(cfg["ctc_zero_infinity"]))
     loop_cfg = R.loop_config(cfg, eval_every=int(cfg["eval_every"]),
                              meta={"objective": "ctc", "model_config": json.loads(config.to_json_string())})
     if jax.process_index() == 0:

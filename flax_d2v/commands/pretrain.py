@@ -129,12 +129,13 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
         config, is_ctc, params, aux, fairseq_cfg = ck.config, ck.is_ctc, ck.params, dict(ck.aux or {}), ck.cfg or {}
     else:
         config, is_ctc, params, _ = load_any(path)
-        from flax_d2v.checkpoint import is_flax_dir, load_flax_aux, read_json
+        from flax_d2v.checkpoint import is_flax_dir, load_flax_aux
+        from flax_d2v.fileio import read_json_object
 
         if path.is_dir() and is_flax_dir(path):
             aux = dict(load_flax_aux(path) or {})
             if (path / "fairseq_cfg.json").is_file():  # converted by `d2v convert x.pt`
-                fairseq_cfg = read_json(path / "fairseq_cfg.json")
+                fairseq_cfg = read_json_object(path / "fairseq_cfg.json")
     if is_ctc:
         params = params["data2vec_audio"]  # a fine-tuned model: its encoder, the CTC head left out
     parts = ["student"] + [k for k in ("final_proj", "ema") if k in aux]
