@@ -19,6 +19,7 @@ Sharding is not declared here: parameters and activations carry *logical* axis n
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -430,6 +431,34 @@ class Data2VecAudioForCTC(nn.Module):
         h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
         logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
         return out.replace(logits=logits.astype(jnp.float32))
+
+
+def apply_padding_invariant(module: nn.Module, params: Any, input_values: jax.Array,
+                            attention_mask: jax.Array) -> Data2VecAudioOutput:
+    """Outputs of a right-padded batch that equal each row's outputs run alone, unpadded.
+
+    For inference (`d2v transcribe`, fine-tuning's eval); training and parity use the plain
+    `apply`, which matches transformers.
+
+    transformers and fairseq zero the padded frames once, before the positional conv stack; from
+    its second layer on, the conv sees non-zero values in the padding and carries them into the
+    last frames of the utterance (and through attention, slightly, into all of them), so a clip's
+    transcript would depend on the bucket it was padded to and on its batch-mates. Zeroing the
+    padded frames after every positional conv layer makes each layer see exactly the zero
+    padding it sees on the unpadded clip, so bucketing changes nothing.
+    """
+    frames = feat_extract_output_lengths(module.config, attention_mask.astype(jnp.int32).sum(-1))
+
+    def zero_padded_frames(next_fun: Callable[..., Any], args: Any, kwargs: Any,
+                           context: nn.module.InterceptorContext) -> Any:
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, PositionalConvLayer) and context.method_name == "__call__":
+            real = jnp.arange(out.shape[1])[None, :] < frames[:, None]
+            out = jnp.where(real[..., None], out, jnp.zeros((), out.dtype))
+        return out
+
+    with nn.intercept_methods(zero_padded_frames):
+        return module.apply({"params": params}, input_values, attention_mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +49,7 @@ from flax_d2v.audio import (
 )
 from flax_d2v.ctc_decode import BeamSearchDecoder, CTCTokenizer
 from flax_d2v.errors import D2VError
-from flax_d2v.modeling import Data2VecAudioForCTC, PositionalConvLayer, feat_extract_output_lengths
+from flax_d2v.modeling import Data2VecAudioForCTC, apply_padding_invariant, feat_extract_output_lengths
 
 DEFAULT_BATCH_SIZE = 4  # x 20 s chunks: base-size activations ~1.7 GB on CPU (8 would need ~3.4 GB)
 DEFAULT_CHUNK_LENGTH_S = 20.0  # ample context per chunk; memory per batch grows with batch_size x chunk length
@@ -185,36 +184,11 @@ def batch_rows(n: int, batch_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- the model
-def apply_padding_invariant(module: Data2VecAudioForCTC, params: Any, input_values: jax.Array,
-                            attention_mask: jax.Array) -> jax.Array:
-    """CTC logits of a right-padded batch that equal each row's logits run alone, unpadded.
-
-    transformers and fairseq zero the padded frames once, before the positional conv stack; from
-    its second layer on, the conv sees non-zero values in the padding and carries them into the
-    last frames of the utterance (and through attention, slightly, into all of them), so a clip's
-    transcript would depend on the bucket it was padded to and on its batch-mates. Zeroing the
-    padded frames after every positional conv layer makes each layer see exactly the zero
-    padding it sees on the unpadded clip, so bucketing changes nothing.
-    """
-    frames = feat_extract_output_lengths(module.config, attention_mask.astype(jnp.int32).sum(-1))
-
-    def zero_padded_frames(next_fun: Callable[..., Any], args: Any, kwargs: Any,
-                           context: nn.module.InterceptorContext) -> Any:
-        out = next_fun(*args, **kwargs)
-        if isinstance(context.module, PositionalConvLayer) and context.method_name == "__call__":
-            real = jnp.arange(out.shape[1])[None, :] < frames[:, None]
-            out = jnp.where(real[..., None], out, jnp.zeros((), out.dtype))
-        return out
-
-    with nn.intercept_methods(zero_padded_frames):
-        return module.apply({"params": params}, input_values, attention_mask).logits
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _ctc_forward(module: Data2VecAudioForCTC, params: Any, input_values: jax.Array, attention_mask: jax.Array,
                  log_probs: bool) -> jax.Array:
     """Per-frame argmax ids (greedy) or log-probabilities (beam search); one program per shape."""
-    logits = apply_padding_invariant(module, params, input_values, attention_mask)
+    logits = apply_padding_invariant(module, params, input_values, attention_mask).logits
     return jax.nn.log_softmax(logits, axis=-1) if log_probs else jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 

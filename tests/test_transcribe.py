@@ -20,7 +20,8 @@ from flax_d2v.audio import SAMPLE_RATE, load_audio, pad_batch, resample
 from flax_d2v.cli import main as d2v_main
 from flax_d2v.ctc_decode import BeamSearchDecoder, CTCTokenizer
 from flax_d2v.errors import D2VError
-from flax_d2v.transcribe import ChunkPlan, Transcriber, apply_padding_invariant, bucket_length, transcribe
+from flax_d2v.modeling import apply_padding_invariant
+from flax_d2v.transcribe import ChunkPlan, Transcriber, bucket_length, transcribe
 
 VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4,
          **{c: 5 + i for i, c in enumerate(string.ascii_uppercase + "'")}}
@@ -135,7 +136,7 @@ def test_padded_batch_gives_each_clip_its_unpadded_logits(model, speech_dir):
     clips = [load_audio(p) for p in speech(speech_dir, "cards_001.wav", "librivox_0880.wav", "cards_003.wav")]
     x, mask = pad_batch(clips, pad_to=bucket_length(max(map(len, clips)), RATIO) + 3200, batch_to=4)
     plain_apply = jax.jit(lambda p, v, m: module.apply({"params": p}, v, m).logits)
-    padded = np.asarray(jax.jit(functools.partial(apply_padding_invariant, module))(params, x, mask))
+    padded = np.asarray(jax.jit(functools.partial(apply_padding_invariant, module))(params, x, mask).logits)
     plain = np.asarray(plain_apply(params, x, mask))
     leaked = 0.0
     for i, clip in enumerate(clips):

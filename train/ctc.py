@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from flax_d2v.masking import per_example_mask_indices
-from flax_d2v.modeling import feat_extract_output_lengths
+from flax_d2v.modeling import apply_padding_invariant, feat_extract_output_lengths
 from flax_d2v.train.objective import Batch, NoExtra, batch_key, example_keys
 
 PyTree = Any
@@ -136,8 +136,12 @@ class CTCObjective(NoExtra):
         return total, weight, metrics
 
     def predict(self, params: PyTree, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """Greedy CTC ids (B, T) and frame lengths (B,), deterministic (eval)."""
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"])
+        """Greedy CTC ids (B, T) and frame lengths (B,), deterministic (eval).
+
+        Through the same padding-invariant forward as `d2v transcribe`, so eval WER is what a user
+        transcribing those clips gets, whatever batch they were padded into.
+        """
+        out = apply_padding_invariant(self.module, params, batch["input_values"], batch["attention_mask"])
         return jnp.argmax(out.logits, -1).astype(jnp.int32), out.frame_mask.sum(-1).astype(jnp.int32)
 
 
