@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from flax_d2v.config import Data2VecAudioConfig
 from flax_d2v.masking import compute_mask_indices
+from flax_d2v.precision import matmul_precision
 
 Array = jax.Array
 Dtype = Any
@@ -191,6 +192,29 @@ class PositionalConvEmbedding(nn.Module):
         return x
 
 
+def fused_attention(q: Array, k: Array, v: Array, attention_bias: Array | None) -> Array | None:
+    """cuDNN's fused (flash) attention for bf16/fp16 on a GPU, else None (the caller's XLA path).
+
+    Why: the explicit path materialises (batch, heads, T, T) fp32 scores and probabilities in HBM,
+    the largest tensors of the step at 10 s of audio; the fused kernel keeps them on chip. cuDNN
+    only takes half-precision inputs, so fp32 (parity, `highest`) always uses the explicit path,
+    and so does the CPU. The key padding bias becomes per-row key lengths (right padding), which is
+    what the bias encodes. The softmax is accumulated in fp32 by cuDNN, as on the explicit path.
+    Applies with dropout off on the attention probabilities (cuDNN's dropout draws its own bits).
+    """
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or jax.default_backend() != "gpu":
+        return None
+    kv_lengths = None
+    if attention_bias is not None:
+        kv_lengths = (attention_bias[:, 0, 0, :] == 0).sum(-1).astype(jnp.int32)
+    try:
+        # q is already scaled by head_dim**-0.5 (transformers' order of operations)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, scale=1.0,
+                                            implementation="cudnn")
+    except Exception:  # noqa: BLE001 - an unsupported shape or cuDNN version: the explicit path computes it
+        return None
+
+
 class Attention(nn.Module):
     """`encoder.layers.N.attention`: multi-head self-attention with a key padding bias."""
 
@@ -211,15 +235,19 @@ class Attention(nn.Module):
         # The query is scaled, not the (heads, T, T) scores: T/head_dim times less work, and transformers'
         # order of operations (its q_proj output is multiplied by head_dim**-0.5).
         q, k, v = proj("q_proj") * (head_dim**-0.5), proj("k_proj"), proj("v_proj")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if attention_bias is not None:
-            scores = scores + attention_bias
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
-        # Head-major output, then one small transpose: asking for "bqhd" directly makes XLA's CPU
-        # layout assignment transpose the whole (heads, T, T) probability matrix instead (2x slower
-        # attention at 30 s of audio).
-        out = jnp.einsum("bhqk,bkhd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(b, t, c.hidden_size)
+        dropout_on = not deterministic and c.attention_dropout > 0.0
+        out = None if dropout_on else fused_attention(q, k, v, attention_bias)
+        if out is None:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+            if attention_bias is not None:
+                scores = scores + attention_bias
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
+            # Head-major output, then one small transpose: asking for "bqhd" directly makes XLA's CPU
+            # layout assignment transpose the whole (heads, T, T) probability matrix instead (2x slower
+            # attention at 30 s of audio).
+            out = jnp.einsum("bhqk,bkhd->bhqd", weights, v).transpose(0, 2, 1, 3)
+        out = out.reshape(b, t, c.hidden_size)
         return _dense(c.hidden_size, ("heads", "embed"), self.dtype, "out_proj")(out)
 
 
@@ -353,6 +381,7 @@ class Data2VecAudioModel(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = False
     freeze_feature_encoder: bool = False
+    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
     def setup(self) -> None:
         c = self.config
@@ -394,6 +423,13 @@ class Data2VecAudioModel(nn.Module):
                  output_hidden_states: bool = False, *, deterministic: bool = True,
                  mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
                  output_layer_results: bool = False) -> Data2VecAudioOutput:
+        with matmul_precision(self.precision):
+            return self._forward(input_values, attention_mask, output_hidden_states, deterministic,
+                                 mask_time_indices, mask_feature_indices, output_layer_results)
+
+    def _forward(self, input_values: Array, attention_mask: Array | None, output_hidden_states: bool,
+                 deterministic: bool, mask_time_indices: Array | None, mask_feature_indices: Array | None,
+                 output_layer_results: bool) -> Data2VecAudioOutput:
         features = self.feature_extractor(input_values)
         if self.freeze_feature_encoder:
             features = jax.lax.stop_gradient(features)
@@ -416,6 +452,7 @@ class Data2VecAudioForCTC(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = False
     freeze_feature_encoder: bool = False
+    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
     @nn.compact
     def __call__(self, input_values: Array, attention_mask: Array | None = None,
@@ -423,13 +460,14 @@ class Data2VecAudioForCTC(nn.Module):
                  mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
                  output_layer_results: bool = False) -> Data2VecAudioOutput:
         c = self.config
-        out = Data2VecAudioModel(c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder,
-                                 name="data2vec_audio")(
-            input_values, attention_mask, output_hidden_states, deterministic=deterministic,
-            mask_time_indices=mask_time_indices, mask_feature_indices=mask_feature_indices,
-            output_layer_results=output_layer_results)
-        h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
-        logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
+        with matmul_precision(self.precision):
+            out = Data2VecAudioModel(c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder,
+                                     self.precision, name="data2vec_audio")(
+                input_values, attention_mask, output_hidden_states, deterministic=deterministic,
+                mask_time_indices=mask_time_indices, mask_feature_indices=mask_feature_indices,
+                output_layer_results=output_layer_results)
+            h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
+            logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
         return out.replace(logits=logits.astype(jnp.float32))
 
 

@@ -77,12 +77,35 @@ def download_from_hub(repo_id: str) -> str:
                        "are you offline? Download the model elsewhere and pass its directory") from None
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool = False,
-                    remat_policy: str = "none", freeze_feature_encoder: bool = False):
-    """(module, params) ready for `module.apply({"params": params}, input_values, ...)`."""
+def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]:
+    """Module `dtype` and `precision` from a policy name (`flax_d2v.precision`).
+
+    `precision=None` keeps the older `dtype=` spelling working: bfloat16 means the `bf16` policy,
+    anything else `highest`. A policy and a contradicting dtype together are refused.
+    """
+    from flax_d2v.precision import resolve
+
+    if precision is None:
+        precision = "bf16" if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 else "highest"
+    policy = resolve(precision)
+    if dtype is not None and jnp.dtype(dtype) != jnp.dtype(policy.dtype):
+        raise D2VError(f"dtype={jnp.dtype(dtype).name} contradicts precision={policy.name!r} "
+                       f"(which computes in {jnp.dtype(policy.dtype).name}); pass one of them")
+    return policy.module_kwargs()
+
+
+def from_pretrained(path: str | os.PathLike, *, precision: str | None = None, dtype: Any = None,
+                    scan_layers: bool = False, remat_policy: str = "none", freeze_feature_encoder: bool = False):
+    """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
+
+    `precision` is a `flax_d2v.precision` policy: "highest" (the default: float32 with HIGHEST
+    matmul/conv precision, the numbers PyTorch's fp32 gives), "default" (float32 at the platform's
+    default precision: TF32 on GPUs, bf16 passes on TPUs) or "bf16". It is a field of the module,
+    so the result never depends on the global `jax_default_matmul_precision` flag.
+    """
     config, is_ctc, params, _ = load_any(path)
-    module = build_module(config, is_ctc, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy,
-                          freeze_feature_encoder=freeze_feature_encoder)
+    module = build_module(config, is_ctc, **precision_kwargs(precision, dtype), scan_layers=scan_layers,
+                          remat_policy=remat_policy, freeze_feature_encoder=freeze_feature_encoder)
     if scan_layers:
         from flax_d2v.convert.keys import stack_layers
 

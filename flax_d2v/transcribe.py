@@ -57,6 +57,8 @@ STRIDE_FRACTION = 1 / 6  # default stride on each side = chunk_length_s / 6, as 
 POOL_SECONDS = 1800.0  # audio read ahead before running (bounds host memory for many files)
 BUCKET_BASE_S = 1.0  # the shortest padded length
 BUCKET_GROWTH = math.sqrt(2.0)  # <= 41% padding, about ten lengths from 1 s to 20 s
+# Transcription computes at the platform default (TF32 on GPU): argmax-robust and the fast path.
+DEFAULT_PRECISION = "default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,14 +215,15 @@ class Transcriber:
     def __init__(self, model_or_path: Any, vocab: Any = None, do_normalize: bool | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
                  stride_length_s: float | Sequence[float] | None = None, beam_width: int = 0,
-                 lm: str | os.PathLike | None = None, skip_special_tokens: bool = False):
+                 lm: str | os.PathLike | None = None, skip_special_tokens: bool = False,
+                 precision: str = DEFAULT_PRECISION):
         preprocessor = PreprocessorConfig()
         if isinstance(model_or_path, (str, os.PathLike)):
-            from flax_d2v.pretrained import build_module, load_any
+            from flax_d2v.pretrained import build_module, load_any, precision_kwargs
 
             # `where` is the local directory or file (a hub id's snapshot holds vocab.json too)
             config, is_ctc, params, where = load_any(model_or_path)
-            module = build_module(config, is_ctc)
+            module = build_module(config, is_ctc, **precision_kwargs(precision))
             model_dir = Path(where) if Path(where).is_dir() else Path(where).parent
             tokenizer = _tokenizer_from(vocab, where) if vocab is not None else CTCTokenizer.from_dir(model_dir)
             preprocessor = read_preprocessor_config(model_dir)
@@ -379,7 +382,7 @@ def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.Pat
                stride_length_s: float | Sequence[float] | None = None, beam_width: int = 0,
                lm: str | os.PathLike | None = None, strict_audio: bool = False, do_normalize: bool | None = None,
                skip_special_tokens: bool = False, progress: bool = True,
-               warn: Warn = print_note) -> list[Transcription]:
+               warn: Warn = print_note, precision: str = DEFAULT_PRECISION) -> list[Transcription]:
     """Transcribe files or waveforms with a CTC model; one `Transcription` per input, in order.
 
     model_or_path: a checkpoint path (anything `flax_d2v.from_pretrained` reads, with `vocab.json`
@@ -396,10 +399,14 @@ def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.Pat
         pipeline: note that True also drops the blank before repeats are merged).
     do_normalize: zero-mean unit-variance input; default from preprocessor_config.json, else True.
     progress: a tqdm bar on stderr (only on a terminal) and a throughput line at the end.
+    precision: a `flax_d2v.precision` policy for a model loaded from a path (default "default":
+        float32 at the platform's default matmul precision, TF32 on GPUs: the argmax of CTC logits
+        does not move with 1e-3 relative errors, and it is the fast path). A `(module, params)`
+        tuple keeps its module's own setting.
     """
     if isinstance(files_or_arrays, (str, os.PathLike, np.ndarray)):
         files_or_arrays = [files_or_arrays]
     runner = Transcriber(model_or_path, vocab=vocab, do_normalize=do_normalize, batch_size=batch_size,
                          chunk_length_s=chunk_length_s, stride_length_s=stride_length_s, beam_width=beam_width,
-                         lm=lm, skip_special_tokens=skip_special_tokens)
+                         lm=lm, skip_special_tokens=skip_special_tokens, precision=precision)
     return runner(files_or_arrays, strict_audio=strict_audio, warn=warn, progress=progress)

@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec
 from flax_d2v.audio import SAMPLE_RATE
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import Data2VecAudioModel, feat_extract_output_lengths
+from flax_d2v.precision import matmul_precision
 from flax_d2v.train.objective import Batch, PyTree, example_keys
 
 # `F.instance_norm`'s default eps.
@@ -242,6 +243,12 @@ def _student_forward(m: Data2VecAudioModel, input_values: jax.Array, attention_m
                      mask_time_indices: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array, Any]:
     """What `Data2VecAudioModel.__call__` does with `mask_time_indices`, also returning the
     unmasked, pre-dropout projected features (the teacher's input) and the frame mask."""
+    with matmul_precision(m.precision):
+        return _student_forward_body(m, input_values, attention_mask, mask_time_indices, deterministic)
+
+
+def _student_forward_body(m: Data2VecAudioModel, input_values: jax.Array, attention_mask: jax.Array | None,
+                          mask_time_indices: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array, Any]:
     features = m.feature_extractor(input_values)
     if m.freeze_feature_encoder:
         features = jax.lax.stop_gradient(features)
@@ -256,7 +263,8 @@ def _student_forward(m: Data2VecAudioModel, input_values: jax.Array, attention_m
 
 def _teacher_layer_results(m: Data2VecAudioModel, features: jax.Array, frame_mask: jax.Array | None
                            ) -> tuple[jax.Array, ...]:
-    _, _, results = m.encoder(features, frame_mask, True, False, True)
+    with matmul_precision(m.precision):
+        _, _, results = m.encoder(features, frame_mask, True, False, True)
     return results
 
 

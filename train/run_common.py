@@ -49,7 +49,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "async_checkpoint": True,
     "lr_schedule": "tri_stage", "warmup_steps": None, "hold_steps": None, "decay_steps": None, "init_lr_scale": 0.01,
     "adam_b1": 0.9, "adam_b2": 0.98, "clip_norm": 0.0, "grad_accum": 1,
-    "bf16": False, "remat": "none", "scan_layers": False,
+    "precision": None, "bf16": False, "remat": "none", "scan_layers": False,
     "min_seconds": None, "max_seconds": None, "num_workers": 4,
     "mesh": None, "pmap": False, "coordinator": None, "num_processes": None, "process_id": None,
 }
@@ -87,7 +87,10 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str | None], ...] = (
     ("optimisation", "--grad-accum", {"type": int}, "split each batch into K sequential micro-batches (update_freq)"),
     ("optimisation", "--freeze-feature-encoder", {"action": _BOOL},
      "keep the conv feature encoder fixed (feature_grad_mult 0)"),
-    ("compute", "--bf16", {"action": _BOOL}, "bfloat16 compute; params (and the pretraining teacher) stay fp32"),
+    ("compute", "--precision", {"choices": ("highest", "default", "bf16")},
+     "compute precision (flax_d2v.precision): highest = fp32 with HIGHEST matmul/conv precision, default = fp32 at "
+     "the platform's default (TF32 on GPU; the default unless --bf16), bf16 = bfloat16 compute, fp32 params"),
+    ("compute", "--bf16", {"action": _BOOL}, "same as --precision bf16 (params and the pretraining teacher stay fp32)"),
     ("compute", "--remat", {}, "rematerialisation policy of the layers: none, nothing_saveable, dots_saveable, ..."),
     ("compute", "--scan-layers", {"action": _BOOL}, "nn.scan over the layers (faster compile, params stacked)"),
     ("data", "--min-seconds", {"type": float}, "drop shorter clips (fairseq's pretraining: 2.0)"),
@@ -208,9 +211,10 @@ def make_schedule_and_optimizer(cfg: Mapping[str, Any], params: Any, *, freeze_t
 
 def module_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The model's compute keywords (`Data2VecAudioModel` / `...ForCTC`) from the compute settings."""
-    import jax.numpy as jnp
+    from flax_d2v.precision import resolve
 
-    return {"dtype": jnp.bfloat16 if cfg["bf16"] else jnp.float32, "remat_policy": cfg["remat"],
+    policy = resolve(cfg.get("precision") or ("bf16" if cfg["bf16"] else "default"))
+    return {**policy.module_kwargs(), "remat_policy": cfg["remat"],
             "scan_layers": bool(cfg["scan_layers"]), "freeze_feature_encoder": bool(cfg["freeze_feature_encoder"])}
 
 

@@ -14,6 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
+from flax_d2v.precision import add_argument as add_precision_argument
+
 # facebook/data2vec-audio-base-960h's vocab.json (character CTC vocabulary, <pad> = blank = 0).
 BASE_960H_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U",
                    "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z"]
@@ -25,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="d2v-demo", help="working directory (default: ./d2v-demo; replaced if present)")
     p.add_argument("--audio", default=None, help="clip to verify and transcribe (default: the bundled clip)")
     p.add_argument("--seed", type=int, default=0)
+    add_precision_argument(p, "highest", "the parity check compares like with like on CPU, GPU and TPU")
 
 
 def build_base_checkpoint(dst: Path, seed: int) -> Path:
@@ -69,19 +72,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {flax_dir}")
 
     print(f"[3/4] verifying Flax against PyTorch, layer by layer, on {clip} ...")
-    rows, facts = verify(str(flax_dir), [clip])
+    rows, facts = verify(str(flax_dir), [clip], precision=args.precision)
     print(format_table(rows))
     ok = all(r.passed for r in rows)
     plot_errors(rows, out / "report.png")
     atomic_write_text(out / "report.md", markdown_report(rows, facts, "report.png"))
     print(f"      {'PASS' if ok else 'FAIL'}: {sum(r.passed for r in rows)}/{len(rows)} stages within "
-          f"{facts['tolerance']:g}; report {out / 'report.md'}")
+          f"{facts['tolerance']:g}; report {out / 'report.md'}\n      flax: {facts['flax']}\n"
+          f"      reference: {facts['reference']}")
 
     if is_ctc and (flax_dir / "vocab.json").is_file():
         print("[4/4] transcribing the clip with the Flax model ...")
         from flax_d2v.transcribe import transcribe
 
-        result = transcribe(str(flax_dir), [clip])
+        result = transcribe(str(flax_dir), [clip], precision=args.precision)
         text = result[0].text if hasattr(result[0], "text") else result[0]["text"]
         note = " (random weights: expect noise)" if args.model is None else ""
         print(f"      {clip}\t{text!r}{note}")

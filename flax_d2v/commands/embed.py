@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_d2v.errors import D2VError
+from flax_d2v.precision import add_argument as add_precision_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default="last", help="N, 'all' or 'last' (default: last)")
     p.add_argument("--out", required=True, help="OUT.npz for one file; a directory for several")
     p.add_argument("--strict-audio", action="store_true", help="refuse audio that is not 16 kHz mono")
+    add_precision_argument(p, "highest", "embeddings equal PyTorch's fp32 on every platform")
 
 
 def parse_layer(spec: str, num_layers: int) -> list[int]:
@@ -53,10 +55,10 @@ def embed_arrays(module, params, wave: np.ndarray, layers: list[int], do_normali
 def run(args: argparse.Namespace) -> int:
     from flax_d2v.audio import load_audio, read_preprocessor_config
     from flax_d2v.fileio import atomic_write_bytes
-    from flax_d2v.pretrained import build_module, load_any
+    from flax_d2v.pretrained import build_module, load_any, precision_kwargs
 
     config, is_ctc, params, resolved = load_any(args.model)
-    module = build_module(config, is_ctc)
+    module = build_module(config, is_ctc, **precision_kwargs(args.precision))
     pre = read_preprocessor_config(resolved if Path(resolved).is_dir() else Path(resolved).parent)
     layers = parse_layer(args.layer, module.config.num_hidden_layers)
     out = Path(args.out)

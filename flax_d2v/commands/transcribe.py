@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, Transcriber
+from flax_d2v.precision import add_argument as add_precision_argument
+from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, DEFAULT_PRECISION, Transcriber
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop <s>, </s>, <unk> like decode(skip_special_tokens=True) (this also drops the "
                              "blank before repeats merge, as transformers does)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or throughput line on stderr")
+    add_precision_argument(parser, DEFAULT_PRECISION, "TF32 on GPU; CTC argmax does not move with it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     as_json = args.json or args.timestamps
     runner = Transcriber(args.model, batch_size=args.batch_size, chunk_length_s=args.chunk_length_s,
                          stride_length_s=args.stride_length_s, beam_width=args.beam_width, lm=args.lm,
-                         skip_special_tokens=args.skip_special_tokens)
+                         skip_special_tokens=args.skip_special_tokens, precision=args.precision)
     failed = 0
     for result in runner.iter(args.files, strict_audio=args.strict_audio, warn=warn, progress=not args.no_progress):
         if result.error is not None:

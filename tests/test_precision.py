@@ -1,0 +1,159 @@
+"""The precision policy reaches every matmul and convolution, whatever the global JAX flag says.
+
+On CPU, XLA ignores precision configs, so a GPU/TPU precision bug (TF32 or bf16 passes where the
+user asked for float32) cannot show up in numbers here. It shows up in the program: these tests
+lower the jitted programs and read the precision config of every `dot_general` and
+`convolution` from the StableHLO text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_d2v
+from flax_d2v.errors import D2VError
+from flax_d2v.precision import NAMES, POLICIES, resolve
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conftest import perturb_layer_norms, tiny_hf_kwargs  # noqa: E402
+
+OPS = re.compile(r"stablehlo\.(dot_general|convolution)\b[^\n]*")
+PRECISION = re.compile(r"precision\s*=\s*\[([^\]]*)\]|precision_config\s*=\s*\[([^\]]*)\]")
+
+
+def op_precisions(hlo_text: str) -> list[tuple[str, str]]:
+    """(op, its precision config or 'none') for every dot_general and convolution in the module."""
+    found = []
+    for m in OPS.finditer(hlo_text):
+        p = PRECISION.search(m.group(0))
+        found.append((m.group(1), "none" if p is None else (p.group(1) or p.group(2))))
+    return found
+
+
+def assert_all(hlo_text: str, level: str) -> int:
+    ops = op_precisions(hlo_text)
+    assert ops, "no dot_general or convolution in the lowered program"
+    kinds = {op for op, _ in ops}
+    assert kinds == {"dot_general", "convolution"}, kinds
+    bad = [(op, p) for op, p in ops if p.count(level) != 2]
+    assert not bad, f"{len(bad)}/{len(ops)} ops not at {level}: {bad[:5]}"
+    return len(ops)
+
+
+@pytest.fixture(scope="module")
+def tiny_ctc_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.Data2VecAudioForCTC(transformers.Data2VecAudioConfig(**tiny_hf_kwargs())).eval()
+    perturb_layer_norms(model)
+    path = tmp_path_factory.mktemp("prec") / "ctc"
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_verify_forward_is_highest_even_under_a_lower_global_flag(tiny_ctc_dir):
+    """The program `d2v verify` runs: every matmul/conv HIGHEST, also when the user's global flag
+    asks for bf16 passes (what a TPU does by default). Fails on a model that leaves precision
+    to the global flag (seen before the policy: all 27 ops of the tiny CTC forward at DEFAULT)."""
+    from flax_d2v.convert.verify import flax_forward
+
+    module, params = flax_d2v.from_pretrained(tiny_ctc_dir, precision="highest")
+    x = jnp.zeros((2, 8000), jnp.float32)
+    m = jnp.ones((2, 8000), jnp.int32)
+    with jax.default_matmul_precision("bfloat16"):
+        text = flax_forward(module).lower(params, x, m).as_text()
+    assert assert_all(text, "HIGHEST") >= 7 + 2 * 6  # 7 conv layers, 6 projections per layer, ...
+
+
+def test_default_policy_is_explicit_too(tiny_ctc_dir):
+    """`default` is stamped DEFAULT explicitly: a user's JAX_DEFAULT_MATMUL_PRECISION=highest does
+    not silently slow training down, and the program is the same on every machine."""
+    module, params = flax_d2v.from_pretrained(tiny_ctc_dir, precision="default")
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x).logits)
+    with jax.default_matmul_precision("highest"):
+        text = fn.lower(params, jnp.zeros((1, 8000))).as_text()
+    assert_all(text, "DEFAULT")
+
+
+def test_gradients_keep_the_policy(tiny_ctc_dir):
+    """The backward pass (transposed dot_generals and convs) carries the forward's precision."""
+    module, params = flax_d2v.from_pretrained(tiny_ctc_dir, precision="highest")
+
+    def loss(p, x):
+        return module.apply({"params": p}, x).logits.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss)).lower(params, jnp.zeros((1, 8000))).as_text()
+    n = assert_all(text, "HIGHEST")
+    assert n > 2 * (7 + 12)  # forward and backward ops
+
+
+def test_bf16_policy_computes_in_bf16(tiny_ctc_dir):
+    module, params = flax_d2v.from_pretrained(tiny_ctc_dir, precision="bf16")
+    assert module.dtype == jnp.bfloat16 and module.precision == "default"
+    text = jax.jit(lambda p, x: module.apply({"params": p}, x).logits).lower(params, jnp.zeros((1, 8000))).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all("bf16" in line for line in dots)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
+
+
+def test_training_modules_follow_the_precision_setting():
+    from flax_d2v.train.run_common import module_options
+
+    base = {"remat": "none", "scan_layers": False, "freeze_feature_encoder": False}
+    assert module_options({**base, "bf16": False})["precision"] == "default"
+    assert module_options({**base, "bf16": True})["dtype"] == jnp.bfloat16
+    opts = module_options({**base, "bf16": False, "precision": "highest"})
+    assert (opts["dtype"], opts["precision"]) == (jnp.float32, "highest")
+
+
+def test_policy_errors_are_one_line():
+    assert set(NAMES) == {"highest", "default", "bf16"} and resolve("bf16") is POLICIES["bf16"]
+    with pytest.raises(D2VError, match="precision 'tf32': choose one of highest, default, bf16"):
+        resolve("tf32")
+    from flax_d2v.pretrained import precision_kwargs
+
+    with pytest.raises(D2VError, match="contradicts precision='highest'"):
+        precision_kwargs("highest", jnp.bfloat16)
+    assert precision_kwargs(None, jnp.bfloat16)["dtype"] == jnp.bfloat16  # the older dtype= spelling
+
+
+def test_verify_bf16_on_real_speech_passes_its_tolerance(tiny_ctc_dir, speech_dir):
+    """`verify --precision bf16` on real speech: within the bf16 tolerance, and honestly above the
+    fp32 one (a check that the Flax side really ran in bf16)."""
+    from flax_d2v.convert.verify import PARITY_RTOL, TOLERANCES, verify
+
+    clips = [str(speech_dir / "16k/librivox_0880.wav"), str(speech_dir / "16k/cards_001.wav")]
+    rows, facts = verify(tiny_ctc_dir, clips, precision="bf16")
+    assert facts["precision"] == "bf16" and facts["tolerance"] == TOLERANCES["bf16"]
+    assert "precision=bf16" in facts["flax"] and "TF32 off" in facts["reference"]
+    assert all(r.passed for r in rows), [(r.case, r.stage, r.rel) for r in rows if not r.passed]
+    assert max(r.rel for r in rows) > PARITY_RTOL
+
+
+def test_verify_cli_precision_flag_and_report(tiny_ctc_dir, speech_dir, tmp_path, capsys):
+    from flax_d2v.cli import main
+
+    report = tmp_path / "r" / "report.md"
+    rc = main(["verify", tiny_ctc_dir, "--audio", str(speech_dir / "16k/cards_001.wav"), "--precision", "default",
+               "--no-batch", "--report", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "PASS" in out and "precision=default" in out
+    text = report.read_text()
+    assert "TOLERANCES['default']" in text and "TF32 off" in text and report.with_suffix(".png").is_file()
+
+
+def test_highest_and_default_agree_on_cpu(tiny_ctc_dir):
+    """On CPU both policies compute fp32 (precision configs are ignored there): same numbers."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8000)), jnp.float32)
+    outs = []
+    for name in ("highest", "default"):
+        module, params = flax_d2v.from_pretrained(tiny_ctc_dir, precision=name)
+        outs.append(np.asarray(module.apply({"params": params}, x).logits))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
