@@ -71,7 +71,7 @@ def side_report(times: list[float], audio_s: float, flops: float) -> dict[str, A
 
 
 def run_case(module: Any, params: Any, model: Any, clips: list, batch: int, seconds: float, repeats: int,
-             warmup: int, dtype: str, device: str = "cpu") -> dict[str, Any]:
+             warmup: int, dtype: str, device: str = "cpu", compiled_model: Any = None) -> dict[str, Any]:
     x, _ = C.speech_batch(clips, batch, seconds)
     flops = C.forward_flops(module.config, batch, x.shape[1])
     fx = flax_forward(module, params, x)
@@ -81,6 +81,9 @@ def run_case(module: Any, params: Any, model: Any, clips: list, batch: int, seco
         tx = torch_forward(model, x, dtype, device)
         sides["pytorch"] = tx["call"]
         _, first["pytorch"] = C.timed(tx["call"])
+    if compiled_model is not None:  # torch.compile: its first call (compilation) is reported, not timed
+        sides["pytorch_compile"] = torch_forward(compiled_model, x, dtype, device)["call"]
+        _, first["pytorch_compile"] = C.timed(sides["pytorch_compile"])
     _, first["flax"] = C.timed(fx["call"])
     times = C.interleaved_times(sides, repeats, warmup)
     audio_s = batch * x.shape[1] / C.SAMPLE_RATE
@@ -101,6 +104,8 @@ def run_case(module: Any, params: Any, model: Any, clips: list, batch: int, seco
         out["max_abs_diff"] = float(np.abs(got - ref).max())
         out["ref_max_abs"] = float(np.abs(ref).max())
         out["speedup_flax_over_pytorch"] = C.ratio(out["flax"]["median_s"], out["pytorch"]["median_s"])
+    if "pytorch_compile" in out:
+        out["speedup_flax_over_pytorch_compile"] = C.ratio(out["flax"]["median_s"], out["pytorch_compile"]["median_s"])
     return out
 
 
@@ -115,8 +120,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     clips = C.load_clips()
     jdtype, tdtype = DTYPES[args.dtype]
     with C.hf_checkpoint(args.size, ctc=False, model_dir=args.model) as path:
-        module, params = flax_d2v.from_pretrained(path, dtype=jdtype)
-        model, device = None, "cpu"
+        # float32 runs at the platform's default precision (TF32 on GPU), as PyTorch's own default does
+        # for its cuDNN convolutions; `--precision highest` times true fp32.
+        precision = args.precision or ("bf16" if args.dtype == "bfloat16" else "default")
+        result["flax_precision"] = precision
+        module, params = flax_d2v.from_pretrained(path, precision=precision)
+        model, device, compiled_model = None, "cpu", None
         if not args.no_torch:
             import torch
 
@@ -124,20 +133,23 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             result["torch_device"] = device
             model = C.torch_model(path, ctc=False).to(device=device, dtype=getattr(torch, tdtype)).eval()
             result["torch_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+            if args.torch_compile:
+                compiled_model = torch.compile(model)
     if hasattr(module, "data2vec_audio"):  # a CTC checkpoint given with --model: time the encoder
         params = params["data2vec_audio"]
-        module = flax_d2v.modeling.Data2VecAudioModel(module.config, dtype=jdtype)
+        module = flax_d2v.modeling.Data2VecAudioModel(module.config, dtype=jdtype, precision=module.precision)
     params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jdtype), params))
     result["cases"] = []
     for batch, seconds in parse_cases(args.cases):
-        case = run_case(module, params, model, clips, batch, seconds, args.repeats, args.warmup, tdtype, device)
+        case = run_case(module, params, model, clips, batch, seconds, args.repeats, args.warmup, tdtype, device,
+                        compiled_model)
         result["cases"].append(case)
         print(f"{batch} x {seconds:g} s: Flax {case['flax']['median_s']:.3f} s"
               + (f", PyTorch {case['pytorch']['median_s']:.3f} s" if model is not None else ""), file=sys.stderr)
     # the ceiling: the better of the measurements before and after (foreign load only lowers it)
     result["matmul_peak"] = peak = C.best_peak(start_peak, C.matmul_peak(args.peak_sizes, dtype=args.dtype))
     for case in result["cases"]:
-        for side in ("flax", "pytorch"):
+        for side in ("flax", "pytorch", "pytorch_compile"):
             if side in case:
                 case[side]["fraction_of_matmul_peak"] = case[side]["gflops_per_s"] / peak["gflops"]
     result["device_peak_bytes"] = C.device_peak_bytes()
@@ -145,7 +157,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-HEADER = ["batch x s", "Flax ms", "PyTorch ms", "PT/Flax", "Flax x RT", "PT x RT", "Flax GFLOP/s (% peak)",
+HEADER = ["batch x s", "Flax ms", "PyTorch ms", "PT/Flax", "PT compile ms", "PTc/Flax",
+           "Flax x RT", "PT x RT", "Flax GFLOP/s (% peak)",
           "PT GFLOP/s (% peak)", "Flax compile s", "peak mem Flax / PT", "max |diff|"]
 
 
@@ -155,9 +168,12 @@ def format_row(case: dict[str, Any]) -> list[str]:
     def rate(s):
         return f"{s['gflops_per_s']:.0f} ({100 * s['fraction_of_matmul_peak']:.0f}%)"
 
-    row = [f"{case['batch']} x {case['seconds']:g}", f"{1000 * f['median_s']:.0f}",
-           f"{1000 * t['median_s']:.0f}" if t else "-",
-           f"{case['speedup_flax_over_pytorch']:.2f}" if t else "-", f"{f['x_real_time']:.1f}",
+    row = [f"{case['batch']} x {case['seconds']:g}", f"{1000 * f['median_s']:.1f}",
+           f"{1000 * t['median_s']:.1f}" if t else "-",
+           f"{case['speedup_flax_over_pytorch']:.2f}" if t else "-",
+           f"{1000 * case['pytorch_compile']['median_s']:.1f}" if "pytorch_compile" in case else "-",
+           f"{case['speedup_flax_over_pytorch_compile']:.2f}" if "pytorch_compile" in case else "-",
+           f"{f['x_real_time']:.1f}",
            f"{t['x_real_time']:.1f}" if t else "-", rate(f), rate(t) if t else "-", f"{f['compile_s']:.1f}",
            f"{C.fmt_bytes(f['peak_rss_growth_bytes'])} / {C.fmt_bytes(t['peak_rss_growth_bytes']) if t else '-'}",
            f"{case['max_abs_diff']:.1e}" if t else "-"]
@@ -174,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of both sides")
     p.add_argument("--torch-threads", type=int, default=None, help="default: all cores this process may use")
     p.add_argument("--no-torch", action="store_true", help="time Flax alone")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the same model")
+    p.add_argument("--precision", choices=["highest", "default", "bf16"], default=None,
+                   help="Flax precision policy (default: default for float32, bf16 for bfloat16)")
     p.add_argument("--peak-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048],
                    help="square matmul sizes for the peak measurement")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON ('-' for stdout)")

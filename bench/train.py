@@ -61,10 +61,29 @@ def make_optimizer(params: PyTree) -> optax.GradientTransformation:
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, frozen_labels(params))
 
 
-def ctc_loss(module: Any, params: PyTree, x: jax.Array, labels: jax.Array, rng: jax.Array | None) -> jax.Array:
+# Ablation switches (`--ablate a,b,...`): each removes one part of the step, so the time it saves is
+# that part's cost. Measured one by one against the full step in the same process.
+ABLATIONS = {
+    "ctc_sum": "CTC loss replaced by the sum of the logits",
+    "no_dropout": "dropout, attention dropout and SpecAugment off (deterministic forward)",
+    "no_optimizer": "gradients computed, AdamW update skipped",
+    "xla_attention": "explicit XLA attention instead of cuDNN's fused kernel",
+    "no_feature_encoder": "conv feature encoder skipped (its output precomputed outside the step)",
+    "no_attention": "attention replaced by its value projection (no scores, no softmax)",
+}
+
+
+def ctc_loss(module: Any, params: PyTree, x: jax.Array, labels: jax.Array, rng: jax.Array | None,
+             ablate: frozenset[str] = frozenset()) -> jax.Array:
     """Summed CTC loss over the batch (transformers' `ctc_loss_reduction="sum"`); rng None = eval mode."""
-    kwargs = {"deterministic": True} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-    logits = module.apply({"params": params}, x, **kwargs).logits
+    kwargs = {"deterministic": True} if rng is None or "no_dropout" in ablate else {
+        "deterministic": False, "rngs": {"dropout": rng}}
+    if "no_feature_encoder" in ablate:  # x holds the conv features: run the model from the projection on
+        logits = _from_features(module, params, x, kwargs["deterministic"], kwargs.get("rngs"))
+    else:
+        logits = module.apply({"params": params}, x, **kwargs).logits
+    if "ctc_sum" in ablate:
+        return logits.astype(jnp.float32).sum() * 1e-6
     logit_paddings = jnp.zeros(logits.shape[:2], jnp.float32)
     label_paddings = (labels < 0).astype(jnp.float32)
     blank = module.config.pad_token_id or 0
@@ -72,11 +91,34 @@ def ctc_loss(module: Any, params: PyTree, x: jax.Array, labels: jax.Array, rng: 
     return per_example.sum()
 
 
-def make_train_step(module: Any, tx: optax.GradientTransformation) -> Callable:
+def _from_features(module: Any, params: PyTree, features: jax.Array, deterministic: bool, rngs: Any) -> jax.Array:
+    """`Data2VecAudioForCTC` logits from the conv features on (the `no_feature_encoder` ablation)."""
+    from flax_d2v.precision import matmul_precision
+
+    enc = flax_d2v.modeling.Data2VecAudioModel(module.config, module.dtype, module.remat_policy, module.scan_layers,
+                                               True, module.precision)
+
+    def body(m, feats):
+        with matmul_precision(m.precision):
+            h, _ = m.feature_projection(feats, deterministic)
+            h, _, _ = m.encoder(h, None, deterministic, False, False)
+        return h
+
+    h = enc.apply({"params": params["data2vec_audio"]}, features, method=body, rngs=rngs)
+    with matmul_precision(module.precision):
+        head = params["lm_head"]
+        return (h @ head["kernel"].astype(h.dtype) + head["bias"].astype(h.dtype)).astype(jnp.float32)
+
+
+def make_train_step(module: Any, tx: optax.GradientTransformation, ablate: frozenset[str] = frozenset()
+                    ) -> Callable:
     """The jitted pure step `(params, opt_state, x, labels, rng) -> (params, opt_state, loss)`."""
 
     def step(params, opt_state, x, labels, rng):
-        loss, grads = jax.value_and_grad(lambda p: ctc_loss(module, p, x, labels, rng))(params)
+        loss, grads = jax.value_and_grad(lambda p: ctc_loss(module, p, x, labels, rng, ablate))(params)
+        if "no_optimizer" in ablate:  # keep the gradients alive: one scalar that reads all of them
+            norm = sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))
+            return params, opt_state, loss + 0.0 * norm
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -115,17 +157,34 @@ def torch_side(path: str, x: np.ndarray, labels: np.ndarray, config_overrides: d
     return {"call": call, "eval_loss": eval_loss, "adamw": kind, "device": device}
 
 
-def flax_side(path: str, x: np.ndarray, labels: np.ndarray, seed: int = 0, dtype: str = "float32"
-              ) -> dict[str, Any]:
-    """Flax's step: fp32 params and optimizer state; `dtype` is the module's compute dtype."""
-    module, params = flax_d2v.from_pretrained(path, freeze_feature_encoder=True, dtype=jnp.dtype(dtype))
+def flax_module(path: str, dtype: str, scan_layers: bool) -> tuple[Any, PyTree]:
+    """Module and params as fine-tuning builds them: fp32 params, compute per the precision policy."""
+    precision = "bf16" if dtype == "bfloat16" else "default"  # what `d2v finetune` runs by default on a GPU
+    return flax_d2v.from_pretrained(path, freeze_feature_encoder=True, precision=precision, scan_layers=scan_layers)
+
+
+def flax_side(module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray, seed: int = 0,
+              ablate: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Flax's step (fp32 params and optimizer state), compiled for these shapes; `ablate` removes parts."""
     xj, lj = jnp.asarray(x), jnp.asarray(labels)
-    eval_loss = float(jax.jit(lambda p: ctc_loss(module, p, xj, lj, None))(params))
+    if "no_feature_encoder" in ablate:
+        enc = flax_d2v.modeling.Data2VecAudioModel(module.config, module.dtype, precision=module.precision)
+        xj = jax.jit(lambda p, v: enc.apply({"params": p}, v, method=lambda m, v: m.feature_extractor(v)))(
+            params["data2vec_audio"], xj)
+    eval_loss = float(jax.jit(lambda p: ctc_loss(module, p, xj, lj, None, ablate))(params))
     tx = make_optimizer(params)
     state = {"params": jax.device_put(params), "opt_state": jax.jit(tx.init)(params)}
-    step = make_train_step(module, tx)
+    step = make_train_step(module, tx, ablate)
     rng = jax.random.PRNGKey(seed)
-    lowered, lower_s = C.timed(lambda: step.lower(state["params"], state["opt_state"], xj, lj, rng))
+    saved = flax_d2v.modeling.fused_attention
+    if "xla_attention" in ablate:
+        flax_d2v.modeling.fused_attention = lambda *a: None
+    if "no_attention" in ablate:
+        flax_d2v.modeling.fused_attention = lambda q, k, v, bias: v
+    try:
+        lowered, lower_s = C.timed(lambda: step.lower(state["params"], state["opt_state"], xj, lj, rng))
+    finally:
+        flax_d2v.modeling.fused_attention = saved
     compiled, compile_s = C.timed(lowered.compile)
 
     def call():
@@ -136,6 +195,21 @@ def flax_side(path: str, x: np.ndarray, labels: np.ndarray, seed: int = 0, dtype
 
     return {"call": call, "eval_loss": eval_loss, "lower_s": lower_s, "compile_s": compile_s,
             "xla_flops": C.xla_flops(compiled), "xla_memory": C.xla_memory(compiled), "module": module}
+
+
+def run_ablations(module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray, names: list[str],
+                  repeats: int, warmup: int, full_s: float, flops: float, peak_gflops: float) -> list[dict[str, Any]]:
+    """Each ablation's step time against the full step: the difference is that part's cost."""
+    rows = []
+    for name in names:
+        side = flax_side(module, params, x, labels, ablate=frozenset([name]))
+        s = C.summarize(C.interleaved_times({"flax": side["call"]}, repeats, warmup)["flax"])
+        rows.append({"ablation": name, "what": ABLATIONS[name], "median_s": s["median_s"],
+                     "saves_s": full_s - s["median_s"], "saves_fraction": (full_s - s["median_s"]) / full_s,
+                     "compile_s": side["compile_s"]})
+        print(f"ablation {name}: {1000 * s['median_s']:.1f} ms (full {1000 * full_s:.1f} ms)", file=sys.stderr)
+        del side
+    return rows
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,7 +231,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         labels = encode_labels(texts, vocab, max_len=frames // 2)
         if args.model:  # its own vocabulary: fold our ids into it, never onto the blank
             labels = np.where(labels > 0, 1 + (labels - 1) % (config.vocab_size - 1), labels)
-        fx = flax_side(path, x, labels, args.seed, args.dtype)
+        module, params = flax_module(path, args.dtype, args.scan_layers)
+        fx = flax_side(module, params, x, labels, args.seed)
         tx = None if args.no_torch else torch_side(path, x, labels, {"layerdrop": 0.0, "ctc_loss_reduction": "sum"},
                                                    args.dtype)
     sides = {"flax": fx["call"]} if tx is None else {"flax": fx["call"], "pytorch": tx["call"]}
@@ -181,6 +256,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result["pytorch"].update(eval_loss=tx["eval_loss"], adamw=tx["adamw"], device=tx["device"])
         result["eval_loss_rel_diff"] = abs(fx["eval_loss"] - tx["eval_loss"]) / abs(tx["eval_loss"])
         result["speedup_flax_over_pytorch"] = C.ratio(result["flax"]["median_s"], result["pytorch"]["median_s"])
+    result["flax"]["precision"] = "bf16" if args.dtype == "bfloat16" else "default"
+    result["flax"]["scan_layers"] = bool(args.scan_layers)
+    ablate = [a for a in (args.ablate or "").split(",") if a]
+    if ablate:
+        result["ablations"] = run_ablations(module, params, x, labels, ablate, args.repeats, args.warmup,
+                                            result["flax"]["median_s"], flops["total"], peak["gflops"])
     result["device_peak_bytes"] = C.device_peak_bytes()
     result["loadavg_end"] = C.load_average()
     return result
@@ -216,14 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, help="default: all cores this process may use")
     p.add_argument("--no-torch", action="store_true", help="time Flax alone")
     p.add_argument("--peak-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048])
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
+                   help="nn.scan over the layers (one layer body compiled: the fast-compile layout)")
+    p.add_argument("--ablate", default=None, help="comma list of parts to remove one at a time: "
+                   + ", ".join(ABLATIONS))
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON ('-' for stdout)")
     return p
 
 
+def format_ablations(r: dict[str, Any]) -> str:
+    rows = [[a["ablation"], a["what"], f"{1000 * a['median_s']:.1f}", f"{1000 * a['saves_s']:.1f}",
+             f"{100 * a['saves_fraction']:.0f}%"] for a in r.get("ablations", [])]
+    return C.markdown_table(["ablation", "removes", "step ms", "saves ms", "share of step"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    bad = [a for a in (args.ablate or "").split(",") if a and a not in ABLATIONS]
+    if bad:
+        print(f"bench/train.py: --ablate: unknown {', '.join(bad)}; choose from {', '.join(ABLATIONS)}",
+              file=sys.stderr)
+        return 2
     result = benchmark(args)
     print(format_report(result), file=sys.stderr)
+    if result.get("ablations"):
+        print(format_ablations(result), file=sys.stderr)
     if args.json:
         C.write_json(args.json, result)
     return 0

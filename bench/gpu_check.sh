@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU check: every GPU figure of the project in one run, one table printed last.
+#
+#   bash bench/gpu_check.sh             # on a CUDA machine: base size, ~8 minutes
+#   bash bench/gpu_check.sh --dry-run   # anywhere (CPU): the same stages at tiny size, a few seconds each
+#   STAGES="demo train" bash bench/gpu_check.sh      # a subset: demo verify infer train profile loader transcribe
+#   OUT=/tmp/gpu bash bench/gpu_check.sh
+#
+# Needs only the repository and the wheels it names: JAX with CUDA, PyTorch with CUDA and transformers
+# (preinstalled on the lent machines), and soundfile, soxr, jiwer (+ cffi, pycparser, rapidfuzz), which
+# are installed from ./.gpu-wheels (no network) when they are missing. Fetch those wheels beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       --platform manylinux2014_x86_64 --platform any -d .gpu-wheels soundfile cffi pycparser soxr jiwer rapidfuzz
+# Each stage runs under its own time limit; a failed stage is reported in the table, not fatal.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT="${OUT:-bench/results-gpu}"
+STAGES="${STAGES:-demo verify infer train profile loader transcribe}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# JAX and PyTorch share the GPU in one process: JAX allocates on demand instead of taking 75% up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+if ! "$PY" -c "import soundfile, soxr, jiwer" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --find-links .gpu-wheels soundfile soxr jiwer rapidfuzz cffi pycparser \
+    || { echo "gpu_check: soundfile/soxr/jiwer missing and not installable from .gpu-wheels" >&2; exit 1; }
+fi
+backend="$("$PY" -c 'import jax; print(jax.default_backend())')"
+if [[ "$backend" != "gpu" && $DRY == 0 ]]; then
+  echo "gpu_check: JAX sees no GPU (backend: $backend); use --dry-run to check the script on a CPU" >&2
+  exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>/dev/null \
+  || echo "name
+$backend (dry run)" > "$OUT/gpu.csv"
+"$PY" -c 'import jax, torch, transformers; print("jax", jax.__version__, "torch", torch.__version__,
+"transformers", transformers.__version__, "devices", jax.devices())' | tee "$OUT/versions.txt"
+
+if [[ $DRY == 1 ]]; then
+  SIZE=tiny; CASES=1x2,2x2; REPEATS=2; TB=2; TS=2; SB=2; SS=2; LB=5; ASR=25; PEAK=256; LIMIT=300
+  WORKERS=1,2
+else
+  SIZE=base; CASES=1x10,8x10,32x10; REPEATS=10; TB=64; TS=10; SB=16; SS=5; LB=60; ASR=120; PEAK=4096,8192; LIMIT=240
+  WORKERS="1,4,$(nproc)"
+fi
+ABLATE=ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder
+
+stage() {  # stage NAME LIMIT_S CMD...: run one stage with its log under $OUT
+  local name=$1 limit=$2; shift 2
+  echo "== $name" >&2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log" >&2
+  echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt" >&2
+}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if want demo; then
+  if [[ $DRY == 1 ]]; then
+    "$PY" -c "
+import torch, transformers, sys
+sys.path.insert(0, 'tests'); from conftest import tiny_hf_kwargs
+torch.manual_seed(0)
+transformers.Data2VecAudioForCTC(transformers.Data2VecAudioConfig(**tiny_hf_kwargs())).save_pretrained('$OUT/tiny-hf')"
+    stage demo $LIMIT "$PY" -m flax_d2v.cli verify "$OUT/tiny-hf"
+    MODEL="$OUT/tiny-hf"
+  else
+    stage demo $LIMIT "$PY" -m flax_d2v.cli demo --out "$OUT/demo"
+    MODEL="$OUT/demo/flax"
+  fi
+fi
+if want verify; then
+  for p in default bf16; do
+    stage "verify-$p" $LIMIT "$PY" -m flax_d2v.cli verify "${MODEL:-$OUT/demo/flax}" --precision "$p" \
+      --report "$OUT/verify-$p.md"
+  done
+fi
+if want infer; then
+  stage infer-float32 $LIMIT "$PY" bench/infer.py --size $SIZE --dtype float32 --cases "$CASES" \
+    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/infer-float32.json"
+  stage infer-bfloat16 $((LIMIT + 120)) "$PY" bench/infer.py --size $SIZE --dtype bfloat16 --cases "$CASES" \
+    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --torch-compile --json "$OUT/infer-bfloat16.json"
+fi
+if want train; then
+  stage train-big $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS --scan-layers \
+    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/train-bf16-b$TB.json"
+  stage train-small $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $SB --seconds $SS \
+    --scan-layers --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --ablate "$ABLATE" \
+    --json "$OUT/train-bf16-b$SB.json"
+fi
+if want profile; then
+  stage profile $LIMIT "$PY" bench/profile_step.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS \
+    --scan-layers --json "$OUT/profile.json"
+fi
+if want loader; then
+  stage loader $LIMIT "$PY" bench/loader.py --workers "$WORKERS" --batches $LB --target 9000 --json "$OUT/loader.json"
+fi
+if want transcribe; then
+  stage transcribe $LIMIT "$PY" bench/transcribe.py --seconds $ASR --json "$OUT/transcribe.json"
+fi
+"$PY" bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
