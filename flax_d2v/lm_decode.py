@@ -399,3 +399,35 @@ class BeamSearchDecoder:
         text, words = self.tokenizer.decode(self.best_path(log_probs), skip_special_tokens,
                                             output_word_offsets=True)
         return text, words
+
+
+def decoder_for(tokenizer: CTCTokenizer, num_logits: int, *, beam_width: int = 0,
+                lm: str | os.PathLike | bool | None = None, model_dir: str | os.PathLike | None = None,
+                lexicon: str | os.PathLike | None = None, lexicon_free: bool | None = None,
+                lm_weight: float | None = None, word_score: float | None = None,
+                warn: Warn | None = None) -> BeamSearchDecoder | None:
+    """The decoder `d2v transcribe` and `flax_d2v.transcribe` use; None means greedy.
+
+    lm: a KenLM file; None = the model directory's own (transformers' `language_model/`, with its
+        alpha/beta unless lm_weight/word_score are given), if it has one; False = no LM.
+    beam_width: 0 or 1 = greedy unless an LM is used (then `DEFAULT_LM_BEAM_WIDTH`).
+    """
+    if beam_width < 0:
+        raise D2VError(f"--beam-width: must be >= 0, got {beam_width}")
+    unigrams = None
+    if lm is None and model_dir is not None:
+        hf = find_hf_language_model(model_dir)
+        if hf is not None:
+            lm, unigrams = hf.path, hf.unigrams
+            lm_weight = hf.lm_weight if lm_weight is None else lm_weight
+            word_score = hf.word_score if word_score is None else word_score
+            if warn is not None:
+                warn(f"decoding with the model's language model {hf.path} (lm_weight {lm_weight:.4g} = alpha "
+                     f"{hf.alpha:g} x ln 10, word_score {word_score:g} = beta); --no-lm decodes without it")
+    if lm is False or lm is None:
+        if lexicon is not None:
+            raise D2VError(f"{lexicon}: --lexicon needs --lm (a word n-gram to score the words with)")
+        return BeamSearchDecoder(tokenizer, num_logits, beam_width) if beam_width > 1 else None
+    return BeamSearchDecoder(tokenizer, num_logits, beam_width if beam_width > 1 else DEFAULT_LM_BEAM_WIDTH,
+                             lm=lm, lexicon=lexicon, unigrams=unigrams, lexicon_free=lexicon_free,
+                             lm_weight=lm_weight, word_score=word_score, warn=warn)
