@@ -391,8 +391,19 @@ class BeamSearchDecoder:
             x = np.concatenate([x, end])
         x = np.ascontiguousarray(x, np.float32)
         results = self._decoder.decode(x.ctypes.data, x.shape[0], x.shape[1])
-        path = np.asarray(results[0].tokens, np.int64)[1:-1]  # flashlight pads one token on each side
-        return path[:n]
+        paths = [np.asarray(r.tokens, np.int64)[1:-1] for r in results]  # flashlight pads one token each side
+        if not self.lexicon_mode:
+            return paths[0]
+        # The best hypothesis whose last word is finished (it took the appended delimiter). When the
+        # whole beam is inside an unfinished word (noise can push every finished one past the beam
+        # threshold), the best one's unfinished letters are dropped: they spell no lexicon word.
+        for path in paths:
+            if path[n] == self.sil:
+                return path[:n]
+        path = paths[0][:n].copy()
+        breaks = np.flatnonzero(path == self.sil)
+        path[breaks[-1] + 1 if len(breaks) else 0:] = self.blank
+        return path
 
     def decode(self, log_probs: np.ndarray, skip_special_tokens: bool = False) -> tuple[str, list[WordOffset]]:
         """Best beam's text and word frame offsets, by the same rules as greedy decoding."""
