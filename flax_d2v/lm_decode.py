@@ -224,6 +224,9 @@ def build_lexicon(words: Sequence[tuple[str, list[str] | None]], tokenizer: CTCT
                   warn: Warn | None) -> dict[str, list[list[str]]]:
     """word -> spellings (each ending with the word delimiter); unspellable words reported once."""
     delimiter = tokenizer.word_delimiter_token
+    if delimiter is None or delimiter not in tokenizer.vocab:
+        raise D2VError(f"{source}: word-level LM decoding needs the word delimiter token ({delimiter!r}) in the "
+                       "model's vocabulary; use --lexicon-free with an LM over its tokens")
     letters = frozenset(t for t in tokenizer.vocab if t not in tokenizer.special_tokens and t != delimiter)
     lexicon: dict[str, list[list[str]]] = {}
     missing: list[str] = []
