@@ -400,13 +400,28 @@ class BeamSearchDecoder:
         # The best hypothesis whose last word is finished (it took the appended delimiter). When the
         # whole beam is inside an unfinished word (noise can push every finished one past the beam
         # threshold), the best one's unfinished letters are dropped: they spell no lexicon word.
-        for path in paths:
-            if path[n] == self.sil:
-                return path[:n]
+        finished = [p for p in paths if p[n] == self.sil]
+        if finished:
+            return self._one_break_between_words(finished[0][:n])
         path = paths[0][:n].copy()
         breaks = np.flatnonzero(path == self.sil)
         path[breaks[-1] + 1 if len(breaks) else 0:] = self.blank
-        return path
+        return self._one_break_between_words(path)
+
+    def _one_break_between_words(self, path: np.ndarray) -> np.ndarray:
+        """Between two lexicon words the beam may say `|`, blank, `|`: one word break, not two spaces.
+
+        (Greedy decoding keeps such doubles, as transformers does; a lexicon decode is a word sequence.)
+        """
+        out = path.copy()
+        last = None
+        for i, t in enumerate(path):
+            if t == self.blank:
+                continue
+            if t == self.sil and last == self.sil:
+                out[i] = self.blank
+            last = t
+        return out
 
     def decode(self, log_probs: np.ndarray, skip_special_tokens: bool = False) -> tuple[str, list[WordOffset]]:
         """Best beam's text and word frame offsets, by the same rules as greedy decoding."""

@@ -221,7 +221,7 @@ def test_every_output_word_is_in_the_lexicon(word_lm, tmp_path):
     seen = Counter()
     for _ in range(40):
         text, words = decoder.decode(noisy_logits(rng, int(rng.integers(20, 120))))
-        assert set(text.split()) <= allowed, text
+        assert set(text.split()) <= allowed and text == " ".join(text.split()), text
         assert [w.word for w in words] == text.split()
         seen.update(text.split())
     assert sum(seen.values()) > 40  # the decoder did write words, not empty strings
@@ -289,7 +289,7 @@ def test_hf_processor_with_lm_dir_decodes_with_its_lm_by_default(lm_model_dir, s
     greedy = flax_d2v.transcribe(str(model_dir), files, lm=False, progress=False)
     assert sum(len(r.text.split()) for r in with_lm) > 3
     for lm_r, greedy_r in zip(with_lm, greedy, strict=True):
-        assert set(lm_r.text.split()) <= unigrams, lm_r.text  # only the LM's words
+        assert set(lm_r.text.split()) <= unigrams and lm_r.text == " ".join(lm_r.text.split())  # only LM words
         assert lm_r.text != greedy_r.text and not set(greedy_r.text.split()) <= unigrams
         assert [w.word for w in lm_r.words] == lm_r.text.split()
     # the same through the CLI: no flag = its LM; --no-lm = greedy
