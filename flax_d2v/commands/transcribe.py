@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride-length-s", type=float, default=None,
                         help="overlap on each side of a chunk whose logits are dropped "
                              "(default: chunk length / 6, as transformers' ASR pipeline)")
-    parser.add_argument("--beam-width", type=int, default=0,
+    parser.add_argument("--beam-width", type=int, default=0, metavar="N",
                         help="0 or 1: greedy decoding (= Wav2Vec2CTCTokenizer.decode) unless an LM is used; > 1: "
                              "beam search (flashlight-text: pip install 'flax-d2v[lm]'; default with an LM: 100)")
     lm = parser.add_argument_group("n-gram language model (pip install 'flax-d2v[lm]')")
@@ -45,10 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--lexicon-free", action="store_true", default=None,
                     help="the LM is over the model's characters ('|' = word break), not words "
                          "(detected automatically for an ARPA file)")
-    lm.add_argument("--lm-weight", type=float, default=None,
+    lm.add_argument("--lm-weight", type=float, default=None, metavar="A",
                     help="score = CTC log-prob + A * log10 LM prob + B per word "
                          "(default A=2, or a model's alpha x ln 10)")
-    lm.add_argument("--word-score", type=float, default=None, help="B above (default -1, or a model's beta)")
+    lm.add_argument("--word-score", type=float, default=None, metavar="B",
+                    help="B above (default -1, or a model's beta)")
     parser.add_argument("--strict-audio", action="store_true",
                         help="refuse files that are not 16 kHz mono instead of resampling / averaging them")
     parser.add_argument("--skip-special-tokens", action="store_true",
