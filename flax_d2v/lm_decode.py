@@ -342,6 +342,12 @@ class BeamSearchDecoder:
             raise D2VError(f"{self.lm_path}: a KenLM binary does not list its words; give --lexicon (a word list, "
                            "e.g. the LM's vocabulary) or use the ARPA file")
         spelled = build_lexicon(words, tokenizer, source, warn)
+        if arpa_words is not None and lexicon is not None and warn is not None:
+            known = set(arpa_words)
+            unknown = [w for w in spelled if w not in known]
+            if unknown:  # e.g. a lower-case word list with an upper-case LM: the LM would not help
+                warn(f"{source}: {len(unknown)} of {len(spelled)} words are not in {self.lm_path} and are scored as "
+                     f"its <unk> (e.g. {', '.join(repr(w) for w in unknown[:3])})")
         self._decoder = self._lexicon_decoder(fl_decoder, fl_dict, spelled, beam_threshold)
         self.lexicon_mode = True
         self.words = frozenset(spelled)

@@ -215,7 +215,9 @@ def test_every_output_word_is_in_the_lexicon(word_lm, tmp_path):
     decoder = BeamSearchDecoder(TOK, len(VOCAB), 30, lm=word_lm[0], lexicon=path, warn=notes.append,
                                 word_score=2.0)
     assert notes == [f"{path}: 2 of 12 words cannot be spelled with the model's vocabulary and are left out "
-                     "(e.g. 'CAFÉ', 'NAÏVE')"]
+                     "(e.g. 'CAFÉ', 'NAÏVE')",
+                     f"{path}: 6 of 10 words are not in {word_lm[0]} and are scored as its <unk> "
+                     "(e.g. 'and', 'of', 'he')"]
     allowed = {w.split()[0].upper() for w in lexicon[:10]}
     rng = np.random.default_rng(3)
     seen = Counter()
