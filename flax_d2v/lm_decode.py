@@ -453,6 +453,7 @@ def decoder_for(tokenizer: CTCTokenizer, num_logits: int, *, beam_width: int = 0
     if lm is None and model_dir is not None:
         hf = find_hf_language_model(model_dir)
         if hf is not None:
+            require_flashlight(f"{hf.path}: the model's language model (pass --no-lm to decode without it)")
             lm, unigrams = hf.path, hf.unigrams
             lm_weight = hf.lm_weight if lm_weight is None else lm_weight
             word_score = hf.word_score if word_score is None else word_score

@@ -394,7 +394,8 @@ def test_bad_lm_files_are_one_line_errors(ctc_dir, speech_dir, tmp_path, capsys,
         f"d2v transcribe: error: {words}: --lexicon needs --lm (a word n-gram to score the words with)"
 
 
-def test_missing_extra_is_one_line_naming_the_package(ctc_dir, speech_dir, capsys, monkeypatch, word_lm):
+def test_missing_extra_is_one_line_naming_the_package(ctc_dir, speech_dir, capsys, monkeypatch, word_lm,
+                                                      lm_model_dir):
     monkeypatch.setitem(sys.modules, "flashlight.lib.text", None)  # as if flashlight-text were not installed
     clip = str(speech_dir / "16k" / "cards_001.wav")
     line = run_cli_error(capsys, str(ctc_dir), "--lm", str(word_lm[0]), clip)
@@ -402,8 +403,12 @@ def test_missing_extra_is_one_line_naming_the_package(ctc_dir, speech_dir, capsy
         "d2v transcribe: error: --lm needs")
     line = run_cli_error(capsys, str(ctc_dir), "--beam-width", "8", clip)
     assert line.startswith("d2v transcribe: error: --beam-width: beam search needs the flashlight-text package")
+    line = run_cli_error(capsys, str(lm_model_dir[0]), clip)
+    assert line.startswith(f"d2v transcribe: error: {lm_model_dir[0] / 'language_model' / 'words.arpa'}: the model's "
+                           "language model (pass --no-lm to decode without it) needs the flashlight-text package")
     # greedy needs nothing
     assert d2v_main(["transcribe", "--model", str(ctc_dir), "--no-progress", clip]) == 0
+    assert d2v_main(["transcribe", "--model", str(lm_model_dir[0]), "--no-lm", "--no-progress", clip]) == 0
 
 
 def test_lm_extra_installs_next_to_numpy_2():
