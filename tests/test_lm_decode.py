@@ -174,6 +174,9 @@ def test_lexicon_free_beam_one_lm_weight_zero_is_greedy(lm, char_lm):
 def test_char_lm_is_detected_as_lexicon_free(char_lm, word_lm):
     assert not BeamSearchDecoder(TOK, len(VOCAB), 4, lm=char_lm).lexicon_mode
     assert BeamSearchDecoder(TOK, len(VOCAB), 4, lm=word_lm[0]).lexicon_mode
+    assert not BeamSearchDecoder(TOK, len(VOCAB), 4, lm=word_lm[0], lexicon_free=True).lexicon_mode  # as asked
+    with pytest.raises(D2VError, match="a lexicon cannot be used with lexicon-free decoding"):
+        BeamSearchDecoder(TOK, len(VOCAB), 4, lm=char_lm, lexicon=char_lm, lexicon_free=True)
 
 
 def test_beam_search_without_lm_agrees_with_greedy_on_confident_logits():
