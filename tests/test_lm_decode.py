@@ -202,6 +202,12 @@ def test_lm_turns_an_ambiguous_spelling_into_the_word(mode, word_lm, char_lm, te
     decoder = BeamSearchDecoder(TOK, len(VOCAB), 50, lm=lm, lm_weight=1.0, word_score=0.0)
     text, words = decoder.decode(x)
     assert text == sentence
+    if mode == "unigrams":  # a gzipped ARPA file (as OpenSLR ships the 4-gram) reads the same
+        import gzip
+
+        gz = lm.parent / "words.arpa.gz"
+        gz.write_bytes(gzip.compress(lm.read_bytes()))
+        assert BeamSearchDecoder(TOK, len(VOCAB), 50, lm=gz, lm_weight=1.0, word_score=0.0).decode(x) == (text, words)
     assert [w.word for w in words] == sentence.split()
     # the same frames as greedy decoding: the fix does not move the words
     greedy_words = TOK.decode(x.argmax(-1), output_word_offsets=True)[1]
