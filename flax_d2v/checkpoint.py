@@ -31,7 +31,8 @@ FLAX_WEIGHTS = "flax_model.safetensors"
 FLAX_AUX = "flax_aux.safetensors"
 CONFIG = "config.json"
 PROCESSOR_FILES = ("preprocessor_config.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+                   "added_tokens.json", "processor_config.json", "alphabet.json")
+PROCESSOR_DIRS = ("language_model",)  # transformers' Wav2Vec2ProcessorWithLM: attrs.json, unigrams.txt, KenLM file
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -76,6 +77,11 @@ def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
         if p.is_file():
             shutil.copyfile(p, Path(dst) / name)
             copied.append(name)
+    for name in PROCESSOR_DIRS:
+        p = Path(src) / name
+        if p.is_dir():
+            shutil.copytree(p, Path(dst) / name, dirs_exist_ok=True)
+            copied.append(name + "/")
     return copied
 
 

@@ -8,8 +8,8 @@ word delimiter -> `replace_word_delimiter_char`, join, strip, optional clean-up 
 Word offsets follow `output_word_offsets`: frame indices; seconds are
 `frame * inputs_to_logits_ratio / sampling_rate`.
 
-Beam search uses pyctcdecode, with a KenLM n-gram when the `kenlm` module is installed. Both are
-optional and imported only when asked for.
+Beam search, with or without a KenLM n-gram, is `flax_d2v.lm_decode` (flashlight-text, the `[lm]`
+extra); it turns its best beam into text through `CTCTokenizer.decode` too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -187,57 +186,3 @@ def clean_up_tokenization(text: str) -> str:
                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(a, b)
     return text
-
-
-# ---------------------------------------------------------------------------------------- beam search
-class BeamSearchDecoder:
-    """pyctcdecode's CTC prefix beam search over this tokenizer's labels, with an optional KenLM.
-
-    Labels follow transformers' `Wav2Vec2ProcessorWithLM`: the pad token is the blank, the word
-    delimiter is a space. Logit columns without a vocab entry can never be chosen.
-    """
-
-    def __init__(self, tokenizer: CTCTokenizer, num_logits: int, lm_path: str | os.PathLike | None = None,
-                 alpha: float = 0.5, beta: float = 1.5):
-        logging.getLogger("pyctcdecode").setLevel(logging.ERROR)  # it logs about kenlm/alphabets at import
-        try:
-            from pyctcdecode import build_ctcdecoder
-        except ImportError:
-            raise D2VError("--beam-width: beam search needs pyctcdecode (pip install pyctcdecode --no-deps "
-                           "pygtrie; its metadata pins numpy<2 but it runs on numpy 2)") from None
-        if lm_path is not None:
-            lm_path = os.fspath(lm_path)
-            if not os.path.isfile(lm_path):
-                raise D2VError(f"{lm_path}: no such language model file")
-            try:
-                import kenlm  # noqa: F401
-            except ImportError:
-                raise D2VError(f"{lm_path}: --lm needs the kenlm Python module, which is not installed "
-                               "(pip install kenlm compiles it from source; needs a C++ compiler and cmake)") from None
-        id_to_token = tokenizer.id_to_token
-        self.unused = np.array([i not in id_to_token for i in range(num_logits)])
-        labels = []
-        for i in range(num_logits):
-            token = id_to_token.get(i, f"<unused_{i}>")
-            if token == tokenizer.pad_token:
-                token = ""
-            elif token == tokenizer.word_delimiter_token:
-                token = " "
-            labels.append(token)
-        try:
-            self._decoder = build_ctcdecoder(labels, kenlm_model_path=lm_path, alpha=alpha, beta=beta)
-        except Exception as e:  # kenlm raises OSError/RuntimeError on a bad ARPA/binary file
-            raise D2VError(f"{lm_path or 'beam search'}: cannot build the CTC decoder ({e})") from None
-        self.tokenizer = tokenizer
-
-    def decode(self, logits: np.ndarray, beam_width: int) -> tuple[str, list[WordOffset]]:
-        """Best beam's text and word frame offsets for (frames, vocab) logits."""
-        x = np.asarray(logits, np.float32)
-        x = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)  # log-softmax: pyctcdecode wants log-probs
-        if self.unused.any():
-            x = np.where(self.unused[None, :], -1e4, x)
-        beams = self._decoder.decode_beams(x, beam_width=beam_width)
-        text, _, word_frames = beams[0][0], beams[0][1], beams[0][2]
-        if self.tokenizer.do_lower_case:
-            text = text.lower()
-        return text, [WordOffset(w, int(s), int(e)) for w, (s, e) in word_frames]

@@ -25,7 +25,7 @@ from flax_d2v.errors import D2VError
 from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.txt"]
+HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.txt", "language_model/*"]
 
 
 def build_module(config: Data2VecAudioConfig, is_ctc: bool, **module_kwargs: Any):

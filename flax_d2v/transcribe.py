@@ -47,7 +47,7 @@ from flax_d2v.audio import (
     print_note,
     read_preprocessor_config,
 )
-from flax_d2v.ctc_decode import BeamSearchDecoder, CTCTokenizer
+from flax_d2v.ctc_decode import CTCTokenizer
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import Data2VecAudioForCTC, apply_padding_invariant, feat_extract_output_lengths
 
@@ -215,9 +215,12 @@ class Transcriber:
     def __init__(self, model_or_path: Any, vocab: Any = None, do_normalize: bool | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
                  stride_length_s: float | Sequence[float] | None = None, beam_width: int = 0,
-                 lm: str | os.PathLike | None = None, skip_special_tokens: bool = False,
+                 lm: str | os.PathLike | bool | None = None, skip_special_tokens: bool = False, *,
+                 lexicon: str | os.PathLike | None = None, lexicon_free: bool | None = None,
+                 lm_weight: float | None = None, word_score: float | None = None, warn: Warn = print_note,
                  precision: str = DEFAULT_PRECISION):
         preprocessor = PreprocessorConfig()
+        model_dir = None
         if isinstance(model_or_path, (str, os.PathLike)):
             from flax_d2v.pretrained import build_module, load_any, precision_kwargs
 
@@ -238,18 +241,18 @@ class Transcriber:
             raise D2VError(f"{where}: not a CTC model (no lm_head); transcription needs a fine-tuned checkpoint")
         if batch_size < 1:
             raise D2VError(f"--batch-size: must be >= 1, got {batch_size}")
-        if beam_width < 0:
-            raise D2VError(f"--beam-width: must be >= 0, got {beam_width}")
-        if lm is not None and beam_width <= 1:
-            beam_width = 100  # an LM only acts through beam search; pyctcdecode's default width
         self.module, self.tokenizer = module, tokenizer
         self.params = jax.device_put(params)  # once, not on every batch
         self.config = module.config
         self.do_normalize = preprocessor.do_normalize if do_normalize is None else bool(do_normalize)
         self.batch_size = int(batch_size)
         self.plan = ChunkPlan.from_seconds(chunk_length_s, stride_length_s, self.config.inputs_to_logits_ratio)
-        self.beam_width = int(beam_width)
-        self.beam = (BeamSearchDecoder(tokenizer, self.config.vocab_size, lm) if self.beam_width > 1 else None)
+        from flax_d2v.lm_decode import decoder_for
+
+        self.beam = decoder_for(tokenizer, self.config.vocab_size, beam_width=beam_width, lm=lm, model_dir=model_dir,
+                                lexicon=lexicon, lexicon_free=lexicon_free, lm_weight=lm_weight,
+                                word_score=word_score, warn=warn)
+        self.beam_width = self.beam.beam_width if self.beam is not None else 0
         self.skip_special_tokens = skip_special_tokens
         self.shapes: set[tuple[int, int]] = set()  # padded (rows, samples) shapes run so far
 
@@ -317,7 +320,7 @@ class Transcriber:
 
     def _decode(self, name: str, frames: np.ndarray, seconds: float) -> Transcription:
         if self.beam is not None:
-            text, offsets = self.beam.decode(frames, self.beam_width)
+            text, offsets = self.beam.decode(frames, self.skip_special_tokens)
         else:
             text, offsets = self.tokenizer.decode(frames, self.skip_special_tokens, output_word_offsets=True)
         ratio = self.config.inputs_to_logits_ratio
@@ -380,9 +383,11 @@ def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.Pat
                vocab: Any = None, batch_size: int = DEFAULT_BATCH_SIZE,
                chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
                stride_length_s: float | Sequence[float] | None = None, beam_width: int = 0,
-               lm: str | os.PathLike | None = None, strict_audio: bool = False, do_normalize: bool | None = None,
-               skip_special_tokens: bool = False, progress: bool = True,
-               warn: Warn = print_note, precision: str = DEFAULT_PRECISION) -> list[Transcription]:
+               lm: str | os.PathLike | bool | None = None, strict_audio: bool = False, do_normalize: bool | None = None,
+               skip_special_tokens: bool = False, progress: bool = True, warn: Warn = print_note,
+               lexicon: str | os.PathLike | None = None, lexicon_free: bool | None = None,
+               lm_weight: float | None = None, word_score: float | None = None,
+               precision: str = DEFAULT_PRECISION) -> list[Transcription]:
     """Transcribe files or waveforms with a CTC model; one `Transcription` per input, in order.
 
     model_or_path: a checkpoint path (anything `flax_d2v.from_pretrained` reads, with `vocab.json`
@@ -393,8 +398,14 @@ def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.Pat
     chunk_length_s / stride_length_s: recordings longer than `chunk_length_s` (default 20 s; 0 or
         None = never chunk) are cut into chunks overlapping by `stride_length_s` on each side
         (default chunk_length_s / 6; a pair gives (left, right)).
-    beam_width: 0 or 1 = greedy (= `Wav2Vec2CTCTokenizer.decode` of the argmax ids); > 1 = pyctcdecode.
-    lm: a KenLM model (.arpa / .bin) for the beam search (needs `kenlm`).
+    beam_width: 0 or 1 = greedy (= `Wav2Vec2CTCTokenizer.decode` of the argmax ids) unless an LM is
+        used (then 100 by default); > 1 = beam search (flashlight-text: `pip install 'flax-d2v[lm]'`).
+    lm: a KenLM n-gram (.arpa, .arpa.gz, .bin) fused word by word; None = the model directory's own
+        (transformers' `language_model/`) if it has one; False = none. See `flax_d2v.lm_decode`.
+    lexicon: the words the beams may spell (one per line; default the LM's unigrams);
+        lexicon_free: an LM over the model's characters (None: detected from an ARPA file).
+    lm_weight / word_score: score = CTC log-prob + lm_weight * log10 LM prob + word_score per word
+        (default 2 and -1, fairseq's LibriSpeech 4-gram setting; a transformers directory's alpha/beta).
     skip_special_tokens: as in `Wav2Vec2CTCTokenizer.decode` (default False, like transformers' ASR
         pipeline: note that True also drops the blank before repeats are merged).
     do_normalize: zero-mean unit-variance input; default from preprocessor_config.json, else True.
@@ -408,5 +419,6 @@ def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.Pat
         files_or_arrays = [files_or_arrays]
     runner = Transcriber(model_or_path, vocab=vocab, do_normalize=do_normalize, batch_size=batch_size,
                          chunk_length_s=chunk_length_s, stride_length_s=stride_length_s, beam_width=beam_width,
-                         lm=lm, skip_special_tokens=skip_special_tokens, precision=precision)
+                         lm=lm, skip_special_tokens=skip_special_tokens, lexicon=lexicon, lexicon_free=lexicon_free,
+                         lm_weight=lm_weight, word_score=word_score, warn=warn, precision=precision)
     return runner(files_or_arrays, strict_audio=strict_audio, warn=warn, progress=progress)

@@ -18,7 +18,7 @@ import flax_d2v
 from flax_d2v import Data2VecAudioForCTC, init_params, tiny_config
 from flax_d2v.audio import SAMPLE_RATE, load_audio, pad_batch, resample
 from flax_d2v.cli import main as d2v_main
-from flax_d2v.ctc_decode import BeamSearchDecoder, CTCTokenizer
+from flax_d2v.ctc_decode import CTCTokenizer
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import apply_padding_invariant
 from flax_d2v.transcribe import ChunkPlan, Transcriber, bucket_length, transcribe
@@ -101,33 +101,6 @@ def test_tokenizer_errors_name_the_file(tmp_path):
     (tmp_path / "vocab.json").write_text("[1, 2]")
     with pytest.raises(D2VError, match="vocab.json: expected a JSON object"):
         CTCTokenizer.from_dir(tmp_path)
-
-
-def test_beam_search_agrees_with_greedy_on_confident_logits():
-    pytest.importorskip("pyctcdecode")
-    tok = CTCTokenizer.from_vocab(VOCAB)
-    rng = np.random.default_rng(0)
-    ids = random_ctc_ids(rng, 120, len(VOCAB))
-    logits = np.full((len(ids), len(VOCAB)), -8.0, np.float32)
-    logits[np.arange(len(ids)), ids] = 8.0  # one path carries ~all the mass: the best beam is it
-    text, words = BeamSearchDecoder(tok, len(VOCAB)).decode(logits, beam_width=16)
-    greedy = tok.decode(ids, skip_special_tokens=True)
-    assert text == " ".join(greedy.split())
-    assert [w.word for w in words] == greedy.split()
-
-
-def test_lm_without_kenlm_is_a_clear_error(tmp_path):
-    pytest.importorskip("pyctcdecode")
-    try:
-        import kenlm  # noqa: F401
-
-        pytest.skip("kenlm is installed")
-    except ImportError:
-        pass
-    lm = tmp_path / "lm.arpa"
-    lm.write_text("\\data\\\n")
-    with pytest.raises(D2VError, match=f"{lm}: --lm needs the kenlm"):
-        BeamSearchDecoder(CTCTokenizer.from_vocab(VOCAB), len(VOCAB), lm)
 
 
 # ---------------------------------------------------------------------------------------- padding, buckets, chunks

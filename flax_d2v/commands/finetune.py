@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     **R.COMMON_DEFAULTS, **RECIPE,
     "eval": None, "vocab": None, "eval_every": 0, "export_hf": True, "freeze_transformer_steps": 0,
     "eval_batch_size": None,
+    "eval_lm": None, "eval_lexicon": None, "eval_lm_weight": None, "eval_word_score": None, "eval_beam_width": 0,
     # regularisation (None: keep the init model's config)
     "dropout": None, "hidden_dropout": None, "attention_dropout": None, "activation_dropout": None,
     "feat_proj_dropout": None, "final_dropout": None, "layerdrop": None,
@@ -61,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--freeze-transformer-steps", type=int, default=S,
         help="train only lm_head for the first K updates (freeze_finetune_updates; default 0)")
     groups["data"].add_argument("--eval-batch-size", type=int, default=S, help="default: --batch-size")
+    g = p.add_argument_group("eval with an n-gram LM (pip install 'flax-d2v[lm]'; as d2v transcribe --lm)")
+    g.add_argument("--eval-lm", default=S, metavar="LM",
+                   help="KenLM file: eval also reports wer_lm/cer_lm, beam search with it, beside greedy wer/cer")
+    g.add_argument("--eval-lexicon", default=S, metavar="FILE", help="word list for --eval-lm (default: its unigrams)")
+    g.add_argument("--eval-lm-weight", type=float, default=S, help="as d2v transcribe --lm-weight (default 2)")
+    g.add_argument("--eval-word-score", type=float, default=S, help="as d2v transcribe --word-score (default -1)")
+    g.add_argument("--eval-beam-width", type=int, default=S, help="as d2v transcribe --beam-width (default 100)")
     g = p.add_argument_group("regularisation (HF config names; default: the init model's config)")
     g.add_argument("--dropout", type=float, default=S, help="sets all of the dropouts below at once")
     for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
@@ -150,10 +158,18 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
     return config, params, Path(where) if Path(where).is_dir() else None
 
 
-def make_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab: dict[str, int]):
-    """eval_fn(state) -> {"wer", "cer", "eval_clips"}: greedy CTC over the whole eval manifest."""
+def make_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab: dict[str, int],
+                 lm_decoder: Any = None):
+    """eval_fn(state) -> {"wer", "cer", "eval_clips"}: greedy CTC over the whole eval manifest.
+
+    With `lm_decoder` (a `flax_d2v.lm_decode.BeamSearchDecoder`) also "wer_lm" and "cer_lm": the
+    same forward pass's log-probabilities decoded with the n-gram, as `d2v transcribe --lm` would.
+    """
     import jax
     import numpy as np
+
+    if lm_decoder is not None:
+        return _make_lm_eval_fn(objective, trainer, loader, manifest, vocab, lm_decoder)
 
     from flax_d2v.train import sharding as S
     from flax_d2v.train import vocab as V
@@ -183,6 +199,63 @@ def make_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab
         return {**error_rates(refs, [hyps[i] for i in order]), "eval_clips": len(order)}
 
     return eval_fn
+
+
+def _make_lm_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab: dict[str, int], lm_decoder: Any):
+    import jax
+    import numpy as np
+
+    from flax_d2v.modeling import apply_padding_invariant
+    from flax_d2v.train import sharding as S
+    from flax_d2v.train import vocab as V
+    from flax_d2v.train.ctc import greedy_decode
+    from flax_d2v.train.metrics import error_rates
+
+    def forward(params, batch):
+        out = apply_padding_invariant(objective.module, params, batch["input_values"], batch["attention_mask"])
+        return jax.nn.log_softmax(out.logits, -1), out.frame_mask.sum(-1).astype("int32"), batch["index"]
+
+    jitted = jax.jit(forward, in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
+                     out_shardings=S.replicated(trainer.mesh))
+
+    def eval_fn(state: Any) -> dict[str, float]:
+        loader.restore({"epoch": 0, "batch_in_epoch": 0})
+        greedy: dict[int, str] = {}
+        with_lm: dict[int, str] = {}
+        for batch in loader:
+            arrays = {k: np.asarray(batch[k]) for k in ("input_values", "attention_mask", "index")}
+            arrays["index"] = arrays["index"].astype(np.int32)
+            outputs = jitted(state.params, S.shard_batch(arrays, trainer.mesh))
+            log_probs, lengths, index = (np.asarray(a) for a in outputs)
+            texts = greedy_decode(log_probs.argmax(-1), lengths, vocab)
+            for row, (i, text) in enumerate(zip(index, texts, strict=True)):
+                if i >= 0:
+                    greedy[int(i)] = text
+                    with_lm[int(i)] = lm_decoder.decode(log_probs[row, : int(lengths[row])])[0]
+        order = sorted(greedy)
+        refs = [V.normalize_transcript(manifest.texts[i] or "") for i in order]
+        lm_rates = error_rates(refs, [with_lm[i] for i in order])
+        return {**error_rates(refs, [greedy[i] for i in order]), "wer_lm": lm_rates["wer"], "cer_lm": lm_rates["cer"],
+                "eval_clips": len(order)}
+
+    return eval_fn
+
+
+def eval_lm_decoder(cfg: dict, vocab: dict[str, int], num_logits: int) -> Any:
+    """The --eval-lm beam search decoder (built before training, so a bad LM fails at once), or None."""
+    if not cfg.get("eval_lm"):
+        if cfg.get("eval_lexicon"):
+            raise D2VError("--eval-lexicon needs --eval-lm")
+        return None
+    if not cfg.get("eval"):
+        raise D2VError("--eval-lm needs --eval (the manifest to decode)")
+    from flax_d2v.ctc_decode import CTCTokenizer
+    from flax_d2v.lm_decode import decoder_for
+    from flax_d2v.train.loop import log
+
+    return decoder_for(CTCTokenizer.from_vocab(vocab), num_logits, beam_width=int(cfg.get("eval_beam_width") or 0),
+                       lm=cfg["eval_lm"], lexicon=cfg.get("eval_lexicon"), lm_weight=cfg.get("eval_lm_weight"),
+                       word_score=cfg.get("eval_word_score"), warn=log)
 
 
 def export_hf(run_dir: Path, config: Any, params: Any, vocab: dict[str, int]) -> Path | None:
@@ -229,6 +302,7 @@ def finetune(cfg: dict) -> Any:
         log(f"random init: preset {cfg['model']}")
     log(f"vocab: {len(vocab)} symbols from {vocab_source}")
 
+    lm_decoder = eval_lm_decoder(cfg, vocab, config.vocab_size)
     loader = R.train_loader(cfg, manifest, vocab)
     eval_loader = eval_manifest = None
     if cfg["eval"]:
@@ -256,7 +330,7 @@ def finetune(cfg: dict) -> Any:
         loader.restore(data_state)
     eval_fn = None
     if eval_loader is not None:
-        eval_fn = make_eval_fn(objective, trainer, eval_loader, eval_manifest, vocab)
+        eval_fn = make_eval_fn(objective, trainer, eval_loader, eval_manifest, vocab, lm_decoder)
     try:
         result = trainer.fit(state, loader, start, eval_fn=eval_fn, data_state=loader.state)
     finally:

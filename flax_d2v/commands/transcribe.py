@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from flax_d2v.errors import D2VError
 from flax_d2v.precision import add_argument as add_precision_argument
 from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, DEFAULT_PRECISION, Transcriber
 
@@ -32,11 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride-length-s", type=float, default=None,
                         help="overlap on each side of a chunk whose logits are dropped "
                              "(default: chunk length / 6, as transformers' ASR pipeline)")
-    parser.add_argument("--beam-width", type=int, default=0,
-                        help="0 or 1: greedy decoding (= Wav2Vec2CTCTokenizer.decode); > 1: pyctcdecode beam search "
-                             "(default: %(default)s)")
-    parser.add_argument("--lm", default=None, metavar="FILE",
-                        help="KenLM n-gram (.arpa/.bin) for the beam search (needs kenlm; beam width 100 if unset)")
+    parser.add_argument("--beam-width", type=int, default=0, metavar="N",
+                        help="0 or 1: greedy decoding (= Wav2Vec2CTCTokenizer.decode) unless an LM is used; > 1: "
+                             "beam search (flashlight-text: pip install 'flax-d2v[lm]'; default with an LM: 100)")
+    lm = parser.add_argument_group("n-gram language model (pip install 'flax-d2v[lm]')")
+    lm.add_argument("--lm", default=None, metavar="LM",
+                    help="KenLM n-gram (.arpa, .arpa.gz or KenLM .bin) fused word by word into the beam search "
+                         "(default: the model directory's language_model/, as transformers' Wav2Vec2ProcessorWithLM)")
+    lm.add_argument("--no-lm", action="store_true", help="ignore the model directory's language_model/")
+    lm.add_argument("--lexicon", default=None, metavar="FILE",
+                    help="words the beams may spell, one per line (default: the LM's unigrams)")
+    lm.add_argument("--lexicon-free", action="store_true", default=None,
+                    help="the LM is over the model's characters ('|' = word break), not words "
+                         "(detected automatically for an ARPA file)")
+    lm.add_argument("--lm-weight", type=float, default=None, metavar="A",
+                    help="score = CTC log-prob + A * log10 LM prob + B per word "
+                         "(default A=2, or a model's alpha x ln 10)")
+    lm.add_argument("--word-score", type=float, default=None, metavar="B",
+                    help="B above (default -1, or a model's beta)")
     parser.add_argument("--strict-audio", action="store_true",
                         help="refuse files that are not 16 kHz mono instead of resampling / averaging them")
     parser.add_argument("--skip-special-tokens", action="store_true",
@@ -51,9 +65,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"d2v transcribe: {message}", file=sys.stderr, flush=True)
 
     as_json = args.json or args.timestamps
+    if args.no_lm and args.lm:
+        raise D2VError("--lm and --no-lm: give one or the other")
     runner = Transcriber(args.model, batch_size=args.batch_size, chunk_length_s=args.chunk_length_s,
-                         stride_length_s=args.stride_length_s, beam_width=args.beam_width, lm=args.lm,
-                         skip_special_tokens=args.skip_special_tokens, precision=args.precision)
+                         stride_length_s=args.stride_length_s, beam_width=args.beam_width,
+                         lm=False if args.no_lm else args.lm, skip_special_tokens=args.skip_special_tokens,
+                         lexicon=args.lexicon, lexicon_free=args.lexicon_free, lm_weight=args.lm_weight,
+                         word_score=args.word_score, warn=warn, precision=args.precision)
     failed = 0
     for result in runner.iter(args.files, strict_audio=args.strict_audio, warn=warn, progress=not args.no_progress):
         if result.error is not None:
