@@ -374,6 +374,19 @@ def torch_sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def torch_release() -> None:
+    """Give PyTorch's cached GPU memory back (before the other framework runs on the same GPU)."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
 def device_peak_bytes() -> dict[str, int | None]:
     """Accelerator peak memory since start (GPU only): JAX's allocator and PyTorch's CUDA allocator."""
     import jax

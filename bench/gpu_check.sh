@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh             # on a CUDA machine: base size, ~8 minutes
 #   bash bench/gpu_check.sh --dry-run   # anywhere (CPU): the same stages at tiny size, a few seconds each
-#   STAGES="demo train" bash bench/gpu_check.sh      # a subset: demo verify infer train profile loader transcribe
+#   STAGES="train demo" bash bench/gpu_check.sh      # a subset, in that order: demo verify infer train profile
+#                                                      # loader transcribe (ABLATE="" skips the ablations)
 #   OUT=/tmp/gpu bash bench/gpu_check.sh
 #
 # Needs only the repository and the wheels it names: JAX with CUDA, PyTorch with CUDA and transformers
@@ -24,6 +25,8 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # JAX and PyTorch share the GPU in one process: JAX allocates on demand instead of taking 75% up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# the real speech: ../shared/speech beside the checkout, or a copy carried into the repository
+if [[ -z "${D2V_SHARED_SPEECH:-}" && ! -d ../shared/speech && -d .gpu-speech ]]; then export D2V_SHARED_SPEECH="$PWD/.gpu-speech"; fi
 
 if ! "$PY" -c "import soundfile, soxr, jiwer" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --find-links .gpu-wheels soundfile soxr jiwer rapidfuzz cffi pycparser \
@@ -44,10 +47,10 @@ if [[ $DRY == 1 ]]; then
   SIZE=tiny; CASES=1x2,2x2; REPEATS=2; TB=2; TS=2; SB=2; SS=2; LB=5; ASR=25; PEAK=256; LIMIT=300
   WORKERS=1,2
 else
-  SIZE=base; CASES=1x10,8x10,32x10; REPEATS=10; TB=64; TS=10; SB=16; SS=5; LB=60; ASR=120; PEAK=4096,8192; LIMIT=240
+  SIZE=base; CASES=1x10,8x10,32x10; REPEATS="${REPEATS:-10}"; TB=64; TS=10; SB=16; SS=5; LB=60; ASR=120; PEAK=4096,8192; LIMIT=240
   WORKERS="1,4,$(nproc)"
 fi
-ABLATE=ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder
+ABLATE="${ABLATE-ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder}"
 
 stage() {  # stage NAME LIMIT_S CMD...: run one stage with its log under $OUT
   local name=$1 limit=$2; shift 2
@@ -58,9 +61,8 @@ stage() {  # stage NAME LIMIT_S CMD...: run one stage with its log under $OUT
   tail -n 25 "$OUT/$name.log" >&2
   echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt" >&2
 }
-want() { [[ " $STAGES " == *" $1 "* ]]; }
 
-if want demo; then
+run_demo() {
   if [[ $DRY == 1 ]]; then
     "$PY" -c "
 import torch, transformers, sys
@@ -68,39 +70,49 @@ sys.path.insert(0, 'tests'); from conftest import tiny_hf_kwargs
 torch.manual_seed(0)
 transformers.Data2VecAudioForCTC(transformers.Data2VecAudioConfig(**tiny_hf_kwargs())).save_pretrained('$OUT/tiny-hf')"
     stage demo $LIMIT "$PY" -m flax_d2v.cli verify "$OUT/tiny-hf"
-    MODEL="$OUT/tiny-hf"
   else
     stage demo $LIMIT "$PY" -m flax_d2v.cli demo --out "$OUT/demo"
-    MODEL="$OUT/demo/flax"
   fi
-fi
-if want verify; then
+}
+model_for_verify() {  # the demo's checkpoint, built here if the demo stage did not run
+  if [[ $DRY == 1 ]]; then [[ -d "$OUT/tiny-hf" ]] || run_demo >/dev/null 2>&1; echo "$OUT/tiny-hf"; return; fi
+  if [[ ! -d "$OUT/demo/flax" ]]; then
+    "$PY" -c "from pathlib import Path; from flax_d2v.commands.demo import build_base_checkpoint as b
+b(Path('$OUT/demo/hf-base'), 0)" >/dev/null 2>&1
+    echo "$OUT/demo/hf-base"; return
+  fi
+  echo "$OUT/demo/flax"
+}
+run_verify() {
+  local model; model="$(model_for_verify)"
   for p in default bf16; do
-    stage "verify-$p" $LIMIT "$PY" -m flax_d2v.cli verify "${MODEL:-$OUT/demo/flax}" --precision "$p" \
-      --report "$OUT/verify-$p.md"
+    stage "verify-$p" $LIMIT "$PY" -m flax_d2v.cli verify "$model" --precision "$p" --report "$OUT/verify-$p.md"
   done
-fi
-if want infer; then
-  stage infer-float32 $LIMIT "$PY" bench/infer.py --size $SIZE --dtype float32 --cases "$CASES" \
-    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/infer-float32.json"
+}
+run_infer() {
   stage infer-bfloat16 $((LIMIT + 120)) "$PY" bench/infer.py --size $SIZE --dtype bfloat16 --cases "$CASES" \
     --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --torch-compile --json "$OUT/infer-bfloat16.json"
-fi
-if want train; then
+  stage infer-float32 $LIMIT "$PY" bench/infer.py --size $SIZE --dtype float32 --cases "$CASES" \
+    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/infer-float32.json"
+}
+run_train() {
   stage train-big $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS --scan-layers \
     --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/train-bf16-b$TB.json"
   stage train-small $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $SB --seconds $SS \
-    --scan-layers --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --ablate "$ABLATE" \
+    --scan-layers --repeats $REPEATS --warmup 2 --peak-sizes $PEAK ${ABLATE:+--ablate "$ABLATE"} \
     --json "$OUT/train-bf16-b$SB.json"
-fi
-if want profile; then
+}
+run_profile() {
   stage profile $LIMIT "$PY" bench/profile_step.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS \
     --scan-layers --json "$OUT/profile.json"
-fi
-if want loader; then
+}
+run_loader() {
   stage loader $LIMIT "$PY" bench/loader.py --workers "$WORKERS" --batches $LB --target 9000 --json "$OUT/loader.json"
-fi
-if want transcribe; then
+}
+run_transcribe() {
   stage transcribe $LIMIT "$PY" bench/transcribe.py --seconds $ASR --json "$OUT/transcribe.json"
-fi
+}
+for s in $STAGES; do
+  if declare -F "run_$s" >/dev/null; then "run_$s"; else echo "gpu_check: unknown stage $s" >&2; fi
+done
 "$PY" bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"

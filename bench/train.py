@@ -33,9 +33,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 import flax_d2v  # noqa: E402
+from flax_d2v.train import ctc as CTC  # noqa: E402
 from flax_d2v.train import vocab as V  # noqa: E402
 
 PyTree = Any
+# Regularisation of the timed step. "fairseq": data2vec/wav2vec 2.0 fine-tuning (Wav2Vec2AsrConfig's
+# defaults, which its base_100h/960h recipes keep: dropout 0, attention dropout 0, activation
+# dropout 0.1); "hf": what a transformers checkpoint's config.json holds (0.1 everywhere).
+# LayerDrop is 0 in both, so the step's cost is not random.
+RECIPES = {
+    "fairseq": {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1, "final_dropout": 0.0},
+    "hf": {"hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "final_dropout": 0.1},
+}
 LEARNING_RATE = 1e-4  # any value: the step costs the same
 WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, set explicitly on both sides
 
@@ -87,7 +96,8 @@ def ctc_loss(module: Any, params: PyTree, x: jax.Array, labels: jax.Array, rng: 
     logit_paddings = jnp.zeros(logits.shape[:2], jnp.float32)
     label_paddings = (labels < 0).astype(jnp.float32)
     blank = module.config.pad_token_id or 0
-    per_example = optax.ctc_loss(logits, logit_paddings, jnp.maximum(labels, 0), label_paddings, blank_id=blank)
+    # the loss `d2v finetune` computes (optax's recursion, unrolled)
+    per_example = CTC.ctc_loss(logits, logit_paddings, jnp.maximum(labels, 0), label_paddings, blank_id=blank)
     return per_example.sum()
 
 
@@ -224,7 +234,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     x, texts = C.speech_batch(clips, args.batch, args.seconds)
     vocab = V.build_vocab(texts)
     overrides = {"layerdrop": 0.0, "ctc_loss_reduction": "sum", "vocab_size": max(32, len(vocab)),
-                 "pad_token_id": V.PAD_ID}
+                 "pad_token_id": V.PAD_ID, **RECIPES[args.recipe]}
+    result["recipe"] = args.recipe
     with C.hf_checkpoint(args.size, ctc=True, model_dir=args.model, **overrides) as path:
         config = flax_d2v.pretrained.load_any(path)[0] if args.model else C.SIZES[args.size]().replace(**overrides)
         frames = int(flax_d2v.modeling.feat_extract_output_lengths(config, x.shape[1]))
@@ -232,24 +243,36 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.model:  # its own vocabulary: fold our ids into it, never onto the blank
             labels = np.where(labels > 0, 1 + (labels - 1) % (config.vocab_size - 1), labels)
         module, params = flax_module(path, args.dtype, args.scan_layers)
+        # One GPU, two allocators: on a GPU PyTorch is timed first and freed, then JAX runs with all
+        # the memory (interleaving, as on the CPU, ran PyTorch out of memory at 64 x 10 s beside JAX's pool).
+        sequential = jax.default_backend() == "gpu" and not args.no_torch
+        fx = None if sequential else flax_side(module, params, x, labels, args.seed)
+        tx = None if args.no_torch else torch_side(path, x, labels, {"layerdrop": 0.0, "ctc_loss_reduction": "sum",
+                                                                     **RECIPES[args.recipe]}, args.dtype)
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    if sequential:
+        first["pytorch"] = C.timed(tx["call"])[1]
+        times.update(C.interleaved_times({"pytorch": tx["call"]}, args.repeats, args.warmup))
+        tx["call"] = None
+        C.torch_release()
         fx = flax_side(module, params, x, labels, args.seed)
-        tx = None if args.no_torch else torch_side(path, x, labels, {"layerdrop": 0.0, "ctc_loss_reduction": "sum"},
-                                                   args.dtype)
-    sides = {"flax": fx["call"]} if tx is None else {"flax": fx["call"], "pytorch": tx["call"]}
-    first = {name: C.timed(call)[1] for name, call in sides.items()}
-    times = C.interleaved_times(sides, args.repeats, args.warmup)
+    sides = {"flax": fx["call"]} if tx is None or sequential else {"flax": fx["call"], "pytorch": tx["call"]}
+    first.update({name: C.timed(call)[1] for name, call in sides.items()})
+    times.update(C.interleaved_times(sides, args.repeats, args.warmup))
     # the ceiling: the better of the measurements before and after (foreign load only lowers it)
     result["matmul_peak"] = peak = C.best_peak(start_peak, C.matmul_peak(args.peak_sizes, dtype=args.dtype))
     flops = C.ctc_train_flops(fx["module"].config, args.batch, x.shape[1])
     audio_s = args.batch * x.shape[1] / C.SAMPLE_RATE
     result.update(frames=frames, label_lengths=[int((r >= 0).sum()) for r in labels], analytic_flops=flops,
                   matmul_peak_gflops=peak["gflops"])
-    for name, call in sides.items():
+    for name in times:
         s = C.summarize(times[name])
         rate = flops["total"] / s["median_s"] / 1e9
+        call = sides.get(name)
         result[name] = {**s, "first_call_s": first[name], "x_real_time": audio_s / s["median_s"],
                         "gflops_per_s": rate, "fraction_of_matmul_peak": rate / peak["gflops"],
-                        "peak_rss_growth_bytes": C.peak_rss_growth(call)}
+                        "peak_rss_growth_bytes": C.peak_rss_growth(call) if call else None}
     result["flax"].update(eval_loss=fx["eval_loss"], lower_s=fx["lower_s"], compile_s=fx["compile_s"],
                           xla_flops=fx["xla_flops"], xla_memory=fx["xla_memory"])
     if tx is not None:
@@ -297,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, help="default: all cores this process may use")
     p.add_argument("--no-torch", action="store_true", help="time Flax alone")
     p.add_argument("--peak-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="fairseq",
+                   help="dropouts of the timed step (default fairseq's fine-tuning recipe; hf = the config's 0.1s)")
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
                    help="nn.scan over the layers (one layer body compiled: the fast-compile layout)")
     p.add_argument("--ablate", default=None, help="comma list of parts to remove one at a time: "

@@ -192,27 +192,43 @@ class PositionalConvEmbedding(nn.Module):
         return x
 
 
-def fused_attention(q: Array, k: Array, v: Array, attention_bias: Array | None) -> Array | None:
+# cuDNN's fused attention takes sequence lengths in multiples of this (its backward refuses odd
+# lengths; 64 is its tile): q, k and v are zero-padded up to it and the padded keys masked out.
+FUSED_ATTENTION_MULTIPLE = 64
+
+
+def fused_attention(q: Array, k: Array, v: Array, attention_bias: Array | None,
+                    implementation: str | None = None) -> Array | None:
     """cuDNN's fused (flash) attention for bf16/fp16 on a GPU, else None (the caller's XLA path).
 
     Why: the explicit path materialises (batch, heads, T, T) fp32 scores and probabilities in HBM,
-    the largest tensors of the step at 10 s of audio; the fused kernel keeps them on chip. cuDNN
-    only takes half-precision inputs, so fp32 (parity, `highest`) always uses the explicit path,
-    and so does the CPU. The key padding bias becomes per-row key lengths (right padding), which is
-    what the bias encodes. The softmax is accumulated in fp32 by cuDNN, as on the explicit path.
-    Applies with dropout off on the attention probabilities (cuDNN's dropout draws its own bits).
+    the largest tensors of the step at 10 s of audio, and training saves them for the backward
+    pass; the fused kernel keeps them on chip. cuDNN only takes half-precision inputs, so fp32
+    (parity, `highest`) always uses the explicit path, and so does the CPU. The key padding bias
+    becomes per-row key lengths (right padding), which is what the bias encodes; the softmax is
+    accumulated in fp32 by cuDNN, as on the explicit path. Only with dropout off on the attention
+    probabilities (cuDNN's dropout draws its own bits): fairseq's fine-tuning recipes use 0.
+    `implementation="xla"` runs the same padding and masking through XLA (tests, on any machine).
     """
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or jax.default_backend() != "gpu":
-        return None
-    kv_lengths = None
-    if attention_bias is not None:
+    if implementation is None:
+        if q.dtype not in (jnp.bfloat16, jnp.float16) or jax.default_backend() != "gpu":
+            return None
+        implementation = "cudnn"
+    b, t = q.shape[:2]
+    if attention_bias is None:
+        kv_lengths = jnp.full((b,), t, jnp.int32)
+    else:
         kv_lengths = (attention_bias[:, 0, 0, :] == 0).sum(-1).astype(jnp.int32)
+    padded = -(-t // FUSED_ATTENTION_MULTIPLE) * FUSED_ATTENTION_MULTIPLE
+    if padded != t:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, padded - t), (0, 0), (0, 0))) for a in (q, k, v))
     try:
         # q is already scaled by head_dim**-0.5 (transformers' order of operations)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, scale=1.0,
-                                            implementation="cudnn")
+        out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, scale=1.0,
+                                           implementation=implementation)
     except Exception:  # noqa: BLE001 - an unsupported shape or cuDNN version: the explicit path computes it
         return None
+    return out[:, :t]
 
 
 class Attention(nn.Module):

@@ -95,3 +95,28 @@ def test_greedy_decode():
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5, "B": 6}
     ids = np.array([[5, 5, 0, 5, 4, 4, 6, 0, 6, 4, 1, 9], [0, 0, 6, 6, 6, 0, 0, 0, 0, 0, 0, 0]])
     assert greedy_decode(ids, np.array([10, 6]), vocab) == ["AA BB", "B"]
+
+
+def test_unrolled_ctc_equals_optax_values_and_gradients():
+    """`ctc_loss` (the one fine-tuning runs, unrolled for accelerators) is optax's recursion:
+    same per-example values and gradients, for every unroll factor, with padded frames/labels."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from flax_d2v.train.ctc import ctc_loss
+
+    rng = np.random.default_rng(0)
+    b, t, k, n = 4, 53, 12, 9
+    logits = jnp.asarray(rng.standard_normal((b, t, k)), jnp.float32)
+    logit_pad = (jnp.arange(t)[None] >= jnp.array([53, 40, 30, 20])[:, None]).astype(jnp.float32)
+    labels = jnp.asarray(rng.integers(1, k, (b, n)))
+    labels = labels.at[0, 3].set(labels[0, 2])  # a repeat, which needs a blank between
+    label_pad = (jnp.arange(n)[None] >= jnp.array([9, 6, 3, 1])[:, None]).astype(jnp.float32)
+    want = optax.ctc_loss(logits, logit_pad, labels, label_pad)
+    want_grad = jax.grad(lambda x: optax.ctc_loss(x, logit_pad, labels, label_pad).sum())(logits)
+    for unroll in (1, 5, 16, 100):
+        got = ctc_loss(logits, logit_pad, labels, label_pad, unroll=unroll)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+        grad = jax.grad(lambda x, u=unroll: ctc_loss(x, logit_pad, labels, label_pad, unroll=u).sum())(logits)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-5, atol=1e-6)

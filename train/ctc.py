@@ -1,8 +1,9 @@
-"""CTC fine-tuning: the loss (optax) with fairseq's and transformers' reductions, and greedy decoding.
+"""CTC fine-tuning: the loss (optax's recursion) with fairseq's and transformers' reductions, and greedy decoding.
 
-Loss. `optax.ctc_loss` gives each example's negative log-likelihood `-log p(labels | audio)`
-from the logits (it applies `log_softmax` itself, in float32), with the `<pad>` id (0) as the
-blank, as transformers' `Data2VecAudioForCTC` and fairseq's `ctc` criterion do. The reduction
+Loss. `ctc_loss` (optax's recursion and numbers, unrolled for accelerators) gives each
+example's negative log-likelihood `-log p(labels | audio)` from the logits (it applies
+`log_softmax` itself, in float32), with the `<pad>` id (0) as the blank, as transformers'
+`Data2VecAudioForCTC` and fairseq's `ctc` criterion do. The reduction
 (`--ctc-reduction`) says what one update's loss is:
 
 - `mean` (default; transformers `ctc_loss_reduction="mean"`, = `torch.nn.functional.ctc_loss(...,
@@ -34,7 +35,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flax_d2v.masking import per_example_mask_indices
 from flax_d2v.modeling import apply_padding_invariant, feat_extract_output_lengths
@@ -52,6 +52,53 @@ def ctc_needed_frames(labels: jax.Array, label_paddings: jax.Array) -> jax.Array
     return valid.sum(-1) + repeats.sum(-1)
 
 
+# Frames advanced per loop iteration of the CTC recursion. The recursion is sequential over frames;
+# on a GPU each iteration of a plain `lax.scan` is several tiny kernels (optax's stacks every
+# step's alphas too), which made it ~30 ms of a 210 ms base train step at 64 x 10 s on an H100
+# (bench/README.md). Unrolled, XLA fuses the steps of one iteration into few kernels.
+CTC_UNROLL = 16
+LOG_EPSILON = -1e5  # optax.ctc_loss's floor for log(0): the same numbers as optax
+
+
+def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array,
+             blank_id: int = 0, unroll: int = CTC_UNROLL) -> jax.Array:
+    """Per-example CTC negative log-likelihood, `optax.ctc_loss`'s arguments and numbers.
+
+    The same forward (alpha) recursion in log space as optax (tests compare the two and PyTorch),
+    written for speed on accelerators: the emission log-probs are gathered rather than multiplied
+    by a (B, N, K) one-hot, only the final alphas are kept rather than every frame's, and the scan
+    is unrolled `unroll` frames at a time.
+    """
+    logits = logits.astype(jnp.float32)
+    b, _, _ = logits.shape
+    n = labels.shape[1]
+    logprobs = jax.nn.log_softmax(logits)
+    labellens = n - jnp.sum(label_paddings, axis=1).astype(jnp.int32)
+    repeat = jnp.pad((labels[:, :-1] == labels[:, 1:]).astype(jnp.float32), ((0, 0), (0, 1)))
+    logprobs_phi = jnp.transpose(logprobs[:, :, blank_id], (1, 0))[..., None]  # (T, B, 1)
+    emit = jnp.take_along_axis(logprobs, jnp.broadcast_to(labels[:, None, :], (b, logits.shape[1], n)), axis=2)
+    emit = jnp.transpose(emit, (1, 0, 2))  # (T, B, N)
+    phi0 = jnp.full((b, n + 1), LOG_EPSILON, jnp.float32).at[:, 0].set(0.0)
+    emit0 = jnp.full((b, n), LOG_EPSILON, jnp.float32)
+
+    def update_phi(phi: jax.Array, added: jax.Array) -> jax.Array:
+        return jnp.concatenate([phi[:, :1], jnp.logaddexp(phi[:, 1:], added)], axis=-1)
+
+    def step(carry, x):
+        prev_phi, prev_emit = carry
+        logprob_emit, logprob_phi, pad = x
+        phi = update_phi(prev_phi, prev_emit + LOG_EPSILON * repeat)
+        next_emit = jnp.logaddexp(phi[:, :-1] + logprob_emit, prev_emit + logprob_emit)
+        next_phi = update_phi(phi + logprob_phi, prev_emit + logprob_phi + LOG_EPSILON * (1.0 - repeat))
+        pad = pad[:, None]
+        return (pad * prev_phi + (1.0 - pad) * next_phi, pad * prev_emit + (1.0 - pad) * next_emit), None
+
+    (phi, emit_last), _ = jax.lax.scan(step, (phi0, emit0), (emit, logprobs_phi, logit_paddings.T),
+                                       unroll=max(1, min(unroll, logits.shape[1])))
+    last = update_phi(phi, emit_last)
+    return -jnp.take_along_axis(last, labellens[:, None], axis=1)[:, 0]
+
+
 def ctc_loss_per_example(logits: jax.Array, frame_lengths: jax.Array, labels: jax.Array, blank_id: int = 0,
                          zero_infinity: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss (B,), label lengths (B,), impossible (B,) bool) for logits (B,T,V) and labels (B,L) padded <0."""
@@ -59,7 +106,7 @@ def ctc_loss_per_example(logits: jax.Array, frame_lengths: jax.Array, labels: ja
     logit_paddings = (jnp.arange(t)[None, :] >= frame_lengths[:, None]).astype(jnp.float32)
     label_paddings = (labels < 0).astype(jnp.float32)
     safe_labels = jnp.where(labels < 0, 0, labels)
-    loss = optax.ctc_loss(logits.astype(jnp.float32), logit_paddings, safe_labels, label_paddings, blank_id=blank_id)
+    loss = ctc_loss(logits, logit_paddings, safe_labels, label_paddings, blank_id=blank_id)
     impossible = ctc_needed_frames(safe_labels, label_paddings) > frame_lengths
     if zero_infinity:
         loss = jnp.where(impossible, 0.0, loss)
