@@ -1,0 +1,47 @@
+"""Training follows its recipe (issue 14): one schedule clock, what `--dropout` sets, resume checks, pmap dropout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# The received rate is recovered from an fp32 update (-lr * wd * p with p = 1): a few ulps.
+RATE_RTOL = 1e-5
+
+
+def _received_rates(freeze_transformer_steps: int, steps: int):
+    """The learning rate each group gets at every update: with zero gradients Adam's step is 0, so the
+    update is AdamW's decoupled decay alone, -lr * weight_decay * param, and param = 1 gives lr back."""
+    from flax_d2v.train.schedules import make_schedule
+    from flax_d2v.train.state import make_optimizer
+
+    wd = 0.5
+    schedule = make_schedule("tri_stage", 1.0, steps)
+    params = {"encoder": {"w": jnp.ones((3,))}, "lm_head": {"w": jnp.ones((3,))}}
+    tx = make_optimizer(params, schedule, weight_decay=wd, freeze_feature_encoder=False,
+                        freeze_transformer_steps=freeze_transformer_steps)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(lambda s: tx.update(zeros, s, params))
+    rates = {"encoder": [], "lm_head": []}
+    for _ in range(steps):
+        updates, state = update(state)
+        for k in rates:
+            rates[k].append(float(-updates[k]["w"][0]) / wd)
+    return schedule, rates
+
+
+def test_delayed_transformer_follows_the_global_schedule():
+    """fairseq's `freeze_finetune_updates`: one lr scheduler for the whole model, so when the
+    transformer starts learning at update K+1 it gets the rate of update K+1, not a new warm-up."""
+    steps, k = 20, 10
+    schedule, rates = _received_rates(k, steps)
+    want = [float(schedule(n)) for n in range(steps)]  # update n+1 uses the schedule at count n
+    np.testing.assert_allclose(rates["lm_head"], want, rtol=RATE_RTOL)
+    assert rates["encoder"][:k] == [0.0] * k  # frozen for the first K updates
+    for update in (k + 1, k + 2, steps):  # updates K+1 (its first), K+2 and the last
+        np.testing.assert_allclose(rates["encoder"][update - 1], want[update - 1], rtol=RATE_RTOL, err_msg=update)
+    np.testing.assert_allclose(rates["encoder"][k:], want[k:], rtol=RATE_RTOL)
+    assert rates["encoder"][-1] < 0.1 * max(want)  # in the decay phase at the end, as the head
