@@ -45,3 +45,20 @@ def test_delayed_transformer_follows_the_global_schedule():
         np.testing.assert_allclose(rates["encoder"][update - 1], want[update - 1], rtol=RATE_RTOL, err_msg=update)
     np.testing.assert_allclose(rates["encoder"][k:], want[k:], rtol=RATE_RTOL)
     assert rates["encoder"][-1] < 0.1 * max(want)  # in the decay phase at the end, as the head
+
+
+def test_finetune_dropout_flag_sets_layerdrop_too():
+    """`--dropout P` "sets all of the dropouts below", LayerDrop included (tiny and base keep 0.1 otherwise);
+    a specific flag given with it still wins."""
+    from flax_d2v.commands.finetune import resolve, training_config
+    from flax_d2v.config import preset
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5}
+    base = dict(train="a.tsv", model="tiny", out="o", steps=1, batch_size=1, learning_rate=1e-4)
+    assert preset("tiny").layerdrop > 0
+    config = training_config(preset("tiny"), resolve({**base, "dropout": 0.0}), vocab)
+    for key in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
+                "layerdrop"):
+        assert getattr(config, key) == 0.0, key
+    config = training_config(preset("tiny"), resolve({**base, "dropout": 0.0, "layerdrop": 0.05}), vocab)
+    assert config.layerdrop == 0.05 and config.hidden_dropout == 0.0

@@ -27,7 +27,7 @@ The differences between the commands that are on purpose, and stay in the comman
   `--freeze-transformer-steps` exist only for fine-tuning; pretraining has no labels to score and
   no head to train first.
 - Regularisation: finetune keeps the init model's config unless told (its `--dropout` sets every
-  dropout, HF style); pretrain defaults to fairseq's base recipe (its `--dropout` sets hidden,
+  dropout and LayerDrop, HF style); pretrain defaults to fairseq's base recipe (its `--dropout` sets hidden,
   attention and activation dropout). Each command defines these flags itself.
 - `--export-hf` writes RUN/hf (finetune) or RUN/hf and RUN/flax with the teacher (pretrain).
 """

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train only lm_head for the first K updates (freeze_finetune_updates; default 0)")
     groups["data"].add_argument("--eval-batch-size", type=int, default=S, help="default: --batch-size")
     g = p.add_argument_group("regularisation (HF config names; default: the init model's config)")
-    g.add_argument("--dropout", type=float, default=S, help="sets all of the dropouts below at once")
+    g.add_argument("--dropout", type=float, default=S,
+                   help="sets all of the dropouts below at once, --layerdrop included; a flag below wins")
     for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
                  "layerdrop", "mask_time_prob", "mask_feature_prob"):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=S)
@@ -128,8 +129,8 @@ def choose_vocab(cfg: dict, texts: list[str], init_dir: Path | None, run_dir: Pa
 def training_config(base: Any, cfg: dict, vocab: dict[str, int]) -> Any:
     """The init model's config with this run's vocabulary and regularisation (HF semantics)."""
     over: dict[str, Any] = {}
-    if cfg["dropout"] is not None:
-        over.update({k: float(cfg["dropout"]) for k in DROPOUT_KEYS})
+    if cfg["dropout"] is not None:  # every dropout, LayerDrop included (the flag's help says so)
+        over.update({k: float(cfg["dropout"]) for k in DROPOUT_KEYS + ("layerdrop",)})
     over.update({k: cfg[k] for k in CONFIG_KEYS if cfg.get(k) is not None})
     over.update(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
                 eos_token_id=vocab["</s>"], ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
