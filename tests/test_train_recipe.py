@@ -62,3 +62,32 @@ def test_finetune_dropout_flag_sets_layerdrop_too():
         assert getattr(config, key) == 0.0, key
     config = training_config(preset("tiny"), resolve({**base, "dropout": 0.0, "layerdrop": 0.05}), vocab)
     assert config.layerdrop == 0.05 and config.hidden_dropout == 0.0
+
+
+def _run_pytest_with_speech_dir(tmp_path, env_extra: dict):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    (tmp_path / "conftest.py").write_text(  # the project's conftest under another module name
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('d2v_conftest', {str(tests / 'conftest.py')!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\nspeech_dir = mod.speech_dir\n")
+    (tmp_path / "test_needs_speech.py").write_text("def test_x(speech_dir):\n    assert speech_dir.is_dir()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "D2V_SHARED_SPEECH")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+
+
+def test_missing_speech_fails_under_ci_and_skips_otherwise(tmp_path):
+    missing = str(tmp_path / "no-speech-here")
+    proc = _run_pytest_with_speech_dir(tmp_path, {"CI": "true", "D2V_SHARED_SPEECH": missing})
+    assert proc.returncode == 1, proc.stdout
+    assert "1 failed" in proc.stdout or "1 error" in proc.stdout, proc.stdout
+    assert f"{missing}: no transcripts.tsv" in proc.stdout
+    proc = _run_pytest_with_speech_dir(tmp_path, {"D2V_SHARED_SPEECH": missing})
+    assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout
+
