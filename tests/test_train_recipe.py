@@ -91,3 +91,41 @@ def test_missing_speech_fails_under_ci_and_skips_otherwise(tmp_path):
     proc = _run_pytest_with_speech_dir(tmp_path, {"D2V_SHARED_SPEECH": missing})
     assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout
 
+
+
+# ------------------------------------------------------------------------------------------ resume checks
+def _tiny_finetune(manifest, out, **kw):
+    from flax_d2v.commands.finetune import resolve
+
+    base = dict(train=str(manifest), model="tiny", out=str(out), steps=1, batch_size=2, learning_rate=1e-4,
+                log_every=1, progress=False, export_hf=False, num_workers=1, async_checkpoint=False)
+    base.update(kw)
+    return resolve(base)
+
+
+def test_resume_with_other_shape_or_order_settings_is_refused_in_one_line(tmp_path, capsys):
+    from synth_speech import write_corpus
+
+    from flax_d2v.cli import main
+    from flax_d2v.commands.finetune import finetune
+    from flax_d2v.errors import D2VError
+
+    manifest = write_corpus(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    finetune(_tiny_finetune(manifest, run))
+    with pytest.raises(D2VError, match=r"started with --scan-layers off, this command gives on") as e:
+        finetune(_tiny_finetune(manifest, run, steps=2, scan_layers=True))
+    assert "\n" not in str(e.value)
+    with pytest.raises(D2VError, match=r"started with --batch-size 2, this command gives 4"):
+        finetune(_tiny_finetune(manifest, run, steps=2, batch_size=4))
+    with pytest.raises(D2VError, match=r"--clip-norm 0.0, this command gives 1.0"):
+        finetune(_tiny_finetune(manifest, run, steps=2, clip_norm=1.0))
+    # the command line: one line on stderr, exit 1, no traceback
+    code = main(["finetune", "--train", str(manifest), "--model", "tiny", "--out", str(run), "--steps", "2",
+                 "--batch-size", "2", "--learning-rate", "1e-4", "--scan-layers", "--no-progress", "--no-export-hf"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line][0].count("--scan-layers") == 2
+    # the same settings resume
+    result = finetune(_tiny_finetune(manifest, run, steps=2))
+    assert result.step == 2 and not result.stopped

@@ -226,6 +226,23 @@ def loop_config(cfg: Mapping[str, Any], *, meta: dict[str, Any], eval_every: int
                       plot_curves=tuple(plot_curves), meta=meta)
 
 
+# Settings that shape the saved state or the order of the data: a resume with other values is refused
+# (`Trainer._check_meta`). Clipping counts only as on/off: its norm can change, its optimizer state cannot.
+RESUME_KEYS = ("batch_size", "seed", "min_seconds", "max_seconds", "scan_layers", "freeze_feature_encoder",
+               "clip_norm")
+ON_OFF_KEYS = ("clip_norm",)
+
+
+def resume_settings(cfg: Mapping[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{flag: resolved value} of `RESUME_KEYS` + `extra`, stored in every checkpoint's meta."""
+    out: dict[str, Any] = {}
+    for key in RESUME_KEYS + tuple(extra):
+        value = cfg.get(key)
+        flag = "--" + key.replace("_", "-")
+        out[flag] = {"on": bool(value), "value": value} if key in ON_OFF_KEYS else value
+    return out
+
+
 def save_settings(path: Path, cfg: Mapping[str, Any]) -> None:
     """The resolved settings of a run (None values left out), written atomically."""
     from flax_d2v.fileio import atomic_write_text

@@ -246,7 +246,8 @@ def finetune(cfg: dict) -> Any:
                                                  freeze_transformer_steps=int(cfg["freeze_transformer_steps"]))
     objective = CTCObjective(module, reduction=cfg["ctc_reduction"], zero_infinity=bool(cfg["ctc_zero_infinity"]))
     loop_cfg = R.loop_config(cfg, eval_every=int(cfg["eval_every"]),
-                             meta={"objective": "ctc", "model_config": json.loads(config.to_json_string())})
+                             meta={"objective": "ctc", "model_config": json.loads(config.to_json_string()),
+                                   "settings": R.resume_settings(cfg, ("freeze_transformer_steps",))})
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         V.save_tokenizer_files(run_dir, vocab)  # RUN/vocab.json: a resumed run keeps its ids

@@ -175,7 +175,8 @@ def pretrain(cfg: dict) -> Any:
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params)
     loop_cfg = R.loop_config(cfg, plot_curves=("loss", "target_var", "pred_var"),
-                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())})
+                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string()),
+                                   "settings": R.resume_settings(cfg, ("crop",))})
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         R.save_settings(run_dir / "pretrain_config.json", cfg)
