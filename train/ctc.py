@@ -38,7 +38,7 @@ import optax
 
 from flax_d2v.masking import per_example_mask_indices
 from flax_d2v.modeling import apply_padding_invariant, feat_extract_output_lengths
-from flax_d2v.train.objective import Batch, NoExtra, batch_key, example_keys
+from flax_d2v.train.objective import Batch, NoExtra, apply_per_example, example_keys
 
 PyTree = Any
 REDUCTIONS = ("mean", "sum", "token", "sentence")
@@ -124,9 +124,14 @@ class CTCObjective(NoExtra):
     def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         time_mask, feature_mask = self.masks(batch, rng)
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"],
-                                deterministic=False, rngs={"dropout": batch_key(jax.random.fold_in(rng, 0), batch)},
-                                mask_time_indices=time_mask, mask_feature_indices=feature_mask)
+
+        def forward(rngs, values, mask, time, feature):
+            return self.module.apply({"params": params}, values, mask, deterministic=False, rngs=rngs,
+                                     mask_time_indices=time, mask_feature_indices=feature)
+
+        # dropout per example (objective.py): the same bits on any layout, pmap included
+        out = apply_per_example(forward, jax.random.fold_in(rng, 0), batch["index"], batch["input_values"],
+                                batch["attention_mask"], time_mask, feature_mask)
         frame_lengths = out.frame_mask.sum(-1)
         per_example, label_lengths, impossible = ctc_loss_per_example(
             out.logits, frame_lengths, batch["labels"], self.blank_id, self.zero_infinity)

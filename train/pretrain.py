@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec
 from flax_d2v.audio import SAMPLE_RATE
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import Data2VecAudioModel, feat_extract_output_lengths
-from flax_d2v.train.objective import Batch, PyTree, example_keys
+from flax_d2v.train.objective import Batch, PyTree, apply_per_example, example_keys
 
 # `F.instance_norm`'s default eps.
 INSTANCE_NORM_EPS = 1e-5
@@ -349,9 +349,15 @@ class Data2VecObjective:
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
         am = None if am is None else jnp.asarray(am)
-        rngs = {} if deterministic else {"dropout": jax.random.fold_in(rng, DROPOUT_STREAM)}
-        x, clean, frame_mask = self.module.apply({"params": params["model"]}, input_values, am, mask_time_indices,
-                                                 deterministic, method=_student_forward, rngs=rngs)
+        def student(rngs, values, mask, time):
+            return self.module.apply({"params": params["model"]}, values, mask, time, deterministic,
+                                     method=_student_forward, rngs=rngs)
+
+        if deterministic:
+            x, clean, frame_mask = student({}, input_values, am, mask_time_indices)
+        else:  # dropout per example (objective.py): the same bits on any layout, pmap included
+            x, clean, frame_mask = apply_per_example(student, jax.random.fold_in(rng, DROPOUT_STREAM), batch["index"],
+                                                     input_values, am, mask_time_indices)
         teacher_params = {**params["model"], "encoder": extra["encoder"]}
         results = self.module.apply({"params": jax.lax.stop_gradient(teacher_params)}, jax.lax.stop_gradient(clean),
                                     frame_mask, method=_teacher_layer_results)
