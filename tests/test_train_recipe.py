@@ -160,3 +160,48 @@ def test_dropout_is_the_same_on_every_layout_pmap_included(tmp_path):
     assert len(ref) == 3 and all(np.isfinite(ref))
     for name in ("data=2,fsdp=4", "pmap"):
         np.testing.assert_allclose(report["losses"][name], ref, rtol=LAYOUT_RTOL, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------ eval = transcribe
+def test_eval_transcripts_are_d2v_transcribes_for_long_clips_too(tmp_path):
+    """Fine-tuning's eval and `d2v transcribe` (which chunks clips over 20 s with strides) give the same
+    text for a 26 s clip and a short one, on a model whose outputs vary from frame to frame."""
+    import soundfile as sf
+    from synth_speech import write_corpus
+
+    import flax_d2v
+    from flax_d2v.commands.finetune import make_eval_fn
+    from flax_d2v.config import tiny_config
+    from flax_d2v.modeling import Data2VecAudioForCTC, init_params
+    from flax_d2v.train import data as D
+    from flax_d2v.train import vocab as V
+    from flax_d2v.train.ctc import CTCObjective
+    from flax_d2v.train.state import TrainState
+
+    short = write_corpus(tmp_path / "data", 3, seconds=2.0)
+    rng = np.random.default_rng(0)
+    waves = [sf.read(line.split("\t")[0], dtype="float32")[0] for line in short.read_text().splitlines()[1:]]
+    long_wave = np.concatenate([waves[i % 3] * rng.uniform(0.5, 2.0) for i in range(13)])  # 26 s
+    sf.write(tmp_path / "long.wav", long_wave, 16000, subtype="FLOAT")
+    manifest_path = tmp_path / "eval.tsv"
+    manifest_path.write_text(short.read_text() + f"{tmp_path / 'long.wav'}\tgo forward ten meters\n")
+    manifest = D.read_manifest(manifest_path, require_text=True)
+    vocab = V.build_vocab(manifest.texts)
+    module = Data2VecAudioForCTC(tiny_config(vocab_size=len(vocab)))
+    params = init_params(module, 0)
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 30.0  # a random model that says something,
+    for layer in ("layers_0", "layers_1"):  # with attention strong enough that a chunk's context shows in its text
+        attention = params["data2vec_audio"]["encoder"][layer]["attention"]
+        for name in ("v_proj", "out_proj"):
+            attention[name]["kernel"] = attention[name]["kernel"] * 10.0
+    eval_fn = make_eval_fn(CTCObjective(module), manifest, vocab, batch_size=2)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=None, extra={}, rng=jax.random.PRNGKey(0))
+    metrics = eval_fn(state)
+    assert metrics["eval_clips"] == 4
+    ours = flax_d2v.transcribe((module, params), [str(p) for p in manifest.paths], vocab=vocab, progress=False)
+    assert len({t.text for t in ours}) > 1 and len(ours[-1].text) > 20  # not a constant output
+    assert [eval_fn.hypotheses[i] for i in range(4)] == [t.text for t in ours]
+    refs = [V.normalize_transcript(t) for t in manifest.texts]
+    from flax_d2v.train.metrics import error_rates
+
+    assert metrics["wer"] == error_rates(refs, [t.text for t in ours])["wer"]

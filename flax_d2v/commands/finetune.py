@@ -151,38 +151,42 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
     return config, params, Path(where) if Path(where).is_dir() else None
 
 
-def make_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab: dict[str, int]):
-    """eval_fn(state) -> {"wer", "cer", "eval_clips"}: greedy CTC over the whole eval manifest."""
+def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_size: int):
+    """eval_fn(state) -> {"wer", "cer", "eval_clips"}: `d2v transcribe` over the whole eval manifest.
+
+    Through `flax_d2v.transcribe.Transcriber` itself (greedy, its default chunking with strides for
+    clips over 20 s, its padding-invariant forward), so the logged WER is what a user transcribing
+    those clips with `d2v transcribe --model RUN/hf` gets, for clips of any length. Clips are read
+    through the manifest (files or tfds records) a slice at a time, so memory stays bounded.
+    `eval_fn.hypotheses` holds the last eval's {manifest position: text}.
+    """
     import jax
-    import numpy as np
 
-    from flax_d2v.train import sharding as S
     from flax_d2v.train import vocab as V
-    from flax_d2v.train.ctc import greedy_decode
+    from flax_d2v.train.data import select_examples
     from flax_d2v.train.metrics import error_rates
+    from flax_d2v.transcribe import Transcriber
 
-    def predict(params, batch):
-        ids, lengths = objective.predict(params, batch)
-        return ids, lengths, batch["index"]
-
-    jitted = jax.jit(predict, in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
-                     out_shardings=S.replicated(trainer.mesh))
+    positions = [int(i) for i in select_examples(manifest, None, None, True)[0]]
+    slice_clips = 256  # clips read per Transcriber call: bounds host memory on long eval sets
 
     def eval_fn(state: Any) -> dict[str, float]:
-        loader.restore({"epoch": 0, "batch_in_epoch": 0})
+        # one process: the (possibly sharded) global params as they are; several: a full host copy on each
+        params = state.params if jax.process_count() == 1 else R.host(state.params)
+        runner = Transcriber((objective.module, params), vocab=vocab, batch_size=batch_size)
         hyps: dict[int, str] = {}
-        for batch in loader:
-            arrays = {k: np.asarray(batch[k]) for k in ("input_values", "attention_mask", "index")}
-            arrays["index"] = arrays["index"].astype(np.int32)
-            ids, lengths, index = jitted(state.params, S.shard_batch(arrays, trainer.mesh))
-            ids, lengths, index = np.asarray(ids), np.asarray(lengths), np.asarray(index)
-            for i, text in zip(index, greedy_decode(ids, lengths, vocab), strict=True):
-                if i >= 0:
-                    hyps[int(i)] = text
-        order = sorted(hyps)
-        refs = [V.normalize_transcript(manifest.texts[i] or "") for i in order]
-        return {**error_rates(refs, [hyps[i] for i in order]), "eval_clips": len(order)}
+        for s in range(0, len(positions), slice_clips):
+            chunk = positions[s:s + slice_clips]
+            results = runner([manifest.load(i) for i in chunk], progress=False)
+            for i, r in zip(chunk, results, strict=True):
+                if r.error:
+                    raise D2VError(f"{manifest.paths[i]}: {r.error}")
+                hyps[i] = r.text
+        eval_fn.hypotheses = hyps
+        refs = [V.normalize_transcript(manifest.texts[i] or "") for i in positions]
+        return {**error_rates(refs, [hyps[i] for i in positions]), "eval_clips": len(positions)}
 
+    eval_fn.hypotheses = {}
     return eval_fn
 
 
@@ -214,7 +218,7 @@ def finetune(cfg: dict) -> Any:
     from flax_d2v.train.loop import Trainer, log
 
     run_dir = Path(cfg["out"])
-    mesh, dp = R.make_mesh(cfg)
+    mesh, _ = R.make_mesh(cfg)
 
     manifest = D.read_manifest(cfg["train"], require_text=True)
     base_config, loaded, init_dir = load_init(cfg)
@@ -231,16 +235,12 @@ def finetune(cfg: dict) -> Any:
     log(f"vocab: {len(vocab)} symbols from {vocab_source}")
 
     loader = R.train_loader(cfg, manifest, vocab)
-    eval_loader = eval_manifest = None
+    eval_manifest = None
+    eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
     if cfg["eval"]:
         eval_manifest = D.read_manifest(cfg["eval"], require_text=True)
-        eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
-        if eval_bs % dp:
-            raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
-        eval_loader = D.BatchLoader(eval_manifest, batch_size=eval_bs, vocab=None, require_text=True,
-                                    shuffle=False, repeat=False, drop_remainder=False,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    num_workers=int(cfg["num_workers"]))
+        if eval_bs < 1:
+            raise D2VError(f"--eval-batch-size: must be >= 1, got {eval_bs}")
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params,
                                                  freeze_transformer_steps=int(cfg["freeze_transformer_steps"]))
@@ -257,14 +257,12 @@ def finetune(cfg: dict) -> Any:
     if data_state:
         loader.restore(data_state)
     eval_fn = None
-    if eval_loader is not None:
-        eval_fn = make_eval_fn(objective, trainer, eval_loader, eval_manifest, vocab)
+    if eval_manifest is not None:
+        eval_fn = make_eval_fn(objective, eval_manifest, vocab, eval_bs)
     try:
         result = trainer.fit(state, loader, start, eval_fn=eval_fn, data_state=loader.state)
     finally:
         loader.close()
-        if eval_loader is not None:
-            eval_loader.close()
     trainer.finish(title=f"d2v finetune {run_dir.name}")
     if not result.stopped and cfg["export_hf"]:
         where = export_hf(run_dir, config, result.state.params, vocab)
