@@ -243,6 +243,7 @@ class Transcriber:
         self.params = jax.device_put(params)  # once, not on every batch
         self.config = module.config
         self.do_normalize = preprocessor.do_normalize if do_normalize is None else bool(do_normalize)
+        self.normalize_eps = preprocessor.normalize_eps  # 1e-5 for a model converted from fairseq
         self.batch_size = int(batch_size)
         self.plan = ChunkPlan.from_seconds(chunk_length_s, stride_length_s, self.config.inputs_to_logits_ratio)
         self.beam_width = int(beam_width)
@@ -297,7 +298,7 @@ class Transcriber:
                 batch = group[b: b + self.batch_size]
                 rows = batch_rows(len(batch), self.batch_size)
                 x, mask = pad_batch([pool[p.item][1][p.start: p.end] for p in batch], self.do_normalize,
-                                    pad_to=bucket, batch_to=rows)
+                                    pad_to=bucket, batch_to=rows, eps=self.normalize_eps)
                 self.shapes.add((rows, bucket))
                 out = np.asarray(_ctc_forward(self.module, self.params, x, mask, self.beam is not None))
                 for row, p in enumerate(batch):

@@ -205,3 +205,30 @@ def test_eval_transcripts_are_d2v_transcribes_for_long_clips_too(tmp_path):
     from flax_d2v.train.metrics import error_rates
 
     assert metrics["wer"] == error_rates(refs, [t.text for t in ours])["wer"]
+
+
+# ------------------------------------------------------------------------------------------ model settings read
+def test_fairseq_normalize_eps_is_read_by_transcribe(tmp_path, monkeypatch):
+    """`d2v convert x.pt` records fairseq's normalisation eps (1e-5); `d2v transcribe` normalises with it
+    (and with transformers' 1e-7 for a model whose preprocessor_config.json does not say)."""
+    pytest.importorskip("torch")
+    import importlib
+
+    import fairseq_fixtures as F
+
+    from flax_d2v.audio import FAIRSEQ_NORM_EPS, HF_NORM_EPS, read_preprocessor_config
+    from flax_d2v.convert import fairseq as fs
+
+    pt = F.save_checkpoint(F.checkpoint(F.hf_model(True), True, task_dictionary=True), tmp_path / "ft.pt")
+    fs.convert_fairseq(pt, tmp_path / "conv")
+    T = importlib.import_module("flax_d2v.transcribe")  # the module (the package exports a function of that name)
+    assert read_preprocessor_config(tmp_path / "conv").normalize_eps == FAIRSEQ_NORM_EPS
+    seen = []
+    real = T.pad_batch
+    monkeypatch.setattr(T, "pad_batch", lambda *a, **kw: seen.append(kw.get("eps")) or real(*a, **kw))
+    quiet = (1e-4 * np.random.default_rng(0).normal(size=16000)).astype(np.float32)
+    T.transcribe(str(tmp_path / "conv"), [quiet], progress=False)
+    assert seen == [FAIRSEQ_NORM_EPS]
+    (tmp_path / "conv" / "preprocessor_config.json").write_text('{"do_normalize": true}')
+    T.transcribe(str(tmp_path / "conv"), [quiet], progress=False)
+    assert seen[-1] == HF_NORM_EPS
