@@ -376,6 +376,8 @@ class Data2VecAudioModel(nn.Module):
                       mask_feature_indices: Array | None, deterministic: bool) -> tuple[Array, Array | None]:
         c = self.config
         b, t, d = h.shape
+        if not c.apply_spec_augment:  # transformers' `_mask_hidden_states`: off, even for masks passed in
+            return h, None
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
             mask_time_indices = compute_mask_indices(self.make_rng("dropout"), (b, t), c.mask_time_prob,

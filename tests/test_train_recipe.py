@@ -232,3 +232,39 @@ def test_fairseq_normalize_eps_is_read_by_transcribe(tmp_path, monkeypatch):
     (tmp_path / "conv" / "preprocessor_config.json").write_text('{"do_normalize": true}')
     T.transcribe(str(tmp_path / "conv"), [quiet], progress=False)
     assert seen[-1] == HF_NORM_EPS
+
+
+def test_apply_spec_augment_false_turns_masking_off(tmp_path):
+    """transformers' `apply_spec_augment: false` (config.json): no SpecAugment in fine-tuning, though the
+    mask rates and `masked_spec_embed` are there; a mask rate given to `d2v finetune` turns it back on."""
+    import json
+
+    from flax_d2v.commands.finetune import resolve, training_config
+    from flax_d2v.config import Data2VecAudioConfig, tiny_config
+    from flax_d2v.modeling import Data2VecAudioForCTC, init_params
+    from flax_d2v.train.ctc import CTCObjective
+
+    path = tmp_path / "config.json"
+    off = dict(json.loads(tiny_config().to_json_string()), apply_spec_augment=False, mask_time_prob=0.5,
+               mask_time_length=2, mask_feature_prob=0.5, mask_feature_length=4, hidden_dropout=0.0,
+               attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
+               layerdrop=0.0, vocab_size=8)
+    path.write_text(json.dumps(off))
+    config = Data2VecAudioConfig.from_json_file(path)
+    assert config.apply_spec_augment is False and config.has_masked_spec_embed
+    assert json.loads(config.to_json_string())["apply_spec_augment"] is False  # written back as read
+    module = Data2VecAudioForCTC(config)
+    params = init_params(module, 0)
+    x = np.random.default_rng(0).normal(size=(2, 8000)).astype(np.float32)
+    batch = {"input_values": x, "attention_mask": np.ones_like(x, np.int32), "index": np.arange(2)}
+    assert CTCObjective(module).masks(batch, jax.random.PRNGKey(0)) == (None, None)
+    clean = module.apply({"params": params}, x).logits
+    train = module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}).logits
+    np.testing.assert_array_equal(np.asarray(train), np.asarray(clean))  # no dropout, and no masks drawn
+    on = Data2VecAudioForCTC(config.replace(apply_spec_augment=True))
+    masked = on.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}).logits
+    assert not np.allclose(np.asarray(masked), np.asarray(clean))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5}
+    base = dict(train="a.tsv", model="tiny", out="o", steps=1, batch_size=1, learning_rate=1e-4)
+    assert training_config(config, resolve(base), vocab).apply_spec_augment is False
+    assert training_config(config, resolve({**base, "mask_time_prob": 0.3}), vocab).apply_spec_augment is True

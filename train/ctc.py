@@ -111,6 +111,8 @@ class CTCObjective(NoExtra):
         num_frames = int(feat_extract_output_lengths(config, batch["input_values"].shape[1]))
         lengths = feat_extract_output_lengths(config, batch["attention_mask"].astype(jnp.int32).sum(-1))
         time = feature = None
+        if not config.apply_spec_augment:  # transformers: `apply_spec_augment: false` turns SpecAugment off
+            return time, feature
         if config.mask_time_prob > 0:
             keys = example_keys(jax.random.fold_in(rng, 1), batch["index"])
             time = per_example_mask_indices(keys, num_frames, config.mask_time_prob, config.mask_time_length,

@@ -132,6 +132,8 @@ def training_config(base: Any, cfg: dict, vocab: dict[str, int]) -> Any:
     if cfg["dropout"] is not None:  # every dropout, LayerDrop included (the flag's help says so)
         over.update({k: float(cfg["dropout"]) for k in DROPOUT_KEYS + ("layerdrop",)})
     over.update({k: cfg[k] for k in CONFIG_KEYS if cfg.get(k) is not None})
+    if not base.apply_spec_augment and any(cfg.get(k) for k in ("mask_time_prob", "mask_feature_prob")):
+        over["apply_spec_augment"] = True  # a mask rate asked for on the command line means SpecAugment on
     over.update(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
                 eos_token_id=vocab["</s>"], ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
                 ctc_loss_reduction="sum" if cfg["ctc_reduction"] == "sum" else "mean")

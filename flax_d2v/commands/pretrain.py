@@ -163,6 +163,8 @@ def pretrain(cfg: dict) -> Any:
     config = base_config.replace(**regularisation(cfg))
     if not config.has_masked_spec_embed:  # the mask embedding pretraining needs; HF's default rate
         config = config.replace(mask_time_prob=0.05)
+    if not config.apply_spec_augment:  # the objective's span masks are the point of pretraining
+        config = config.replace(apply_spec_augment=True)
     module = Data2VecAudioModel(config, **R.module_options(cfg))
     objective = Data2VecObjective(module, objective_config(cfg), axis_name=PMAP_AXIS if cfg["pmap"] else None)
     model_params, new_keys, _ = R.graft(init_params(module, seed), R.stacked(cfg, loaded))
