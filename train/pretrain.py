@@ -406,13 +406,16 @@ def check_collapse(metrics: dict[str, Any], step: int, config: Data2VecPretrainC
 # fairseq's pretraining batches: cropped to the shortest clip, not padded
 
 
-def crop_width(lengths: np.ndarray, ladder: np.ndarray, multiple: int = 1600) -> int:
-    """The common length of a cropped batch: its shortest clip, rounded down to a length of the
-    loader's bucket `ladder` (or to `multiple` samples below the ladder), so XLA sees few shapes."""
+# Crop widths are multiples of 0.1 s: at most 0.1 s per clip less than fairseq's exact crop to the
+# shortest clip, while XLA sees one program per 0.1 s of shortest-clip length (not one per sample).
+CROP_MULTIPLE = 1600
+
+
+def crop_width(lengths: np.ndarray, multiple: int = CROP_MULTIPLE) -> int:
+    """The common length of a cropped batch: fairseq's `min(sizes)` (its `RawAudioDataset.collater`
+    with `pad: false`), rounded down to `multiple` samples; a batch whose shortest clip is under
+    one `multiple` keeps that clip's length."""
     shortest = int(np.min(lengths))
-    below = ladder[ladder <= shortest]
-    if below.size:
-        return int(below[-1])
     return max(shortest // multiple * multiple, min(shortest, multiple))
 
 
@@ -454,7 +457,7 @@ class CroppedBatches:
         batch = next(self.loader)
         _, positions = self.loader.plan(epoch)[b]
         lengths = self.loader.manifest.num_samples[positions[positions >= 0]]
-        width = crop_width(lengths, np.asarray(self.loader.bucket_samples))
+        width = crop_width(lengths)
         return crop_batch(batch, width, self.seed, (epoch, b))
 
     def state(self) -> dict[str, int]:

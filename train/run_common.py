@@ -15,6 +15,7 @@ configs):
     adam_eps                1e-8          1e-6
     weight_decay            0             0.01
     freeze_feature_encoder  on            off
+    min_seconds             (none)        2
 
 The differences between the commands that are on purpose, and stay in the commands:
 

@@ -30,7 +30,7 @@ from flax_d2v.train import run_common as R
 
 # The pretraining recipe (fairseq base_librispeech): where its defaults differ from fine-tuning's.
 RECIPE = {"learning_rate": 5e-4, "phase_ratio": "0.03,0.9,0.07", "final_lr_scale": 0.01, "adam_eps": 1e-6,
-          "weight_decay": 0.01, "freeze_feature_encoder": False}
+          "weight_decay": 0.01, "freeze_feature_encoder": False, "min_seconds": 2.0}  # min_sample_size 32000
 # fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names.
 REGULARISATION = {"hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
                   "feat_proj_dropout": 0.0, "layerdrop": 0.05}
