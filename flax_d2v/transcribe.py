@@ -11,10 +11,12 @@ Three things keep this fast and bounded in memory:
   grow with the recording's length.
 - *Length buckets*: every chunk is right-padded to one of a fixed set of lengths (a geometric grid
   of ratio sqrt(2) from 1 s, capped at the chunk length) and batches to a power-of-two number of
-  rows, so XLA compiles a handful of programs, not one per file. The attention mask keeps padding
-  out of attention; note that data2vec-audio's positional conv stack (like transformers' and
-  fairseq's) lets padding touch the last few frames of an utterance, so a padded clip's logits
-  differ slightly from the clip's alone, just as in transformers' own batched inference.
+  rows, so XLA compiles a handful of programs, not one per file. The forward is
+  `modeling.apply_padding_invariant`: the attention mask keeps padding out of attention and the
+  positional conv stack re-zeroes it between its layers, so a padded clip's logits are the clip's
+  alone (transformers' own batched inference lets padding touch the last few frames).
+- *Normalisation* as the model's `preprocessor_config.json` says: `do_normalize`, and its
+  `normalize_eps` when `d2v convert` recorded fairseq's 1e-5 (transformers' 1e-7 otherwise).
 - *A bounded pool*: files are read, run and decoded in pools of about `POOL_SECONDS` of audio, and
   results come back in input order as each pool finishes (`iter_transcribe` streams them).
 

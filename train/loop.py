@@ -1,11 +1,14 @@
 """The one training loop: any `Objective`, on any mesh (or under pmap), resumable, logged.
 
     trainer = Trainer(objective, tx, schedule, mesh, params_axes, LoopConfig(out_dir=..., steps=...))
-    state, start = trainer.start(params, seed)          # or the latest checkpoint in out_dir/checkpoints
-    state = trainer.fit(state, loader, eval_fn=...)      # until cfg.steps, SIGTERM, or an error
+    state, data_state, start = trainer.start(params, seed)  # or the latest checkpoint in out_dir/checkpoints
+    loader.restore(data_state) if data_state else None        # the data position saved with it
+    result = trainer.fit(state, loader, start, eval_fn=..., data_state=loader.state)  # a FitResult
+    trainer.finish()                                          # until cfg.steps, SIGTERM, or an error
 
 The step is a pure function `train_step(state, batch) -> (state, metrics)` built by
-`make_train_step`: the step key is `fold_in(state.rng, state.step)`, the gradient of the
+`make_train_step`: the step key is `fold_in(state.rng, state.step)` (the objective draws masks and
+dropout per example from it, so no layout changes them), the gradient of the
 objective's loss *sum* is divided by the sum of its weights over all micro-batches and devices
 (see `objective.py`), then clipped and applied by the optax chain, then the objective updates its
 extra state (the EMA teacher). Under `jax.jit` it gets explicit in/out shardings from
@@ -14,7 +17,10 @@ extra state (the EMA teacher). Under `jax.jit` it gets explicit in/out shardings
 
 Preemption: SIGTERM (or SIGINT) sets a flag; at the next step boundary the loop saves a
 checkpoint of that step (with the data position), waits for it to be on disk and returns with
-`stopped=True`. All processes agree on the stop before any saves.
+`stopped=True`. All processes agree on the stop before any saves. `start` reads the latest
+checkpoint's settings first and refuses, in one line, a resume whose settings would change the
+state's shapes or the data order (`_check_meta`); tests/test_resume.py checks that a resumed run
+logs the unbroken run's losses.
 """
 
 from __future__ import annotations
