@@ -131,37 +131,6 @@ def test_resume_with_other_shape_or_order_settings_is_refused_in_one_line(tmp_pa
     assert result.step == 2 and not result.stopped
 
 
-# ------------------------------------------------------------------------------------------ pmap dropout
-# Same math and random bits, different reduction trees (all-reduce vs local sums): test_sharding's bar.
-LAYOUT_RTOL = 1e-4
-
-
-def test_dropout_is_the_same_on_every_layout_pmap_included(tmp_path):
-    """Dropout and LayerDrop on (0.2), SpecAugment on: the first updates' losses of one device, an
-    8-device mesh data=2,fsdp=4 and --pmap over 8 devices agree (the scale-out contract: randomness from
-    seed, step and example index only)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from synth_speech import write_corpus
-
-    manifest = write_corpus(tmp_path / "data", 8)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    worker = Path(__file__).parent / "multihost_worker.py"
-    proc = subprocess.run([sys.executable, str(worker), "dropout", "--manifest", str(manifest), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
-    ref = report["losses"]["one"]
-    assert len(ref) == 3 and all(np.isfinite(ref))
-    for name in ("data=2,fsdp=4", "pmap"):
-        np.testing.assert_allclose(report["losses"][name], ref, rtol=LAYOUT_RTOL, err_msg=name)
-
-
 # ------------------------------------------------------------------------------------------ eval = transcribe
 def test_eval_transcripts_are_d2v_transcribes_for_long_clips_too(tmp_path):
     """Fine-tuning's eval and `d2v transcribe` (which chunks clips over 20 s with strides) give the same
