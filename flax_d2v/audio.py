@@ -176,6 +176,8 @@ class PreprocessorConfig:
     return_attention_mask: bool = True
     sampling_rate: int = SAMPLE_RATE
     padding_value: float = 0.0
+    # not a transformers key: `d2v convert x.pt` records fairseq's eps (1e-5) here; absent, transformers' 1e-7
+    normalize_eps: float = HF_NORM_EPS
 
 
 def read_preprocessor_config(model_dir: str | os.PathLike) -> PreprocessorConfig:
@@ -191,6 +193,7 @@ def read_preprocessor_config(model_dir: str | os.PathLike) -> PreprocessorConfig
         return_attention_mask=bool(data.get("return_attention_mask", True)),
         sampling_rate=int(data.get("sampling_rate", SAMPLE_RATE)),
         padding_value=float(data.get("padding_value", 0.0)),
+        normalize_eps=float(data.get("normalize_eps", HF_NORM_EPS)),
     )
     if cfg.sampling_rate != SAMPLE_RATE:
         raise D2VError(f"{path}: sampling_rate {cfg.sampling_rate} is not supported (data2vec-audio is 16 kHz)")

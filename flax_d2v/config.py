@@ -45,6 +45,7 @@ class Data2VecAudioConfig:
     num_conv_pos_embedding_groups: int = 16
     conv_pos_kernel_size: int = 19
     num_conv_pos_embeddings: int = 5
+    apply_spec_augment: bool = True  # False: no SpecAugment at all, masks given or drawn (transformers)
     mask_time_prob: float = 0.05
     mask_time_length: int = 10
     mask_time_min_masks: int = 2

@@ -305,7 +305,9 @@ class EncoderLayer(nn.Module):
         out = _layer_norm(c.layer_norm_eps, "embed", self.dtype, "final_layer_norm")(out)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_embed"))
         if not deterministic and c.layerdrop > 0.0:
-            skip = jax.random.uniform(self.make_rng("dropout"), ()) < c.layerdrop
+            # a "layerdrop" rng, when given, decides for the whole batch while "dropout" varies per example
+            key = self.make_rng("layerdrop") if self.has_rng("layerdrop") else self.make_rng("dropout")
+            skip = jax.random.uniform(key, ()) < c.layerdrop
             out = jnp.where(skip, x, out)
         return out, ffn
 
@@ -362,7 +364,7 @@ class Encoder(nn.Module):
             scan = nn.scan(
                 _ScanStep,
                 variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
+                split_rngs={"params": True, "dropout": True, "layerdrop": True},
                 in_axes=(nn.broadcast,),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -419,6 +421,8 @@ class Data2VecAudioModel(nn.Module):
                       mask_feature_indices: Array | None, deterministic: bool) -> tuple[Array, Array | None]:
         c = self.config
         b, t, d = h.shape
+        if not c.apply_spec_augment:  # transformers' `_mask_hidden_states`: off, even for masks passed in
+            return h, None
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
             mask_time_indices = compute_mask_indices(self.make_rng("dropout"), (b, t), c.mask_time_prob,

@@ -11,10 +11,12 @@ Three things keep this fast and bounded in memory:
   grow with the recording's length.
 - *Length buckets*: every chunk is right-padded to one of a fixed set of lengths (a geometric grid
   of ratio sqrt(2) from 1 s, capped at the chunk length) and batches to a power-of-two number of
-  rows, so XLA compiles a handful of programs, not one per file. The attention mask keeps padding
-  out of attention; note that data2vec-audio's positional conv stack (like transformers' and
-  fairseq's) lets padding touch the last few frames of an utterance, so a padded clip's logits
-  differ slightly from the clip's alone, just as in transformers' own batched inference.
+  rows, so XLA compiles a handful of programs, not one per file. The forward is
+  `modeling.apply_padding_invariant`: the attention mask keeps padding out of attention and the
+  positional conv stack re-zeroes it between its layers, so a padded clip's logits are the clip's
+  alone (transformers' own batched inference lets padding touch the last few frames).
+- *Normalisation* as the model's `preprocessor_config.json` says: `do_normalize`, and its
+  `normalize_eps` when `d2v convert` recorded fairseq's 1e-5 (transformers' 1e-7 otherwise).
 - *A bounded pool*: files are read, run and decoded in pools of about `POOL_SECONDS` of audio, and
   results come back in input order as each pool finishes (`iter_transcribe` streams them).
 
@@ -245,6 +247,7 @@ class Transcriber:
         self.params = jax.device_put(params)  # once, not on every batch
         self.config = module.config
         self.do_normalize = preprocessor.do_normalize if do_normalize is None else bool(do_normalize)
+        self.normalize_eps = preprocessor.normalize_eps  # 1e-5 for a model converted from fairseq
         self.batch_size = int(batch_size)
         self.plan = ChunkPlan.from_seconds(chunk_length_s, stride_length_s, self.config.inputs_to_logits_ratio)
         from flax_d2v.lm_decode import decoder_for
@@ -303,7 +306,7 @@ class Transcriber:
                 batch = group[b: b + self.batch_size]
                 rows = batch_rows(len(batch), self.batch_size)
                 x, mask = pad_batch([pool[p.item][1][p.start: p.end] for p in batch], self.do_normalize,
-                                    pad_to=bucket, batch_to=rows)
+                                    pad_to=bucket, batch_to=rows, eps=self.normalize_eps)
                 self.shapes.add((rows, bucket))
                 out = np.asarray(_ctc_forward(self.module, self.params, x, mask, self.beam is not None))
                 for row, p in enumerate(batch):

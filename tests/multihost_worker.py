@@ -21,9 +21,12 @@ import jax
 import numpy as np
 
 STEPS = 3
+# Dropout and LayerDrop on: every layout must draw the same bits (per example) and the same LayerDrop
+# decisions (per update), pmap included.
+DROPOUT = 0.2
 
 
-def build(manifest: str, process_index: int = 0, process_count: int = 1):
+def build(manifest: str, process_index: int = 0, process_count: int = 1, dropout: float = DROPOUT):
     from flax_d2v.config import tiny_config
     from flax_d2v.modeling import Data2VecAudioForCTC, init_params, logical_axes
     from flax_d2v.train import data as D
@@ -34,10 +37,11 @@ def build(manifest: str, process_index: int = 0, process_count: int = 1):
 
     m = D.read_manifest(manifest, require_text=True)
     vocab = V.build_vocab(m.texts)
-    # dropout off (its bits follow the global batch shape, which pmap splits); SpecAugment masks on:
-    # they are drawn per example from (seed, step, index) and must agree on every layout.
-    config = tiny_config(vocab_size=len(vocab), hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                         final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.3, mask_time_length=3,
+    # SpecAugment masks, dropout and LayerDrop on: drawn from (seed, step, example index), they must agree on
+    # every layout.
+    config = tiny_config(vocab_size=len(vocab), hidden_dropout=dropout, attention_dropout=dropout,
+                         activation_dropout=dropout, feat_proj_dropout=dropout, final_dropout=dropout,
+                         layerdrop=dropout, mask_time_prob=0.3, mask_time_length=3,
                          mask_feature_prob=0.2, mask_feature_length=4)
     module = Data2VecAudioForCTC(config, freeze_feature_encoder=True)
     params = init_params(module, 0)
@@ -119,6 +123,7 @@ def main() -> None:
     out = Path(a.out)
     if a.mode == "layouts":
         report = layouts(a.manifest, out)
+
     else:
         from flax_d2v.train import sharding as S
 

@@ -56,6 +56,7 @@ def layouts(manifest, tmp_path_factory):
 
 
 def test_losses_agree_across_layouts(layouts):
+    """Dropout, LayerDrop and SpecAugment on (multihost_worker.DROPOUT): the same losses on every layout."""
     report, _ = layouts
     ref = report["losses"]["one"]
     assert len(ref) == 3 and all(np.isfinite(ref))

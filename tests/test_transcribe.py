@@ -320,3 +320,50 @@ def test_ten_minute_recording_stays_under_3gb_rss(flax_dir, speech_dir, tmp_path
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["error"] is None and stats["seconds"] == pytest.approx(600.0) and stats["chars"] > 1000
     assert stats["peak"] < 3 * 1024**3, f"peak RSS {stats['peak'] / 1024**3:.2f} GiB"
+
+
+# The README's figure for a base-size model on one hour of audio (2-core CPU): 2.72 GiB peak RSS.
+# The bound: that plus ~10% for allocator and thread-count variation between machines.
+HOUR_BASE_MAX_RSS = 3.0 * 1024**3
+
+
+def _peak_rss_of_transcribing(model_dir, wav) -> dict:
+    script = textwrap.dedent(f"""
+        import json, resource, time, flax_d2v
+        t0 = time.perf_counter()
+        r = flax_d2v.transcribe({str(model_dir)!r}, [{str(wav)!r}], progress=False)[0]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        print(json.dumps({{"peak": peak, "seconds": r.seconds, "chars": len(r.text), "error": r.error,
+                           "wall": time.perf_counter() - t0}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _base_ctc_dir(path):
+    from flax_d2v.checkpoint import save_flax
+    from flax_d2v.config import base_config
+
+    module = Data2VecAudioForCTC(base_config(vocab_size=len(VOCAB)))
+    save_flax(path, module.config, init_params(module, 0), extra_files={"vocab.json": json.dumps(VOCAB)})
+    return path
+
+
+def _long_recording(speech_dir, seconds: int, path):
+    clips = [load_audio(p) for p in sorted((speech_dir / "16k").glob("*.wav"))]
+    joined = np.concatenate(clips)
+    audio = np.tile(joined, int(np.ceil(seconds * SAMPLE_RATE / len(joined))))[: seconds * SAMPLE_RATE]
+    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.slow
+def test_one_hour_recording_with_the_base_model_stays_under_3gb_rss(speech_dir, tmp_path):
+    """The README's measured figure: a base-size CTC model on a one-hour file, peak RSS (about 25 minutes on
+    2 cores)."""
+    stats = _peak_rss_of_transcribing(_base_ctc_dir(tmp_path / "base"),
+                                      _long_recording(speech_dir, 3600, tmp_path / "hour.wav"))
+    print(f"one hour, base: peak RSS {stats['peak'] / 1024**3:.2f} GiB, {stats['seconds'] / stats['wall']:.2f} "
+          "audio s/s")
+    assert stats["error"] is None and stats["seconds"] == pytest.approx(3600.0) and stats["chars"] > 1000
+    assert stats["peak"] < HOUR_BASE_MAX_RSS, f"peak RSS {stats['peak'] / 1024**3:.2f} GiB"

@@ -80,6 +80,11 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
+    def restore_meta(self, step: int) -> dict:
+        """Only the `meta` item of checkpoint `step` (cheap; read before the state to check the settings)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
     def wait(self) -> None:
         """Block until the last save is on disk (before exiting, or before reading it back)."""
         self.manager.wait_until_finished()

@@ -38,7 +38,7 @@ import numpy as np
 
 from flax_d2v.masking import per_example_mask_indices
 from flax_d2v.modeling import apply_padding_invariant, feat_extract_output_lengths
-from flax_d2v.train.objective import Batch, NoExtra, batch_key, example_keys
+from flax_d2v.train.objective import Batch, NoExtra, apply_per_example, example_keys
 
 PyTree = Any
 REDUCTIONS = ("mean", "sum", "token", "sentence")
@@ -158,6 +158,8 @@ class CTCObjective(NoExtra):
         num_frames = int(feat_extract_output_lengths(config, batch["input_values"].shape[1]))
         lengths = feat_extract_output_lengths(config, batch["attention_mask"].astype(jnp.int32).sum(-1))
         time = feature = None
+        if not config.apply_spec_augment:  # transformers: `apply_spec_augment: false` turns SpecAugment off
+            return time, feature
         if config.mask_time_prob > 0:
             keys = example_keys(jax.random.fold_in(rng, 1), batch["index"])
             time = per_example_mask_indices(keys, num_frames, config.mask_time_prob, config.mask_time_length,
@@ -171,9 +173,14 @@ class CTCObjective(NoExtra):
     def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         time_mask, feature_mask = self.masks(batch, rng)
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"],
-                                deterministic=False, rngs={"dropout": batch_key(jax.random.fold_in(rng, 0), batch)},
-                                mask_time_indices=time_mask, mask_feature_indices=feature_mask)
+
+        def forward(rngs, values, mask, time, feature):
+            return self.module.apply({"params": params}, values, mask, deterministic=False, rngs=rngs,
+                                     mask_time_indices=time, mask_feature_indices=feature)
+
+        # dropout per example (objective.py): the same bits on any layout, pmap included
+        out = apply_per_example(forward, jax.random.fold_in(rng, 0), batch["index"], batch["input_values"],
+                                batch["attention_mask"], time_mask, feature_mask)
         frame_lengths = out.frame_mask.sum(-1)
         per_example, label_lengths, impossible = ctc_loss_per_example(
             out.logits, frame_lengths, batch["labels"], self.blank_id, self.zero_infinity)

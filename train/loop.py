@@ -1,11 +1,14 @@
 """The one training loop: any `Objective`, on any mesh (or under pmap), resumable, logged.
 
     trainer = Trainer(objective, tx, schedule, mesh, params_axes, LoopConfig(out_dir=..., steps=...))
-    state, start = trainer.start(params, seed)          # or the latest checkpoint in out_dir/checkpoints
-    state = trainer.fit(state, loader, eval_fn=...)      # until cfg.steps, SIGTERM, or an error
+    state, data_state, start = trainer.start(params, seed)  # or the latest checkpoint in out_dir/checkpoints
+    loader.restore(data_state) if data_state else None        # the data position saved with it
+    result = trainer.fit(state, loader, start, eval_fn=..., data_state=loader.state)  # a FitResult
+    trainer.finish()                                          # until cfg.steps, SIGTERM, or an error
 
 The step is a pure function `train_step(state, batch) -> (state, metrics)` built by
-`make_train_step`: the step key is `fold_in(state.rng, state.step)`, the gradient of the
+`make_train_step`: the step key is `fold_in(state.rng, state.step)` (the objective draws masks and
+dropout per example from it, so no layout changes them), the gradient of the
 objective's loss *sum* is divided by the sum of its weights over all micro-batches and devices
 (see `objective.py`), then clipped and applied by the optax chain, then the objective updates its
 extra state (the EMA teacher). Under `jax.jit` it gets explicit in/out shardings from
@@ -14,7 +17,10 @@ extra state (the EMA teacher). Under `jax.jit` it gets explicit in/out shardings
 
 Preemption: SIGTERM (or SIGINT) sets a flag; at the next step boundary the loop saves a
 checkpoint of that step (with the data position), waits for it to be on disk and returns with
-`stopped=True`. All processes agree on the stop before any saves.
+`stopped=True`. All processes agree on the stop before any saves. `start` reads the latest
+checkpoint's settings first and refuses, in one line, a resume whose settings would change the
+state's shapes or the data order (`_check_meta`); tests/test_resume.py checks that a resumed run
+logs the unbroken run's losses.
 """
 
 from __future__ import annotations
@@ -245,8 +251,13 @@ class Trainer:
         abstract = self.abstract_state(shapes)
         latest = self.ckpt.latest_step()
         if latest is not None:
-            state, data_state, meta = self.ckpt.restore(latest, abstract)
-            self._check_meta(meta)
+            self._check_meta(self.ckpt.restore_meta(latest))  # before orbax meets a differently shaped state
+            try:
+                state, data_state, meta = self.ckpt.restore(latest, abstract)
+            except (ValueError, KeyError, TypeError) as e:  # a state shape no recorded setting explains
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise D2VError(f"{self.ckpt.directory}/{latest}: the checkpoint's state does not fit this run's "
+                               f"settings ({first[:200]}); use the run's settings or a new --out") from None
             log(f"resumed from {self.ckpt.directory}/{latest} (step {latest})")
             self.writer.truncate_after(latest)
             step = latest
@@ -264,10 +275,33 @@ class Trainer:
         return state, data_state, step
 
     def _check_meta(self, meta: dict) -> None:
+        """Refuse, in one line, to resume a run whose state shape or data order the settings would change.
+
+        `meta["settings"]` maps a flag to its resolved value (`run_common.resume_settings`); a value
+        written as `{"on": bool, "value": v}` is compared by `on` only (e.g. `--clip-norm`: changing the
+        norm is sound, switching clipping on or off changes the optimizer state).
+        """
         for key in ("objective", "model_config"):
             if key in meta and key in self.cfg.meta and meta[key] != self.cfg.meta[key]:
-                raise D2VError(f"{self.cfg.out_dir}/checkpoints: the run there has a different {key}; "
+                diff = ""
+                if isinstance(meta[key], dict) and isinstance(self.cfg.meta[key], dict):
+                    old, new = meta[key], self.cfg.meta[key]
+                    k = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), None)
+                    diff = f" ({k}: {old.get(k)!r} there, {new.get(k)!r} now)" if k is not None else ""
+                raise D2VError(f"{self.cfg.out_dir}/checkpoints: the run there has a different {key}{diff}; "
                                f"use a new --out or the same settings to resume")
+        saved, now = meta.get("settings") or {}, self.cfg.meta.get("settings") or {}
+        for flag in now:
+            if flag not in saved:
+                continue
+            a, b = saved[flag], now[flag]
+            same = (a["on"] == b["on"]) if isinstance(a, dict) and isinstance(b, dict) else a == b
+            if not same:
+                shown = lambda v: v["value"] if isinstance(v, dict) else v
+                raise D2VError(f"{self.cfg.out_dir}/checkpoints: the run there was started with {flag} "
+                               f"{_flag_value(shown(a))}, this command gives {_flag_value(shown(b))}; it changes the "
+                               f"saved state or the data order: resume with {flag} {_flag_value(shown(a))} "
+                               f"or use a new --out")
 
     def _log_memory(self, state: TrainState) -> None:
         per_dev = S.bytes_per_device((state.params, state.opt_state, state.extra))
@@ -418,6 +452,12 @@ class Trainer:
         if self.is_main and self.writer.path.exists():
             plot_history(read_metrics(self.writer.path), f"{self.cfg.out_dir}/training_curves.png", title,
                          curves=self.cfg.plot_curves)
+
+
+def _flag_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return "(none)" if v is None else str(v)
 
 
 def params_bytes_report(state: TrainState) -> dict[str, int]:

@@ -36,13 +36,15 @@ class MetricsWriter:
         self.enabled = enabled
         self._tb = None
         if enabled and tensorboard:
-            try:  # tf.summary writes the event files TensorBoard reads; needs tensorflow + tensorboard
-                import tensorboard  # noqa: F401
+            try:  # TensorFlow's own summary writer; the `tensorboard` package is only needed to view them
                 import tensorflow as tf
+                from tensorflow.core.framework import summary_pb2
             except ImportError:
-                raise D2VError("--tensorboard: needs tensorflow and tensorboard (pip install tensorflow-cpu "
-                               "tensorboard)") from None
+                raise D2VError("--tensorboard: needs tensorflow (pip install tensorflow-cpu)") from None
             self._tf = tf
+            # what tensorboard's `summary.scalar` writes: a float32 scalar tensor tagged for the scalars plugin
+            self._scalar_metadata = summary_pb2.SummaryMetadata()
+            self._scalar_metadata.plugin_data.plugin_name = "scalars"
             self._tb = tf.summary.create_file_writer(str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
@@ -67,7 +69,8 @@ class MetricsWriter:
             with self._tb.as_default():
                 for k, v in row.items():
                     if k != "step" and isinstance(v, (int, float)):
-                        self._tf.summary.scalar(k, v, step=step)
+                        self._tf.summary.write(k, self._tf.constant(float(v), self._tf.float32), step=step,
+                                               metadata=self._scalar_metadata)
             self._tb.flush()
 
     def close(self) -> None:

@@ -18,8 +18,10 @@ The contract, and why it looks like this:
 - Randomness comes only from `rng`, the key of this step (`fold_in(seed_key, step)`, the same
   for every micro-batch and device of the update), and each example's global index
   (`batch["index"]`): derive per-example keys with `example_keys(rng, index)` so masks do not
-  depend on how the batch is split; for randomness drawn over the whole batch (flax dropout,
-  LayerDrop) use `batch_key(rng, batch)`.
+  depend on how the batch is split. Run the model's stochastic forward through
+  `apply_per_example`: each example's dropout bits come from its own key, LayerDrop's decision
+  from one key of the step, so a loss is the same on one device, any mesh, under `pmap` and
+  with gradient accumulation.
 - `extra` is objective state that is not optimised by gradient (data2vec's EMA teacher; `{}`
   for CTC). It lives in `TrainState`, is checkpointed with it and sharded by
   `extra_logical_axes`; `update_extra` runs after every optimizer update, inside the jitted step.
@@ -27,6 +29,7 @@ The contract, and why it looks like this:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -81,12 +84,35 @@ def example_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index.astype(jax.numpy.uint32))
 
 
-def batch_key(rng: jax.Array, batch: Batch) -> jax.Array:
-    """A key for randomness drawn over a whole (micro-/per-device) batch, such as flax dropout and LayerDrop.
+def apply_per_example(fn: Callable[..., Any], rng: jax.Array, index: jax.Array, *rows: Any) -> Any:
+    """`fn(rngs, *rows)` with dropout drawn per example: vmapped over the batch axis of `rows`.
 
-    `fold_in(rng, index of the batch's first row)`: under one `jit` over the global batch it is one
-    key for the step, whatever the mesh; micro-batches (gradient accumulation) and `pmap` devices
-    each get their own key, so their dropout patterns are not copies of one another, while the
-    per-example keys (`example_keys`, for masks) stay the same in every layout.
+    Every row runs as a batch of one with `rngs={"dropout": fold_in(fold_in(rng, 0), index[i]),
+    "layerdrop": fold_in(rng, 1)}`, so its dropout bits are a function of (seed, step, example
+    index) only, never of the device or micro-batch it landed on (flax's `nn.Dropout` draws bits
+    for the whole array it is given, so one key over a device's share of the batch would differ
+    between layouts); LayerDrop skips a layer for the whole update, as fairseq and transformers
+    do. `rows` are arrays with a leading batch axis or None; outputs get the batch axis back.
+    Under a mesh the activations' batch sharding is kept (the vmapped axis takes the mesh axes of
+    `activation_batch`).
     """
-    return jax.random.fold_in(rng, batch["index"][0].astype(jax.numpy.uint32))
+    import flax.linen as nn
+
+    keys = example_keys(jax.random.fold_in(rng, 0), index)
+    layerdrop = jax.random.fold_in(rng, 1)
+
+    def one(key, *row):
+        out = fn({"dropout": key, "layerdrop": layerdrop}, *(None if r is None else r[None] for r in row))
+        return jax.tree.map(lambda x: x[0], out)
+
+    rules = tuple(nn.get_logical_axis_rules())
+    batch_axes = dict(rules).get("activation_batch")
+    if not rules or batch_axes is None:
+        return jax.vmap(one)(keys, *rows)
+    inner = tuple((name, None if name == "activation_batch" else axes) for name, axes in rules)
+
+    def one_sharded(key, *row):
+        with nn.logical_axis_rules(inner):  # the row axis (size 1) is not sharded; the vmapped one is
+            return one(key, *row)
+
+    return jax.vmap(one_sharded, spmd_axis_name=batch_axes)(keys, *rows)

@@ -53,7 +53,7 @@ from flax_d2v.audio import SAMPLE_RATE
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import Data2VecAudioModel, feat_extract_output_lengths
 from flax_d2v.precision import matmul_precision
-from flax_d2v.train.objective import Batch, PyTree, example_keys
+from flax_d2v.train.objective import Batch, PyTree, apply_per_example, example_keys
 
 # `F.instance_norm`'s default eps.
 INSTANCE_NORM_EPS = 1e-5
@@ -357,9 +357,15 @@ class Data2VecObjective:
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
         am = None if am is None else jnp.asarray(am)
-        rngs = {} if deterministic else {"dropout": jax.random.fold_in(rng, DROPOUT_STREAM)}
-        x, clean, frame_mask = self.module.apply({"params": params["model"]}, input_values, am, mask_time_indices,
-                                                 deterministic, method=_student_forward, rngs=rngs)
+        def student(rngs, values, mask, time):
+            return self.module.apply({"params": params["model"]}, values, mask, time, deterministic,
+                                     method=_student_forward, rngs=rngs)
+
+        if deterministic:
+            x, clean, frame_mask = student({}, input_values, am, mask_time_indices)
+        else:  # dropout per example (objective.py): the same bits on any layout, pmap included
+            x, clean, frame_mask = apply_per_example(student, jax.random.fold_in(rng, DROPOUT_STREAM), batch["index"],
+                                                     input_values, am, mask_time_indices)
         teacher_params = {**params["model"], "encoder": extra["encoder"]}
         results = self.module.apply({"params": jax.lax.stop_gradient(teacher_params)}, jax.lax.stop_gradient(clean),
                                     frame_mask, method=_teacher_layer_results)
@@ -408,13 +414,16 @@ def check_collapse(metrics: dict[str, Any], step: int, config: Data2VecPretrainC
 # fairseq's pretraining batches: cropped to the shortest clip, not padded
 
 
-def crop_width(lengths: np.ndarray, ladder: np.ndarray, multiple: int = 1600) -> int:
-    """The common length of a cropped batch: its shortest clip, rounded down to a length of the
-    loader's bucket `ladder` (or to `multiple` samples below the ladder), so XLA sees few shapes."""
+# Crop widths are multiples of 0.1 s: at most 0.1 s per clip less than fairseq's exact crop to the
+# shortest clip, while XLA sees one program per 0.1 s of shortest-clip length (not one per sample).
+CROP_MULTIPLE = 1600
+
+
+def crop_width(lengths: np.ndarray, multiple: int = CROP_MULTIPLE) -> int:
+    """The common length of a cropped batch: fairseq's `min(sizes)` (its `RawAudioDataset.collater`
+    with `pad: false`), rounded down to `multiple` samples; a batch whose shortest clip is under
+    one `multiple` keeps that clip's length."""
     shortest = int(np.min(lengths))
-    below = ladder[ladder <= shortest]
-    if below.size:
-        return int(below[-1])
     return max(shortest // multiple * multiple, min(shortest, multiple))
 
 
@@ -456,7 +465,7 @@ class CroppedBatches:
         batch = next(self.loader)
         _, positions = self.loader.plan(epoch)[b]
         lengths = self.loader.manifest.num_samples[positions[positions >= 0]]
-        width = crop_width(lengths, np.asarray(self.loader.bucket_samples))
+        width = crop_width(lengths)
         return crop_batch(batch, width, self.seed, (epoch, b))
 
     def state(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ configs):
     adam_eps                1e-8          1e-6
     weight_decay            0             0.01
     freeze_feature_encoder  on            off
+    min_seconds             (none)        2
 
 The differences between the commands that are on purpose, and stay in the commands:
 
@@ -27,7 +28,7 @@ The differences between the commands that are on purpose, and stay in the comman
   `--freeze-transformer-steps` exist only for fine-tuning; pretraining has no labels to score and
   no head to train first.
 - Regularisation: finetune keeps the init model's config unless told (its `--dropout` sets every
-  dropout, HF style); pretrain defaults to fairseq's base recipe (its `--dropout` sets hidden,
+  dropout and LayerDrop, HF style); pretrain defaults to fairseq's base recipe (its `--dropout` sets hidden,
   attention and activation dropout). Each command defines these flags itself.
 - `--export-hf` writes RUN/hf (finetune) or RUN/hf and RUN/flax with the teacher (pretrain).
 """
@@ -228,6 +229,23 @@ def loop_config(cfg: Mapping[str, Any], *, meta: dict[str, Any], eval_every: int
                       keep=int(cfg["keep"]), async_checkpoint=bool(cfg["async_checkpoint"]),
                       tensorboard=bool(cfg["tensorboard"]), use_pmap=bool(cfg["pmap"]), progress=bool(cfg["progress"]),
                       plot_curves=tuple(plot_curves), meta=meta)
+
+
+# Settings that shape the saved state or the order of the data: a resume with other values is refused
+# (`Trainer._check_meta`). Clipping counts only as on/off: its norm can change, its optimizer state cannot.
+RESUME_KEYS = ("batch_size", "seed", "min_seconds", "max_seconds", "scan_layers", "freeze_feature_encoder",
+               "clip_norm")
+ON_OFF_KEYS = ("clip_norm",)
+
+
+def resume_settings(cfg: Mapping[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{flag: resolved value} of `RESUME_KEYS` + `extra`, stored in every checkpoint's meta."""
+    out: dict[str, Any] = {}
+    for key in RESUME_KEYS + tuple(extra):
+        value = cfg.get(key)
+        flag = "--" + key.replace("_", "-")
+        out[flag] = {"on": bool(value), "value": value} if key in ON_OFF_KEYS else value
+    return out
 
 
 def save_settings(path: Path, cfg: Mapping[str, Any]) -> None:

@@ -14,7 +14,9 @@ learning-rate schedule, and per-parameter groups:
 - `delayed`: the transformer when `--freeze-transformer-steps K` (fairseq
   `freeze_finetune_updates`): only the head (`lm_head`) learns for the first K updates; the
   transformer's Adam state stays untouched until then, as fairseq does not compute its
-  gradients at all.
+  gradients at all (its Adam moments and bias correction start at update K+1). Its learning
+  rate is still the one global schedule at the global update count (fairseq has one lr
+  scheduler): from update K+1 on it gets what the head gets, no new warm-up.
 - `trainable`: everything else.
 """
 
@@ -68,7 +70,11 @@ class DelayedState(flax.struct.PyTreeNode):
 
 
 def delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
-    """`inner`, but zero updates (and `inner`'s state left as it was) for the first `start` updates."""
+    """`inner`, but zero updates (and `inner`'s state left as it was) for the first `start` updates.
+
+    `inner` counts only its own active updates, so a schedule inside it must be shifted by `start`
+    to follow the global update count (see `make_optimizer`).
+    """
 
     def init(params):
         return DelayedState(count=jnp.zeros((), jnp.int32), inner=inner.init(params))
@@ -92,11 +98,14 @@ def make_optimizer(params: PyTree, schedule: optax.Schedule, *, b1: float = 0.9,
     The schedule sees the number of updates of the whole optimizer, so the head and a delayed
     transformer share one clock (fairseq's single lr scheduler).
     """
-    adamw = lambda: optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    adamw = lambda sched: optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    start = int(freeze_transformer_steps)
+    # the delayed group's inner count is 0 at global update `start`: shift its schedule onto the global clock
+    shifted = lambda count: schedule(count + start)
     transforms: dict[str, optax.GradientTransformation] = {
-        "trainable": adamw(),
+        "trainable": adamw(schedule),
         "frozen": optax.set_to_zero(),
-        "delayed": delayed(adamw(), freeze_transformer_steps),
+        "delayed": delayed(adamw(shifted), start),
     }
     labels = param_labels(params, freeze_feature_encoder, freeze_transformer_steps)
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []

@@ -42,12 +42,13 @@ def parse_layer(spec: str, num_layers: int) -> list[int]:
     return [n]
 
 
-def embed_arrays(module, params, wave: np.ndarray, layers: list[int], do_normalize: bool) -> dict[str, np.ndarray]:
+def embed_arrays(module, params, wave: np.ndarray, layers: list[int], do_normalize: bool,
+                 eps: float | None = None) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
-    from flax_d2v.audio import pad_batch
+    from flax_d2v.audio import HF_NORM_EPS, pad_batch
 
-    values, _ = pad_batch([wave], do_normalize=do_normalize)
+    values, _ = pad_batch([wave], do_normalize=do_normalize, eps=HF_NORM_EPS if eps is None else eps)
     out = module.apply({"params": params}, jnp.asarray(values), output_hidden_states=True)
     return {f"layer_{i}": np.asarray(out.hidden_states[i][0], np.float32) for i in layers}
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"d2v embed: error: {e}", file=sys.stderr)
             failures += 1
             continue
-        arrays = embed_arrays(module, params, wave, layers, pre.do_normalize)
+        arrays = embed_arrays(module, params, wave, layers, pre.do_normalize, pre.normalize_eps)
         target = out / (Path(f).stem + ".npz") if several else out
         buf = io.BytesIO()
         np.savez(buf, **arrays)

@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-word-score", type=float, default=S, help="as d2v transcribe --word-score (default -1)")
     g.add_argument("--eval-beam-width", type=int, default=S, help="as d2v transcribe --beam-width (default 100)")
     g = p.add_argument_group("regularisation (HF config names; default: the init model's config)")
-    g.add_argument("--dropout", type=float, default=S, help="sets all of the dropouts below at once")
+    g.add_argument("--dropout", type=float, default=S,
+                   help="sets all of the dropouts below at once, --layerdrop included; a flag below wins")
     for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
                  "layerdrop", "mask_time_prob", "mask_feature_prob"):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=S)
@@ -136,9 +137,11 @@ def choose_vocab(cfg: dict, texts: list[str], init_dir: Path | None, run_dir: Pa
 def training_config(base: Any, cfg: dict, vocab: dict[str, int]) -> Any:
     """The init model's config with this run's vocabulary and regularisation (HF semantics)."""
     over: dict[str, Any] = {}
-    if cfg["dropout"] is not None:
-        over.update({k: float(cfg["dropout"]) for k in DROPOUT_KEYS})
+    if cfg["dropout"] is not None:  # every dropout, LayerDrop included (the flag's help says so)
+        over.update({k: float(cfg["dropout"]) for k in DROPOUT_KEYS + ("layerdrop",)})
     over.update({k: cfg[k] for k in CONFIG_KEYS if cfg.get(k) is not None})
+    if not base.apply_spec_augment and any(cfg.get(k) for k in ("mask_time_prob", "mask_feature_prob")):
+        over["apply_spec_augment"] = True  # a mask rate asked for on the command line means SpecAugment on
     over.update(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
                 eos_token_id=vocab["</s>"], ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
                 ctc_loss_reduction="sum" if cfg["ctc_reduction"] == "sum" else "mean")
@@ -158,86 +161,56 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
     return config, params, Path(where) if Path(where).is_dir() else None
 
 
-def make_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab: dict[str, int],
-                 lm_decoder: Any = None):
-    """eval_fn(state) -> {"wer", "cer", "eval_clips"}: greedy CTC over the whole eval manifest.
+def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_size: int, lm_decoder: Any = None):
+    """eval_fn(state) -> {"wer", "cer", "eval_clips"}: `d2v transcribe` over the whole eval manifest.
 
-    With `lm_decoder` (a `flax_d2v.lm_decode.BeamSearchDecoder`) also "wer_lm" and "cer_lm": the
-    same forward pass's log-probabilities decoded with the n-gram, as `d2v transcribe --lm` would.
+    Through `flax_d2v.transcribe.Transcriber` itself (greedy, its default chunking with strides for
+    clips over 20 s, its padding-invariant forward), so the logged WER is what a user transcribing
+    those clips with `d2v transcribe --model RUN/hf` gets, for clips of any length. Clips are read
+    through the manifest (files or tfds records) a slice at a time, so memory stays bounded.
+    `eval_fn.hypotheses` holds the last eval's {manifest position: text}.
+
+    With `lm_decoder` (a `flax_d2v.lm_decode` beam search decoder) also "wer_lm" and "cer_lm": the
+    same clips through a Transcriber that decodes with the n-gram, as `d2v transcribe --lm` does
+    (a second forward pass over the eval set).
     """
     import jax
-    import numpy as np
 
-    if lm_decoder is not None:
-        return _make_lm_eval_fn(objective, trainer, loader, manifest, vocab, lm_decoder)
-
-    from flax_d2v.train import sharding as S
     from flax_d2v.train import vocab as V
-    from flax_d2v.train.ctc import greedy_decode
+    from flax_d2v.train.data import select_examples
     from flax_d2v.train.metrics import error_rates
+    from flax_d2v.transcribe import Transcriber
 
-    def predict(params, batch):
-        ids, lengths = objective.predict(params, batch)
-        return ids, lengths, batch["index"]
+    positions = [int(i) for i in select_examples(manifest, None, None, True)[0]]
+    slice_clips = 256  # clips read per Transcriber call: bounds host memory on long eval sets
 
-    jitted = jax.jit(predict, in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
-                     out_shardings=S.replicated(trainer.mesh))
-
-    def eval_fn(state: Any) -> dict[str, float]:
-        loader.restore({"epoch": 0, "batch_in_epoch": 0})
+    def transcripts(runner: Any) -> dict[int, str]:
         hyps: dict[int, str] = {}
-        for batch in loader:
-            arrays = {k: np.asarray(batch[k]) for k in ("input_values", "attention_mask", "index")}
-            arrays["index"] = arrays["index"].astype(np.int32)
-            ids, lengths, index = jitted(state.params, S.shard_batch(arrays, trainer.mesh))
-            ids, lengths, index = np.asarray(ids), np.asarray(lengths), np.asarray(index)
-            for i, text in zip(index, greedy_decode(ids, lengths, vocab), strict=True):
-                if i >= 0:
-                    hyps[int(i)] = text
-        order = sorted(hyps)
-        refs = [V.normalize_transcript(manifest.texts[i] or "") for i in order]
-        return {**error_rates(refs, [hyps[i] for i in order]), "eval_clips": len(order)}
-
-    return eval_fn
-
-
-def _make_lm_eval_fn(objective: Any, trainer: Any, loader: Any, manifest: Any, vocab: dict[str, int], lm_decoder: Any):
-    import jax
-    import numpy as np
-
-    from flax_d2v.modeling import apply_padding_invariant
-    from flax_d2v.train import sharding as S
-    from flax_d2v.train import vocab as V
-    from flax_d2v.train.ctc import greedy_decode
-    from flax_d2v.train.metrics import error_rates
-
-    def forward(params, batch):
-        out = apply_padding_invariant(objective.module, params, batch["input_values"], batch["attention_mask"])
-        return jax.nn.log_softmax(out.logits, -1), out.frame_mask.sum(-1).astype("int32"), batch["index"]
-
-    jitted = jax.jit(forward, in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
-                     out_shardings=S.replicated(trainer.mesh))
+        for s in range(0, len(positions), slice_clips):
+            chunk = positions[s:s + slice_clips]
+            results = runner([manifest.load(i) for i in chunk], progress=False)
+            for i, r in zip(chunk, results, strict=True):
+                if r.error:
+                    raise D2VError(f"{manifest.paths[i]}: {r.error}")
+                hyps[i] = r.text
+        return hyps
 
     def eval_fn(state: Any) -> dict[str, float]:
-        loader.restore({"epoch": 0, "batch_in_epoch": 0})
-        greedy: dict[int, str] = {}
-        with_lm: dict[int, str] = {}
-        for batch in loader:
-            arrays = {k: np.asarray(batch[k]) for k in ("input_values", "attention_mask", "index")}
-            arrays["index"] = arrays["index"].astype(np.int32)
-            outputs = jitted(state.params, S.shard_batch(arrays, trainer.mesh))
-            log_probs, lengths, index = (np.asarray(a) for a in outputs)
-            texts = greedy_decode(log_probs.argmax(-1), lengths, vocab)
-            for row, (i, text) in enumerate(zip(index, texts, strict=True)):
-                if i >= 0:
-                    greedy[int(i)] = text
-                    with_lm[int(i)] = lm_decoder.decode(log_probs[row, : int(lengths[row])])[0]
-        order = sorted(greedy)
-        refs = [V.normalize_transcript(manifest.texts[i] or "") for i in order]
-        lm_rates = error_rates(refs, [with_lm[i] for i in order])
-        return {**error_rates(refs, [greedy[i] for i in order]), "wer_lm": lm_rates["wer"], "cer_lm": lm_rates["cer"],
-                "eval_clips": len(order)}
+        # one process: the (possibly sharded) global params as they are; several: a full host copy on each
+        params = state.params if jax.process_count() == 1 else R.host(state.params)
+        runner = Transcriber((objective.module, params), vocab=vocab, batch_size=batch_size)
+        hyps = transcripts(runner)
+        eval_fn.hypotheses = hyps
+        refs = [V.normalize_transcript(manifest.texts[i] or "") for i in positions]
+        metrics = {**error_rates(refs, [hyps[i] for i in positions]), "eval_clips": len(positions)}
+        if lm_decoder is not None:
+            runner.beam, runner.beam_width = lm_decoder, lm_decoder.beam_width
+            with_lm = transcripts(runner)
+            lm_rates = error_rates(refs, [with_lm[i] for i in positions])
+            metrics.update(wer_lm=lm_rates["wer"], cer_lm=lm_rates["cer"])
+        return metrics
 
+    eval_fn.hypotheses = {}
     return eval_fn
 
 
@@ -286,7 +259,7 @@ def finetune(cfg: dict) -> Any:
     from flax_d2v.train.loop import Trainer, log
 
     run_dir = Path(cfg["out"])
-    mesh, dp = R.make_mesh(cfg)
+    mesh, _ = R.make_mesh(cfg)
 
     manifest = D.read_manifest(cfg["train"], require_text=True)
     base_config, loaded, init_dir = load_init(cfg)
@@ -304,22 +277,19 @@ def finetune(cfg: dict) -> Any:
 
     lm_decoder = eval_lm_decoder(cfg, vocab, config.vocab_size)
     loader = R.train_loader(cfg, manifest, vocab)
-    eval_loader = eval_manifest = None
+    eval_manifest = None
+    eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
     if cfg["eval"]:
         eval_manifest = D.read_manifest(cfg["eval"], require_text=True)
-        eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
-        if eval_bs % dp:
-            raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
-        eval_loader = D.BatchLoader(eval_manifest, batch_size=eval_bs, vocab=None, require_text=True,
-                                    shuffle=False, repeat=False, drop_remainder=False,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    num_workers=int(cfg["num_workers"]))
+        if eval_bs < 1:
+            raise D2VError(f"--eval-batch-size: must be >= 1, got {eval_bs}")
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params,
                                                  freeze_transformer_steps=int(cfg["freeze_transformer_steps"]))
     objective = CTCObjective(module, reduction=cfg["ctc_reduction"], zero_infinity=bool(cfg["ctc_zero_infinity"]))
     loop_cfg = R.loop_config(cfg, eval_every=int(cfg["eval_every"]),
-                             meta={"objective": "ctc", "model_config": json.loads(config.to_json_string())})
+                             meta={"objective": "ctc", "model_config": json.loads(config.to_json_string()),
+                                   "settings": R.resume_settings(cfg, ("freeze_transformer_steps",))})
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         V.save_tokenizer_files(run_dir, vocab)  # RUN/vocab.json: a resumed run keeps its ids
@@ -329,14 +299,12 @@ def finetune(cfg: dict) -> Any:
     if data_state:
         loader.restore(data_state)
     eval_fn = None
-    if eval_loader is not None:
-        eval_fn = make_eval_fn(objective, trainer, eval_loader, eval_manifest, vocab, lm_decoder)
+    if eval_manifest is not None:
+        eval_fn = make_eval_fn(objective, eval_manifest, vocab, eval_bs, lm_decoder)
     try:
         result = trainer.fit(state, loader, start, eval_fn=eval_fn, data_state=loader.state)
     finally:
         loader.close()
-        if eval_loader is not None:
-            eval_loader.close()
     trainer.finish(title=f"d2v finetune {run_dir.name}")
     if not result.stopped and cfg["export_hf"]:
         where = export_hf(run_dir, config, result.state.params, vocab)

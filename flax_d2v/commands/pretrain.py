@@ -30,7 +30,7 @@ from flax_d2v.train import run_common as R
 
 # The pretraining recipe (fairseq base_librispeech): where its defaults differ from fine-tuning's.
 RECIPE = {"learning_rate": 5e-4, "phase_ratio": "0.03,0.9,0.07", "final_lr_scale": 0.01, "adam_eps": 1e-6,
-          "weight_decay": 0.01, "freeze_feature_encoder": False}
+          "weight_decay": 0.01, "freeze_feature_encoder": False, "min_seconds": 2.0}  # min_sample_size 32000
 # fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names.
 REGULARISATION = {"hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
                   "feat_proj_dropout": 0.0, "layerdrop": 0.05}
@@ -163,6 +163,8 @@ def pretrain(cfg: dict) -> Any:
     config = base_config.replace(**regularisation(cfg))
     if not config.has_masked_spec_embed:  # the mask embedding pretraining needs; HF's default rate
         config = config.replace(mask_time_prob=0.05)
+    if not config.apply_spec_augment:  # the objective's span masks are the point of pretraining
+        config = config.replace(apply_spec_augment=True)
     module = Data2VecAudioModel(config, **R.module_options(cfg))
     objective = Data2VecObjective(module, objective_config(cfg), axis_name=PMAP_AXIS if cfg["pmap"] else None)
     model_params, new_keys, _ = R.graft(init_params(module, seed), R.stacked(cfg, loaded))
@@ -175,7 +177,8 @@ def pretrain(cfg: dict) -> Any:
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params)
     loop_cfg = R.loop_config(cfg, plot_curves=("loss", "target_var", "pred_var"),
-                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())})
+                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string()),
+                                   "settings": R.resume_settings(cfg, ("crop",))})
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         R.save_settings(run_dir / "pretrain_config.json", cfg)
