@@ -136,8 +136,15 @@ def tiny_config_v2(**overrides: Any) -> Data2Vec2Config:
     return Data2Vec2Config(**values)
 
 
-def is_v2_config_dict(data: dict[str, Any]) -> bool:
-    return data.get("model_type") == MODEL_TYPE_V2
+def read_config(path: Any) -> Data2VecAudioConfig:
+    """config.json of a flax-d2v directory: `Data2Vec2Config` for model_type "data2vec2-audio", else 1.0's."""
+    import os
+
+    from flax_d2v.fileio import read_json_object
+
+    if os.path.isfile(path) and read_json_object(path).get("model_type") == MODEL_TYPE_V2:
+        return Data2Vec2Config.from_json_file(path)
+    return Data2VecAudioConfig.from_json_file(path)
 
 
 # ----------------------------------------------------------------------------------------- ALiBi

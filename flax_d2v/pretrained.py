@@ -29,6 +29,10 @@ HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.t
 
 
 def build_module(config: Data2VecAudioConfig, is_ctc: bool, **module_kwargs: Any):
+    from flax_d2v.data2vec2 import Data2Vec2Config, build_module_v2
+
+    if isinstance(config, Data2Vec2Config):
+        return build_module_v2(config, is_ctc, **module_kwargs)
     cls = Data2VecAudioForCTC if is_ctc else Data2VecAudioModel
     return cls(config, **module_kwargs)
 
@@ -78,9 +82,17 @@ def download_from_hub(repo_id: str) -> str:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, scan_layers: bool = False,
-                    remat_policy: str = "none", freeze_feature_encoder: bool = False):
-    """(module, params) ready for `module.apply({"params": params}, input_values, ...)`."""
-    config, is_ctc, params, _ = load_any(path)
+                    remat_policy: str = "none", freeze_feature_encoder: bool = False, teacher: bool = False):
+    """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
+
+    `teacher=True`: the pretraining checkpoint's EMA teacher instead of the student, as a runnable model
+    (its own encoder over the student's conv feature extractor and feature projection), 1.0 and 2.0.
+    """
+    config, is_ctc, params, resolved = load_any(path)
+    if teacher:
+        from flax_d2v.teacher import teacher_params
+
+        params = teacher_params(config, is_ctc, params, resolved)
     module = build_module(config, is_ctc, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy,
                           freeze_feature_encoder=freeze_feature_encoder)
     if scan_layers:
