@@ -137,6 +137,10 @@ def _hf_dir_for(src: str, tmp: str) -> str:
 def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32",
            batch: bool = True) -> tuple[list[StageError], dict]:
     """Run both models on the clips; (rows of the report, facts about the run)."""
+    from flax_d2v.convert.verify2 import is_v2_source, verify_v2
+
+    if is_v2_source(src):  # data2vec 2.0: fairseq, or its PyTorch rendering (no transformers class)
+        return verify_v2(src, audio, batch)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

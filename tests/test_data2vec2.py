@@ -194,3 +194,34 @@ def test_refusals(tmp_path):
     bad["model"]["blocks.0.extra"] = torch.zeros(1)
     with pytest.raises(flax_d2v.D2VError, match="unexpected key"):
         flax_d2v.from_pretrained(save_checkpoint(bad, tmp_path / "bad3.pt"))
+
+
+def test_verify_uses_pytorch_rendering_when_fairseq_is_missing(tmp_path, capsys):
+    ckpt = F2.ctc_checkpoint("large")[0]
+    pt = save_checkpoint(ckpt, tmp_path / "ctc.pt")
+    rc = main(["verify", str(pt), "--report", str(tmp_path / "r.md")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fairseq2_reference" in out and "fairseq is not importable" in out
+    for stage in ("local_features", "prenet[1]", "hidden_states[2]", "layer_results[1]", "logits"):
+        assert f"| {stage} |" in out
+    assert "FAIL" not in out.replace("PASS", "")
+
+
+def test_embed_and_transcribe_on_2_0(tmp_path, capsys, speech_dir):
+    """`d2v embed` (every block) and `d2v transcribe` (padding-invariant, bucketed) on a converted 2.0 CTC model."""
+    ckpt = F2.ctc_checkpoint("base")[0]
+    pt = save_checkpoint(ckpt, tmp_path / "ctc.pt")
+    assert main(["convert", str(pt), str(tmp_path / "m")]) == 0
+    clip = speech_dir / CLIP
+    assert main(["embed", "--model", str(tmp_path / "m"), str(clip), "--layer", "all", "--out", str(tmp_path / "e.npz")]) == 0
+    arrays = np.load(tmp_path / "e.npz")
+    assert len(arrays.files) == F2.LAYOUTS["base"]["depth"] + 1
+    capsys.readouterr()
+    from flax_d2v.transcribe import Transcriber
+
+    tr = Transcriber(str(tmp_path / "m"), batch_size=4)
+    wave = _wave(speech_dir, 2.0)
+    alone = tr([(wave[:20000], 16000)], progress=False)
+    together = tr([(wave[:20000], 16000), (wave, 16000), (wave[:9000], 16000)], progress=False)
+    assert alone[0].text == together[0].text  # a clip's transcript does not depend on its batch-mates
