@@ -225,3 +225,27 @@ def test_embed_and_transcribe_on_2_0(tmp_path, capsys, speech_dir):
     alone = tr([(wave[:20000], 16000)], progress=False)
     together = tr([(wave[:20000], 16000), (wave, 16000), (wave[:9000], 16000)], progress=False)
     assert alone[0].text == together[0].text  # a clip's transcript does not depend on its batch-mates
+
+
+def test_finetune_2_0_from_fairseq_pt(tmp_path, speech_dir):
+    """`d2v finetune --model x.pt` on a data2vec 2.0 pretrained checkpoint: CTC head added, loss falls, RUN/flax."""
+    import jax
+
+    from flax_d2v.commands.finetune import finetune, resolve
+    from test_finetune import OVERFIT_CLIPS, write_manifest
+
+    pt = save_checkpoint(F2.pretrained_checkpoint("base")[0], tmp_path / "base_libri.pt")
+    manifest = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
+    result = finetune(resolve(dict(train=str(manifest), model=str(pt), out=str(tmp_path / "run"), steps=30,
+                                   batch_size=4, learning_rate=2e-3, lr_schedule="constant", dropout=0.0,
+                                   mask_time_prob=0.5, mask_time_length=5, log_every=1, progress=False, seed=0)))
+    params = jax.device_get(result.state.params)
+    assert set(params["data2vec_audio"]) >= {"alibi_scale", "context_encoder", "blocks_0", "project_features"}
+    from flax_d2v.train.metrics import read_metrics
+
+    train = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    first, last = train[0]["loss"], min(r["loss"] for r in train[-5:])
+    assert last < 0.5 * first, (first, last)
+    module, loaded = flax_d2v.from_pretrained(tmp_path / "run" / "flax")
+    assert type(module).__name__ == "Data2Vec2ForCTC"
+    np.testing.assert_array_equal(loaded["lm_head"]["kernel"], params["lm_head"]["kernel"])
