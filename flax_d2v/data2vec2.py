@@ -350,10 +350,12 @@ class Data2Vec2Model(nn.Module):
         if not c.use_alibi:
             out: list[Array | None] = [None] * n
         else:
-            base = alibi_bias(num_frames, c.num_attention_heads)[None]  # (1, H, T, T)
-            if keep is not None:  # masked_alibi: rows, then columns, of the kept frames
-                base = jnp.take_along_axis(base, keep[:, None, :, None], axis=2)
-                base = jnp.take_along_axis(base, keep[:, None, None, :], axis=3)
+            if keep is None:
+                base = alibi_bias(num_frames, c.num_attention_heads)[None]  # (1, H, T, T)
+            else:  # masked_alibi: the rows and columns of the kept frames (the same float32 products)
+                slopes = jnp.asarray(np.asarray(alibi_slopes(c.num_attention_heads), np.float32))
+                dist = -jnp.abs(keep[:, :, None] - keep[:, None, :]).astype(jnp.float32)
+                base = slopes[None, :, None, None] * dist[:, None]
             scale = jnp.maximum(self.alibi_scale, 0.0).astype(jnp.float32)  # clamp_min(0)
             scaled = [base * scale[i][None, :, None, None] for i in range(scale.shape[0])]
             out = [scaled[i if len(scaled) > 1 else 0] for i in range(n)]
@@ -380,6 +382,16 @@ class Data2Vec2Model(nn.Module):
             hidden.append(x)
             results.append(t)
         return x, hidden, results, prenet
+
+    def encode_masked(self, local: Array, mask: Array, keep: Array, deterministic: bool = True) -> Array:
+        """The student of pretraining: fairseq's `contextualized_features(mask=True, remove_masked=True)` and
+        the blocks, on clone-batched local features (N, T, D). The masked frames are zeroed for the positional
+        conv (`apply_mask`, encoder_zero_mask); only the kept frames `keep` (N, K) go through the blocks, with
+        the ALiBi bias of their original positions."""
+        pos = self.relative_positional_encoder(jnp.where(mask[..., None], jnp.zeros((), local.dtype), local))
+        take = lambda a: jnp.take_along_axis(a, keep[..., None], axis=1)  # noqa: E731
+        x = take(local) + take(pos)
+        return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
 
     def contextualize(self, x: Array, frame_mask: Array | None = None, deterministic: bool = True,
                       padding_invariant: bool = False) -> tuple[Array, list[Array], list[Array], list[Array]]:
