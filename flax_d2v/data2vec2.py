@@ -136,6 +136,17 @@ def tiny_config_v2(**overrides: Any) -> Data2Vec2Config:
     return Data2Vec2Config(**values)
 
 
+def large_config_v2(**overrides: Any) -> Data2Vec2Config:
+    """large_audio_only_task.yaml: 1024 wide, 16 blocks after 8 prenet blocks, 16 heads, decoder 768."""
+    values = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, intermediate_size=4096,
+                  prenet_depth=8, layerdrop=0.0, prenet_layerdrop=0.0, decoder_dim=768)
+    values.update(overrides)
+    return Data2Vec2Config(**values)
+
+
+PRESETS_V2 = {"base": Data2Vec2Config, "large": large_config_v2, "tiny": tiny_config_v2}
+
+
 def read_config(path: Any) -> Data2VecAudioConfig:
     """config.json of a flax-d2v directory: `Data2Vec2Config` for model_type "data2vec2-audio", else 1.0's."""
     import os

@@ -137,3 +137,40 @@ def test_ema_decay_and_teacher_update():
     new = obj.update_extra(extra, moved, jnp.asarray(0))
     d = float(obj.ema_decay(1))
     np.testing.assert_allclose(new["teacher"]["alibi_scale"], extra["teacher"]["alibi_scale"] + (1 - d), rtol=1e-6)
+
+
+def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
+    """A tiny `d2v pretrain --arch data2vec2` run on real speech logs loss, target_var, pred_var, ema_decay;
+    its student fine-tunes with `d2v finetune`, and exports back to fairseq."""
+    import json
+
+    from flax_d2v.cli import main
+    from test_finetune import OVERFIT_CLIPS, write_manifest
+    from test_pretrain import _manifest
+
+    manifest = _manifest(speech_dir, tmp_path)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--arch", "data2vec2", "--train", str(manifest), "--out", str(run), "--batch-size", "4",
+                 "--config", "tiny", "--average-top-k-layers", "2", "--clone-batch", "2", "--steps", "6",
+                 "--log-every", "2", "--no-progress", "--no-async-checkpoint", "--num-workers", "1"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert {"loss", "lr", "ema_decay", "target_var", "pred_var", "masked_pct"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["target_var"] > 0 and r["pred_var"] > 0
+        assert 0.999 <= r["ema_decay"] < 0.99901
+        assert 0.49 < r["masked_pct"] < 0.51
+    settings = json.loads((run / "pretrain_config.json").read_text())
+    assert (settings["lr_schedule"], settings["mask_length"], settings["ema_anneal_end_step"]) == ("cosine", 5, 75000)
+    from flax_d2v.checkpoint import load_flax_aux
+
+    aux = load_flax_aux(run / "flax")
+    assert set(aux) == {"ema", "decoder"}
+    assert main(["convert", str(run / "flax"), str(tmp_path / "v2.pt"), "--to", "fairseq"]) == 0
+
+    from flax_d2v.commands.finetune import finetune, resolve
+
+    ft = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
+    result = finetune(resolve(dict(train=str(ft), model=str(run / "flax"), out=str(tmp_path / "ft"), steps=3,
+                                   batch_size=4, learning_rate=1e-4, log_every=1, progress=False)))
+    assert result.step == 3 and (tmp_path / "ft" / "flax" / "vocab.json").is_file()
