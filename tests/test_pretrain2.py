@@ -174,3 +174,32 @@ def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
     result = finetune(resolve(dict(train=str(ft), model=str(run / "flax"), out=str(tmp_path / "ft"), steps=3,
                                    batch_size=4, learning_rate=1e-4, log_every=1, progress=False)))
     assert result.step == 3 and (tmp_path / "ft" / "flax" / "vocab.json").is_file()
+
+
+def test_d2v_pretrain_data2vec2_resumes_a_fairseq_pt_with_its_teacher(speech_dir, tmp_path):
+    import json
+
+    from flax_d2v.checkpoint import load_flax, load_flax_aux
+    from flax_d2v.cli import main
+    from flax_d2v.convert.fairseq import load_fairseq
+    from flax_d2v.convert.keys import flatten
+    from test_pretrain import _manifest
+
+    ckpt = F2.pretrained_checkpoint("base")[0]
+    pt = save_checkpoint(ckpt, tmp_path / "base_libri.pt")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--arch", "data2vec2", "--train", str(_manifest(speech_dir, tmp_path)), "--out", str(run),
+                 "--batch-size", "4", "--model", str(pt), "--average-top-k-layers", "2", "--clone-batch", "2",
+                 "--steps", "1", "--log-every", "1", "--no-progress", "--no-async-checkpoint",
+                 "--num-workers", "1"]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    # the decay continues from the checkpoint's 4321 updates
+    np.testing.assert_allclose(row["ema_decay"], 0.999 + (0.99999 - 0.999) * 4322 / 75000, rtol=1e-7)
+    before = load_fairseq(pt)
+    _, student = load_flax(run / "flax")
+    aux = load_flax_aux(run / "flax")
+    t_after, t_before, s_after = flatten(aux["ema"]), flatten(before.aux["ema"]), flatten(student)
+    d = row["ema_decay"]
+    for k in ("blocks_0/attn/qkv/kernel", "alibi_scale", "context_encoder/norm/scale"):
+        np.testing.assert_allclose(t_after[k], d * t_before[k] + (1 - d) * s_after[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flatten(aux["decoder"])["proj/bias"].shape, (48,))
