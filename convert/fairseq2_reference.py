@@ -43,8 +43,13 @@ class SamePad(nn.Module):
 
 class Fp32LayerNorm(nn.LayerNorm):
     def forward(self, x):
-        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float() if self.weight is not None else None,
-                           self.bias.float() if self.bias is not None else None, self.eps)
+        out = F.layer_norm(
+            x.float(),
+            self.normalized_shape,
+            self.weight.float() if self.weight is not None else None,
+            self.bias.float() if self.bias is not None else None,
+            self.eps,
+        )
         return out.type_as(x)
 
 
@@ -63,9 +68,14 @@ class ConvFeatureExtractionModel(nn.Module):
         for dim, k, stride in conv_layers:
             conv = nn.Conv1d(in_d, dim, k, stride=stride, bias=False)
             nn.init.kaiming_normal_(conv.weight)
-            blocks.append(nn.Sequential(conv, nn.Dropout(0.0),
-                                        nn.Sequential(TransposeLast(), Fp32LayerNorm(dim, elementwise_affine=True),
-                                                      TransposeLast()), nn.GELU()))
+            blocks.append(
+                nn.Sequential(
+                    conv,
+                    nn.Dropout(0.0),
+                    nn.Sequential(TransposeLast(), Fp32LayerNorm(dim, elementwise_affine=True), TransposeLast()),
+                    nn.GELU(),
+                )
+            )
             in_d = dim
         self.conv_layers = nn.ModuleList(blocks)
 
@@ -156,12 +166,18 @@ class Decoder1d(nn.Module):
         k = cfg["decoder_kernel"]
 
         def make_block(in_dim):
-            return nn.Sequential(nn.Conv1d(in_dim, cfg["decoder_dim"], kernel_size=k, padding=k // 2,
-                                           groups=cfg["decoder_groups"]), SamePad(k), TransposeLast(),
-                                 nn.LayerNorm(cfg["decoder_dim"], elementwise_affine=False), TransposeLast(), nn.GELU())
+            return nn.Sequential(
+                nn.Conv1d(in_dim, cfg["decoder_dim"], kernel_size=k, padding=k // 2, groups=cfg["decoder_groups"]),
+                SamePad(k),
+                TransposeLast(),
+                nn.LayerNorm(cfg["decoder_dim"], elementwise_affine=False),
+                TransposeLast(),
+                nn.GELU(),
+            )
 
-        self.blocks = nn.Sequential(*[make_block(input_dim if i == 0 else cfg["decoder_dim"])
-                                      for i in range(cfg["decoder_layers"])])
+        self.blocks = nn.Sequential(
+            *[make_block(input_dim if i == 0 else cfg["decoder_dim"]) for i in range(cfg["decoder_layers"])]
+        )
         self.proj = nn.Linear(cfg["decoder_dim"], input_dim)
 
     def forward(self, x):
@@ -205,13 +221,25 @@ class AudioEncoder(nn.Module):
             fd = self.feature_enc_layers[-1][0]
             self.project_features = nn.Sequential(TransposeLast(), nn.LayerNorm(fd), nn.Linear(fd, d))
         k = max(3, s["conv_pos_width"] // s["conv_pos_depth"])
-        self.relative_positional_encoder = nn.Sequential(TransposeLast(), *[
-            nn.Sequential(nn.Conv1d(d, d, kernel_size=k, padding=k // 2, groups=s["conv_pos_groups"]), SamePad(k),
-                          TransposeLast(), nn.LayerNorm(d, elementwise_affine=False), TransposeLast(), nn.GELU())
-            for _ in range(s["conv_pos_depth"])], TransposeLast())
+        self.relative_positional_encoder = nn.Sequential(
+            TransposeLast(),
+            *[
+                nn.Sequential(
+                    nn.Conv1d(d, d, kernel_size=k, padding=k // 2, groups=s["conv_pos_groups"]),
+                    SamePad(k),
+                    TransposeLast(),
+                    nn.LayerNorm(d, elementwise_affine=False),
+                    TransposeLast(),
+                    nn.GELU(),
+                )
+                for _ in range(s["conv_pos_depth"])
+            ],
+            TransposeLast(),
+        )
         self.context_encoder = BlockEncoder(
             nn.ModuleList(AltBlock(d, s["num_heads"], s["mlp_ratio"], s["norm_eps"]) for _ in range(s["prenet_depth"])),
-            nn.LayerNorm(d, eps=s["norm_eps"]))
+            nn.LayerNorm(d, eps=s["norm_eps"]),
+        )
         if not teacher and s["decoder"] is not None:
             self.decoder = Decoder1d(s["decoder"], d)
         if s["use_alibi_encoder"]:
@@ -265,12 +293,19 @@ class AudioEncoder(nn.Module):
                 H = alibi_bias.size(1)
                 index = ids_keep.unsqueeze(1)[..., 0].unsqueeze(-1)
                 alibi_bias = torch.gather(alibi_bias, -2, index.expand(-1, H, -1, orig_T))
-                alibi_bias = torch.gather(alibi_bias, -1, index.transpose(-1, -2).expand(-1, H, alibi_bias.size(-2), -1))
+                alibi_bias = torch.gather(
+                    alibi_bias, -1, index.transpose(-1, -2).expand(-1, H, alibi_bias.size(-2), -1)
+                )
         p = self.s["prenet_depth"]
-        x = self.context_encoder(x, padding_mask, alibi_bias, alibi_scale[:p] if alibi_scale is not None else None,
-                                 prenet_states)
-        return {"x": x, "padding_mask": padding_mask, "alibi_bias": alibi_bias,
-                "alibi_scale": alibi_scale[p:] if alibi_scale is not None and alibi_scale.size(0) > 1 else alibi_scale}
+        x = self.context_encoder(
+            x, padding_mask, alibi_bias, alibi_scale[:p] if alibi_scale is not None else None, prenet_states
+        )
+        return {
+            "x": x,
+            "padding_mask": padding_mask,
+            "alibi_bias": alibi_bias,
+            "alibi_scale": alibi_scale[p:] if alibi_scale is not None and alibi_scale.size(0) > 1 else alibi_scale,
+        }
 
 
 class Data2VecMulti(nn.Module):
@@ -280,8 +315,9 @@ class Data2VecMulti(nn.Module):
         super().__init__()
         s = self.s = model_settings(model_cfg)
         self.modality_encoders = nn.ModuleDict({"AUDIO": AudioEncoder(s, teacher)})
-        self.blocks = nn.ModuleList(AltBlock(s["embed_dim"], s["num_heads"], s["mlp_ratio"], s["norm_eps"])
-                                    for _ in range(s["depth"]))
+        self.blocks = nn.ModuleList(
+            AltBlock(s["embed_dim"], s["num_heads"], s["mlp_ratio"], s["norm_eps"]) for _ in range(s["depth"])
+        )
 
     def run_blocks(self, enc):
         x, pm, ab, scale = enc["x"], enc["padding_mask"], enc["alibi_bias"], enc["alibi_scale"]
@@ -304,8 +340,14 @@ class Data2VecMulti(nn.Module):
         prenet: list = []
         enc = enc_mod.contextualized_features(local, padding_mask, prenet_states=prenet)
         x, hidden, results = self.run_blocks(enc)
-        return {"x": x, "hidden_states": hidden, "layer_results": results, "prenet_states": prenet,
-                "padding_mask": enc["padding_mask"], "local_features": local}
+        return {
+            "x": x,
+            "hidden_states": hidden,
+            "layer_results": results,
+            "prenet_states": prenet,
+            "padding_mask": enc["padding_mask"],
+            "local_features": local,
+        }
 
 
 def make_maskinfo(mask: torch.Tensor, dim: int):
@@ -328,8 +370,9 @@ def instance_norm_targets(layer_results, top_k):
 
 
 @torch.no_grad()
-def pretrain_loss(student: Data2VecMulti, teacher: Data2VecMulti, source, precomputed_mask, mask_noise,
-                  clone_batch: int, top_k: int) -> dict[str, Any]:
+def pretrain_loss(
+    student: Data2VecMulti, teacher: Data2VecMulti, source, precomputed_mask, mask_noise, clone_batch: int, top_k: int
+) -> dict[str, Any]:
     """fairseq's training forward with dropout off: per-element regression loss (masked frames x D) and logs.
 
     `precomputed_mask` (B*clone, T), 1 = masked; `mask_noise` (B*clone, num_masked, D), the decoder's
@@ -356,12 +399,20 @@ def pretrain_loss(student: Data2VecMulti, teacher: Data2VecMulti, source, precom
     def var(z):
         return torch.sqrt(z.reshape(-1, z.size(-1)).var(dim=0) + 1e-6).mean()
 
-    return {"losses": loss, "sample_size": int(masked_b.sum()), "loss": loss.sum() / masked_b.sum(),
-            "target_var": var(y.float()), "pred_var": var(pred.float()), "targets": y, "pred": pred}
+    return {
+        "losses": loss,
+        "sample_size": int(masked_b.sum()),
+        "loss": loss.sum() / masked_b.sum(),
+        "target_var": var(y.float()),
+        "pred_var": var(pred.float()),
+        "targets": y,
+        "pred": pred,
+    }
 
 
-def build(model_cfg: dict[str, Any], state: dict[str, torch.Tensor] | None = None, teacher: bool = False,
-          strict: bool = True) -> Data2VecMulti:
+def build(
+    model_cfg: dict[str, Any], state: dict[str, torch.Tensor] | None = None, teacher: bool = False, strict: bool = True
+) -> Data2VecMulti:
     """The reference model from a cfg.model dict, optionally loading a fairseq state dict (fairseq key names)."""
     m = Data2VecMulti(model_cfg, teacher=teacher).eval()
     if state is not None:

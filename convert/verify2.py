@@ -51,8 +51,7 @@ def _run_fairseq(model, values: np.ndarray, mask: np.ndarray | None) -> dict[str
         if hasattr(model, "w2v_encoder"):
             enc = model.w2v_encoder
             res = enc.w2v_model.extract_features(source=x, padding_mask=pm, mode="AUDIO", mask=False)
-            out = {"last_hidden_state": res["x"].double().numpy(),
-                   "logits": enc.proj(res["x"]).double().numpy()}
+            out = {"last_hidden_state": res["x"].double().numpy(), "logits": enc.proj(res["x"]).double().numpy()}
         else:
             res = model.extract_features(x, mode="AUDIO", padding_mask=pm, mask=False)
             out = {"last_hidden_state": res["x"].double().numpy()}
@@ -144,8 +143,8 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True) -> tuple[
             run_ref = lambda v, m: _run_fairseq(fs_model, v, m)  # noqa: E731
         else:
             from flax_d2v.convert import fairseq2_reference as R
-            from flax_d2v.convert.fairseq2 import CTC_PREFIX, default_cfg
             from flax_d2v.convert.fairseq import read_fairseq_file
+            from flax_d2v.convert.fairseq2 import CTC_PREFIX, default_cfg
 
             ckpt = read_fairseq_file(pt)
             cfg = ckpt["cfg"]["model"]
@@ -154,14 +153,16 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True) -> tuple[
             proj = None
             if "lm_head" in flat_params:
                 proj = (state.pop("w2v_encoder.proj.weight"), state.pop("w2v_encoder.proj.bias"))
-                state = {k[len(CTC_PREFIX):]: v for k, v in state.items()}
+                state = {k[len(CTC_PREFIX) :]: v for k, v in state.items()}
             arch = arch or default_cfg(config)
             if "decoder" not in (load_flax_aux(fdir) or {}):  # the rendering builds a decoder only when asked
                 mods = dict(arch.get("modalities") or {})
                 arch = {**arch, "modalities": {**mods, "audio": {**dict(mods.get("audio") or {}), "decoder": None}}}
             ref = R.build(arch, state)
-            reference = "flax_d2v.convert.fairseq2_reference (PyTorch rendering of fairseq's code, fp32; " \
-                        "fairseq is not importable)"
+            reference = (
+                "flax_d2v.convert.fairseq2_reference (PyTorch rendering of fairseq's code, fp32; "
+                "fairseq is not importable)"
+            )
             run_ref = lambda v, m: _run_reference(ref, proj, v, m)  # noqa: E731
         cases = [(f"single: {Path(files[0]).name}", [waves[0]])]
         if batch:
@@ -176,6 +177,12 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True) -> tuple[
             got, frame_mask = _run_flax(module, params, values, use_mask)
             for stage in ref_out:
                 rows.append(compare(name, stage, got[stage], ref_out[stage], frame_mask))
-    facts = {"model": src, "audio": files, "reference": reference, "tolerance": compare.__globals__["PARITY_RTOL"],
-             "layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
+    facts = {
+        "model": src,
+        "audio": files,
+        "reference": reference,
+        "tolerance": compare.__globals__["PARITY_RTOL"],
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+    }
     return rows, facts

@@ -87,8 +87,10 @@ class Data2Vec2Config(Data2VecAudioConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.decoder_dim % self.decoder_groups or self.hidden_size % self.decoder_groups:
-            raise D2VError(f"config: decoder_groups {self.decoder_groups} must divide decoder_dim {self.decoder_dim} "
-                           f"and hidden_size {self.hidden_size}")
+            raise D2VError(
+                f"config: decoder_groups {self.decoder_groups} must divide decoder_dim {self.decoder_dim} "
+                f"and hidden_size {self.hidden_size}"
+            )
 
     def __hash__(self) -> int:
         return hash(self.to_json_string())
@@ -107,8 +109,11 @@ class Data2Vec2Config(Data2VecAudioConfig):
             raise D2VError(f"config: model_type is {data.get('model_type')!r}, expected {MODEL_TYPE_V2!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names and k not in ("extra", "model_type",
-                                                                                 "num_feat_extract_layers")}
+        extra = {
+            k: v
+            for k, v in data.items()
+            if k not in names and k not in ("extra", "model_type", "num_feat_extract_layers")
+        }
         extra.update(data.get("extra", {}))
         return cls(**known, extra=extra)
 
@@ -129,17 +134,36 @@ class Data2Vec2Config(Data2VecAudioConfig):
 
 def tiny_config_v2(**overrides: Any) -> Data2Vec2Config:
     """Small 2.0 configuration for tests and demos (same structure, narrow)."""
-    values = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  conv_dim=(32,) * 7, num_conv_pos_embedding_groups=4, conv_pos_kernel_size=5,
-                  num_conv_pos_embeddings=2, decoder_dim=32, decoder_groups=4, decoder_kernel=3, decoder_layers=2)
+    values = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embedding_groups=4,
+        conv_pos_kernel_size=5,
+        num_conv_pos_embeddings=2,
+        decoder_dim=32,
+        decoder_groups=4,
+        decoder_kernel=3,
+        decoder_layers=2,
+    )
     values.update(overrides)
     return Data2Vec2Config(**values)
 
 
 def large_config_v2(**overrides: Any) -> Data2Vec2Config:
     """large_audio_only_task.yaml: 1024 wide, 16 blocks after 8 prenet blocks, 16 heads, decoder 768."""
-    values = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, intermediate_size=4096,
-                  prenet_depth=8, layerdrop=0.0, prenet_layerdrop=0.0, decoder_dim=768)
+    values = dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        prenet_depth=8,
+        layerdrop=0.0,
+        prenet_layerdrop=0.0,
+        decoder_dim=768,
+    )
     values.update(overrides)
     return Data2Vec2Config(**values)
 
@@ -287,8 +311,7 @@ class ContextEncoder(nn.Module):
     remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, x: Array, biases: list[Array | None], deterministic: bool = True
-                 ) -> tuple[Array, list[Array]]:
+    def __call__(self, x: Array, biases: list[Array | None], deterministic: bool = True) -> tuple[Array, list[Array]]:
         c = self.config
         x = _layer_norm(c.layer_norm_eps, "embed", self.dtype, "norm")(x)
         x = nn.Dropout(c.prenet_dropout)(x, deterministic=deterministic)
@@ -332,8 +355,10 @@ class Data2Vec2Model(nn.Module):
         self.relative_positional_encoder = PositionalConvEmbedding(c, self.dtype)
         if c.use_alibi:
             self.alibi_scale = self.param(
-                "alibi_scale", nn.with_logical_partitioning(nn.initializers.ones, (None, None)),
-                (c.num_alibi_scales, c.num_attention_heads if c.alibi_scale_per_head else 1))
+                "alibi_scale",
+                nn.with_logical_partitioning(nn.initializers.ones, (None, None)),
+                (c.num_alibi_scales, c.num_attention_heads if c.alibi_scale_per_head else 1),
+            )
         self.context_encoder = ContextEncoder(c, self.dtype, self.remat_policy)
         block = _block_cls(self.remat_policy)
         self.blocks = [block(c, self.dtype, name=f"blocks_{i}") for i in range(c.num_hidden_layers)]
@@ -353,8 +378,7 @@ class Data2Vec2Model(nn.Module):
             features = jax.lax.stop_gradient(features)
         return self.project_features(features)
 
-    def biases(self, num_frames: int, keep: Array | None = None, frame_mask: Array | None = None
-               ) -> list[Array | None]:
+    def biases(self, num_frames: int, keep: Array | None = None, frame_mask: Array | None = None) -> list[Array | None]:
         """One attention bias per block (prenet first): scaled ALiBi, gathered to `keep`, plus key padding."""
         c = self.config
         n = c.prenet_depth + c.num_hidden_layers
@@ -380,8 +404,9 @@ class Data2Vec2Model(nn.Module):
             x = jnp.where(frame_mask[..., None], x, jnp.zeros((), x.dtype))
         return self.relative_positional_encoder(x)
 
-    def encode(self, x: Array, biases: list[Array | None], deterministic: bool = True,
-               collect: bool = False) -> tuple[Array, list[Array], list[Array], list[Array]]:
+    def encode(
+        self, x: Array, biases: list[Array | None], deterministic: bool = True, collect: bool = False
+    ) -> tuple[Array, list[Array], list[Array], list[Array]]:
         """context_encoder and the blocks on `x` (already with positions): (x, hidden, results, prenet)."""
         c = self.config
         x, prenet = self.context_encoder(x, biases[: c.prenet_depth], deterministic)
@@ -404,45 +429,66 @@ class Data2Vec2Model(nn.Module):
         x = take(local) + take(pos)
         return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
 
-    def contextualize(self, x: Array, frame_mask: Array | None = None, deterministic: bool = True,
-                      padding_invariant: bool = False) -> tuple[Array, list[Array], list[Array], list[Array]]:
+    def contextualize(
+        self, x: Array, frame_mask: Array | None = None, deterministic: bool = True, padding_invariant: bool = False
+    ) -> tuple[Array, list[Array], list[Array], list[Array]]:
         """fairseq's `contextualized_features(mask=False)` and the blocks (the teacher's whole forward)."""
         x = x + self.positions(x, frame_mask, padding_invariant)
         return self.encode(x, self.biases(x.shape[1], None, frame_mask), deterministic)
 
-    def _mask(self, h: Array, frame_mask: Array | None, mask_time_indices: Array | None,
-              mask_feature_indices: Array | None, deterministic: bool) -> tuple[Array, Array | None]:
-        """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): noise in masked frames, zero channels."""
+    def _mask(
+        self,
+        h: Array,
+        frame_mask: Array | None,
+        mask_time_indices: Array | None,
+        mask_feature_indices: Array | None,
+        deterministic: bool,
+    ) -> tuple[Array, Array | None]:
+        """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): noise in masked frames,
+        zeroed channels."""
         c = self.config
         b, t, d = h.shape
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
-            mask_time_indices = compute_mask_indices(self.make_rng("dropout"), (b, t), c.mask_time_prob,
-                                                     c.mask_time_length, c.mask_time_min_masks, lengths)
+            mask_time_indices = compute_mask_indices(
+                self.make_rng("dropout"), (b, t), c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks, lengths
+            )
         if mask_time_indices is not None:
             noise = c.mask_noise_std * jax.random.normal(self.make_rng("dropout"), h.shape, jnp.float32)
             h = jnp.where(mask_time_indices[..., None], noise.astype(h.dtype), h)
         if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
-            mask_feature_indices = compute_mask_indices(self.make_rng("dropout"), (b, d), c.mask_feature_prob,
-                                                        c.mask_feature_length, c.mask_feature_min_masks)
+            mask_feature_indices = compute_mask_indices(
+                self.make_rng("dropout"), (b, d), c.mask_feature_prob, c.mask_feature_length, c.mask_feature_min_masks
+            )
         if mask_feature_indices is not None:
             h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
         return h, mask_time_indices
 
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False, padding_invariant: bool = False) -> Data2Vec2Output:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+        padding_invariant: bool = False,
+    ) -> Data2Vec2Output:
         local = self.local_features(input_values)
         frame_mask = self.frame_mask(attention_mask, local.shape[1])
         h, mask_time_indices = self._mask(local, frame_mask, mask_time_indices, mask_feature_indices, deterministic)
         x, hidden, results, prenet = self.contextualize(h, frame_mask, deterministic, padding_invariant)
         return Data2Vec2Output(
-            last_hidden_state=x, extract_features=local,
+            last_hidden_state=x,
+            extract_features=local,
             hidden_states=tuple(hidden) if output_hidden_states else None,
             prenet_states=tuple(prenet) if output_hidden_states else None,
             layer_results=tuple(results) if output_layer_results else None,
-            frame_mask=frame_mask, mask_time_indices=mask_time_indices)
+            frame_mask=frame_mask,
+            mask_time_indices=mask_time_indices,
+        )
 
 
 class Data2Vec2ForCTC(nn.Module):
@@ -457,23 +503,39 @@ class Data2Vec2ForCTC(nn.Module):
     is_data2vec2 = True
 
     @nn.compact
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False, padding_invariant: bool = False) -> Data2Vec2Output:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+        padding_invariant: bool = False,
+    ) -> Data2Vec2Output:
         c = self.config
-        out = Data2Vec2Model(c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder,
-                             name="data2vec_audio")(
-            input_values, attention_mask, output_hidden_states, deterministic=deterministic,
-            mask_time_indices=mask_time_indices, mask_feature_indices=mask_feature_indices,
-            output_layer_results=output_layer_results, padding_invariant=padding_invariant)
+        out = Data2Vec2Model(
+            c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder, name="data2vec_audio"
+        )(
+            input_values,
+            attention_mask,
+            output_hidden_states,
+            deterministic=deterministic,
+            mask_time_indices=mask_time_indices,
+            mask_feature_indices=mask_feature_indices,
+            output_layer_results=output_layer_results,
+            padding_invariant=padding_invariant,
+        )
         h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
         logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
         return out.replace(logits=logits.astype(jnp.float32))
 
 
 class Decoder1d(nn.Module):
-    """The pretraining decoder (`modality_encoders.AUDIO.decoder`): grouped convs, affine-free LN, GELU, residuals, proj.
+    """The pretraining decoder (`modality_encoders.AUDIO.decoder`): grouped convs, affine-free LN, GELU,
+    residuals, `proj`.
 
     Input and output (batch, frames, hidden_size); the first block has no residual (its width changes).
     """
@@ -488,10 +550,16 @@ class Decoder1d(nn.Module):
         length = x.shape[1]
         residual = x
         for i in range(c.decoder_layers):
-            y = nn.Conv(c.decoder_dim, kernel_size=(k,), padding=[(k // 2, k // 2)], feature_group_count=c.decoder_groups,
-                        dtype=self.dtype, name=f"blocks_{i}",
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, None)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)[:, :length]
+            y = nn.Conv(
+                c.decoder_dim,
+                kernel_size=(k,),
+                padding=[(k // 2, k // 2)],
+                feature_group_count=c.decoder_groups,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+                kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            )(x)[:, :length]
             y = gelu(_layer_norm(TORCH_LAYER_NORM_EPS, "decoder", self.dtype, f"norm_{i}", affine=False)(y))
             x = y + residual if residual.shape[-1] == y.shape[-1] else y
             residual = x

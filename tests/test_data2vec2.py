@@ -52,7 +52,7 @@ def test_alibi_slopes_fairseq_rule():
 
     s12 = alibi_slopes(12)
     assert s12[:8] == [2.0 ** -(i + 1) for i in range(8)]
-    assert np.allclose(s12[8:], [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5])
+    assert np.allclose(s12[8:], [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5])
     assert np.allclose(alibi_slopes(16), [2.0 ** (-0.5 * (i + 1)) for i in range(16)])
     from flax_d2v.convert.fairseq2_reference import get_alibi_bias
 
@@ -169,15 +169,22 @@ def test_teacher_for_1_0_pretraining_checkpoints(tmp_path):
     pt = F.save_checkpoint(ckpt, tmp_path / "v1.pt")
     smod, sp = flax_d2v.from_pretrained(pt)
     tmod, tp = flax_d2v.from_pretrained(pt, teacher=True)
-    np.testing.assert_array_equal(tp["feature_extractor"]["conv_layers_0"]["conv"]["kernel"],
-                                  sp["feature_extractor"]["conv_layers_0"]["conv"]["kernel"])
-    np.testing.assert_array_equal(tp["encoder"]["layers_1"]["feed_forward"]["intermediate_dense"]["kernel"],
-                                  ckpt["model"]["_ema"]["layers.1.fc1.weight"].numpy().T)
+    np.testing.assert_array_equal(
+        tp["feature_extractor"]["conv_layers_0"]["conv"]["kernel"],
+        sp["feature_extractor"]["conv_layers_0"]["conv"]["kernel"],
+    )
+    np.testing.assert_array_equal(
+        tp["encoder"]["layers_1"]["feed_forward"]["intermediate_dense"]["kernel"],
+        ckpt["model"]["_ema"]["layers.1.fc1.weight"].numpy().T,
+    )
     x = np.random.default_rng(0).standard_normal((1, 8000)).astype(np.float32)
-    assert tmod.apply({"params": tp}, x).last_hidden_state.shape == smod.apply({"params": sp}, x).last_hidden_state.shape
+    assert (
+        tmod.apply({"params": tp}, x).last_hidden_state.shape == smod.apply({"params": sp}, x).last_hidden_state.shape
+    )
     with pytest.raises(flax_d2v.D2VError, match="no EMA teacher"):
-        flax_d2v.from_pretrained(F.save_checkpoint(F.checkpoint(model, False, ema=False), tmp_path / "noema.pt"),
-                                 teacher=True)
+        flax_d2v.from_pretrained(
+            F.save_checkpoint(F.checkpoint(model, False, ema=False), tmp_path / "noema.pt"), teacher=True
+        )
 
 
 def test_refusals(tmp_path):
@@ -214,7 +221,10 @@ def test_embed_and_transcribe_on_2_0(tmp_path, capsys, speech_dir):
     pt = save_checkpoint(ckpt, tmp_path / "ctc.pt")
     assert main(["convert", str(pt), str(tmp_path / "m")]) == 0
     clip = speech_dir / CLIP
-    assert main(["embed", "--model", str(tmp_path / "m"), str(clip), "--layer", "all", "--out", str(tmp_path / "e.npz")]) == 0
+    assert (
+        main(["embed", "--model", str(tmp_path / "m"), str(clip), "--layer", "all", "--out", str(tmp_path / "e.npz")])
+        == 0
+    )
     arrays = np.load(tmp_path / "e.npz")
     assert len(arrays.files) == F2.LAYOUTS["base"]["depth"] + 1
     capsys.readouterr()
@@ -230,15 +240,31 @@ def test_embed_and_transcribe_on_2_0(tmp_path, capsys, speech_dir):
 def test_finetune_2_0_from_fairseq_pt(tmp_path, speech_dir):
     """`d2v finetune --model x.pt` on a data2vec 2.0 pretrained checkpoint: CTC head added, loss falls, RUN/flax."""
     import jax
+    from test_finetune import OVERFIT_CLIPS, write_manifest
 
     from flax_d2v.commands.finetune import finetune, resolve
-    from test_finetune import OVERFIT_CLIPS, write_manifest
 
     pt = save_checkpoint(F2.pretrained_checkpoint("base")[0], tmp_path / "base_libri.pt")
     manifest = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
-    result = finetune(resolve(dict(train=str(manifest), model=str(pt), out=str(tmp_path / "run"), steps=30,
-                                   batch_size=4, learning_rate=2e-3, lr_schedule="constant", dropout=0.0,
-                                   mask_time_prob=0.5, mask_time_length=5, log_every=1, progress=False, seed=0)))
+    result = finetune(
+        resolve(
+            dict(
+                train=str(manifest),
+                model=str(pt),
+                out=str(tmp_path / "run"),
+                steps=30,
+                batch_size=4,
+                learning_rate=2e-3,
+                lr_schedule="constant",
+                dropout=0.0,
+                mask_time_prob=0.5,
+                mask_time_length=5,
+                log_every=1,
+                progress=False,
+                seed=0,
+            )
+        )
+    )
     params = jax.device_get(result.state.params)
     assert set(params["data2vec_audio"]) >= {"alibi_scale", "context_encoder", "blocks_0", "project_features"}
     from flax_d2v.train.metrics import read_metrics

@@ -21,16 +21,16 @@ from fairseq_fixtures import save_checkpoint  # noqa: E402
 LOSS_RTOL = 2e-5
 
 
-def compute_block_mask_1d(shape, mask_prob, mask_length, mask_prob_adjust=0.0, inverse_mask=False,
-                          mask_dropout=0.0):
+def compute_block_mask_1d(shape, mask_prob, mask_length, mask_prob_adjust=0.0, inverse_mask=False, mask_dropout=0.0):
     """fairseq/data/data_utils.py `compute_block_mask_1d`, verbatim for non_overlapping=False,
     expand_adjcent=False, require_same_masks=True."""
     B, L = shape
     if inverse_mask:
         mask_prob = 1 - mask_prob
     mask = torch.zeros((B, L))
-    mask_inds = torch.randint(0, L, size=(B, int(L * ((mask_prob + mask_prob_adjust) / mask_length)
-                                                  * (1 + mask_dropout))))
+    mask_inds = torch.randint(
+        0, L, size=(B, int(L * ((mask_prob + mask_prob_adjust) / mask_length) * (1 + mask_dropout)))
+    )
     mask.view(B, -1).scatter_(1, mask_inds, 1)
     centers = mask.nonzero(as_tuple=True)
     inds = ([], [])
@@ -80,8 +80,12 @@ def test_block_mask_statistics_match_fairseq(inverse):
     # the same exact count per row (static shapes), and the same value fairseq ends with
     assert set(ours.sum(1)) == set(ref.sum(1).astype(int)) == {cfg.masked_count(T)}
     (n_ours, len_ours), (n_ref, len_ref) = _runs(ours), _runs(ref)
-    assert abs(n_ours - n_ref) / n_ref < 0.02 and abs(len_ours - len_ref) / len_ref < 0.02, \
-        (n_ours, n_ref, len_ours, len_ref)
+    assert abs(n_ours - n_ref) / n_ref < 0.02 and abs(len_ours - len_ref) / len_ref < 0.02, (
+        n_ours,
+        n_ref,
+        len_ours,
+        len_ref,
+    )
     # where masks fall: edges (clamped spans) included, per position
     np.testing.assert_allclose(ours.mean(0), ref.mean(0), atol=0.05)
     np.testing.assert_allclose(ours[:, :3].mean(), ref[:, :3].mean(), atol=0.02)
@@ -97,8 +101,9 @@ def test_loss_matches_pytorch_d2v_loss(tmp_path, speech_dir):
     ckpt, student, teacher = F2.pretrained_checkpoint("large")
     ck = load_fairseq(save_checkpoint(ckpt, tmp_path / "m.pt"))
     clone, top_k = 3, 2
-    obj = Data2Vec2Objective(Data2Vec2Model(ck.config), Data2Vec2PretrainConfig(clone_batch=clone,
-                                                                                 average_top_k_layers=top_k))
+    obj = Data2Vec2Objective(
+        Data2Vec2Model(ck.config), Data2Vec2PretrainConfig(clone_batch=clone, average_top_k_layers=top_k)
+    )
     params = obj.init_params(ck.params, jax.random.PRNGKey(0), ck.aux["decoder"])
     extra = {"teacher": ck.aux["ema"]}
     w = load_audio(speech_dir / "16k/awb_arctic_a0007.wav")
@@ -108,10 +113,18 @@ def test_loss_matches_pytorch_d2v_loss(tmp_path, speech_dir):
     t = mask.shape[1]
     k = t - obj.config.masked_count(t)
     noise = 0.01 * jax.random.normal(jax.random.PRNGKey(4), (2 * clone, t - k, ck.config.hidden_size))
-    loss, weight, metrics = obj.loss(params, extra, batch, jax.random.PRNGKey(0), jnp.asarray(0), mask=mask,
-                                     mask_noise=noise, deterministic=True)
-    ref = R.pretrain_loss(student, teacher, torch.from_numpy(source), torch.from_numpy(np.array(mask)),
-                          torch.from_numpy(np.array(noise)), clone, top_k)
+    loss, weight, metrics = obj.loss(
+        params, extra, batch, jax.random.PRNGKey(0), jnp.asarray(0), mask=mask, mask_noise=noise, deterministic=True
+    )
+    ref = R.pretrain_loss(
+        student,
+        teacher,
+        torch.from_numpy(source),
+        torch.from_numpy(np.array(mask)),
+        torch.from_numpy(np.array(noise)),
+        clone,
+        top_k,
+    )
     assert int(weight) == ref["sample_size"] == 2 * clone * (t - k)
     np.testing.assert_allclose(float(loss), float(ref["losses"].sum()), rtol=LOSS_RTOL)
     np.testing.assert_allclose(float(metrics["target_var"]), float(ref["target_var"]), rtol=LOSS_RTOL)
@@ -128,8 +141,13 @@ def test_ema_decay_and_teacher_update():
     obj = Data2Vec2Objective(m, Data2Vec2PretrainConfig(average_top_k_layers=2))
     params = obj.init_params(init_params(m), jax.random.PRNGKey(1))
     extra = obj.init_extra(params)
-    assert set(extra["teacher"]) == {"relative_positional_encoder", "alibi_scale", "context_encoder", "blocks_0",
-                                     "blocks_1"}
+    assert set(extra["teacher"]) == {
+        "relative_positional_encoder",
+        "alibi_scale",
+        "context_encoder",
+        "blocks_0",
+        "blocks_1",
+    }
     np.testing.assert_allclose(float(obj.ema_decay(0)), 0.999)
     np.testing.assert_allclose(float(obj.ema_decay(37500)), 0.999 + 0.5 * (0.99999 - 0.999), rtol=1e-7)
     np.testing.assert_allclose(float(obj.ema_decay(80000)), 0.99999)
@@ -144,15 +162,43 @@ def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
     its student fine-tunes with `d2v finetune`, and exports back to fairseq."""
     import json
 
-    from flax_d2v.cli import main
     from test_finetune import OVERFIT_CLIPS, write_manifest
     from test_pretrain import _manifest
 
+    from flax_d2v.cli import main
+
     manifest = _manifest(speech_dir, tmp_path)
     run = tmp_path / "run"
-    assert main(["pretrain", "--arch", "data2vec2", "--train", str(manifest), "--out", str(run), "--batch-size", "4",
-                 "--config", "tiny", "--average-top-k-layers", "2", "--clone-batch", "2", "--steps", "6",
-                 "--log-every", "2", "--no-progress", "--no-async-checkpoint", "--num-workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--arch",
+                "data2vec2",
+                "--train",
+                str(manifest),
+                "--out",
+                str(run),
+                "--batch-size",
+                "4",
+                "--config",
+                "tiny",
+                "--average-top-k-layers",
+                "2",
+                "--clone-batch",
+                "2",
+                "--steps",
+                "6",
+                "--log-every",
+                "2",
+                "--no-progress",
+                "--no-async-checkpoint",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
     for r in rows:
@@ -171,27 +217,66 @@ def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
     from flax_d2v.commands.finetune import finetune, resolve
 
     ft = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
-    result = finetune(resolve(dict(train=str(ft), model=str(run / "flax"), out=str(tmp_path / "ft"), steps=3,
-                                   batch_size=4, learning_rate=1e-4, log_every=1, progress=False)))
+    result = finetune(
+        resolve(
+            dict(
+                train=str(ft),
+                model=str(run / "flax"),
+                out=str(tmp_path / "ft"),
+                steps=3,
+                batch_size=4,
+                learning_rate=1e-4,
+                log_every=1,
+                progress=False,
+            )
+        )
+    )
     assert result.step == 3 and (tmp_path / "ft" / "flax" / "vocab.json").is_file()
 
 
 def test_d2v_pretrain_data2vec2_resumes_a_fairseq_pt_with_its_teacher(speech_dir, tmp_path):
     import json
 
+    from test_pretrain import _manifest
+
     from flax_d2v.checkpoint import load_flax, load_flax_aux
     from flax_d2v.cli import main
     from flax_d2v.convert.fairseq import load_fairseq
     from flax_d2v.convert.keys import flatten
-    from test_pretrain import _manifest
 
     ckpt = F2.pretrained_checkpoint("base")[0]
     pt = save_checkpoint(ckpt, tmp_path / "base_libri.pt")
     run = tmp_path / "run"
-    assert main(["pretrain", "--arch", "data2vec2", "--train", str(_manifest(speech_dir, tmp_path)), "--out", str(run),
-                 "--batch-size", "4", "--model", str(pt), "--average-top-k-layers", "2", "--clone-batch", "2",
-                 "--steps", "1", "--log-every", "1", "--no-progress", "--no-async-checkpoint",
-                 "--num-workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--arch",
+                "data2vec2",
+                "--train",
+                str(_manifest(speech_dir, tmp_path)),
+                "--out",
+                str(run),
+                "--batch-size",
+                "4",
+                "--model",
+                str(pt),
+                "--average-top-k-layers",
+                "2",
+                "--clone-batch",
+                "2",
+                "--steps",
+                "1",
+                "--log-every",
+                "1",
+                "--no-progress",
+                "--no-async-checkpoint",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     # the decay continues from the checkpoint's 4321 updates
     np.testing.assert_allclose(row["ema_decay"], 0.999 + (0.99999 - 0.999) * 4322 / 75000, rtol=1e-7)

@@ -90,8 +90,15 @@ class Data2Vec2PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- masks
-def block_mask_1d(key: jax.Array, num_frames: int, mask_prob: float, mask_length: int, mask_prob_adjust: float = 0.0,
-                  inverse_mask: bool = False, mask_dropout: float = 0.0) -> jax.Array:
+def block_mask_1d(
+    key: jax.Array,
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    inverse_mask: bool = False,
+    mask_dropout: float = 0.0,
+) -> jax.Array:
     """One row of fairseq's `compute_block_mask_1d` (non_overlapping and expand_adjcent off,
     require_same_masks on): (T,) bool, True = masked."""
     p = 1.0 - mask_prob if inverse_mask else mask_prob
@@ -116,8 +123,15 @@ def clone_masks(keys: jax.Array, num_frames: int, config: Data2Vec2PretrainConfi
     (fairseq's `repeat_interleave` order)."""
     c = config
     clone_keys = jax.vmap(lambda k: jax.random.split(k, c.clone_batch))(keys).reshape(-1, *keys.shape[1:])
-    fn = lambda k: block_mask_1d(k, num_frames, c.mask_prob, c.mask_length, c.mask_prob_adjust,  # noqa: E731
-                                 c.inverse_mask, c.mask_dropout)
+    fn = lambda k: block_mask_1d(
+        k,
+        num_frames,
+        c.mask_prob,
+        c.mask_length,
+        c.mask_prob_adjust,  # noqa: E731
+        c.inverse_mask,
+        c.mask_dropout,
+    )
     return jax.vmap(fn)(clone_keys)
 
 
@@ -143,8 +157,12 @@ class Data2Vec2Objective:
 
     name = "data2vec2"
 
-    def __init__(self, module: Data2Vec2Model, config: Data2Vec2PretrainConfig = Data2Vec2PretrainConfig(),
-                 axis_name: str | None = None) -> None:
+    def __init__(
+        self,
+        module: Data2Vec2Model,
+        config: Data2Vec2PretrainConfig = Data2Vec2PretrainConfig(),
+        axis_name: str | None = None,
+    ) -> None:
         if not isinstance(module, Data2Vec2Model):
             raise D2VError(f"data2vec 2.0 pretraining needs the bare Data2Vec2Model, got {type(module).__name__}")
         config.validate(module.config.num_hidden_layers)
@@ -163,8 +181,10 @@ class Data2Vec2Objective:
     def decoder_logical_axes(self) -> PyTree:
         import flax.linen as nn
 
-        boxed = jax.eval_shape(lambda r: self.decoder.init(r, jnp.zeros((1, 16, self.module.config.hidden_size)))
-                               ["params"], jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(
+            lambda r: self.decoder.init(r, jnp.zeros((1, 16, self.module.config.hidden_size)))["params"],
+            jax.random.PRNGKey(0),
+        )
         return nn.get_partition_spec(boxed)
 
     def params_logical_axes(self, model_axes: PyTree) -> PyTree:
@@ -193,16 +213,25 @@ class Data2Vec2Objective:
     def targets(self, params: PyTree, extra: PyTree, local: jax.Array) -> jax.Array:
         c = self.config
         teacher = {**{k: params["model"][k] for k in LOCAL_KEYS}, **extra["teacher"]}
-        results = self.module.apply({"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local),
-                                    method=_teacher)
-        layers = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers:]]
+        results = self.module.apply(
+            {"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local), method=_teacher
+        )
+        layers = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers :]]
         if c.instance_norm_target_layer:
             layers = [instance_norm_time(t) for t in layers]
         return jax.lax.stop_gradient(sum(layers) / len(layers))
 
-    def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array,
-             mask: jax.Array | None = None, mask_noise: jax.Array | None = None, deterministic: bool = False
-             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self,
+        params: PyTree,
+        extra: PyTree,
+        batch: Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        mask: jax.Array | None = None,
+        mask_noise: jax.Array | None = None,
+        deterministic: bool = False,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """(sum of per-masked-frame losses, number of masked frames, metrics). `mask` (B*clone, T),
         `mask_noise` (B*clone, T - K, D) and `deterministic` are for tests."""
         c, mc = self.config, self.module.config
@@ -221,15 +250,17 @@ class Data2Vec2Objective:
         drop_key = batch_key(jax.random.fold_in(rng, DROPOUT_STREAM), batch)
         rngs = {} if deterministic else {"dropout": drop_key}
         local_n = jnp.repeat(local, c.clone_batch, axis=0)
-        x = self.module.apply({"params": params["model"]}, local_n, mask, keep, deterministic, method=_student,
-                              rngs=rngs)
+        x = self.module.apply(
+            {"params": params["model"]}, local_n, mask, keep, deterministic, method=_student, rngs=rngs
+        )
         if not deterministic and mc.decoder_input_dropout > 0:
             x = _dropout(jax.random.fold_in(drop_key, 1), x, mc.decoder_input_dropout)
         if mask_noise is None:
             noise_key = batch_key(jax.random.fold_in(rng, NOISE_STREAM), batch)
             mask_noise = mc.mask_noise_std * jax.random.normal(noise_key, (n, t - k, d), jnp.float32)
-        full = jnp.take_along_axis(jnp.concatenate([x, mask_noise.astype(x.dtype)], axis=1), ids_restore[..., None],
-                                   axis=1)
+        full = jnp.take_along_axis(
+            jnp.concatenate([x, mask_noise.astype(x.dtype)], axis=1), ids_restore[..., None], axis=1
+        )
         pred = self.decoder.apply({"params": params["decoder"]}, full).astype(jnp.float32)
         y = jnp.repeat(self.targets(params, extra, local), c.clone_batch, axis=0)
         scale = c.loss_scale if c.loss_scale is not None else 1.0 / math.sqrt(d)
@@ -243,10 +274,12 @@ class Data2Vec2Objective:
         w = counted.astype(jnp.float32)
         loss_sum = (per.sum(-1) * scale * w).sum()
         weight = w.sum()
-        metrics = {"target_var": masked_std(y, counted, self.axis_name),
-                   "pred_var": masked_std(jax.lax.stop_gradient(pred), counted, self.axis_name),
-                   "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
-                   "masked_pct": jnp.asarray(1.0 - k / t, jnp.float32)}
+        metrics = {
+            "target_var": masked_std(y, counted, self.axis_name),
+            "pred_var": masked_std(jax.lax.stop_gradient(pred), counted, self.axis_name),
+            "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
+            "masked_pct": jnp.asarray(1.0 - k / t, jnp.float32),
+        }
         return loss_sum, weight, metrics
 
     def check(self, metrics: dict[str, Any], step: int) -> None:

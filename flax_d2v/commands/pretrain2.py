@@ -25,8 +25,12 @@ from flax_d2v.train import run_common as R
 
 # flag -> (1.0 default in commands/pretrain.py, data2vec 2.0 default from base_audio_only_task.yaml)
 V2_RECIPE: dict[str, tuple[Any, Any]] = {
-    "learning_rate": (5e-4, 7.5e-4), "lr_schedule": ("tri_stage", "cosine"), "ema_end_decay": (0.9999, 0.99999),
-    "ema_anneal_end_step": (30000, 75000), "mask_prob": (0.65, 0.5), "mask_length": (10, 5),
+    "learning_rate": (5e-4, 7.5e-4),
+    "lr_schedule": ("tri_stage", "cosine"),
+    "ema_end_decay": (0.9999, 0.99999),
+    "ema_anneal_end_step": (30000, 75000),
+    "mask_prob": (0.65, 0.5),
+    "mask_length": (10, 5),
 }
 WARMUP_FRACTION = 8000 / 400000  # warmup_updates / max_update of the yaml
 
@@ -67,8 +71,10 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
     path = Path(cfg["model"])
     config, is_ctc, params, resolved = load_any(path)
     if not isinstance(config, Data2Vec2Config):
-        raise D2VError(f"--model {path}: a data2vec 1.0 model; --arch data2vec2 needs a 2.0 checkpoint "
-                       "(or --config for a random init)")
+        raise D2VError(
+            f"--model {path}: a data2vec 1.0 model; --arch data2vec2 needs a 2.0 checkpoint "
+            "(or --config for a random init)"
+        )
     aux = {} if is_ctc else load_aux(resolved)
     if is_ctc:
         params = params["data2vec_audio"]
@@ -114,8 +120,11 @@ def pretrain_v2(cfg: dict) -> Any:
     loader = R.train_loader(cfg, D.read_manifest(cfg["train"], require_text=False), None)
     batches = CroppedBatches(loader, seed)
     schedule, tx = R.make_schedule_and_optimizer(cfg, params)
-    loop_cfg = R.loop_config(cfg, plot_curves=("loss", "target_var", "pred_var"),
-                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())})
+    loop_cfg = R.loop_config(
+        cfg,
+        plot_curves=("loss", "target_var", "pred_var"),
+        meta={"objective": objective.name, "model_config": json.loads(config.to_json_string())},
+    )
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         R.save_settings(run_dir / "pretrain_config.json", cfg)
@@ -148,7 +157,15 @@ def export(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
     if jax.process_index() != 0:
         return
     pre = json.dumps({**preprocessor_config(do_normalize=True), "normalize_eps": 1e-5}, indent=2) + "\n"
-    save_flax(run_dir / "flax", config, params["model"], aux={"ema": extra["teacher"], "decoder": params["decoder"]},
-              extra_files={"preprocessor_config.json": pre}, overwrite=True)
-    log(f"wrote {run_dir / 'flax'} (data2vec 2.0 student, teacher and decoder; "
-        f"`d2v convert {run_dir / 'flax'} out.pt --to fairseq` for fairseq)")
+    save_flax(
+        run_dir / "flax",
+        config,
+        params["model"],
+        aux={"ema": extra["teacher"], "decoder": params["decoder"]},
+        extra_files={"preprocessor_config.json": pre},
+        overwrite=True,
+    )
+    log(
+        f"wrote {run_dir / 'flax'} (data2vec 2.0 student, teacher and decoder; "
+        f"`d2v convert {run_dir / 'flax'} out.pt --to fairseq` for fairseq)"
+    )
