@@ -134,7 +134,11 @@ def training_config(base: Any, cfg: dict, vocab: dict[str, int]) -> Any:
     over.update(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
                 eos_token_id=vocab["</s>"], ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
                 ctc_loss_reduction="sum" if cfg["ctc_reduction"] == "sum" else "mean")
-    return base.replace(**over)
+    config = base.replace(**over)
+    if hasattr(config, "post_mlp_dropout"):  # data2vec 2.0: fairseq's Wav2VecEncoder sets these from the same cfg
+        config = config.replace(post_mlp_dropout=config.hidden_dropout, prenet_dropout=config.hidden_dropout,
+                                prenet_layerdrop=config.layerdrop)
+    return config
 
 
 def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
