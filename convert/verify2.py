@@ -122,7 +122,7 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True) -> tuple[
     except ImportError:
         raise D2VError("d2v verify needs PyTorch: pip install 'flax-d2v[torch]'") from None
     from flax_d2v.audio import load_audio, pad_batch, read_preprocessor_config
-    from flax_d2v.checkpoint import load_flax, load_flax_aux
+    from flax_d2v.checkpoint import load_flax
     from flax_d2v.convert.fairseq2 import export_fairseq2, fairseq_state
     from flax_d2v.convert.verify import compare, default_clip
     from flax_d2v.pretrained import from_pretrained
@@ -155,9 +155,8 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True) -> tuple[
                 proj = (state.pop("w2v_encoder.proj.weight"), state.pop("w2v_encoder.proj.bias"))
                 state = {k[len(CTC_PREFIX) :]: v for k, v in state.items()}
             arch = arch or default_cfg(config)
-            if "decoder" not in (load_flax_aux(fdir) or {}):  # the rendering builds a decoder only when asked
-                mods = dict(arch.get("modalities") or {})
-                arch = {**arch, "modalities": {**mods, "audio": {**dict(mods.get("audio") or {}), "decoder": None}}}
+            mods = dict(arch.get("modalities") or {})  # the encoder only: no pretraining decoder in the reference
+            arch = {**arch, "modalities": {**mods, "audio": {**dict(mods.get("audio") or {}), "decoder": None}}}
             ref = R.build(arch, state)
             reference = (
                 "flax_d2v.convert.fairseq2_reference (PyTorch rendering of fairseq's code, fp32; "

@@ -394,8 +394,8 @@ class Data2Vec2Model(nn.Module):
             scale = jnp.maximum(self.alibi_scale, 0.0).astype(jnp.float32)  # clamp_min(0)
             scaled = [base * scale[i][None, :, None, None] for i in range(scale.shape[0])]
             out = [scaled[i if len(scaled) > 1 else 0] for i in range(n)]
-        if frame_mask is not None:
-            pad = jnp.where(frame_mask, 0.0, -jnp.inf).astype(jnp.float32)[:, None, None, :]
+        if frame_mask is not None:  # fairseq's -inf, as the finite minimum: all-padding filler rows stay finite
+            pad = jnp.where(frame_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)[:, None, None, :]
             out = [pad if b is None else b + pad for b in out]
         return out
 

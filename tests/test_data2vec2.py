@@ -107,6 +107,9 @@ def test_padded_frames_change_fairseq_output_and_invariant_path(tmp_path, speech
     assert _rel(batched[2, :n], alone[0]) > 1e-4  # fairseq's own behaviour: padding leaks in
     inv = apply_padding_invariant(module, params, values, mask).last_hidden_state
     np.testing.assert_allclose(np.asarray(inv[2, :n]), np.asarray(alone[0]), rtol=0, atol=2e-5)
+    # an all-padding filler row (a short last batch) stays finite: the key mask is finite, not fairseq's -inf
+    filler = module.apply({"params": params}, values, mask * np.array([[1], [1], [0]], np.int32)).last_hidden_state
+    assert np.isfinite(np.asarray(filler)).all()
 
 
 @pytest.mark.parametrize("layout", ["base", "large"])
@@ -203,14 +206,23 @@ def test_refusals(tmp_path):
         flax_d2v.from_pretrained(save_checkpoint(bad, tmp_path / "bad3.pt"))
 
 
-def test_verify_uses_pytorch_rendering_when_fairseq_is_missing(tmp_path, capsys):
-    ckpt = F2.ctc_checkpoint("large")[0]
-    pt = save_checkpoint(ckpt, tmp_path / "ctc.pt")
-    rc = main(["verify", str(pt), "--report", str(tmp_path / "r.md")])
+@pytest.mark.parametrize("kind", ["ctc-pt", "pretrained-dir"])
+def test_verify_uses_pytorch_rendering_when_fairseq_is_missing(tmp_path, capsys, kind):
+    if kind == "ctc-pt":
+        src = save_checkpoint(F2.ctc_checkpoint("large")[0], tmp_path / "ctc.pt")
+        stages = ("local_features", "prenet[1]", "hidden_states[2]", "layer_results[1]", "logits")
+    else:
+        pt = save_checkpoint(F2.pretrained_checkpoint("base")[0], tmp_path / "pre.pt")
+        assert main(["convert", str(pt), str(tmp_path / "dir")]) == 0
+        src = tmp_path / "dir"
+        stages = ("local_features", "hidden_states[3]", "layer_results[2]")
+    capsys.readouterr()
+    rc = main(["verify", str(src), "--report", str(tmp_path / "r.md")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "fairseq2_reference" in out and "fairseq is not importable" in out
-    for stage in ("local_features", "prenet[1]", "hidden_states[2]", "layer_results[1]", "logits"):
+    assert "fairseq2_reference" in (tmp_path / "r.md").read_text()
+    for stage in stages:
         assert f"| {stage} |" in out
     assert "FAIL" not in out.replace("PASS", "")
 
