@@ -200,6 +200,10 @@ def test_refusals(tmp_path):
     bad["cfg"]["model"]["layer_norm_first"] = True
     with pytest.raises(flax_d2v.D2VError, match="layer_norm_first"):
         flax_d2v.from_pretrained(save_checkpoint(bad, tmp_path / "bad2.pt"))
+    pt = save_checkpoint(ckpt, tmp_path / "ok.pt")
+    assert main(["convert", str(pt), str(tmp_path / "ok")]) == 0
+    assert main(["convert", str(tmp_path / "ok"), str(tmp_path / "hf"), "--to", "hf"]) != 0  # no transformers class
+    assert not (tmp_path / "hf").exists()
     bad = F2.clone(ckpt)
     bad["model"]["blocks.0.extra"] = torch.zeros(1)
     with pytest.raises(flax_d2v.D2VError, match="unexpected key"):
