@@ -299,17 +299,50 @@ def test_d2v_pretrain_data2vec2_on_a_mesh(speech_dir, tmp_path):
 
     from test_finetune import write_manifest
 
-    clips = ("cards_001", "goforward", "cards_003", "forever", "cards_002", "cards_004", "slt_arctic_a0009",
-             "librivox_0880")
+    clips = (
+        "cards_001",
+        "goforward",
+        "cards_003",
+        "forever",
+        "cards_002",
+        "cards_004",
+        "slt_arctic_a0009",
+        "librivox_0880",
+    )
     manifest = write_manifest(speech_dir, clips, tmp_path / "eight.tsv")
     losses = {}
     for name, mesh in (("one", None), ("fsdp", "data=2,fsdp=4"), ("pmap", "pmap")):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-        argv = [sys.executable, "-m", "flax_d2v.cli", "pretrain", "--arch", "data2vec2", "--train", str(manifest),
-                "--out", str(tmp_path / name), "--batch-size", "8", "--config", "tiny", "--average-top-k-layers", "2",
-                "--clone-batch", "2", "--steps", "1", "--log-every", "1", "--no-progress", "--no-async-checkpoint",
-                "--num-workers", "1", "--no-export-hf"]
+        argv = [
+            sys.executable,
+            "-m",
+            "flax_d2v.cli",
+            "pretrain",
+            "--arch",
+            "data2vec2",
+            "--train",
+            str(manifest),
+            "--out",
+            str(tmp_path / name),
+            "--batch-size",
+            "8",
+            "--config",
+            "tiny",
+            "--average-top-k-layers",
+            "2",
+            "--clone-batch",
+            "2",
+            "--steps",
+            "1",
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--no-async-checkpoint",
+            "--num-workers",
+            "1",
+            "--no-export-hf",
+        ]
         argv += ["--pmap"] if mesh == "pmap" else ["--mesh", mesh or "data=1"]
         if mesh is None:
             env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
