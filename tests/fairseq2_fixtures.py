@@ -24,6 +24,9 @@ LAYOUTS = {
     "base": dict(embed_dim=48, depth=3, num_heads=12, prenet_depth=0, conv_pos_groups=4, conv_pos_width=25),
     # large_audio_only_task.yaml's: 16 heads, prenet blocks before the main blocks
     "large": dict(embed_dim=64, depth=2, num_heads=16, prenet_depth=2, conv_pos_groups=4, conv_pos_width=25),
+    # base_audio_only_task.yaml at full size (slow tests): 768 wide, 12 blocks, the 512-channel conv stack
+    "base-full": dict(embed_dim=768, depth=12, num_heads=12, prenet_depth=0, conv_pos_groups=16, conv_pos_width=95,
+                      feature_encoder_spec="[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"),
 }
 
 
@@ -32,7 +35,7 @@ def model_cfg(layout: str = "base", **overrides) -> dict:
     lay = dict(LAYOUTS[layout])
     audio = {
         "type": "AUDIO",
-        "feature_encoder_spec": SPEC,
+        "feature_encoder_spec": lay.pop("feature_encoder_spec", SPEC),
         "conv_pos_depth": 5,
         "conv_pos_width": lay.pop("conv_pos_width"),
         "conv_pos_groups": lay.pop("conv_pos_groups"),

@@ -59,7 +59,7 @@ def test_alibi_slopes_fairseq_rule():
     np.testing.assert_array_equal(np.asarray(alibi_bias(7, 12))[None], get_alibi_bias(1, 7, 12).numpy())
 
 
-@pytest.mark.parametrize("layout", ["base", "large"])
+@pytest.mark.parametrize("layout", ["base", "large", pytest.param("base-full", marks=pytest.mark.slow)])
 def test_pretrained_parity_every_block_teacher_and_padded_batch(tmp_path, speech_dir, layout):
     ckpt, student, teacher = F2.pretrained_checkpoint(layout)
     pt = save_checkpoint(ckpt, tmp_path / "d2v2.pt")
