@@ -25,8 +25,15 @@ LAYOUTS = {
     # large_audio_only_task.yaml's: 16 heads, prenet blocks before the main blocks
     "large": dict(embed_dim=64, depth=2, num_heads=16, prenet_depth=2, conv_pos_groups=4, conv_pos_width=25),
     # base_audio_only_task.yaml at full size (slow tests): 768 wide, 12 blocks, the 512-channel conv stack
-    "base-full": dict(embed_dim=768, depth=12, num_heads=12, prenet_depth=0, conv_pos_groups=16, conv_pos_width=95,
-                      feature_encoder_spec="[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"),
+    "base-full": dict(
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        prenet_depth=0,
+        conv_pos_groups=16,
+        conv_pos_width=95,
+        feature_encoder_spec="[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]",
+    ),
 }
 
 
