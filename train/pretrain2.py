@@ -23,6 +23,12 @@ Per step, for a batch of B clips cropped to one length (fairseq pretrains unpadd
 7. After the optimizer step: EMA of the whole teacher (`ema_encoder_only: false`), decay annealed linearly
    from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates.
 
+One deliberate difference: fairseq's dataset draws each clip's masks at the clip's full length and the
+collater then crops them at an offset independent of the audio's crop, so a cropped row's masked count
+varies and the first row's count sets how many frames every row keeps (`make_maskinfo`). Here masks are
+drawn for the cropped length, so every row has exactly `int(T * mask_prob)` masked frames (the rule's
+intent, and what static shapes need).
+
 Params `{"model": <Data2Vec2Model params>, "decoder": <Decoder1d params>}`; extra `{"teacher": ...}`, the
 model's tree without `feature_extractor` and `project_features` (the teacher shares the student's).
 """
