@@ -406,6 +406,10 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
 
     source = os.fspath(path)
     ckpt = read_fairseq_file(path)
+    from flax_d2v.convert.fairseq2 import is_data2vec2, load_fairseq2
+
+    if is_data2vec2(ckpt):  # data2vec 2.0 (data2vec_multi) has its own key table
+        return load_fairseq2(path, ckpt, dict_path)
     model_state = dict(ckpt["model"])
     is_ctc = any(k.startswith("w2v_encoder.") for k in model_state)
     config, normalize = config_from_fairseq(ckpt, is_ctc, source)

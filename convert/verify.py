@@ -184,6 +184,10 @@ def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32"
     at full precision (TF32 off) in `reference_dtype`, on the GPU when torch has one, and each
     stage is judged against `TOLERANCES[precision]`.
     """
+    from flax_d2v.convert.verify2 import is_v2_source, verify_v2
+
+    if is_v2_source(src):  # data2vec 2.0: fairseq, or its PyTorch rendering (no transformers class)
+        return verify_v2(src, audio, batch, precision=precision)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

@@ -109,7 +109,9 @@ def save_flax(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, 
 def load_flax(src: str | os.PathLike) -> tuple[Data2VecAudioConfig, dict[str, Any]]:
     """(config, params) of a flax-d2v checkpoint directory."""
     src = Path(src)
-    config = Data2VecAudioConfig.from_json_file(src / CONFIG)
+    from flax_d2v.data2vec2 import read_config  # a 1.0 or a 2.0 (model_type "data2vec2-audio") config
+
+    config = read_config(src / CONFIG)
     params = unflatten(read_safetensors(src / FLAX_WEIGHTS))
     return config, params
 

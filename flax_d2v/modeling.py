@@ -515,8 +515,10 @@ def apply_padding_invariant(module: nn.Module, params: Any, input_values: jax.Ar
             out = jnp.where(real[..., None], out, jnp.zeros((), out.dtype))
         return out
 
+    # data2vec 2.0 never zeroes padded frames itself; asked to, it also zeroes the positional conv's input
+    extra = {"padding_invariant": True} if getattr(module, "is_data2vec2", False) else {}
     with nn.intercept_methods(zero_padded_frames):
-        return module.apply({"params": params}, input_values, attention_mask)
+        return module.apply({"params": params}, input_values, attention_mask, **extra)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -29,6 +29,10 @@ HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.t
 
 
 def build_module(config: Data2VecAudioConfig, is_ctc: bool, **module_kwargs: Any):
+    from flax_d2v.data2vec2 import Data2Vec2Config, build_module_v2
+
+    if isinstance(config, Data2Vec2Config):
+        return build_module_v2(config, is_ctc, **module_kwargs)
     cls = Data2VecAudioForCTC if is_ctc else Data2VecAudioModel
     return cls(config, **module_kwargs)
 
@@ -95,15 +99,23 @@ def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]
 
 
 def from_pretrained(path: str | os.PathLike, *, precision: str | None = None, dtype: Any = None,
-                    scan_layers: bool = False, remat_policy: str = "none", freeze_feature_encoder: bool = False):
+                    scan_layers: bool = False, remat_policy: str = "none", freeze_feature_encoder: bool = False,
+                    teacher: bool = False):
     """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
 
     `precision` is a `flax_d2v.precision` policy: "highest" (the default: float32 with HIGHEST
     matmul/conv precision, the numbers PyTorch's fp32 gives), "default" (float32 at the platform's
     default precision: TF32 on GPUs, bf16 passes on TPUs) or "bf16". It is a field of the module,
     so the result never depends on the global `jax_default_matmul_precision` flag.
+
+    `teacher=True`: the pretraining checkpoint's EMA teacher instead of the student, as a runnable model
+    (its own encoder over the student's conv feature extractor and feature projection), 1.0 and 2.0.
     """
-    config, is_ctc, params, _ = load_any(path)
+    config, is_ctc, params, resolved = load_any(path)
+    if teacher:
+        from flax_d2v.teacher import teacher_params
+
+        params = teacher_params(config, is_ctc, params, resolved)
     module = build_module(config, is_ctc, **precision_kwargs(precision, dtype), scan_layers=scan_layers,
                           remat_policy=remat_policy, freeze_feature_encoder=freeze_feature_encoder)
     if scan_layers:

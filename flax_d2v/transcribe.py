@@ -239,7 +239,9 @@ class Transcriber:
             except (TypeError, ValueError):
                 raise D2VError("model: expected a path or a (module, params) tuple") from None
             tokenizer = _tokenizer_from(vocab, where)
-        if not isinstance(module, Data2VecAudioForCTC):
+        from flax_d2v.data2vec2 import Data2Vec2ForCTC
+
+        if not isinstance(module, (Data2VecAudioForCTC, Data2Vec2ForCTC)):
             raise D2VError(f"{where}: not a CTC model (no lm_head); transcription needs a fine-tuned checkpoint")
         if batch_size < 1:
             raise D2VError(f"--batch-size: must be >= 1, got {batch_size}")

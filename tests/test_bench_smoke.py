@@ -78,3 +78,17 @@ def test_analytic_flops_base():
 
     per_second = common.forward_flops(base_config(), 1, 5 * 16000)["total"] / 5 / 1e9
     assert per_second == pytest.approx(14.2, abs=0.1)
+
+
+def test_pretrain_v2_smoke(speech_dir, monkeypatch, tmp_path):
+    """bench/pretrain_v2.py: one update of each objective, both sides' numbers in the JSON."""
+    monkeypatch.setenv("D2V_SHARED_SPEECH", str(speech_dir))
+    bench = _load("pretrain_v2")
+    out = tmp_path / "pt.json"
+    assert bench.main(["--size", "tiny", "--batch", "2", "--seconds", "1", "--clone-batch", "2", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for arch in ("data2vec", "data2vec2"):
+        side = result["cases"][arch]
+        assert side["median_s"] > 0 and side["updates_per_s"] > 0 and side["audio_s_per_s"] > 0
+    assert result["v1_over_v2_time"] > 0

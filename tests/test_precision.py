@@ -178,3 +178,23 @@ def test_fused_attention_padding_and_masking_match_the_explicit_path():
     full = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1), v)
     np.testing.assert_allclose(np.asarray(no_mask), np.asarray(full), rtol=1e-5, atol=1e-5)
     assert fused_attention(q, k, v, bias) is None or jax.default_backend() == "gpu"  # fp32: explicit path
+
+
+def test_data2vec2_forward_is_highest_and_verify_bf16_honest(tmp_path, speech_dir):
+    """data2vec 2.0 follows the same policy: its verify forward carries HIGHEST everywhere under a
+    bf16 global flag, and `verify --precision bf16` against the PyTorch rendering passes its own
+    tolerance while being measurably above the fp32 one."""
+    import fairseq2_fixtures as F2
+    from fairseq_fixtures import save_checkpoint
+
+    from flax_d2v.convert.verify import PARITY_RTOL, TOLERANCES, flax_forward, verify
+
+    pt = save_checkpoint(F2.ctc_checkpoint("base")[0], tmp_path / "ctc2.pt")
+    module, params = flax_d2v.from_pretrained(pt, precision="highest")
+    with jax.default_matmul_precision("bfloat16"):
+        text = flax_forward(module).lower(params, jnp.zeros((2, 8000)), jnp.ones((2, 8000), jnp.int32)).as_text()
+    assert_all(text, "HIGHEST")
+    rows, facts = verify(str(pt), [str(speech_dir / "16k/cards_001.wav")], precision="bf16")
+    assert facts["tolerance"] == TOLERANCES["bf16"] and "precision=bf16" in facts["flax"]
+    assert all(r.passed for r in rows), [(r.stage, r.rel) for r in rows if not r.passed]
+    assert max(r.rel for r in rows) > PARITY_RTOL

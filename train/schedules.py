@@ -20,7 +20,7 @@ import optax
 
 from flax_d2v.errors import D2VError
 
-SCHEDULES = ("tri_stage", "linear", "constant")
+SCHEDULES = ("tri_stage", "linear", "constant", "cosine")
 
 
 def phase_steps(total_steps: int, phase_ratio: Sequence[float]) -> tuple[int, int, int]:
@@ -71,6 +71,20 @@ def constant(peak_lr: float, warmup_steps: int = 0) -> optax.Schedule:
     return schedule
 
 
+def cosine(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """fairseq's `cosine` scheduler (data2vec 2.0's pretraining; min_lr 0, t_mult 1, one period): linear
+    from 0 to `peak` over the warm-up, then `0.5 * peak * (1 + cos(pi * t / (total - warmup)))`."""
+    period = max(total_steps - warmup_steps, 1)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        t = jnp.clip(count - warmup_steps, 0.0, period)
+        cos = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * t / period))
+        return jnp.where(count < warmup_steps, peak_lr * count / max(warmup_steps, 1), cos)
+
+    return schedule
+
+
 def make_schedule(name: str, peak_lr: float, total_steps: int, *, warmup_steps: int | None = None,
                   hold_steps: int | None = None, decay_steps: int | None = None,
                   phase_ratio: Sequence[float] = (0.1, 0.4, 0.5), init_lr_scale: float = 0.01,
@@ -87,4 +101,6 @@ def make_schedule(name: str, peak_lr: float, total_steps: int, *, warmup_steps: 
     w = int(0.1 * total_steps) if warmup_steps is None else warmup_steps
     if name == "linear":
         return linear(peak_lr, w, total_steps)
+    if name == "cosine":
+        return cosine(peak_lr, w, total_steps)
     return constant(peak_lr, w if warmup_steps is not None else 0)

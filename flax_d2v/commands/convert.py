@@ -17,7 +17,8 @@ from flax_d2v.errors import D2VError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="HF model dir, fairseq .pt, or (with --to hf) flax-d2v dir")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--to", choices=["flax", "hf"], default="flax", help="output format (default: flax)")
+    p.add_argument("--to", choices=["flax", "hf", "fairseq"], default="flax",
+                   help="output format (default: flax; fairseq: a data2vec 2.0 directory back to a fairseq .pt)")
     p.add_argument("--dict", dest="dict_path", default=None,
                    help="fairseq dict.ltr.txt for a fine-tuned .pt (default: the one beside the .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -45,12 +46,23 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise D2VError(f"{src}: not a transformers model directory or fairseq .pt "
                            "(expected config.json with model.safetensors or pytorch_model.bin)")
-        kind = "Data2VecAudioForCTC" if "lm_head" in load_flax(args.dst)[1] else "Data2VecAudioModel"
+        config, params = load_flax(args.dst)
+        v2 = "Data2Vec2" if type(config).__name__ == "Data2Vec2Config" else "Data2VecAudio"
+        kind = f"{v2}ForCTC" if "lm_head" in params else f"{v2}Model"
         print(f"wrote flax-d2v checkpoint ({kind}) to {args.dst}")
         return 0
     if not (src.is_dir() and is_flax_dir(src)):
-        raise D2VError(f"{src}: --to hf needs a flax-d2v directory (with flax_model.safetensors)")
+        raise D2VError(f"{src}: --to {args.to} needs a flax-d2v directory (with flax_model.safetensors)")
+    if args.to == "fairseq":
+        from flax_d2v.convert.fairseq2 import export_fairseq2
+
+        for note in export_fairseq2(src, args.dst, overwrite=args.overwrite):
+            print(note, file=sys.stderr)
+        print(f"wrote fairseq checkpoint to {args.dst}")
+        return 0
     config, params = load_flax(src)
+    if type(config).__name__ == "Data2Vec2Config":
+        raise D2VError(f"{src}: data2vec 2.0 has no transformers class; export it with --to fairseq")
     save_hf(args.dst, config, params, files_from=src, overwrite=args.overwrite)
     from flax_d2v.convert.fairseq import aux_note
 

@@ -145,7 +145,11 @@ def training_config(base: Any, cfg: dict, vocab: dict[str, int]) -> Any:
     over.update(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
                 eos_token_id=vocab["</s>"], ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
                 ctc_loss_reduction="sum" if cfg["ctc_reduction"] == "sum" else "mean")
-    return base.replace(**over)
+    config = base.replace(**over)
+    if hasattr(config, "post_mlp_dropout"):  # data2vec 2.0: fairseq's Wav2VecEncoder sets these from the same cfg
+        config = config.replace(post_mlp_dropout=config.hidden_dropout, prenet_dropout=config.hidden_dropout,
+                                prenet_layerdrop=config.layerdrop)
+    return config
 
 
 def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
@@ -247,12 +251,28 @@ def export_hf(run_dir: Path, config: Any, params: Any, vocab: dict[str, int]) ->
         return save_hf(run_dir / "hf", config, host, files_from=files, overwrite=True)
 
 
+def export_flax(run_dir: Path, config: Any, params: Any, vocab: dict[str, int]) -> Path | None:
+    """RUN/flax: a flax-d2v directory with the tokenizer and preprocessor files (data2vec 2.0 models)."""
+    import jax
+
+    from flax_d2v.checkpoint import save_flax
+    from flax_d2v.train import vocab as V
+
+    host = R.host(params)
+    if jax.process_index() != 0:
+        return None
+    with tempfile.TemporaryDirectory(prefix=".flax-files-", dir=run_dir) as files:
+        V.save_tokenizer_files(files, vocab)
+        V.save_preprocessor_config(files)
+        return save_flax(run_dir / "flax", config, host, files_from=files, overwrite=True)
+
+
 # ------------------------------------------------------------------------------------------ the run
 def finetune(cfg: dict) -> Any:
     """The whole command as a function (also used by tests): returns the loop's `FitResult`."""
     import jax
 
-    from flax_d2v.modeling import Data2VecAudioForCTC, init_params, logical_axes
+    from flax_d2v.modeling import init_params, logical_axes
     from flax_d2v.train import data as D
     from flax_d2v.train import vocab as V
     from flax_d2v.train.ctc import CTCObjective
@@ -265,7 +285,9 @@ def finetune(cfg: dict) -> Any:
     base_config, loaded, init_dir = load_init(cfg)
     vocab, vocab_source = choose_vocab(cfg, manifest.texts, init_dir, run_dir)
     config = training_config(base_config, cfg, vocab)
-    module = Data2VecAudioForCTC(config, **R.module_options(cfg))
+    from flax_d2v.pretrained import build_module  # Data2VecAudioForCTC, or data2vec 2.0's Data2Vec2ForCTC
+
+    module = build_module(config, True, **R.module_options(cfg))
     params, new_keys, dropped = R.graft(init_params(module, int(cfg["seed"])), R.stacked(cfg, loaded))
     if loaded is not None:
         log(f"init from {cfg['model']}: {len(new_keys)} new tensors" + (f" ({', '.join(new_keys[:4])}"
@@ -306,7 +328,11 @@ def finetune(cfg: dict) -> Any:
     finally:
         loader.close()
     trainer.finish(title=f"d2v finetune {run_dir.name}")
-    if not result.stopped and cfg["export_hf"]:
+    if not result.stopped and cfg["export_hf"] and getattr(module, "is_data2vec2", False):
+        where = export_flax(run_dir, config, result.state.params, vocab)  # no transformers class for 2.0
+        if where is not None:
+            log(f"wrote {where} (flax-d2v data2vec 2.0 CTC; `d2v convert {where} out.pt --to fairseq` for fairseq)")
+    elif not result.stopped and cfg["export_hf"]:
         where = export_hf(run_dir, config, result.state.params, vocab)
         if where is not None:
             log(f"wrote {where} (transformers Data2VecAudioForCTC + Wav2Vec2Processor)")

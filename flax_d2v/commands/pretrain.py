@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     init.add_argument("--config", help="random init: a preset (tiny|base|large) or a transformers config.json")
     groups = R.add_common_arguments(p, {**R.COMMON_DEFAULTS, **RECIPE}, groups={"run": g})
     g.add_argument("--export-hf", action=bool_flag, default=True, help="write RUN/hf and RUN/flax at the end")
+    g.add_argument("--arch", choices=["data2vec", "data2vec2"], default="data2vec",
+                   help="data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0, v2/base_audio_only_task.yaml: "
+                        "flags left at their 1.0 defaults take 2.0's; see flax_d2v/commands/pretrain2.py)")
     groups["data"].add_argument("--crop", action=bool_flag, default=True, help="crop each batch to its shortest "
                                 "clip, random offsets, no padding (fairseq's pretraining)")
     g = p.add_argument_group("data2vec objective (fairseq names)")
@@ -67,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-length", type=int, default=10, help="frames per masked span")
     g.add_argument("--require-same-masks", action=bool_flag, default=True,
                    help="trim every row to the batch's smallest mask count")
+    g.add_argument("--clone-batch", type=int, default=8, help="2.0: masked copies of each clip (clone_batch)")
+    g.add_argument("--mask-prob-adjust", type=float, default=0.05, help="2.0: extra span centres (mask_prob_adjust)")
+    g.add_argument("--inverse-mask", action=bool_flag, default=False, help="2.0: mask_prob is the kept fraction")
+    g.add_argument("--mask-dropout", type=float, default=0.0, help="2.0: extra span centres (mask_dropout)")
     g.add_argument("--loss-beta", type=float, default=0.0, help="0: squared error; >0: smooth L1 with this beta")
     g.add_argument("--loss-scale", type=float, default=None, help="loss scale (default 1/sqrt(hidden size))")
     g.add_argument("--min-target-var", type=float, default=0.1, help="stop when target_var falls below")
@@ -145,6 +152,10 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
 
 def pretrain(cfg: dict) -> Any:
     """The whole command as a function (also used by tests): returns the loop's `FitResult`."""
+    if cfg.get("arch") == "data2vec2":
+        from flax_d2v.commands.pretrain2 import pretrain_v2
+
+        return pretrain_v2(cfg)
     import jax
     import numpy as np
 

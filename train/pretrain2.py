@@ -1,0 +1,304 @@
+"""data2vec 2.0 (audio) pretraining as an `Objective`: fairseq's `Data2VecMultiModel.forward` with
+`base_audio_only_task.yaml`.
+
+Per step, for a batch of B clips cropped to one length (fairseq pretrains unpadded):
+
+1. Local features once: conv extractor + `project_features` (N = B * clone_batch rows share them).
+2. Masks: `clone_batch` per clip, each fairseq's `compute_block_mask_1d` (what the dataset precomputes
+   with `precompute_mask_config`): span centres drawn uniformly (`int(T * (p + mask_prob_adjust) /
+   mask_length * (1 + mask_dropout))` of them), spans of `mask_length` frames around them clipped to the
+   clip, then exactly `int(T * p)` masked frames (masked frames dropped, or frames added, uniformly at
+   random); `inverse_mask` flips it (p = 1 - mask_prob then). The masked count, hence the kept count K,
+   depends on T only: shapes are static under `jit`.
+3. Student (dropout, LayerDrop on): the clone-repeated local features with masked frames zeroed go
+   through the positional conv; only the K kept frames (features + positions) go through the context
+   encoder and the blocks, with the ALiBi bias of their positions (MAE-style).
+4. Decoder: the encoder output (input dropout), N(0, mask_noise_std) tokens at the masked positions,
+   back in time order, through `Decoder1d`.
+5. Teacher (EMA, deterministic, no gradient): the *unmasked* local features through its own positional
+   conv, alibi_scale, context encoder and blocks; targets = mean over the top K blocks of each block's
+   FFN output instance-normalised over time; repeated for the clones.
+6. Loss on masked frames: squared error summed over channels times 1/sqrt(D) (`loss_beta` 0,
+   `loss_scale` None); returned as (sum, number of masked frames) = fairseq's (loss, sample_size).
+7. After the optimizer step: EMA of the whole teacher (`ema_encoder_only: false`), decay annealed linearly
+   from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates.
+
+One deliberate difference: fairseq's dataset draws each clip's masks at the clip's full length and the
+collater then crops them at an offset independent of the audio's crop, so a cropped row's masked count
+varies and the first row's count sets how many frames every row keeps (`make_maskinfo`). Here masks are
+drawn for the cropped length, so every row has exactly `int(T * mask_prob)` masked frames (the rule's
+intent, and what static shapes need).
+
+Params `{"model": <Data2Vec2Model params>, "decoder": <Decoder1d params>}`; extra `{"teacher": ...}`, the
+model's tree without `feature_extractor` and `project_features` (the teacher shares the student's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_d2v.data2vec2 import Data2Vec2Model, Decoder1d
+from flax_d2v.errors import D2VError
+from flax_d2v.modeling import feat_extract_output_lengths
+from flax_d2v.precision import matmul_precision
+from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
+from flax_d2v.train.pretrain import check_collapse, ema_decay_at, ema_update, instance_norm_time, masked_std
+
+MASK_STREAM, DROPOUT_STREAM, NOISE_STREAM = 0, 1, 2
+LOCAL_KEYS = ("feature_extractor", "project_features")  # the student's, shared by the teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class Data2Vec2PretrainConfig:
+    """The objective's hyperparameters; defaults are fairseq's `v2/base_audio_only_task.yaml`."""
+
+    clone_batch: int = 8
+    mask_prob: float = 0.5
+    mask_prob_adjust: float = 0.05
+    mask_length: int = 5
+    inverse_mask: bool = False
+    mask_dropout: float = 0.0
+    average_top_k_layers: int = 8
+    instance_norm_target_layer: bool = True
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.99999
+    ema_anneal_end_step: int = 75000
+    ema_start_update: int = 0
+    loss_beta: float = 0.0
+    loss_scale: float | None = None
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+    guard_after: int = 5000
+
+    def validate(self, num_hidden_layers: int) -> None:
+        if not 1 <= self.average_top_k_layers <= num_hidden_layers:
+            raise D2VError(f"--average-top-k-layers: {self.average_top_k_layers} is not in [1, {num_hidden_layers}]")
+        if self.clone_batch < 1:
+            raise D2VError(f"--clone-batch: {self.clone_batch} must be at least 1")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise D2VError(f"--mask-prob: {self.mask_prob} is not in (0, 1)")
+        if self.mask_length < 1:
+            raise D2VError(f"--mask-length: {self.mask_length} must be at least 1")
+        if self.ema_anneal_end_step < 1:
+            raise D2VError(f"--ema-anneal-end-step: {self.ema_anneal_end_step} must be at least 1")
+        if self.loss_beta < 0:
+            raise D2VError(f"--loss-beta: {self.loss_beta} must be >= 0")
+
+    def masked_count(self, num_frames: int) -> int:
+        """Masked frames per clone of a T-frame clip (compute_block_mask_1d with require_same_masks)."""
+        p = 1.0 - self.mask_prob if self.inverse_mask else self.mask_prob
+        n = int(num_frames * p)
+        return num_frames - n if self.inverse_mask else n
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def block_mask_1d(
+    key: jax.Array,
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    inverse_mask: bool = False,
+    mask_dropout: float = 0.0,
+) -> jax.Array:
+    """One row of fairseq's `compute_block_mask_1d` (non_overlapping and expand_adjcent off,
+    require_same_masks on): (T,) bool, True = masked."""
+    p = 1.0 - mask_prob if inverse_mask else mask_prob
+    n_centres = int(num_frames * ((p + mask_prob_adjust) / mask_length) * (1 + mask_dropout))
+    target = int(num_frames * p)
+    k_centres, k_adjust = jax.random.split(key)
+    mask = jnp.zeros((num_frames,), bool)
+    if n_centres > 0:
+        centres = jax.random.randint(k_centres, (n_centres,), 0, num_frames)
+        offsets = jnp.arange(mask_length) - mask_length // 2
+        idx = jnp.clip(centres[:, None] + offsets[None, :], 0, num_frames - 1).reshape(-1)
+        mask = mask.at[idx].set(True)
+    # exactly `target` masked: the masked frames first (random order among them), then random unmasked ones
+    u = jax.random.uniform(k_adjust, (num_frames,))
+    _, chosen = jax.lax.top_k(jnp.where(mask, 1.0 + u, u), target) if target > 0 else (None, jnp.zeros((0,), int))
+    final = jnp.zeros((num_frames,), bool).at[chosen].set(True)
+    return ~final if inverse_mask else final
+
+
+def clone_masks(keys: jax.Array, num_frames: int, config: Data2Vec2PretrainConfig) -> jax.Array:
+    """(B * clone_batch, T) masks: `clone_batch` rows per example key, clones of one clip adjacent
+    (fairseq's `repeat_interleave` order)."""
+    c = config
+    clone_keys = jax.vmap(lambda k: jax.random.split(k, c.clone_batch))(keys).reshape(-1, *keys.shape[1:])
+    fn = lambda k: block_mask_1d(
+        k,
+        num_frames,
+        c.mask_prob,
+        c.mask_length,
+        c.mask_prob_adjust,  # noqa: E731
+        c.inverse_mask,
+        c.mask_dropout,
+    )
+    return jax.vmap(fn)(clone_keys)
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+def _local(m: Data2Vec2Model, input_values: jax.Array) -> jax.Array:
+    return m.local_features(input_values)
+
+
+def _student(m: Data2Vec2Model, local: jax.Array, mask: jax.Array, keep: jax.Array, deterministic: bool) -> jax.Array:
+    return m.encode_masked(local, mask, keep, deterministic)
+
+
+def _teacher(m: Data2Vec2Model, local: jax.Array) -> list[jax.Array]:
+    return m.contextualize(local, None, True)[2]
+
+
+def teacher_subtree(model_params: PyTree) -> PyTree:
+    return {k: v for k, v in model_params.items() if k not in LOCAL_KEYS}
+
+
+class Data2Vec2Objective:
+    """data2vec 2.0 pretraining (see the module docstring). `module`: the bare `Data2Vec2Model`."""
+
+    name = "data2vec2"
+
+    def __init__(
+        self,
+        module: Data2Vec2Model,
+        config: Data2Vec2PretrainConfig = Data2Vec2PretrainConfig(),
+        axis_name: str | None = None,
+    ) -> None:
+        if not isinstance(module, Data2Vec2Model):
+            raise D2VError(f"data2vec 2.0 pretraining needs the bare Data2Vec2Model, got {type(module).__name__}")
+        config.validate(module.config.num_hidden_layers)
+        self.module, self.config, self.axis_name = module, config, axis_name
+        self.decoder = Decoder1d(module.config, module.dtype)
+
+    # -- state -------------------------------------------------------------------------------
+    def init_params(self, model_params: PyTree, rng: jax.Array, decoder: PyTree | None = None) -> PyTree:
+        import flax.linen as nn
+
+        if decoder is None:
+            x = jnp.zeros((1, 16, self.module.config.hidden_size), jnp.float32)
+            decoder = nn.meta.unbox(self.decoder.init(rng, x)["params"])
+        return {"model": model_params, "decoder": decoder}
+
+    def decoder_logical_axes(self) -> PyTree:
+        import flax.linen as nn
+
+        boxed = jax.eval_shape(
+            lambda r: self.decoder.init(r, jnp.zeros((1, 16, self.module.config.hidden_size)))["params"],
+            jax.random.PRNGKey(0),
+        )
+        return nn.get_partition_spec(boxed)
+
+    def params_logical_axes(self, model_axes: PyTree) -> PyTree:
+        return {"model": model_axes, "decoder": self.decoder_logical_axes()}
+
+    def init_extra(self, params: PyTree) -> PyTree:
+        """The teacher starts as a copy of the student (fairseq's `make_ema_teacher`), in fp32."""
+        return {"teacher": jax.tree.map(lambda x: jnp.array(x, jnp.float32), teacher_subtree(params["model"]))}
+
+    def extra_logical_axes(self, params_axes: PyTree) -> PyTree:
+        return {"teacher": teacher_subtree(params_axes["model"])}
+
+    def ema_decay(self, num_updates: jax.Array | int) -> jax.Array:
+        return ema_decay_at(self.config, jnp.asarray(num_updates) + self.config.ema_start_update)
+
+    def update_extra(self, extra: PyTree, new_params: PyTree, step: jax.Array) -> PyTree:
+        decay = self.ema_decay(jnp.asarray(step) + 1)
+        return {"teacher": ema_update(extra["teacher"], teacher_subtree(new_params["model"]), decay, ())}
+
+    # -- the loss ----------------------------------------------------------------------------
+    def masks(self, batch: Batch, rng: jax.Array) -> jax.Array:
+        num_frames = int(feat_extract_output_lengths(self.module.config, batch["input_values"].shape[1]))
+        keys = example_keys(jax.random.fold_in(rng, MASK_STREAM), jnp.asarray(batch["index"]))
+        return clone_masks(keys, num_frames, self.config)
+
+    def targets(self, params: PyTree, extra: PyTree, local: jax.Array) -> jax.Array:
+        c = self.config
+        teacher = {**{k: params["model"][k] for k in LOCAL_KEYS}, **extra["teacher"]}
+        results = self.module.apply(
+            {"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local), method=_teacher
+        )
+        layers = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers :]]
+        if c.instance_norm_target_layer:
+            layers = [instance_norm_time(t) for t in layers]
+        return jax.lax.stop_gradient(sum(layers) / len(layers))
+
+    def loss(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """`_loss` traced under the module's matmul/conv precision (`flax_d2v.precision`): the student,
+        teacher and decoder applies below all run at it."""
+        with matmul_precision(self.module.precision):
+            return self._loss(*args, **kwargs)
+
+    def _loss(
+        self,
+        params: PyTree,
+        extra: PyTree,
+        batch: Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        mask: jax.Array | None = None,
+        mask_noise: jax.Array | None = None,
+        deterministic: bool = False,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """(sum of per-masked-frame losses, number of masked frames, metrics). `mask` (B*clone, T),
+        `mask_noise` (B*clone, T - K, D) and `deterministic` are for tests."""
+        c, mc = self.config, self.module.config
+        input_values = jnp.asarray(batch["input_values"])
+        am = batch.get("attention_mask")
+        valid = jnp.ones(input_values.shape[:1], bool) if am is None else jnp.asarray(am).sum(-1) > 0
+        local = self.module.apply({"params": params["model"]}, input_values, method=_local)
+        b, t, d = local.shape
+        if mask is None:
+            mask = self.masks(batch, rng)
+        n = b * c.clone_batch
+        k = t - c.masked_count(t)
+        ids_shuffle = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
+        ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True)
+        keep = ids_shuffle[:, :k]
+        drop_key = batch_key(jax.random.fold_in(rng, DROPOUT_STREAM), batch)
+        rngs = {} if deterministic else {"dropout": drop_key}
+        local_n = jnp.repeat(local, c.clone_batch, axis=0)
+        x = self.module.apply(
+            {"params": params["model"]}, local_n, mask, keep, deterministic, method=_student, rngs=rngs
+        )
+        if not deterministic and mc.decoder_input_dropout > 0:
+            x = _dropout(jax.random.fold_in(drop_key, 1), x, mc.decoder_input_dropout)
+        if mask_noise is None:
+            noise_key = batch_key(jax.random.fold_in(rng, NOISE_STREAM), batch)
+            mask_noise = mc.mask_noise_std * jax.random.normal(noise_key, (n, t - k, d), jnp.float32)
+        full = jnp.take_along_axis(
+            jnp.concatenate([x, mask_noise.astype(x.dtype)], axis=1), ids_restore[..., None], axis=1
+        )
+        pred = self.decoder.apply({"params": params["decoder"]}, full).astype(jnp.float32)
+        y = jnp.repeat(self.targets(params, extra, local), c.clone_batch, axis=0)
+        scale = c.loss_scale if c.loss_scale is not None else 1.0 / math.sqrt(d)
+        diff = pred - y
+        if c.loss_beta == 0:
+            per = jnp.square(diff)
+        else:
+            a = jnp.abs(diff)
+            per = jnp.where(a < c.loss_beta, 0.5 * jnp.square(diff) / c.loss_beta, a - 0.5 * c.loss_beta)
+        counted = mask & jnp.repeat(valid, c.clone_batch)[:, None]
+        w = counted.astype(jnp.float32)
+        loss_sum = (per.sum(-1) * scale * w).sum()
+        weight = w.sum()
+        metrics = {
+            "target_var": masked_std(y, counted, self.axis_name),
+            "pred_var": masked_std(jax.lax.stop_gradient(pred), counted, self.axis_name),
+            "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
+            "masked_pct": jnp.asarray(1.0 - k / t, jnp.float32),
+        }
+        return loss_sum, weight, metrics
+
+    def check(self, metrics: dict[str, Any], step: int) -> None:
+        check_collapse(metrics, step, self.config)
+
+
+def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
