@@ -80,8 +80,23 @@ def test_tensorboard_writes_the_logged_metrics(tmp_path):
 
     manifest = write_corpus(tmp_path / "data", 2)
     run = tmp_path / "run"
-    finetune(resolve(dict(train=str(manifest), model="tiny", out=str(run), steps=2, batch_size=2, learning_rate=1e-4,
-                          log_every=1, progress=False, export_hf=False, num_workers=1, tensorboard=True)))
+    finetune(
+        resolve(
+            dict(
+                train=str(manifest),
+                model="tiny",
+                out=str(run),
+                steps=2,
+                batch_size=2,
+                learning_rate=1e-4,
+                log_every=1,
+                progress=False,
+                export_hf=False,
+                num_workers=1,
+                tensorboard=True,
+            )
+        )
+    )
     events = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events, list((run / "tensorboard").iterdir())
     seen: dict[str, dict[int, float]] = {}

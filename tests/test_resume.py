@@ -44,18 +44,66 @@ def _env(devices: int) -> dict:
 
 def _argv(command: str, manifest: Path, out: Path, devices: int) -> list[str]:
     batch = 2 if devices == 1 else 8
-    common = ["--train", str(manifest), "--out", str(out), "--steps", str(STEPS), "--batch-size", str(batch),
-              "--seed", "3", "--save-every", "1000", "--log-every", "1", "--no-progress", "--no-export-hf",
-              "--num-workers", "1"]
+    common = [
+        "--train",
+        str(manifest),
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(batch),
+        "--seed",
+        "3",
+        "--save-every",
+        "1000",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--no-export-hf",
+        "--num-workers",
+        "1",
+    ]
     if devices > 1:
         common += ["--mesh", "data=2,fsdp=4"]
     if command == "finetune":  # tri-stage schedule, dropout + LayerDrop + time and channel masks on
-        return ["finetune", *common, "--model", "tiny", "--learning-rate", "1e-3", "--dropout", "0.1",
-                "--mask-time-prob", "0.3", "--mask-time-length", "2", "--mask-feature-prob", "0.2",
-                "--mask-feature-length", "4"]
+        return [
+            "finetune",
+            *common,
+            "--model",
+            "tiny",
+            "--learning-rate",
+            "1e-3",
+            "--dropout",
+            "0.1",
+            "--mask-time-prob",
+            "0.3",
+            "--mask-time-length",
+            "2",
+            "--mask-feature-prob",
+            "0.2",
+            "--mask-feature-length",
+            "4",
+        ]
     # fairseq's recipe: dropout 0.1, LayerDrop 0.05, span masks, EMA teacher, crop to the shortest clip
-    return ["pretrain", *common, "--config", "tiny", "--average-top-k-layers", "2", "--mask-length", "3",
-            "--ema-decay", "0.9", "--ema-end-decay", "0.99", "--ema-anneal-end-step", "10", "--min-seconds", "0"]
+    return [
+        "pretrain",
+        *common,
+        "--config",
+        "tiny",
+        "--average-top-k-layers",
+        "2",
+        "--mask-length",
+        "3",
+        "--ema-decay",
+        "0.9",
+        "--ema-end-decay",
+        "0.99",
+        "--ema-anneal-end-step",
+        "10",
+        "--min-seconds",
+        "0",
+    ]
 
 
 def _cmd(argv: list[str]) -> list[str]:
@@ -106,8 +154,9 @@ def _check_resume_is_exact(tmp_path: Path, command: str, devices: int) -> None:
     manifest = write_corpus(tmp_path / "data", clips, text=command == "finetune")
     env = _env(devices)
     ref, run = tmp_path / "unbroken", tmp_path / "run"
-    unbroken = subprocess.run(_cmd(_argv(command, manifest, ref, devices)), capture_output=True, text=True, env=env,
-                              timeout=900)
+    unbroken = subprocess.run(
+        _cmd(_argv(command, manifest, ref, devices)), capture_output=True, text=True, env=env, timeout=900
+    )
     assert unbroken.returncode == 0, unbroken.stderr[-4000:]
     assert '"batches_per_epoch": 3' in unbroken.stderr
     want = _losses(ref)
@@ -115,17 +164,23 @@ def _check_resume_is_exact(tmp_path: Path, command: str, devices: int) -> None:
 
     stopped, _ = _sigterm_midway(_argv(command, manifest, run, devices), run, env)
     assert KILL_AFTER <= stopped < STEPS - 2, stopped
-    resumed = subprocess.run(_cmd(_argv(command, manifest, run, devices)), capture_output=True, text=True, env=env,
-                             timeout=900)
+    resumed = subprocess.run(
+        _cmd(_argv(command, manifest, run, devices)), capture_output=True, text=True, env=env, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"(step {stopped})" in resumed.stderr
     got = _losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     later = list(range(stopped + 1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in later], [want[s] for s in later], rtol=RESUME_RTOL,
-                               err_msg=f"{command}, {devices} device(s), stopped at {stopped}")
-    np.testing.assert_allclose([got[s] for s in range(1, stopped + 1)], [want[s] for s in range(1, stopped + 1)],
-                               rtol=RESUME_RTOL)
+    np.testing.assert_allclose(
+        [got[s] for s in later],
+        [want[s] for s in later],
+        rtol=RESUME_RTOL,
+        err_msg=f"{command}, {devices} device(s), stopped at {stopped}",
+    )
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, stopped + 1)], [want[s] for s in range(1, stopped + 1)], rtol=RESUME_RTOL
+    )
 
 
 @pytest.mark.parametrize("command", ["finetune", "pretrain"])
@@ -170,8 +225,13 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_pat
     unbroken = subprocess.run(_cmd(ref_argv), capture_output=True, text=True, env=env, timeout=900)
     assert unbroken.returncode == 0, unbroken.stderr[-4000:]
 
-    killed = subprocess.run([sys.executable, "-c", _KILL_DURING_WRITE.replace("{step}", str(KILL_STEP)), *argv],
-                            capture_output=True, text=True, env=env, timeout=900)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_DURING_WRITE.replace("{step}", str(KILL_STEP)), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     run = tmp_path / "run"
     assert _checkpoints(run) == [KILL_STEP - 2]  # the half-written one is not a checkpoint

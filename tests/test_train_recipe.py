@@ -20,8 +20,13 @@ def _received_rates(freeze_transformer_steps: int, steps: int):
     wd = 0.5
     schedule = make_schedule("tri_stage", 1.0, steps)
     params = {"encoder": {"w": jnp.ones((3,))}, "lm_head": {"w": jnp.ones((3,))}}
-    tx = make_optimizer(params, schedule, weight_decay=wd, freeze_feature_encoder=False,
-                        freeze_transformer_steps=freeze_transformer_steps)
+    tx = make_optimizer(
+        params,
+        schedule,
+        weight_decay=wd,
+        freeze_feature_encoder=False,
+        freeze_transformer_steps=freeze_transformer_steps,
+    )
     state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     update = jax.jit(lambda s: tx.update(zeros, s, params))
@@ -57,8 +62,14 @@ def test_finetune_dropout_flag_sets_layerdrop_too():
     base = dict(train="a.tsv", model="tiny", out="o", steps=1, batch_size=1, learning_rate=1e-4)
     assert preset("tiny").layerdrop > 0
     config = training_config(preset("tiny"), resolve({**base, "dropout": 0.0}), vocab)
-    for key in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
-                "layerdrop"):
+    for key in (
+        "hidden_dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "feat_proj_dropout",
+        "final_dropout",
+        "layerdrop",
+    ):
         assert getattr(config, key) == 0.0, key
     config = training_config(preset("tiny"), resolve({**base, "dropout": 0.0, "layerdrop": 0.05}), vocab)
     assert config.layerdrop == 0.05 and config.hidden_dropout == 0.0
@@ -74,12 +85,19 @@ def _run_pytest_with_speech_dir(tmp_path, env_extra: dict):
     (tmp_path / "conftest.py").write_text(  # the project's conftest under another module name
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('d2v_conftest', {str(tests / 'conftest.py')!r})\n"
-        "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\nspeech_dir = mod.speech_dir\n")
+        "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\nspeech_dir = mod.speech_dir\n"
+    )
     (tmp_path / "test_needs_speech.py").write_text("def test_x(speech_dir):\n    assert speech_dir.is_dir()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "D2V_SHARED_SPEECH")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_missing_speech_fails_under_ci_and_skips_otherwise(tmp_path):
@@ -92,13 +110,23 @@ def test_missing_speech_fails_under_ci_and_skips_otherwise(tmp_path):
     assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout
 
 
-
 # ------------------------------------------------------------------------------------------ resume checks
 def _tiny_finetune(manifest, out, **kw):
     from flax_d2v.commands.finetune import resolve
 
-    base = dict(train=str(manifest), model="tiny", out=str(out), steps=1, batch_size=2, learning_rate=1e-4,
-                log_every=1, progress=False, export_hf=False, num_workers=1, async_checkpoint=False)
+    base = dict(
+        train=str(manifest),
+        model="tiny",
+        out=str(out),
+        steps=1,
+        batch_size=2,
+        learning_rate=1e-4,
+        log_every=1,
+        progress=False,
+        export_hf=False,
+        num_workers=1,
+        async_checkpoint=False,
+    )
     base.update(kw)
     return resolve(base)
 
@@ -121,8 +149,26 @@ def test_resume_with_other_shape_or_order_settings_is_refused_in_one_line(tmp_pa
     with pytest.raises(D2VError, match=r"--clip-norm 0.0, this command gives 1.0"):
         finetune(_tiny_finetune(manifest, run, steps=2, clip_norm=1.0))
     # the command line: one line on stderr, exit 1, no traceback
-    code = main(["finetune", "--train", str(manifest), "--model", "tiny", "--out", str(run), "--steps", "2",
-                 "--batch-size", "2", "--learning-rate", "1e-4", "--scan-layers", "--no-progress", "--no-export-hf"])
+    code = main(
+        [
+            "finetune",
+            "--train",
+            str(manifest),
+            "--model",
+            "tiny",
+            "--out",
+            str(run),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "1e-4",
+            "--scan-layers",
+            "--no-progress",
+            "--no-export-hf",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert [line for line in err.splitlines() if "error:" in line][0].count("--scan-layers") == 2
@@ -214,10 +260,21 @@ def test_apply_spec_augment_false_turns_masking_off(tmp_path):
     from flax_d2v.train.ctc import CTCObjective
 
     path = tmp_path / "config.json"
-    off = dict(json.loads(tiny_config().to_json_string()), apply_spec_augment=False, mask_time_prob=0.5,
-               mask_time_length=2, mask_feature_prob=0.5, mask_feature_length=4, hidden_dropout=0.0,
-               attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
-               layerdrop=0.0, vocab_size=8)
+    off = dict(
+        json.loads(tiny_config().to_json_string()),
+        apply_spec_augment=False,
+        mask_time_prob=0.5,
+        mask_time_length=2,
+        mask_feature_prob=0.5,
+        mask_feature_length=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        vocab_size=8,
+    )
     path.write_text(json.dumps(off))
     config = Data2VecAudioConfig.from_json_file(path)
     assert config.apply_spec_augment is False and config.has_masked_spec_embed
@@ -260,8 +317,9 @@ def test_pretraining_crops_to_the_shortest_clip_and_drops_clips_under_2s():
 
     parser = argparse.ArgumentParser()
     P.add_arguments(parser)
-    args = parser.parse_args(["--train", "x.tsv", "--out", "o", "--steps", "1", "--batch-size", "1",
-                              "--config", "tiny"])
+    args = parser.parse_args(
+        ["--train", "x.tsv", "--out", "o", "--steps", "1", "--batch-size", "1", "--config", "tiny"]
+    )
     assert args.min_seconds == 2.0
     from flax_d2v.commands.finetune import DEFAULTS
 

@@ -42,8 +42,9 @@ def parse_layer(spec: str, num_layers: int) -> list[int]:
     return [n]
 
 
-def embed_arrays(module, params, wave: np.ndarray, layers: list[int], do_normalize: bool,
-                 eps: float | None = None) -> dict[str, np.ndarray]:
+def embed_arrays(
+    module, params, wave: np.ndarray, layers: list[int], do_normalize: bool, eps: float | None = None
+) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
     from flax_d2v.audio import HF_NORM_EPS, pad_batch
