@@ -3,7 +3,8 @@
 Both models get the same weights (an HF directory is loaded by both; a flax-d2v directory or a
 fairseq `.pt` is exported to a temporary HF directory first) and the same preprocessed audio:
 one utterance, and a right-padded batch of utterances of different lengths. For every stage
-(conv feature extractor, feature projection, each hidden state, the logits) the report gives the
+(conv feature extractor, feature projection, each hidden state, the adapter's output when there is
+one, and the head's outputs: logits, and x-vector embeddings) the report gives the
 max and mean absolute error, the max error relative to the reference's largest magnitude, and
 the cosine similarity, against a named tolerance. Padded frames are left out of the comparison:
 their values are not defined by either model.
@@ -58,12 +59,12 @@ def compare(case: str, stage: str, got: np.ndarray, ref: np.ndarray, frame_mask:
 
 def _torch_model(hf_dir: str, dtype: str):
     import torch
-    from transformers import Data2VecAudioForCTC, Data2VecAudioModel
+    import transformers
 
-    from flax_d2v.convert.hf import read_hf_state_dict
+    from flax_d2v.pretrained import load_any
 
-    state, _ = read_hf_state_dict(hf_dir)
-    cls = Data2VecAudioForCTC if "lm_head.weight" in state else Data2VecAudioModel
+    spec = load_any(hf_dir)[1]  # the head its keys say, as `from_pretrained` builds on the Flax side
+    cls = getattr(transformers, spec.architecture)
     model = cls.from_pretrained(hf_dir, attn_implementation="eager").eval()
     if dtype == "float64":
         model = model.double()
@@ -82,6 +83,9 @@ def _run_torch(model, values: np.ndarray, mask: np.ndarray | None, dtype: str) -
         base.feature_projection.register_forward_hook(
             lambda m, i, o: captured.__setitem__("feature_projection", o[0].double().numpy())),
     ]
+    if getattr(base, "adapter", None) is not None:
+        hooks.append(base.adapter.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("last_hidden_state", o.double().numpy())))
     try:
         x = torch.from_numpy(values).to(torch.float64 if dtype == "float64" else torch.float32)
         m = None if mask is None else torch.from_numpy(mask).long()
@@ -91,8 +95,9 @@ def _run_torch(model, values: np.ndarray, mask: np.ndarray | None, dtype: str) -
             h.remove()
     for i, h in enumerate(out.hidden_states):
         captured[f"hidden_states[{i}]"] = h.double().numpy()
-    if getattr(out, "logits", None) is not None:
-        captured["logits"] = out.logits.double().numpy()
+    for field in ("logits", "embeddings"):
+        if getattr(out, field, None) is not None:
+            captured[field] = getattr(out, field).double().numpy()
     return captured
 
 
@@ -115,10 +120,22 @@ def _run_flax(module, params, values: np.ndarray, mask: np.ndarray | None) -> tu
     }
     for i, h in enumerate(out.hidden_states):
         result[f"hidden_states[{i}]"] = np.asarray(h)
-    if out.logits is not None:
-        result["logits"] = np.asarray(out.logits)
-    frame_mask = None if out.frame_mask is None else np.asarray(out.frame_mask)
-    return result, frame_mask
+    for field in ("last_hidden_state", "logits", "embeddings"):
+        if getattr(out, field) is not None:
+            result[field] = np.asarray(getattr(out, field))
+    masks = {"encoder": None if out.frame_mask is None else np.asarray(out.frame_mask),
+             "output": None if out.logits_frame_mask is None else np.asarray(out.logits_frame_mask)}
+    return result, masks
+
+
+def _stage_mask(stage: str, value: np.ndarray, masks: dict) -> np.ndarray | None:
+    """Valid frames of a stage: the encoder's, the adapter's for its output and per-frame logits, none
+    for pooled outputs (a clip's logits or embeddings)."""
+    if stage in ("feature_extractor", "feature_projection") or stage.startswith("hidden_states"):
+        return masks["encoder"]
+    if value.ndim == 3:
+        return masks["output"]
+    return None
 
 
 def _hf_dir_for(src: str, tmp: str) -> str:
@@ -165,10 +182,12 @@ def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32"
             values, mask = pad_batch(group, do_normalize=pre.do_normalize)
             use_mask = mask if len(group) > 1 else None
             ref = _run_torch(model, values, use_mask, reference_dtype)
-            got, frame_mask = _run_flax(module, params, values, use_mask)
+            got, masks = _run_flax(module, params, values, use_mask)
             for stage in ref:
-                rows.append(compare(name, stage, got[stage], ref[stage], frame_mask))
-    facts = {"model": src, "audio": files, "reference": f"transformers PyTorch ({reference_dtype}, eager attention)",
+                if stage not in got:
+                    raise D2VError(f"{stage}: PyTorch returns it, the Flax model does not")
+                rows.append(compare(name, stage, got[stage], ref[stage], _stage_mask(stage, ref[stage], masks)))
+    facts = {"model": src, "architecture": type(module).__name__, "audio": files, "reference": f"transformers PyTorch ({reference_dtype}, eager attention)",
              "tolerance": PARITY_RTOL, "layers": module.config.num_hidden_layers,
              "hidden_size": module.config.hidden_size}
     return rows, facts

@@ -219,8 +219,8 @@ class Transcriber:
             from flax_d2v.pretrained import build_module, load_any
 
             # `where` is the local directory or file (a hub id's snapshot holds vocab.json too)
-            config, is_ctc, params, where = load_any(model_or_path)
-            module = build_module(config, is_ctc)
+            config, spec, params, where = load_any(model_or_path)
+            module = build_module(config, spec)
             model_dir = Path(where) if Path(where).is_dir() else Path(where).parent
             tokenizer = _tokenizer_from(vocab, where) if vocab is not None else CTCTokenizer.from_dir(model_dir)
             preprocessor = read_preprocessor_config(model_dir)

@@ -38,14 +38,16 @@ def run(args: argparse.Namespace) -> int:
             for note in result.notes:
                 print(note, file=sys.stderr)
         elif src.is_dir() and is_hf_dir(src):
-            config, is_ctc, params = load_hf(src)
+            config, _, params = load_hf(src)
             save_flax(args.dst, config, params, files_from=src, overwrite=args.overwrite)
         elif src.is_dir() and is_flax_dir(src):
             raise D2VError(f"{src}: already a flax-d2v directory (use --to hf to export it)")
         else:
             raise D2VError(f"{src}: not a transformers model directory or fairseq .pt "
                            "(expected config.json with model.safetensors or pytorch_model.bin)")
-        kind = "Data2VecAudioForCTC" if "lm_head" in load_flax(args.dst)[1] else "Data2VecAudioModel"
+        from flax_d2v.heads import detect
+
+        kind = detect(load_flax(args.dst)[1]).architecture
         print(f"wrote flax-d2v checkpoint ({kind}) to {args.dst}")
         return 0
     if not (src.is_dir() and is_flax_dir(src)):

@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from flax_d2v.fileio import atomic_write_bytes
     from flax_d2v.pretrained import build_module, load_any
 
-    config, is_ctc, params, resolved = load_any(args.model)
-    module = build_module(config, is_ctc)
+    config, spec, params, resolved = load_any(args.model)
+    module = build_module(config, spec)
     pre = read_preprocessor_config(resolved if Path(resolved).is_dir() else Path(resolved).parent)
     layers = parse_layer(args.layer, module.config.num_hidden_layers)
     out = Path(args.out)

@@ -144,8 +144,8 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
         return preset(name), None, None
     from flax_d2v.pretrained import load_any
 
-    config, is_ctc, params, where = load_any(name)
-    if not is_ctc:
+    config, spec, params, where = load_any(name)
+    if spec.is_base:
         params = {"data2vec_audio": params}
     return config, params, Path(where) if Path(where).is_dir() else None
 
