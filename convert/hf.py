@@ -217,8 +217,8 @@ def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.fspath(tmp / SAFETENSORS),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n",
-                                         encoding="utf-8")
+        config_text = json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n"
+        (tmp / "config.json").write_text(config_text, encoding="utf-8")
         if files_from is not None:
             copy_processor_files(files_from, tmp)
         for name, text in (extra_files or {}).items():

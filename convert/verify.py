@@ -187,7 +187,8 @@ def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32"
                 if stage not in got:
                     raise D2VError(f"{stage}: PyTorch returns it, the Flax model does not")
                 rows.append(compare(name, stage, got[stage], ref[stage], _stage_mask(stage, ref[stage], masks)))
-    facts = {"model": src, "architecture": type(module).__name__, "audio": files, "reference": f"transformers PyTorch ({reference_dtype}, eager attention)",
+    facts = {"model": src, "architecture": type(module).__name__,
+             "audio": files, "reference": f"transformers PyTorch ({reference_dtype}, eager attention)",
              "tolerance": PARITY_RTOL, "layers": module.config.num_hidden_layers,
              "hidden_size": module.config.hidden_size}
     return rows, facts

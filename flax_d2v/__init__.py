@@ -28,6 +28,7 @@ __all__ = [
     "Data2VecAudioModel",
     "Data2VecAudioOutput",
     "base_config",
+    "classify",
     "feat_extract_output_lengths",
     "from_pretrained",
     "init_params",
@@ -47,4 +48,5 @@ def from_pretrained(path: str, **kwargs: Any):
 
 # Bound last and eagerly: the submodule `flax_d2v.transcribe` shares the name, and an eager import
 # keeps `flax_d2v.transcribe` the function (a later `import flax_d2v.transcribe` does not rebind it).
+from flax_d2v.classify import classify  # noqa: E402  (the same, for `flax_d2v.classify`)
 from flax_d2v.transcribe import transcribe  # noqa: E402

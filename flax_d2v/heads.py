@@ -292,7 +292,6 @@ class HeadSpec:
     outputs: tuple[str, ...]  # Data2VecAudioOutput fields the head adds
     objective: str | None  # `d2v finetune --task` that trains it
     command: str | None  # the command that serves it
-    head_params: tuple[str, ...] = ()  # top-level param names trained first (--freeze-transformer-steps)
 
     def __bool__(self) -> bool:
         raise TypeError("a HeadSpec is not a boolean: test `spec.architecture` (the old is_ctc flag is gone)")
@@ -313,21 +312,20 @@ REGISTRY: dict[str, HeadSpec] = {
     for spec in (
         HeadSpec("Data2VecAudioModel", Data2VecAudioModel, (), (), ("last_hidden_state",), "data2vec", "embed"),
         HeadSpec("Data2VecAudioForCTC", Data2VecAudioForCTC, _linear("lm_head", "lm_head"), ("lm_head",),
-                 ("logits",), "ctc", "transcribe", ("lm_head",)),
+                 ("logits",), "ctc", "transcribe"),
         HeadSpec("Data2VecAudioForSequenceClassification", Data2VecAudioForSequenceClassification,
                  _LAYER_WEIGHTS + _linear("projector", "projector") + _linear("classifier", "classifier"),
-                 ("projector", "classifier"), ("logits",), "audio-classification", "classify",
-                 ("layer_weights", "projector", "classifier")),
+                 ("projector", "classifier"), ("logits",), "audio-classification", "classify"),
         HeadSpec("Data2VecAudioForAudioFrameClassification", Data2VecAudioForAudioFrameClassification,
                  _LAYER_WEIGHTS + _linear("classifier", "classifier"), ("classifier",), ("logits",),
-                 None, "classify --frames", ("layer_weights", "classifier")),
+                 None, "classify --frames"),
         HeadSpec("Data2VecAudioForXVector", Data2VecAudioForXVector,
                  _LAYER_WEIGHTS + _linear("projector", "projector")
                  + _linear("tdnn.{n}.kernel", "tdnn_{n}/kernel")
                  + _linear("feature_extractor", "feature_extractor") + _linear("classifier", "classifier")
                  + (("objective.weight", "objective/weight", "copy"),),
-                 ("projector", "classifier", "tdnn_0"), ("logits", "embeddings"), "xvector", "embed --xvector / similarity",
-                 ("layer_weights", "projector", "tdnn_{n}", "feature_extractor", "classifier", "objective")),
+                 ("projector", "classifier", "tdnn_0"), ("logits", "embeddings"), "xvector",
+                 "embed --xvector / similarity"),
     )
 }
 BASE = REGISTRY["Data2VecAudioModel"]
@@ -361,15 +359,3 @@ def spec_of(module: nn.Module) -> HeadSpec:
         if type(module) is spec.module:
             return spec
     raise D2VError(f"{type(module).__name__} is not a registered data2vec-audio architecture")
-
-
-def is_head_param(spec: HeadSpec, top_level_name: str) -> bool:
-    """Whether a top-level parameter name belongs to the head (not the encoder)."""
-    import re
-
-    return any(re.fullmatch(p.replace("{n}", r"\d+"), top_level_name) for p in spec.head_params)
-
-
-def all_head_param_names() -> tuple[str, ...]:
-    """The head parameter name patterns of every head (the optimizer's `HEAD_KEYS`)."""
-    return tuple(dict.fromkeys(p for spec in REGISTRY.values() for p in spec.head_params))

@@ -8,7 +8,8 @@
 when offline). The module is the checkpoint's head, looked up in `flax_d2v.heads.REGISTRY`
 (`Data2VecAudioModel`, `...ForCTC`, `...ForSequenceClassification`, `...ForAudioFrameClassification`,
 `...ForXVector`). Module options (`dtype`, `scan_layers`, `remat_policy`,
-`freeze_feature_encoder`, and `freeze_base_model` for the classification heads) are passed through; with `scan_layers=True` the params come stacked.
+`freeze_feature_encoder`, and `freeze_base_model` for the classification heads) are passed through;
+with `scan_layers=True` the params come stacked.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def test_freeze_base_model_stops_gradients_into_the_encoder():
     for frozen in (False, True):
         module = Data2VecAudioForSequenceClassification(config, freeze_base_model=frozen)
         params = init_params(module, 0)
-        grads = jax.grad(lambda p: module.apply({"params": p}, x).logits.sum())(params)
+        grads = jax.grad(lambda p, m=module: m.apply({"params": p}, x).logits.sum())(params)
         enc = max(float(jnp.abs(v).max()) for k, v in flatten(grads).items() if k.startswith("data2vec_audio/"))
         head = max(float(jnp.abs(v).max()) for k, v in flatten(grads).items() if not k.startswith("data2vec_audio/"))
         assert head > 0
@@ -137,9 +137,9 @@ def test_freeze_base_model_stops_gradients_into_the_encoder():
 
 def test_am_softmax_matches_transformers():
     import jax.numpy as jnp
+    from transformers.models.data2vec.modeling_data2vec_audio import AMSoftmaxLoss
 
     from flax_d2v.heads import am_softmax_loss
-    from transformers.models.data2vec.modeling_data2vec_audio import AMSoftmaxLoss
 
     torch.manual_seed(0)
     ref = AMSoftmaxLoss(8, 5)
@@ -152,11 +152,10 @@ def test_am_softmax_matches_transformers():
 
 
 def test_registry_rows_are_one_table_both_directions():
+    import flax_d2v
     from flax_d2v.convert import keys
     from flax_d2v.heads import REGISTRY
     from flax_d2v.modeling import param_shapes
-
-    import flax_d2v
 
     for spec in REGISTRY.values():
         extra = {"add_adapter": True, "output_hidden_size": 48} if spec.architecture in (
