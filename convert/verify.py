@@ -214,7 +214,8 @@ def markdown_report(rows: Sequence[StageError], facts: dict, plot_name: str | No
     ok = all(r.passed for r in rows)
     parts = [
         "# data2vec-audio parity report: Flax vs PyTorch\n",
-        f"- model: `{facts['model']}` ({facts['layers']} layers, hidden {facts['hidden_size']})",
+        f"- model: `{facts['model']}` ({facts.get('architecture', 'data2vec-audio')}, {facts['layers']} layers, "
+        f"hidden {facts['hidden_size']})",
         f"- reference: {facts['reference']}",
         "- audio: " + ", ".join(f"`{a}`" for a in facts["audio"]),
         f"- tolerance: max abs error <= {facts['tolerance']:g} x the reference's largest magnitude "

@@ -233,6 +233,8 @@ class Transcriber:
             tokenizer = _tokenizer_from(vocab, where)
         if not isinstance(module, Data2VecAudioForCTC):
             raise D2VError(f"{where}: not a CTC model (no lm_head); transcription needs a fine-tuned checkpoint")
+        if module.config.add_adapter:  # chunk seams and frame times assume the conv encoder's 320-sample hop
+            raise D2VError(f"{where}: CTC models with an adapter (add_adapter=True) are not supported by transcribe")
         if batch_size < 1:
             raise D2VError(f"--batch-size: must be >= 1, got {batch_size}")
         if beam_width < 0:

@@ -164,3 +164,74 @@ def test_registry_rows_are_one_table_both_directions():
         for path in keys.flatten(param_shapes(module)):
             hf_key, kind = keys.flax_to_hf_key(path)
             assert keys.hf_to_flax_key(hf_key) == (path, kind), path
+
+
+def test_optimizer_groups_follow_the_head_tree():
+    """The head is what sits beside `data2vec_audio`: the x-vector's own `feature_extractor` Linear is
+    trained while the conv feature encoder is frozen; freeze_base_model freezes the whole encoder."""
+    from flax import traverse_util
+
+    import flax_d2v
+    from flax_d2v.heads import Data2VecAudioForXVector
+    from flax_d2v.modeling import init_params
+    from flax_d2v.train.state import param_labels
+
+    config = flax_d2v.tiny_config(tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8)
+    params = init_params(Data2VecAudioForXVector(config), 0)
+    labels = traverse_util.flatten_dict(param_labels(params, True, 5))
+    assert labels[("feature_extractor", "kernel")] == "trainable"
+    assert labels[("objective", "weight")] == "trainable"
+    assert labels[("data2vec_audio", "feature_extractor", "conv_layers_0", "conv", "kernel")] == "frozen"
+    assert labels[("data2vec_audio", "encoder", "layer_norm", "scale")] == "delayed"
+    labels = traverse_util.flatten_dict(param_labels(params, False, 0, freeze_base_model=True))
+    assert {v for k, v in labels.items() if k[0] == "data2vec_audio"} == {"frozen"}
+    assert {v for k, v in labels.items() if k[0] != "data2vec_audio"} == {"trainable"}
+    # a bare encoder has no head: its feature_extractor is the conv encoder
+    bare = init_params(flax_d2v.Data2VecAudioModel(config), 0)
+    labels = traverse_util.flatten_dict(param_labels(bare, True, 0))
+    assert labels[("feature_extractor", "conv_layers_0", "conv", "kernel")] == "frozen"
+
+
+def test_ctc_with_adapter_uses_the_adapter_frame_count():
+    import jax.numpy as jnp
+
+    import flax_d2v
+    from flax_d2v.modeling import feat_extract_output_lengths, init_params
+    from flax_d2v.train.ctc import CTCObjective
+
+    config = flax_d2v.tiny_config(add_adapter=True, num_adapter_layers=2, output_hidden_size=48)
+    module = flax_d2v.Data2VecAudioForCTC(config)
+    params = init_params(module, 0)
+    mask = np.zeros((2, 32000), np.int32)
+    mask[0], mask[1, :20000] = 1, 1
+    batch = {"input_values": jnp.ones((2, 32000)), "attention_mask": jnp.asarray(mask)}
+    ids, lengths = CTCObjective(module).predict(params, batch)
+    want = [int(feat_extract_output_lengths(config, n, add_adapter=True)) for n in (32000, 20000)]
+    assert lengths.tolist() == want and ids.shape[1] == want[0]
+    with transformers_model_lengths(config) as hf_lengths:
+        assert hf_lengths([32000, 20000]) == want
+
+
+class transformers_model_lengths:
+    """transformers' own `_get_feat_extract_output_lengths` for `config` (the reference for the count)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        import json
+
+        cfg = transformers.Data2VecAudioConfig(**{k: v for k, v in json.loads(self.config.to_json_string()).items()
+                                                  if k != "model_type"})
+        model = transformers.Data2VecAudioForCTC(cfg)
+        return lambda ns: model._get_feat_extract_output_lengths(torch.tensor(ns)).tolist()
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_head_spec_is_not_a_boolean():
+    from flax_d2v.heads import REGISTRY
+
+    with pytest.raises(TypeError, match="is_ctc"):
+        bool(REGISTRY["Data2VecAudioForCTC"])
