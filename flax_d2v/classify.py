@@ -42,8 +42,11 @@ from flax_d2v.heads import (
 from flax_d2v.modeling import apply_padding_invariant
 from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length
 
-CLASSIFIERS = (Data2VecAudioForSequenceClassification, Data2VecAudioForAudioFrameClassification,
-               Data2VecAudioForXVector)
+CLASSIFIERS = (
+    Data2VecAudioForSequenceClassification,
+    Data2VecAudioForAudioFrameClassification,
+    Data2VecAudioForXVector,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +87,19 @@ class Classification:
         if self.labels:
             out["labels"] = [{"label": k, "score": round(s, 6)} for k, s in self.labels]
         if self.segments is not None:
-            out["segments"] = [{"start": round(g.start, 4), "end": round(g.end, 4), "label": g.label,
-                                "score": round(g.score, 6)} for g in self.segments]
+            out["segments"] = [
+                {"start": round(g.start, 4), "end": round(g.end, 4), "label": g.label, "score": round(g.score, 6)}
+                for g in self.segments
+            ]
         if self.error is not None:
             out["error"] = self.error
         return out
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _forward(module: Any, params: Any, input_values: jax.Array, attention_mask: jax.Array
-             ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+def _forward(
+    module: Any, params: Any, input_values: jax.Array, attention_mask: jax.Array
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     out = apply_padding_invariant(module, params, input_values, attention_mask)
     logits = out.logits
     if isinstance(module, Data2VecAudioForXVector):  # transformers' logits here are a 512-d projection
@@ -109,8 +115,9 @@ def frame_segments(probs: np.ndarray, labels: dict[int, str], seconds_per_frame:
     for t in range(1, len(best) + 1):
         if t == len(best) or best[t] != best[start]:
             k = int(best[start])
-            out.append(Segment(start * seconds_per_frame, t * seconds_per_frame, labels[k],
-                               float(probs[start:t, k].mean())))
+            out.append(
+                Segment(start * seconds_per_frame, t * seconds_per_frame, labels[k], float(probs[start:t, k].mean()))
+            )
             start = t
     return tuple(out)
 
@@ -118,8 +125,9 @@ def frame_segments(probs: np.ndarray, labels: dict[int, str], seconds_per_frame:
 class Classifier:
     """A classification / frame-classification / x-vector model with its compiled forward passes cached."""
 
-    def __init__(self, model_or_path: Any, do_normalize: bool | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 top_k: int = 1):
+    def __init__(
+        self, model_or_path: Any, do_normalize: bool | None = None, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int = 1
+    ):
         preprocessor = PreprocessorConfig()
         if isinstance(model_or_path, (str, os.PathLike)):
             from flax_d2v.audio import read_preprocessor_config
@@ -135,9 +143,11 @@ class Classifier:
             except (TypeError, ValueError):
                 raise D2VError("model: expected a path or a (module, params) tuple") from None
         if not isinstance(module, CLASSIFIERS):
-            raise D2VError(f"{where}: a {type(module).__name__} has no classification or x-vector head "
-                           "(expected Data2VecAudioForSequenceClassification, ...ForAudioFrameClassification or "
-                           "...ForXVector)")
+            raise D2VError(
+                f"{where}: a {type(module).__name__} has no classification or x-vector head "
+                "(expected Data2VecAudioForSequenceClassification, ...ForAudioFrameClassification or "
+                "...ForXVector)"
+            )
         if batch_size < 1:
             raise D2VError(f"--batch-size: must be >= 1, got {batch_size}")
         if top_k < 1:
@@ -185,7 +195,7 @@ class Classifier:
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
             for b in range(0, len(group), self.batch_size):
-                items = group[b: b + self.batch_size]
+                items = group[b : b + self.batch_size]
                 rows = batch_rows(len(items), self.batch_size)
                 x, mask = pad_batch([loaded[i][1] for i in items], self.do_normalize, pad_to=bucket, batch_to=rows)
                 self.shapes.add((rows, bucket))
@@ -196,39 +206,46 @@ class Classifier:
                     seconds = len(audio) / SAMPLE_RATE
                     if self.is_frames:
                         n = int(np.asarray(fmask)[row].sum())
-                        results[i] = Classification(name, (), seconds, frame_segments(probs[row, :n], self.labels,
-                                                                                      frame_s))
+                        results[i] = Classification(
+                            name, (), seconds, frame_segments(probs[row, :n], self.labels, frame_s)
+                        )
                         continue
                     order = np.argsort(-probs[row], kind="stable")[: self.top_k]
                     labels = tuple((self.labels[int(k)], float(probs[row, k])) for k in order)
                     embedding = np.asarray(emb[row], np.float32) if emb is not None else None
                     results[i] = Classification(name, labels, seconds, None, embedding)
-        return [results[i] if audio is not None else Classification(name, error=error)
-                for i, (name, audio, error) in enumerate(loaded)]
+        return [
+            results[i] if audio is not None else Classification(name, error=error)
+            for i, (name, audio, error) in enumerate(loaded)
+        ]
 
-    def iter(self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note,
-             pool_size: int = 256) -> Iterator[Classification]:
+    def iter(
+        self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note, pool_size: int = 256
+    ) -> Iterator[Classification]:
         """Results in input order, `pool_size` inputs at a time. Bad inputs are reported through `warn`."""
         items = list(files_or_arrays)
         for start in range(0, len(items), pool_size):
             loaded = []
-            for idx, item in enumerate(items[start: start + pool_size], start=start):
+            for idx, item in enumerate(items[start : start + pool_size], start=start):
                 name, audio, error = self._load(idx, item, strict_audio, warn)
                 if error is not None:
                     warn(f"error: {error}")
                 loaded.append((name, audio, error))
             yield from self._run(loaded)
 
-    def __call__(self, files_or_arrays: Iterable[Any], strict_audio: bool = False,
-                 warn: Warn = print_note) -> list[Classification]:
+    def __call__(
+        self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note
+    ) -> list[Classification]:
         return list(self.iter(files_or_arrays, strict_audio=strict_audio, warn=warn))
 
-    def embed(self, files_or_arrays: Iterable[Any], strict_audio: bool = False,
-              warn: Warn = print_note) -> list[Classification]:
+    def embed(
+        self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note
+    ) -> list[Classification]:
         """x-vectors (`Classification.embedding`) of the inputs; the model must be an x-vector model."""
         if not self.is_xvector:
-            raise D2VError(f"{self.where}: not an x-vector model (Data2VecAudioForXVector); "
-                           f"it is a {type(self.module).__name__}")
+            raise D2VError(
+                f"{self.where}: not an x-vector model (Data2VecAudioForXVector); it is a {type(self.module).__name__}"
+            )
         return self(files_or_arrays, strict_audio=strict_audio, warn=warn)
 
 
@@ -238,9 +255,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-8))
 
 
-def classify(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.PathLike | np.ndarray, *,
-             top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE, do_normalize: bool | None = None,
-             strict_audio: bool = False, warn: Warn = print_note) -> list[Classification]:
+def classify(
+    model_or_path: Any,
+    files_or_arrays: Iterable[Any] | str | os.PathLike | np.ndarray,
+    *,
+    top_k: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    do_normalize: bool | None = None,
+    strict_audio: bool = False,
+    warn: Warn = print_note,
+) -> list[Classification]:
     """Classify files or waveforms; one `Classification` per input, in order.
 
     model_or_path: a checkpoint path (anything `flax_d2v.from_pretrained` reads) of a
@@ -251,7 +275,8 @@ def classify(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.PathL
     if isinstance(files_or_arrays, (str, os.PathLike, np.ndarray)):
         files_or_arrays = [files_or_arrays]
     return Classifier(model_or_path, do_normalize=do_normalize, batch_size=batch_size, top_k=top_k)(
-        files_or_arrays, strict_audio=strict_audio, warn=warn)
+        files_or_arrays, strict_audio=strict_audio, warn=warn
+    )
 
 
 __all__: Sequence[str] = ("Classification", "Classifier", "Segment", "classify", "cosine", "frame_segments")

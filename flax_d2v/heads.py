@@ -79,22 +79,42 @@ def with_labels(config: Data2VecAudioConfig, labels: Iterable[str]) -> Data2VecA
 
 
 def _base(module: nn.Module) -> Data2VecAudioModel:
-    return Data2VecAudioModel(module.config, module.dtype, module.remat_policy, module.scan_layers,
-                              module.freeze_feature_encoder, name="data2vec_audio")
+    return Data2VecAudioModel(
+        module.config,
+        module.dtype,
+        module.remat_policy,
+        module.scan_layers,
+        module.freeze_feature_encoder,
+        name="data2vec_audio",
+    )
 
 
-def _run_base(module: nn.Module, input_values: Array, attention_mask: Array | None, output_hidden_states: bool,
-              deterministic: bool, mask_time_indices: Array | None, mask_feature_indices: Array | None,
-              output_layer_results: bool) -> tuple[Data2VecAudioOutput, Array]:
+def _run_base(
+    module: nn.Module,
+    input_values: Array,
+    attention_mask: Array | None,
+    output_hidden_states: bool,
+    deterministic: bool,
+    mask_time_indices: Array | None,
+    mask_feature_indices: Array | None,
+    output_layer_results: bool,
+) -> tuple[Data2VecAudioOutput, Array]:
     """The encoder's output and the hidden state the head reads (weighted layer sum or the last)."""
     c = module.config
-    out = _base(module)(input_values, attention_mask, output_hidden_states or c.use_weighted_layer_sum,
-                        deterministic=deterministic, mask_time_indices=mask_time_indices,
-                        mask_feature_indices=mask_feature_indices, output_layer_results=output_layer_results)
+    out = _base(module)(
+        input_values,
+        attention_mask,
+        output_hidden_states or c.use_weighted_layer_sum,
+        deterministic=deterministic,
+        mask_time_indices=mask_time_indices,
+        mask_feature_indices=mask_feature_indices,
+        output_layer_results=output_layer_results,
+    )
     if c.use_weighted_layer_sum:
         n = c.num_hidden_layers + 1  # transformer layers + the encoder input
-        weights = module.param("layer_weights", nn.with_logical_partitioning(nn.initializers.constant(1.0 / n),
-                                                                             (None,)), (n,))
+        weights = module.param(
+            "layer_weights", nn.with_logical_partitioning(nn.initializers.constant(1.0 / n), (None,)), (n,)
+        )
         norm = jax.nn.softmax(weights.astype(jnp.float32))
         h = sum(norm[i] * out.hidden_states[i] for i in range(n))
         if not output_hidden_states:
@@ -126,14 +146,29 @@ class Data2VecAudioForSequenceClassification(_Head):
     """One label per clip: `logits` (batch, num_labels), mean-pooled over real frames."""
 
     @nn.compact
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+    ) -> Data2VecAudioOutput:
         c = self.config
         _no_adapter(c, "Data2VecAudioForSequenceClassification")
-        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, deterministic,
-                           mask_time_indices, mask_feature_indices, output_layer_results)
+        out, h = _run_base(
+            self,
+            input_values,
+            attention_mask,
+            output_hidden_states,
+            deterministic,
+            mask_time_indices,
+            mask_feature_indices,
+            output_layer_results,
+        )
         h = _dense(c.classifier_proj_size, ("embed", "vocab"), self.dtype, "projector")(h).astype(jnp.float32)
         if out.frame_mask is None:
             pooled = h.mean(axis=1)
@@ -148,14 +183,29 @@ class Data2VecAudioForAudioFrameClassification(_Head):
     """One label per frame: `logits` (batch, frames, num_labels); padded frames are undefined."""
 
     @nn.compact
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+    ) -> Data2VecAudioOutput:
         c = self.config
         _no_adapter(c, "Data2VecAudioForAudioFrameClassification")
-        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, deterministic,
-                           mask_time_indices, mask_feature_indices, output_layer_results)
+        out, h = _run_base(
+            self,
+            input_values,
+            attention_mask,
+            output_hidden_states,
+            deterministic,
+            mask_time_indices,
+            mask_feature_indices,
+            output_layer_results,
+        )
         logits = _dense(num_labels(c), ("embed", "vocab"), self.dtype, "classifier")(h)
         return out.replace(logits=logits.astype(jnp.float32))
 
@@ -168,8 +218,11 @@ class _LinearParams(nn.Module):
 
     @nn.compact
     def __call__(self) -> tuple[Array, Array]:
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None)),
-                            (self.in_features, self.out_features))
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None)),
+            (self.in_features, self.out_features),
+        )
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (self.out_features,))
         return kernel, bias
 
@@ -190,9 +243,14 @@ class TDNNLayer(nn.Module):
         out_dim, k = c.tdnn_dim[i], c.tdnn_kernel[i]
         kernel, bias = _LinearParams(in_dim * k, out_dim, name="kernel")()
         w = kernel.reshape(k, in_dim, out_dim).astype(self.dtype)
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), w, window_strides=(1,), padding="VALID",
-                                         rhs_dilation=(c.tdnn_dilation[i],),
-                                         dimension_numbers=("NWC", "WIO", "NWC"))
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            w,
+            window_strides=(1,),
+            padding="VALID",
+            rhs_dilation=(c.tdnn_dilation[i],),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
         return jax.nn.relu(y + bias.astype(self.dtype))
 
 
@@ -211,21 +269,35 @@ class _AMSoftmaxWeight(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param("weight", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None)),
-                          self.shape)
+        return self.param("weight", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None)), self.shape)
 
 
 class Data2VecAudioForXVector(_Head):
     """Speaker embeddings: `embeddings` (batch, xvector_output_dim) and `logits` (batch, xvector_output_dim)."""
 
     @nn.compact
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+    ) -> Data2VecAudioOutput:
         c = self.config
-        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, deterministic,
-                           mask_time_indices, mask_feature_indices, output_layer_results)
+        out, h = _run_base(
+            self,
+            input_values,
+            attention_mask,
+            output_hidden_states,
+            deterministic,
+            mask_time_indices,
+            mask_feature_indices,
+            output_layer_results,
+        )
         h = _dense(c.tdnn_dim[0], ("embed", "vocab"), self.dtype, "projector")(h)
         for i in range(len(c.tdnn_dim)):
             h = TDNNLayer(c, i, self.dtype, name=f"tdnn_{i}")(h)
@@ -248,9 +320,11 @@ class Data2VecAudioForXVector(_Head):
         return out.replace(logits=logits.astype(jnp.float32), embeddings=embeddings.astype(jnp.float32))
 
 
-def am_softmax_logits(logits: Array, weight: Array, labels: Array, scale: float = AM_SOFTMAX_SCALE,
-                      margin: float = AM_SOFTMAX_MARGIN) -> Array:
+def am_softmax_logits(
+    logits: Array, weight: Array, labels: Array, scale: float = AM_SOFTMAX_SCALE, margin: float = AM_SOFTMAX_MARGIN
+) -> Array:
     """transformers' `AMSoftmaxLoss` before its cross-entropy: scale * (cos - margin on the true class)."""
+
     def normalize(x: Array, axis: int) -> Array:  # torch.nn.functional.normalize (eps 1e-12)
         return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
@@ -259,13 +333,15 @@ def am_softmax_logits(logits: Array, weight: Array, labels: Array, scale: float 
     return scale * jnp.where(onehot, cos - margin, cos)
 
 
-def am_softmax_loss(logits: Array, weight: Array, labels: Array, scale: float = AM_SOFTMAX_SCALE,
-                    margin: float = AM_SOFTMAX_MARGIN) -> Array:
+def am_softmax_loss(
+    logits: Array, weight: Array, labels: Array, scale: float = AM_SOFTMAX_SCALE, margin: float = AM_SOFTMAX_MARGIN
+) -> Array:
     """Per-example AM-softmax cross-entropy (transformers averages it over the batch)."""
     import optax
 
-    return optax.softmax_cross_entropy_with_integer_labels(am_softmax_logits(logits, weight, labels, scale, margin),
-                                                           labels)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        am_softmax_logits(logits, weight, labels, scale, margin), labels
+    )
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -311,21 +387,47 @@ REGISTRY: dict[str, HeadSpec] = {
     spec.architecture: spec
     for spec in (
         HeadSpec("Data2VecAudioModel", Data2VecAudioModel, (), (), ("last_hidden_state",), "data2vec", "embed"),
-        HeadSpec("Data2VecAudioForCTC", Data2VecAudioForCTC, _linear("lm_head", "lm_head"), ("lm_head",),
-                 ("logits",), "ctc", "transcribe"),
-        HeadSpec("Data2VecAudioForSequenceClassification", Data2VecAudioForSequenceClassification,
-                 _LAYER_WEIGHTS + _linear("projector", "projector") + _linear("classifier", "classifier"),
-                 ("projector", "classifier"), ("logits",), "audio-classification", "classify"),
-        HeadSpec("Data2VecAudioForAudioFrameClassification", Data2VecAudioForAudioFrameClassification,
-                 _LAYER_WEIGHTS + _linear("classifier", "classifier"), ("classifier",), ("logits",),
-                 None, "classify --frames"),
-        HeadSpec("Data2VecAudioForXVector", Data2VecAudioForXVector,
-                 _LAYER_WEIGHTS + _linear("projector", "projector")
-                 + _linear("tdnn.{n}.kernel", "tdnn_{n}/kernel")
-                 + _linear("feature_extractor", "feature_extractor") + _linear("classifier", "classifier")
-                 + (("objective.weight", "objective/weight", "copy"),),
-                 ("projector", "classifier", "tdnn_0"), ("logits", "embeddings"), "xvector",
-                 "embed --xvector / similarity"),
+        HeadSpec(
+            "Data2VecAudioForCTC",
+            Data2VecAudioForCTC,
+            _linear("lm_head", "lm_head"),
+            ("lm_head",),
+            ("logits",),
+            "ctc",
+            "transcribe",
+        ),
+        HeadSpec(
+            "Data2VecAudioForSequenceClassification",
+            Data2VecAudioForSequenceClassification,
+            _LAYER_WEIGHTS + _linear("projector", "projector") + _linear("classifier", "classifier"),
+            ("projector", "classifier"),
+            ("logits",),
+            "audio-classification",
+            "classify",
+        ),
+        HeadSpec(
+            "Data2VecAudioForAudioFrameClassification",
+            Data2VecAudioForAudioFrameClassification,
+            _LAYER_WEIGHTS + _linear("classifier", "classifier"),
+            ("classifier",),
+            ("logits",),
+            None,
+            "classify --frames",
+        ),
+        HeadSpec(
+            "Data2VecAudioForXVector",
+            Data2VecAudioForXVector,
+            _LAYER_WEIGHTS
+            + _linear("projector", "projector")
+            + _linear("tdnn.{n}.kernel", "tdnn_{n}/kernel")
+            + _linear("feature_extractor", "feature_extractor")
+            + _linear("classifier", "classifier")
+            + (("objective.weight", "objective/weight", "copy"),),
+            ("projector", "classifier", "tdnn_0"),
+            ("logits", "embeddings"),
+            "xvector",
+            "embed --xvector / similarity",
+        ),
     )
 }
 BASE = REGISTRY["Data2VecAudioModel"]

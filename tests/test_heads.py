@@ -19,8 +19,14 @@ transformers = pytest.importorskip("transformers")
 from conftest import perturb_layer_norms, tiny_hf_kwargs  # noqa: E402
 
 CLIPS = ["16k/librivox_0880.wav", "16k/cards_001.wav", "16k/slt_arctic_a0009.wav"]
-HEAD_KW = dict(num_labels=3, classifier_proj_size=16, tdnn_dim=(32, 32, 48), tdnn_kernel=(3, 3, 1),
-               tdnn_dilation=(1, 2, 1), xvector_output_dim=24)
+HEAD_KW = dict(
+    num_labels=3,
+    classifier_proj_size=16,
+    tdnn_dim=(32, 32, 48),
+    tdnn_kernel=(3, 3, 1),
+    tdnn_dilation=(1, 2, 1),
+    xvector_output_dim=24,
+)
 # (architecture, use_weighted_layer_sum, adapter)
 CASES = [
     ("Data2VecAudioForSequenceClassification", False, False),
@@ -32,10 +38,13 @@ CASES = [
     ("Data2VecAudioModel", False, True),
     ("Data2VecAudioForCTC", False, True),
 ]
-HEAD_OUTPUTS = {"Data2VecAudioForSequenceClassification": {"logits"},
-                "Data2VecAudioForAudioFrameClassification": {"logits"},
-                "Data2VecAudioForXVector": {"logits", "embeddings"},
-                "Data2VecAudioForCTC": {"logits", "last_hidden_state"}, "Data2VecAudioModel": {"last_hidden_state"}}
+HEAD_OUTPUTS = {
+    "Data2VecAudioForSequenceClassification": {"logits"},
+    "Data2VecAudioForAudioFrameClassification": {"logits"},
+    "Data2VecAudioForXVector": {"logits", "embeddings"},
+    "Data2VecAudioForCTC": {"logits", "last_hidden_state"},
+    "Data2VecAudioModel": {"last_hidden_state"},
+}
 
 
 def make_hf(path, arch: str, weighted: bool = False, adapter: bool = False, seed: int = 0, **extra):
@@ -146,8 +155,13 @@ def test_am_softmax_matches_transformers():
     logits = torch.randn(6, 8)
     labels = torch.tensor([0, 1, 2, 3, 4, 1])
     want = float(ref(logits, labels))
-    got = float(jnp.mean(am_softmax_loss(jnp.asarray(logits.numpy()), jnp.asarray(ref.weight.detach().numpy()),
-                                         jnp.asarray(labels.numpy()))))
+    got = float(
+        jnp.mean(
+            am_softmax_loss(
+                jnp.asarray(logits.numpy()), jnp.asarray(ref.weight.detach().numpy()), jnp.asarray(labels.numpy())
+            )
+        )
+    )
     assert abs(got - want) <= 1e-5 * abs(want)
 
 
@@ -158,8 +172,11 @@ def test_registry_rows_are_one_table_both_directions():
     from flax_d2v.modeling import param_shapes
 
     for spec in REGISTRY.values():
-        extra = {"add_adapter": True, "output_hidden_size": 48} if spec.architecture in (
-            "Data2VecAudioModel", "Data2VecAudioForCTC") else {"use_weighted_layer_sum": True}
+        extra = (
+            {"add_adapter": True, "output_hidden_size": 48}
+            if spec.architecture in ("Data2VecAudioModel", "Data2VecAudioForCTC")
+            else {"use_weighted_layer_sum": True}
+        )
         module = spec.build(flax_d2v.tiny_config(**extra, tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1)))
         for path in keys.flatten(param_shapes(module)):
             hf_key, kind = keys.flax_to_hf_key(path)
@@ -221,8 +238,9 @@ class transformers_model_lengths:
     def __enter__(self):
         import json
 
-        cfg = transformers.Data2VecAudioConfig(**{k: v for k, v in json.loads(self.config.to_json_string()).items()
-                                                  if k != "model_type"})
+        cfg = transformers.Data2VecAudioConfig(
+            **{k: v for k, v in json.loads(self.config.to_json_string()).items() if k != "model_type"}
+        )
         model = transformers.Data2VecAudioForCTC(cfg)
         return lambda ns: model._get_feat_extract_output_lengths(torch.tensor(ns)).tolist()
 

@@ -46,8 +46,10 @@ def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
     lines = _read_lines(path)
     header = lines[0].split("\t") if lines else []
     if column not in header:
-        raise D2VError(f"{path}: no {column!r} column in the header (found: {', '.join(header)}); "
-                       "classification needs a TSV with 'path' and a label column (--label-column)")
+        raise D2VError(
+            f"{path}: no {column!r} column in the header (found: {', '.join(header)}); "
+            "classification needs a TSV with 'path' and a label column (--label-column)"
+        )
     col = header.index(column)
     out = []
     for lineno, line in enumerate(lines[1:], start=2):
@@ -65,8 +67,10 @@ def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
 def label_ids(labels: list[str], label2id: dict[str, int], where: str) -> np.ndarray:
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
-        raise D2VError(f"{where}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the training labels "
-                       f"({', '.join(sorted(label2id))})")
+        raise D2VError(
+            f"{where}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the training labels "
+            f"({', '.join(sorted(label2id))})"
+        )
     return np.asarray([label2id[x] for x in labels], np.int32)
 
 
@@ -94,12 +98,19 @@ class ClassificationObjective(NoExtra):
         w = params["objective"]["weight"]
         return am_softmax_logits(logits, w, y) if margin else am_softmax_logits(logits, w, y, margin=0.0)
 
-    def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
-             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         time_mask, feature_mask = self.masks(batch, rng)
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"],
-                                deterministic=False, rngs={"dropout": batch_key(jax.random.fold_in(rng, 0), batch)},
-                                mask_time_indices=time_mask, mask_feature_indices=feature_mask)
+        out = self.module.apply(
+            {"params": params},
+            batch["input_values"],
+            batch["attention_mask"],
+            deterministic=False,
+            rngs={"dropout": batch_key(jax.random.fold_in(rng, 0), batch)},
+            mask_time_indices=time_mask,
+            mask_feature_indices=feature_mask,
+        )
         index = batch["index"]
         valid = (index >= 0) & (batch["attention_mask"].sum(-1) > 0)
         y = jnp.asarray(self.labels)[jnp.maximum(index, 0)]
@@ -126,8 +137,11 @@ def make_accuracy_eval_fn(objective: ClassificationObjective, trainer: Any, load
     def predict(params, batch):
         return objective.predict(params, batch), batch["index"]
 
-    jitted = jax.jit(predict, in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
-                     out_shardings=S.replicated(trainer.mesh))
+    jitted = jax.jit(
+        predict,
+        in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
+        out_shardings=S.replicated(trainer.mesh),
+    )
 
     def eval_fn(state: Any) -> dict[str, float]:
         loader.restore({"epoch": 0, "batch_in_epoch": 0})

@@ -19,19 +19,31 @@ from flax_d2v.transcribe import DEFAULT_BATCH_SIZE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, Ogg, ...)")
-    parser.add_argument("--model", required=True, metavar="M",
-                        help="a sequence-classification, frame-classification or x-vector checkpoint "
-                             "(flax-d2v or transformers directory, or hub id)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="M",
+        help="a sequence-classification, frame-classification or x-vector checkpoint "
+        "(flax-d2v or transformers directory, or hub id)",
+    )
     parser.add_argument("--top-k", type=int, default=1, help="labels per file, best first (default: %(default)s)")
-    parser.add_argument("--json", action="store_true",
-                        help='print JSON lines {"path", "seconds", "labels": [{"label", "score"}]} '
-                             '(with --frames: "segments": [{"start", "end", "label", "score"}])')
-    parser.add_argument("--frames", action="store_true",
-                        help="frame classification: time-stamped segments of equal labels")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="clips per forward pass (default: %(default)s)")
-    parser.add_argument("--strict-audio", action="store_true",
-                        help="refuse files that are not 16 kHz mono instead of resampling / averaging them")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print JSON lines {"path", "seconds", "labels": [{"label", "score"}]} '
+        '(with --frames: "segments": [{"start", "end", "label", "score"}])',
+    )
+    parser.add_argument(
+        "--frames", action="store_true", help="frame classification: time-stamped segments of equal labels"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--strict-audio",
+        action="store_true",
+        help="refuse files that are not 16 kHz mono instead of resampling / averaging them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if runner.is_frames and not args.frames:
         raise D2VError(f"{args.model}: a frame-classification model: add --frames for its time-stamped segments")
     if args.frames and not runner.is_frames:
-        raise D2VError(f"--frames: {args.model} is a {type(runner.module).__name__}, not a frame-classification "
-                       "model (Data2VecAudioForAudioFrameClassification)")
+        raise D2VError(
+            f"--frames: {args.model} is a {type(runner.module).__name__}, not a frame-classification "
+            "model (Data2VecAudioForAudioFrameClassification)"
+        )
     failed = 0
     for r in runner.iter(args.files, strict_audio=args.strict_audio, warn=warn):
         if r.error is not None:

@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     errors: list[str] = []
     # one clip per batch: each embedding is the clip's alone
-    a, b = Classifier(args.model, batch_size=1).embed([args.a, args.b], strict_audio=args.strict_audio,
-                                                      warn=errors.append)
+    a, b = Classifier(args.model, batch_size=1).embed(
+        [args.a, args.b], strict_audio=args.strict_audio, warn=errors.append
+    )
     for r in (a, b):
         if r.error is not None:
             raise D2VError(r.error)
