@@ -58,7 +58,6 @@ def compare(case: str, stage: str, got: np.ndarray, ref: np.ndarray, frame_mask:
 
 
 def _torch_model(hf_dir: str, dtype: str):
-    import torch
     import transformers
 
     from flax_d2v.pretrained import load_any
@@ -68,7 +67,6 @@ def _torch_model(hf_dir: str, dtype: str):
     model = cls.from_pretrained(hf_dir, attn_implementation="eager").eval()
     if dtype == "float64":
         model = model.double()
-    torch.set_grad_enabled(False)
     return model
 
 
@@ -89,7 +87,8 @@ def _run_torch(model, values: np.ndarray, mask: np.ndarray | None, dtype: str) -
     try:
         x = torch.from_numpy(values).to(torch.float64 if dtype == "float64" else torch.float32)
         m = None if mask is None else torch.from_numpy(mask).long()
-        out = model(x, attention_mask=m, output_hidden_states=True)
+        with torch.no_grad():  # not torch.set_grad_enabled(False): that would leak into the caller's process
+            out = model(x, attention_mask=m, output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
