@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "transcribe": ("transcribe", "CTC transcription of audio files"),
     "classify": ("classify", "audio / frame classification of audio files (label and score per file)"),
     "similarity": ("similarity", "cosine similarity of two recordings' x-vectors"),
-    "finetune": ("finetune", "CTC fine-tuning from transcribed audio"),
+    "finetune": ("finetune", "fine-tuning: CTC from transcripts, audio classification or x-vectors (--task)"),
     "pretrain": ("pretrain", "data2vec pretraining (masked student, EMA teacher)"),
 }
 

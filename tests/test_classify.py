@@ -173,3 +173,38 @@ def test_classify_cli_contract(tmp_path, capsys, speech_dir):
     assert "not a frame-classification model" in capsys.readouterr().err
     assert main(["similarity", clips[0], clips[1], "--model", str(seq)]) == 1
     assert "not an x-vector model" in capsys.readouterr().err
+
+
+def test_finetune_classification_bad_manifests_get_one_line(tmp_path, capsys, speech_dir):
+    clip = speech_dir / "16k" / "cards_001.wav"
+    no_label = tmp_path / "no_label.tsv"
+    no_label.write_text(f"path\ttext\n{clip}\thello\n")
+    common = [
+        "finetune",
+        "--task",
+        "audio-classification",
+        "--model",
+        "tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    assert main([*common, "--train", str(no_label)]) == 1
+    err = capsys.readouterr().err
+    assert "no 'label' column" in err and str(no_label) in err and "Traceback" not in err
+    one = tmp_path / "one.tsv"
+    one.write_text(f"path\tlabel\n{clip}\ta\n{clip}\ta\n")
+    assert main([*common, "--train", str(one)]) == 1
+    assert "at least 2" in capsys.readouterr().err
+    train_tsv, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
+    train_tsv.write_text(f"path\tlabel\n{clip}\ta\n{clip}\tb\n")
+    dev.write_text(f"path\tlabel\n{clip}\tc\n")
+    assert main([*common, "--train", str(train_tsv), "--eval", str(dev)]) == 1
+    err = capsys.readouterr().err
+    assert "'c'" in err and "not among the training labels" in err
