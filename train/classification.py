@@ -27,13 +27,13 @@ import numpy as np
 import optax
 
 from flax_d2v.errors import D2VError
-from flax_d2v.heads import am_softmax_logits, am_softmax_loss
+from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
 from flax_d2v.train.objective import Batch, NoExtra, batch_key
 
 PyTree = Any
-# task -> transformers architecture it trains
-TASKS = {"audio-classification": "Data2VecAudioForSequenceClassification", "xvector": "Data2VecAudioForXVector"}
+# task -> the architecture it trains, from the head registry (the objectives this module implements)
+TASKS = {s.objective: s.architecture for s in REGISTRY.values() if s.objective in ("audio-classification", "xvector")}
 
 
 def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
