@@ -126,15 +126,24 @@ def read_hf_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarr
 
 
 def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig, source: str
-                       ) -> tuple[bool, dict[str, Any]]:
-    """(is_ctc, Flax params) from an HF state dict; every key and shape checked against the config."""
-    from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel, param_shapes
+                       ) -> tuple[Any, dict[str, Any]]:
+    """(head spec, Flax params) from an HF state dict; every key and shape checked against the config.
 
-    is_ctc = any(k.startswith("lm_head.") for k in state)
-    if not is_ctc and state and all(k.startswith(CTC_PREFIX_HF) for k in state):
+    The head is told by the keys (`flax_d2v.heads.detect`): `lm_head` is CTC, `tdnn.0` x-vectors,
+    `projector` + `classifier` sequence classification, `classifier` alone frame classification.
+    """
+    from flax_d2v.heads import BASE, detect
+    from flax_d2v.modeling import param_shapes
+
+    top = {p.split("/")[0] for p in (m[0] for m in map(hf_to_flax_key, state) if m is not None)}
+    spec = detect(top)
+    if spec is BASE and state and all(k.startswith(CTC_PREFIX_HF) for k in state):
         state = {k[len(CTC_PREFIX_HF):]: v for k, v in state.items()}  # encoder saved from a wrapper model
-    module = (Data2VecAudioForCTC if is_ctc else Data2VecAudioModel)(config)
-    expected = flatten(param_shapes(module))
+    try:
+        module = spec.build(config)
+        expected = flatten(param_shapes(module))
+    except ValueError as e:  # a config the head cannot be built with (e.g. the adapter on a classifier)
+        raise D2VError(f"{source}: {spec.architecture}: {e}") from None
     params: dict[str, np.ndarray] = {}
     for key, value in state.items():
         mapped = hf_to_flax_key(key)
@@ -142,7 +151,8 @@ def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig
             raise D2VError(f"{source}: unexpected key {key!r}: not a data2vec-audio parameter")
         path, kind = mapped
         if path not in expected:
-            raise D2VError(f"{source}: unexpected key {key!r}: the model in config.json has no such parameter")
+            raise D2VError(f"{source}: unexpected key {key!r}: the model in config.json ({spec.architecture}) "
+                           "has no such parameter")
         want_hf = to_hf_array(np.empty(expected[path].shape, np.int8), kind).shape
         if tuple(value.shape) != tuple(want_hf):
             raise D2VError(f"{source}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(want_hf)} "
@@ -155,16 +165,16 @@ def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig
         name = hf_key[0] if hf_key else missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise D2VError(f"{source}: missing key {name!r}{more}")
-    return is_ctc, unflatten(params)
+    return spec, unflatten(params)
 
 
-def load_hf(model_dir: str | os.PathLike) -> tuple[Data2VecAudioConfig, bool, dict[str, Any]]:
-    """(config, is_ctc, params) of an HF data2vec-audio directory."""
+def load_hf(model_dir: str | os.PathLike) -> tuple[Data2VecAudioConfig, Any, dict[str, Any]]:
+    """(config, head spec, params) of an HF data2vec-audio directory."""
     d = Path(model_dir)
     config = Data2VecAudioConfig.from_json_file(d / "config.json")
     state, source = read_hf_state_dict(d)
-    is_ctc, params = state_dict_to_flax(state, config, source)
-    return config, is_ctc, params
+    spec, params = state_dict_to_flax(state, config, source)
+    return config, spec, params
 
 
 def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
@@ -184,9 +194,9 @@ def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
     return state
 
 
-def hf_config_dict(config: Data2VecAudioConfig, is_ctc: bool) -> dict[str, Any]:
+def hf_config_dict(config: Data2VecAudioConfig, architecture: str) -> dict[str, Any]:
     out = config.to_dict()
-    out["architectures"] = ["Data2VecAudioForCTC" if is_ctc else "Data2VecAudioModel"]
+    out["architectures"] = [architecture]
     return out
 
 
@@ -200,13 +210,15 @@ def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
     """
     from safetensors.numpy import save_file
 
+    from flax_d2v.heads import detect
+
     state = flax_to_state_dict(params)
-    is_ctc = "lm_head.weight" in state
+    architecture = detect(params).architecture  # the top-level names tell the head
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.fspath(tmp / SAFETENSORS),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, is_ctc), indent=2, sort_keys=True) + "\n",
-                                         encoding="utf-8")
+        config_text = json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n"
+        (tmp / "config.json").write_text(config_text, encoding="utf-8")
         if files_from is not None:
             copy_processor_files(files_from, tmp)
         for name, text in (extra_files or {}).items():

@@ -9,7 +9,9 @@ Transforms are exact permutations of axes, so HF -> Flax -> HF is bit-identical:
 - ``conv``:   torch Conv1d weight (out, in/groups, k) <-> Flax Conv kernel (k, in/groups, out);
 - ``copy``:   biases, LayerNorm weight (Flax ``scale``) and bias, ``masked_spec_embed``.
 
-The CTC model nests the encoder under ``data2vec_audio`` in both layouts; ``lm_head`` is its head.
+Every head nests the encoder under ``data2vec_audio`` in both layouts. The encoder's rows
+(with the adapter's) are `KEY_TABLE`; each head's rows (``lm_head``, ``classifier``, ``tdnn.N``...)
+come from the head registry (`flax_d2v.heads.REGISTRY`) and match only at the top level.
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("encoder.layers.{n}.feed_forward.output_dense.bias", "encoder/layers_{n}/feed_forward/output_dense/bias", "copy"),
     ("encoder.layers.{n}.final_layer_norm.weight", "encoder/layers_{n}/final_layer_norm/scale", "copy"),
     ("encoder.layers.{n}.final_layer_norm.bias", "encoder/layers_{n}/final_layer_norm/bias", "copy"),
-    ("lm_head.weight", "lm_head/kernel", "linear"),
-    ("lm_head.bias", "lm_head/bias", "copy"),
+    ("adapter.proj.weight", "adapter/proj/kernel", "linear"),
+    ("adapter.proj.bias", "adapter/proj/bias", "copy"),
+    ("adapter.proj_layer_norm.weight", "adapter/proj_layer_norm/scale", "copy"),
+    ("adapter.proj_layer_norm.bias", "adapter/proj_layer_norm/bias", "copy"),
+    ("adapter.layers.{n}.conv.weight", "adapter/layers_{n}/conv/kernel", "conv"),
+    ("adapter.layers.{n}.conv.bias", "adapter/layers_{n}/conv/bias", "copy"),
 )
 
 _PLACEHOLDERS = {"n": r"(?P<n>\d+)", "proj": r"(?P<proj>q|k|v|out)"}
@@ -65,8 +71,18 @@ def _compile(template: str) -> re.Pattern[str]:
     return re.compile(f"^{regex}$")
 
 
-_HF_RULES = [(_compile(hf), flax, kind) for hf, flax, kind in KEY_TABLE]
-_FLAX_RULES = [(_compile(flax), hf, kind) for hf, flax, kind in KEY_TABLE]
+def _head_table() -> tuple[tuple[str, str, str], ...]:
+    from flax_d2v.heads import head_key_rows
+
+    return head_key_rows()
+
+
+HEAD_KEY_TABLE: tuple[tuple[str, str, str], ...] = _head_table()
+# (compiled template, other side's template, transform, is a head row)
+_HF_RULES = [(_compile(hf), flax, kind, head) for table, head in ((KEY_TABLE, False), (HEAD_KEY_TABLE, True))
+             for hf, flax, kind in table]
+_FLAX_RULES = [(_compile(flax), hf, kind, head) for table, head in ((KEY_TABLE, False), (HEAD_KEY_TABLE, True))
+               for hf, flax, kind in table]
 
 
 def _split_prefix(key: str, prefix: str) -> tuple[str, str]:
@@ -76,9 +92,9 @@ def _split_prefix(key: str, prefix: str) -> tuple[str, str]:
 def hf_to_flax_key(key: str) -> tuple[str, str] | None:
     """(Flax path, transform) for an HF state-dict key, or None if the table has no row for it."""
     prefix, rest = _split_prefix(key, CTC_PREFIX_HF)
-    for regex, template, kind in _HF_RULES:
+    for regex, template, kind, head in _HF_RULES:
         m = regex.match(rest)
-        if m and not (prefix and template.startswith("lm_head")):
+        if m and not (prefix and head):
             return (CTC_PREFIX_FLAX if prefix else "") + template.format(**m.groupdict()), kind
     return None
 
@@ -86,9 +102,9 @@ def hf_to_flax_key(key: str) -> tuple[str, str] | None:
 def flax_to_hf_key(path: str) -> tuple[str, str] | None:
     """(HF key, transform) for a Flax path, or None if the table has no row for it."""
     prefix, rest = _split_prefix(path, CTC_PREFIX_FLAX)
-    for regex, template, kind in _FLAX_RULES:
+    for regex, template, kind, head in _FLAX_RULES:
         m = regex.match(rest)
-        if m:
+        if m and not (prefix and head):
             return (CTC_PREFIX_HF if prefix else "") + template.format(**m.groupdict()), kind
     return None
 

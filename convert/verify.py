@@ -3,7 +3,8 @@
 Both models get the same weights (an HF directory is loaded by both; a flax-d2v directory or a
 fairseq `.pt` is exported to a temporary HF directory first) and the same preprocessed audio:
 one utterance, and a right-padded batch of utterances of different lengths. For every stage
-(conv feature extractor, feature projection, each hidden state, the logits) the report gives the
+(conv feature extractor, feature projection, each hidden state, the adapter's output when there is
+one, and the head's outputs: logits, and x-vector embeddings) the report gives the
 max and mean absolute error, the max error relative to the reference's largest magnitude, and
 the cosine similarity, against a named tolerance. Padded frames are left out of the comparison:
 their values are not defined by either model.
@@ -88,17 +89,15 @@ def full_precision_torch() -> None:
 
 
 def _torch_model(hf_dir: str, dtype: str):
-    import torch
-    from transformers import Data2VecAudioForCTC, Data2VecAudioModel
+    import transformers
 
-    from flax_d2v.convert.hf import read_hf_state_dict
+    from flax_d2v.pretrained import load_any
 
-    state, _ = read_hf_state_dict(hf_dir)
-    cls = Data2VecAudioForCTC if "lm_head.weight" in state else Data2VecAudioModel
+    spec = load_any(hf_dir)[1]  # the head its keys say, as `from_pretrained` builds on the Flax side
+    cls = getattr(transformers, spec.architecture)
     model = cls.from_pretrained(hf_dir, attn_implementation="eager").eval()
     if dtype == "float64":
         model = model.double()
-    torch.set_grad_enabled(False)
     return model.to(torch_device())
 
 
@@ -113,18 +112,23 @@ def _run_torch(model, values: np.ndarray, mask: np.ndarray | None, dtype: str) -
         base.feature_projection.register_forward_hook(
             lambda m, i, o: captured.__setitem__("feature_projection", o[0].double().cpu().numpy())),
     ]
+    if getattr(base, "adapter", None) is not None:
+        hooks.append(base.adapter.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("last_hidden_state", o.double().cpu().numpy())))
     device = next(model.parameters()).device
     try:
         x = torch.from_numpy(values).to(device=device, dtype=torch.float64 if dtype == "float64" else torch.float32)
         m = None if mask is None else torch.from_numpy(mask).long().to(device)
-        out = model(x, attention_mask=m, output_hidden_states=True)
+        with torch.no_grad():  # not torch.set_grad_enabled(False): that would leak into the caller's process
+            out = model(x, attention_mask=m, output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
     for i, h in enumerate(out.hidden_states):
         captured[f"hidden_states[{i}]"] = h.double().cpu().numpy()
-    if getattr(out, "logits", None) is not None:
-        captured["logits"] = out.logits.double().cpu().numpy()
+    for field in ("logits", "embeddings"):
+        if getattr(out, field, None) is not None:
+            captured[field] = getattr(out, field).double().cpu().numpy()
     return captured
 
 
@@ -157,10 +161,22 @@ def _run_flax(module, params, values: np.ndarray, mask: np.ndarray | None) -> tu
     }
     for i, h in enumerate(out.hidden_states):
         result[f"hidden_states[{i}]"] = np.asarray(h)
-    if out.logits is not None:
-        result["logits"] = np.asarray(out.logits)
-    frame_mask = None if out.frame_mask is None else np.asarray(out.frame_mask)
-    return result, frame_mask
+    for field in ("last_hidden_state", "logits", "embeddings"):
+        if getattr(out, field) is not None:
+            result[field] = np.asarray(getattr(out, field))
+    masks = {"encoder": None if out.frame_mask is None else np.asarray(out.frame_mask),
+             "output": None if out.logits_frame_mask is None else np.asarray(out.logits_frame_mask)}
+    return result, masks
+
+
+def _stage_mask(stage: str, value: np.ndarray, masks: dict) -> np.ndarray | None:
+    """Valid frames of a stage: the encoder's, the adapter's for its output and per-frame logits, none
+    for pooled outputs (a clip's logits or embeddings)."""
+    if stage in ("feature_extractor", "feature_projection") or stage.startswith("hidden_states"):
+        return masks["encoder"]
+    if value.ndim == 3:
+        return masks["output"]
+    return None
 
 
 def _hf_dir_for(src: str, tmp: str) -> str:
@@ -223,11 +239,14 @@ def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32"
             values, mask = pad_batch(group, do_normalize=pre.do_normalize)
             use_mask = mask if len(group) > 1 else None
             ref = _run_torch(model, values, use_mask, reference_dtype)
-            got, frame_mask = _run_flax(module, params, values, use_mask)
+            got, masks = _run_flax(module, params, values, use_mask)
             for stage in ref:
-                rows.append(compare(name, stage, got[stage], ref[stage], frame_mask, tolerance))
+                if stage not in got:
+                    raise D2VError(f"{stage}: PyTorch returns it, the Flax model does not")
+                rows.append(compare(name, stage, got[stage], ref[stage], _stage_mask(stage, ref[stage], masks),
+                                    tolerance))
     device = jax.devices()[0]
-    facts = {"model": src, "audio": files,
+    facts = {"model": src, "architecture": type(module).__name__, "audio": files,
              "reference": f"transformers PyTorch ({reference_dtype}, TF32 off, eager attention) on {torch_device()}",
              "flax": f"Flax precision={policy.name} ({policy.description}) on {device.platform} "
                      f"({getattr(device, 'device_kind', device.platform)})",
@@ -256,7 +275,8 @@ def markdown_report(rows: Sequence[StageError], facts: dict, plot_name: str | No
     ok = all(r.passed for r in rows)
     parts = [
         "# data2vec-audio parity report: Flax vs PyTorch\n",
-        f"- model: `{facts['model']}` ({facts['layers']} layers, hidden {facts['hidden_size']})",
+        f"- model: `{facts['model']}` ({facts.get('architecture', 'data2vec-audio')}, {facts['layers']} layers, "
+        f"hidden {facts['hidden_size']})",
         f"- reference: {facts['reference']}",
         f"- flax: {facts.get('flax', 'Flax')}",
         "- audio: " + ", ".join(f"`{a}`" for a in facts["audio"]),

@@ -20,7 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("verify", "layer-by-layer parity report: Flax against PyTorch on real audio"),
     "embed": ("embed", "hidden states of any layer as .npz"),
     "transcribe": ("transcribe", "CTC transcription of audio files"),
-    "finetune": ("finetune", "CTC fine-tuning from transcribed audio"),
+    "classify": ("classify", "audio / frame classification of audio files (label and score per file)"),
+    "similarity": ("similarity", "cosine similarity of two recordings' x-vectors"),
+    "finetune": ("finetune", "fine-tuning: CTC from transcripts, audio classification or x-vectors (--task)"),
     "pretrain": ("pretrain", "data2vec pretraining (masked student, EMA teacher)"),
 }
 

@@ -91,8 +91,6 @@ class Data2VecAudioConfig:
                 f"config: hidden_size {self.hidden_size} is not divisible by "
                 f"num_conv_pos_embedding_groups {self.num_conv_pos_embedding_groups}"
             )
-        if self.add_adapter:
-            raise D2VError("config: add_adapter=True is not supported by flax-d2v")
         for act in (self.hidden_act, self.feat_extract_activation):
             if act != "gelu":
                 raise D2VError(f"config: activation {act!r} is not supported (data2vec-audio uses 'gelu')")

@@ -67,12 +67,29 @@ class Data2VecAudioOutput:
     logits: Array | None = None
     frame_mask: Array | None = None
     mask_time_indices: Array | None = None
+    # Heads (flax_d2v.heads): x-vector speaker embeddings; the mask of `last_hidden_state`'s frames
+    # when the adapter shortened them (`frame_mask` stays the encoder's, for `hidden_states`).
+    embeddings: Array | None = None
+    output_frame_mask: Array | None = None
+
+    @property
+    def logits_frame_mask(self) -> Array | None:
+        """Real frames of `last_hidden_state` (and of per-frame logits): after the adapter, if any."""
+        return self.output_frame_mask if self.output_frame_mask is not None else self.frame_mask
 
 
-def feat_extract_output_lengths(config: Data2VecAudioConfig, input_lengths: Any) -> Any:
-    """Frames the conv feature encoder makes from `input_lengths` samples (ints or arrays)."""
+def feat_extract_output_lengths(config: Data2VecAudioConfig, input_lengths: Any, add_adapter: bool = False) -> Any:
+    """Frames the conv feature encoder makes from `input_lengths` samples (ints or arrays).
+
+    `add_adapter=True` (and `config.add_adapter`): the frames after the adapter's strided convs too,
+    as transformers' `_get_feat_extract_output_lengths` (kernel 1 there: its padding 1 and kernel 3
+    give the same count).
+    """
     for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
         input_lengths = (input_lengths - kernel) // stride + 1
+    if add_adapter and config.add_adapter:
+        for _ in range(config.num_adapter_layers):
+            input_lengths = (input_lengths - 1) // config.adapter_stride + 1
     return input_lengths
 
 
@@ -384,6 +401,54 @@ class Encoder(nn.Module):
                 tuple(results) if output_layer_results else None)
 
 
+class AdapterLayer(nn.Module):
+    """`adapter.layers.N`: strided Conv1d to twice the width (padding 1), then GLU over channels."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        x = nn.Conv(
+            2 * c.output_hidden_size,
+            kernel_size=(c.adapter_kernel_size,),
+            strides=(c.adapter_stride,),
+            padding=[(1, 1)],
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="conv",
+        )(x)
+        a, b = jnp.split(x, 2, axis=-1)
+        return a * jax.nn.sigmoid(b)
+
+
+class Adapter(nn.Module):
+    """`adapter` (config `add_adapter`): optional `proj` + `proj_layer_norm` to `output_hidden_size`,
+    then `num_adapter_layers` strided conv+GLU layers, each skipped with probability `layerdrop` when
+    training (as transformers)."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        c = self.config
+        if c.output_hidden_size != c.hidden_size:
+            x = _dense(c.output_hidden_size, ("embed", "mlp"), self.dtype, "proj")(x)
+            x = _layer_norm(TORCH_LAYER_NORM_EPS, "embed", self.dtype, "proj_layer_norm")(x)
+        for i in range(c.num_adapter_layers):
+            y = AdapterLayer(c, self.dtype, name=f"layers_{i}")(x)
+            if not deterministic and c.layerdrop > 0.0:
+                skip = jax.random.uniform(self.make_rng("dropout"), ()) < c.layerdrop
+                # only where a skipped layer keeps the shape (stride 1): transformers' skip of a
+                # strided layer changes the number of frames, which a jitted step cannot
+                y = jnp.where(skip, x, y) if y.shape == x.shape else y
+            x = y
+        return x
+
+
 class Data2VecAudioModel(nn.Module):
     """The bare encoder (transformers' `Data2VecAudioModel`).
 
@@ -410,6 +475,8 @@ class Data2VecAudioModel(nn.Module):
                 "masked_spec_embed", nn.with_logical_partitioning(nn.initializers.uniform(1.0), ("embed",)),
                 (c.hidden_size,))
         self.encoder = Encoder(c, self.dtype, self.remat_policy, self.scan_layers)
+        if c.add_adapter:
+            self.adapter = Adapter(c, self.dtype)
 
     def frame_mask(self, attention_mask: Array | None, num_frames: int) -> Array | None:
         if attention_mask is None:
@@ -459,9 +526,16 @@ class Data2VecAudioModel(nn.Module):
                                                   deterministic)
         last, hidden_states, layer_results = self.encoder(h, frame_mask, deterministic, output_hidden_states,
                                                           output_layer_results)
+        output_frame_mask = None
+        if self.config.add_adapter:
+            last = self.adapter(last, deterministic)
+            if attention_mask is not None:
+                lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1), True)
+                output_frame_mask = jnp.arange(last.shape[1])[None, :] < lengths[:, None]
         return Data2VecAudioOutput(last_hidden_state=last, extract_features=extract_features,
                                    hidden_states=hidden_states, layer_results=layer_results,
-                                   frame_mask=frame_mask, mask_time_indices=mask_time_indices)
+                                   frame_mask=frame_mask, mask_time_indices=mask_time_indices,
+                                   output_frame_mask=output_frame_mask)
 
 
 class Data2VecAudioForCTC(nn.Module):
@@ -487,7 +561,7 @@ class Data2VecAudioForCTC(nn.Module):
                 mask_time_indices=mask_time_indices, mask_feature_indices=mask_feature_indices,
                 output_layer_results=output_layer_results)
             h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
-            logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
+            logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)  # width: output_hidden_size
         return out.replace(logits=logits.astype(jnp.float32))
 
 

@@ -5,9 +5,11 @@
 `path` is a flax-d2v directory (`flax_model.safetensors`), a transformers directory
 (`model.safetensors` or `pytorch_model.bin`), a fairseq `.pt` file, or a hub id such as
 `facebook/data2vec-audio-base-960h` (downloaded with `huggingface_hub`; fails with a clear message
-when offline). The module is `Data2VecAudioForCTC` when the checkpoint has an `lm_head`, else
-`Data2VecAudioModel`. Module options (`dtype`, `scan_layers`, `remat_policy`,
-`freeze_feature_encoder`) are passed through; with `scan_layers=True` the params come stacked.
+when offline). The module is the checkpoint's head, looked up in `flax_d2v.heads.REGISTRY`
+(`Data2VecAudioModel`, `...ForCTC`, `...ForSequenceClassification`, `...ForAudioFrameClassification`,
+`...ForXVector`). Module options (`dtype`, `scan_layers`, `remat_policy`,
+`freeze_feature_encoder`, and `freeze_base_model` for the classification heads) are passed through;
+with `scan_layers=True` the params come stacked.
 """
 
 from __future__ import annotations
@@ -22,33 +24,34 @@ import jax.numpy as jnp
 from flax_d2v.checkpoint import is_flax_dir, load_flax
 from flax_d2v.config import Data2VecAudioConfig
 from flax_d2v.errors import D2VError
-from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel
+from flax_d2v.heads import REGISTRY, HeadSpec, detect, get_spec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.txt", "language_model/*"]
 
 
-def build_module(config: Data2VecAudioConfig, is_ctc: bool, **module_kwargs: Any):
+def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwargs: Any):
+    """The module of `head` (a `HeadSpec` or a transformers architecture name) for `config`."""
     from flax_d2v.data2vec2 import Data2Vec2Config, build_module_v2
 
+    spec = get_spec(head)
     if isinstance(config, Data2Vec2Config):
-        return build_module_v2(config, is_ctc, **module_kwargs)
-    cls = Data2VecAudioForCTC if is_ctc else Data2VecAudioModel
-    return cls(config, **module_kwargs)
+        return build_module_v2(config, spec.architecture == "Data2VecAudioForCTC", **module_kwargs)
+    return spec.build(config, **module_kwargs)
 
 
-def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, bool, dict[str, Any], str]:
-    """(config, is_ctc, unscanned params, resolved local directory or file) for any supported source."""
+def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, HeadSpec, dict[str, Any], str]:
+    """(config, head spec, unscanned params, resolved local directory or file) for any supported source."""
     p = Path(path)
     if p.is_dir():
         if is_flax_dir(p):
             config, params = load_flax(p)
-            return config, "lm_head" in params, params, str(p)
+            return config, detect(params), params, str(p)
         from flax_d2v.convert.hf import is_hf_dir, load_hf
 
         if is_hf_dir(p):
-            config, is_ctc, params = load_hf(p)
-            return config, is_ctc, params, str(p)
+            config, spec, params = load_hf(p)
+            return config, spec, params, str(p)
         if not (p / "config.json").is_file():
             raise D2VError(f"{p}: config.json not found (not a flax-d2v or transformers model directory)")
         raise D2VError(f"{p}: no weights found (expected flax_model.safetensors, model.safetensors or "
@@ -60,7 +63,7 @@ def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, bool, dict[s
             except ImportError:
                 raise D2VError(f"{p}: fairseq checkpoints are not supported by this version") from None
             config, is_ctc, params = fairseq.load_fairseq(p)[:3]
-            return config, is_ctc, params, str(p)
+            return config, REGISTRY["Data2VecAudioForCTC" if is_ctc else "Data2VecAudioModel"], params, str(p)
         raise D2VError(f"{p}: expected a model directory or a fairseq .pt file")
     if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
         return load_any(download_from_hub(str(path)))
@@ -100,7 +103,7 @@ def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]
 
 def from_pretrained(path: str | os.PathLike, *, precision: str | None = None, dtype: Any = None,
                     scan_layers: bool = False, remat_policy: str = "none", freeze_feature_encoder: bool = False,
-                    teacher: bool = False):
+                    teacher: bool = False, **head_kwargs: Any):
     """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
 
     `precision` is a `flax_d2v.precision` policy: "highest" (the default: float32 with HIGHEST
@@ -108,16 +111,17 @@ def from_pretrained(path: str | os.PathLike, *, precision: str | None = None, dt
     default precision: TF32 on GPUs, bf16 passes on TPUs) or "bf16". It is a field of the module,
     so the result never depends on the global `jax_default_matmul_precision` flag.
 
+    `head_kwargs`: `freeze_base_model=True` for the classification and x-vector heads.
     `teacher=True`: the pretraining checkpoint's EMA teacher instead of the student, as a runnable model
     (its own encoder over the student's conv feature extractor and feature projection), 1.0 and 2.0.
     """
-    config, is_ctc, params, resolved = load_any(path)
+    config, spec, params, resolved = load_any(path)
     if teacher:
         from flax_d2v.teacher import teacher_params
 
-        params = teacher_params(config, is_ctc, params, resolved)
-    module = build_module(config, is_ctc, **precision_kwargs(precision, dtype), scan_layers=scan_layers,
-                          remat_policy=remat_policy, freeze_feature_encoder=freeze_feature_encoder)
+        params = teacher_params(config, spec.architecture == "Data2VecAudioForCTC", params, resolved)
+    module = build_module(config, spec, **precision_kwargs(precision, dtype), scan_layers=scan_layers,
+                          remat_policy=remat_policy, freeze_feature_encoder=freeze_feature_encoder, **head_kwargs)
     if scan_layers:
         from flax_d2v.convert.keys import stack_layers
 

@@ -227,8 +227,8 @@ class Transcriber:
             from flax_d2v.pretrained import build_module, load_any, precision_kwargs
 
             # `where` is the local directory or file (a hub id's snapshot holds vocab.json too)
-            config, is_ctc, params, where = load_any(model_or_path)
-            module = build_module(config, is_ctc, **precision_kwargs(precision))
+            config, spec, params, where = load_any(model_or_path)
+            module = build_module(config, spec, **precision_kwargs(precision))
             model_dir = Path(where) if Path(where).is_dir() else Path(where).parent
             tokenizer = _tokenizer_from(vocab, where) if vocab is not None else CTCTokenizer.from_dir(model_dir)
             preprocessor = read_preprocessor_config(model_dir)
@@ -243,6 +243,8 @@ class Transcriber:
 
         if not isinstance(module, (Data2VecAudioForCTC, Data2Vec2ForCTC)):
             raise D2VError(f"{where}: not a CTC model (no lm_head); transcription needs a fine-tuned checkpoint")
+        if module.config.add_adapter:  # chunk seams and frame times assume the conv encoder's 320-sample hop
+            raise D2VError(f"{where}: CTC models with an adapter (add_adapter=True) are not supported by transcribe")
         if batch_size < 1:
             raise D2VError(f"--batch-size: must be >= 1, got {batch_size}")
         self.module, self.tokenizer = module, tokenizer

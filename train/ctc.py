@@ -181,7 +181,7 @@ class CTCObjective(NoExtra):
         # dropout per example (objective.py): the same bits on any layout, pmap included
         out = apply_per_example(forward, jax.random.fold_in(rng, 0), batch["index"], batch["input_values"],
                                 batch["attention_mask"], time_mask, feature_mask)
-        frame_lengths = out.frame_mask.sum(-1)
+        frame_lengths = out.logits_frame_mask.sum(-1)  # after the adapter's strided convs, if any
         per_example, label_lengths, impossible = ctc_loss_per_example(
             out.logits, frame_lengths, batch["labels"], self.blank_id, self.zero_infinity)
         valid = batch["attention_mask"].sum(-1) > 0  # all-padding rows fill a short last batch
@@ -196,7 +196,7 @@ class CTCObjective(NoExtra):
         transcribing those clips gets, whatever batch they were padded into.
         """
         out = apply_padding_invariant(self.module, params, batch["input_values"], batch["attention_mask"])
-        return jnp.argmax(out.logits, -1).astype(jnp.int32), out.frame_mask.sum(-1).astype(jnp.int32)
+        return jnp.argmax(out.logits, -1).astype(jnp.int32), out.logits_frame_mask.sum(-1).astype(jnp.int32)
 
 
 def greedy_decode(ids: np.ndarray, lengths: np.ndarray, vocab: dict[str, int]) -> list[str]:

@@ -192,8 +192,8 @@ def train_loader(cfg: Mapping[str, Any], manifest: Any, vocab: dict[str, int] | 
     return loader
 
 
-def make_schedule_and_optimizer(cfg: Mapping[str, Any], params: Any, *, freeze_transformer_steps: int = 0
-                                ) -> tuple[Any, Any]:
+def make_schedule_and_optimizer(cfg: Mapping[str, Any], params: Any, *, freeze_transformer_steps: int = 0,
+                                freeze_base_model: bool = False) -> tuple[Any, Any]:
     """(lr schedule, optax chain) from the optimisation settings; see `train/state.py` for the groups."""
     from flax_d2v.train.schedules import make_schedule
     from flax_d2v.train.state import make_optimizer
@@ -206,7 +206,8 @@ def make_schedule_and_optimizer(cfg: Mapping[str, Any], params: Any, *, freeze_t
     tx = make_optimizer(params, schedule, b1=float(cfg["adam_b1"]), b2=float(cfg["adam_b2"]),
                         eps=float(cfg["adam_eps"]), weight_decay=float(cfg["weight_decay"]),
                         clip_norm=float(cfg["clip_norm"]), freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]),
-                        freeze_transformer_steps=int(freeze_transformer_steps))
+                        freeze_transformer_steps=int(freeze_transformer_steps),
+                        freeze_base_model=bool(freeze_base_model))
     return schedule, tx
 
 

@@ -16,7 +16,10 @@ learning-rate schedule, and per-parameter groups:
   transformer's Adam state stays untouched until then, as fairseq does not compute its
   gradients at all (its Adam moments and bias correction start at update K+1). Its learning
   rate is still the one global schedule at the global update count (fairseq has one lr
-  scheduler): from update K+1 on it gets what the head gets, no new warm-up.
+  scheduler): from update K+1 on it gets what the head gets, no new warm-up. The head is
+  everything beside the nested encoder (`flax_d2v.heads.BASE_PREFIX`, `data2vec_audio`) in any
+  registered head's tree: `lm_head`, `classifier`, `tdnn_N`, ...
+  With `freeze_base_model` (transformers' `freeze_base_model()`) the whole encoder is `frozen`.
 - `trainable`: everything else.
 """
 
@@ -36,7 +39,13 @@ PyTree = Any
 # Path prefixes (joined with "/") of the feature encoder and of the head, in both the CTC
 # module's tree (`data2vec_audio/...`) and the bare model's tree.
 FEATURE_ENCODER_KEYS = ("feature_extractor",)
-HEAD_KEYS = ("lm_head",)
+
+
+def is_head_path(path: tuple[str, ...], has_head: bool) -> bool:
+    """Whether a parameter belongs to the head, not the encoder (a bare encoder's tree has no head)."""
+    from flax_d2v.heads import BASE_PREFIX
+
+    return has_head and bool(path) and path[0] != BASE_PREFIX
 
 
 @flax.struct.dataclass
@@ -50,14 +59,22 @@ class TrainState:
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
-def param_labels(params: PyTree, freeze_feature_encoder: bool, freeze_transformer_steps: int) -> PyTree:
+def param_labels(params: PyTree, freeze_feature_encoder: bool, freeze_transformer_steps: int,
+                 freeze_base_model: bool = False) -> PyTree:
     """The optimizer group of every parameter: 'frozen', 'delayed' or 'trainable'."""
+    from flax_d2v.heads import BASE_PREFIX
+
     flat = traverse_util.flatten_dict(params)
+    has_head = BASE_PREFIX in params
 
     def label(path: tuple[str, ...]) -> str:
-        if freeze_feature_encoder and any(k in path for k in FEATURE_ENCODER_KEYS):
+        head = is_head_path(path, has_head)
+        if freeze_base_model and not head:
             return "frozen"
-        if freeze_transformer_steps > 0 and not any(k in path for k in HEAD_KEYS):
+        # (the x-vector head's own `feature_extractor` Linear is not the conv feature encoder)
+        if freeze_feature_encoder and any(k in path for k in FEATURE_ENCODER_KEYS) and not head:
+            return "frozen"
+        if freeze_transformer_steps > 0 and not head:
             return "delayed"
         return "trainable"
 
@@ -91,8 +108,8 @@ def delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTr
 
 def make_optimizer(params: PyTree, schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.98,
                    eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float = 0.0,
-                   freeze_feature_encoder: bool = True, freeze_transformer_steps: int = 0
-                   ) -> optax.GradientTransformation:
+                   freeze_feature_encoder: bool = True, freeze_transformer_steps: int = 0,
+                   freeze_base_model: bool = False) -> optax.GradientTransformation:
     """Clip, then AdamW with `schedule`, per parameter group (see the module docstring).
 
     The schedule sees the number of updates of the whole optimizer, so the head and a delayed
@@ -107,7 +124,7 @@ def make_optimizer(params: PyTree, schedule: optax.Schedule, *, b1: float = 0.9,
         "frozen": optax.set_to_zero(),
         "delayed": delayed(adamw(shifted), start),
     }
-    labels = param_labels(params, freeze_feature_encoder, freeze_transformer_steps)
+    labels = param_labels(params, freeze_feature_encoder, freeze_transformer_steps, freeze_base_model)
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []
     return optax.chain(*chain, optax.multi_transform(transforms, labels))
 

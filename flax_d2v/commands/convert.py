@@ -39,16 +39,19 @@ def run(args: argparse.Namespace) -> int:
             for note in result.notes:
                 print(note, file=sys.stderr)
         elif src.is_dir() and is_hf_dir(src):
-            config, is_ctc, params = load_hf(src)
+            config, _, params = load_hf(src)
             save_flax(args.dst, config, params, files_from=src, overwrite=args.overwrite)
         elif src.is_dir() and is_flax_dir(src):
             raise D2VError(f"{src}: already a flax-d2v directory (use --to hf to export it)")
         else:
             raise D2VError(f"{src}: not a transformers model directory or fairseq .pt "
                            "(expected config.json with model.safetensors or pytorch_model.bin)")
+        from flax_d2v.heads import detect
+
         config, params = load_flax(args.dst)
-        v2 = "Data2Vec2" if type(config).__name__ == "Data2Vec2Config" else "Data2VecAudio"
-        kind = f"{v2}ForCTC" if "lm_head" in params else f"{v2}Model"
+        kind = detect(params).architecture
+        if type(config).__name__ == "Data2Vec2Config":  # data2vec 2.0: its own classes, CTC or bare
+            kind = "Data2Vec2ForCTC" if "lm_head" in params else "Data2Vec2Model"
         print(f"wrote flax-d2v checkpoint ({kind}) to {args.dst}")
         return 0
     if not (src.is_dir() and is_flax_dir(src)):

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {src}")
 
     print("[2/4] converting to Flax ...")
-    config, is_ctc, params, resolved = load_any(src)
+    config, spec, params, resolved = load_any(src)
     flax_dir = out / "flax"
     save_flax(flax_dir, config, params, files_from=resolved if Path(resolved).is_dir() else None, overwrite=True)
     print(f"      {flax_dir}")
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
           f"{facts['tolerance']:g}; report {out / 'report.md'}\n      flax: {facts['flax']}\n"
           f"      reference: {facts['reference']}")
 
-    if is_ctc and (flax_dir / "vocab.json").is_file():
+    if spec.architecture == "Data2VecAudioForCTC" and (flax_dir / "vocab.json").is_file():
         print("[4/4] transcribing the clip with the Flax model ...")
         from flax_d2v.transcribe import transcribe
 

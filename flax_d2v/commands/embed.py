@@ -4,6 +4,9 @@ Arrays are named `layer_0` ... `layer_L` (layer_0 is the encoder input after the
 and LayerNorm, layer_i the output of transformer layer i, as transformers' `hidden_states`), each
 (frames, hidden). Audio is preprocessed as the checkpoint's preprocessor_config.json says (HF
 normalisation, eps 1e-7). With several files, OUT is a directory holding one `<name>.npz` each.
+
+`--xvector` (an x-vector model, transformers' `Data2VecAudioForXVector`): one speaker embedding
+per file instead, the array `xvector` (xvector_output_dim,) in each .npz.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="OUT.npz for one file; a directory for several")
     p.add_argument("--strict-audio", action="store_true", help="refuse audio that is not 16 kHz mono")
     add_precision_argument(p, "highest", "embeddings equal PyTorch's fp32 on every platform")
+    p.add_argument("--xvector", action="store_true",
+                   help="one x-vector per file (array 'xvector') from an x-vector model; --layer is ignored")
 
 
 def parse_layer(spec: str, num_layers: int) -> list[int]:
@@ -54,19 +59,46 @@ def embed_arrays(
     return {f"layer_{i}": np.asarray(out.hidden_states[i][0], np.float32) for i in layers}
 
 
+def _save_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    from flax_d2v.fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(target, buf.getvalue())
+
+
+def run_xvector(args: argparse.Namespace, out: Path, several: bool) -> int:
+    from flax_d2v.classify import Classifier
+
+    def warn(message: str) -> None:
+        print(f"d2v embed: {message}", file=sys.stderr, flush=True)
+
+    failures = 0
+    for r in Classifier(args.model, batch_size=1).embed(args.files, strict_audio=args.strict_audio, warn=warn):
+        if r.error is not None:
+            failures += 1
+            continue
+        target = out / (Path(r.path).stem + ".npz") if several else out
+        _save_npz(target, {"xvector": r.embedding})
+        print(f"{r.path}	{target}	xvector ({r.embedding.shape[0]},)")
+    return 1 if failures else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from flax_d2v.audio import load_audio, read_preprocessor_config
     from flax_d2v.fileio import atomic_write_bytes
     from flax_d2v.pretrained import build_module, load_any, precision_kwargs
 
-    config, is_ctc, params, resolved = load_any(args.model)
-    module = build_module(config, is_ctc, **precision_kwargs(args.precision))
-    pre = read_preprocessor_config(resolved if Path(resolved).is_dir() else Path(resolved).parent)
-    layers = parse_layer(args.layer, module.config.num_hidden_layers)
     out = Path(args.out)
     several = len(args.files) > 1
     if several and out.suffix == ".npz":
         raise D2VError(f"--out {out}: with several files --out must be a directory")
+    if args.xvector:
+        return run_xvector(args, out, several)
+    config, spec, params, resolved = load_any(args.model)
+    module = build_module(config, spec, **precision_kwargs(args.precision))
+    pre = read_preprocessor_config(resolved if Path(resolved).is_dir() else Path(resolved).parent)
+    layers = parse_layer(args.layer, module.config.num_hidden_layers)
     failures = 0
     for f in args.files:
         try:

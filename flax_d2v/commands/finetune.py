@@ -1,7 +1,13 @@
-"""CTC fine-tuning from transcribed audio: checkpoints, metrics.jsonl, and an HF model in RUN/hf.
+"""Fine-tuning (CTC, audio classification, x-vectors): checkpoints, metrics.jsonl, and an HF model in RUN/hf.
 
     d2v finetune --train train.tsv --eval dev.tsv --model facebook-base-dir --out runs/ft \
         --steps 20000 --batch-size 8 --learning-rate 5e-5 --seed 0 [--mesh data=2,fsdp=4]
+    d2v finetune --task audio-classification --train clips.tsv --eval dev.tsv --model base-dir --out runs/cls ...
+    d2v finetune --task xvector --train clips.tsv --label-column speaker --model base-dir --out runs/xv ...
+
+`--task audio-classification | xvector` reads a TSV with `path` and a label column, trains
+`Data2VecAudioForSequenceClassification` (cross-entropy) or `...ForXVector` (AM-softmax), evaluates
+accuracy, and writes the labels as `id2label`/`label2id` (see `flax_d2v.train.classification`).
 
 Every hyper-parameter is a flag; `--config FILE` reads the same keys (flag names, `-` or `_`)
 from a JSON object, and flags given on the command line win. The resolved settings are written
@@ -29,7 +35,7 @@ RECIPE: dict[str, Any] = {"phase_ratio": "0.1,0.4,0.5", "final_lr_scale": 0.05, 
 DEFAULTS: dict[str, Any] = {
     **R.COMMON_DEFAULTS, **RECIPE,
     "eval": None, "vocab": None, "eval_every": 0, "export_hf": True, "freeze_transformer_steps": 0,
-    "eval_batch_size": None,
+    "eval_batch_size": None, "task": "ctc", "label_column": "label", "freeze_base_model": False,
     "eval_lm": None, "eval_lexicon": None, "eval_lm_weight": None, "eval_word_score": None, "eval_beam_width": 0,
     # regularisation (None: keep the init model's config)
     "dropout": None, "hidden_dropout": None, "attention_dropout": None, "activation_dropout": None,
@@ -50,7 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "or tfds:NAME/SPLIT")
     g.add_argument("--eval", default=S, help="evaluation manifest (WER/CER every --eval-every steps and at the end)")
     g.add_argument("--model", default=S, help="init: an HF or flax-d2v model dir, a fairseq .pt, or a preset "
-                                               "tiny|base|large for random init")
+                                               "tiny|base|large or a transformers config.json for random init")
+    g.add_argument("--task", choices=("ctc", "audio-classification", "xvector"), default=S,
+                   help="ctc (default): transcripts; audio-classification / xvector: one label per clip")
+    g.add_argument("--label-column", default=S,
+                   help="the TSV column holding each clip's label (--task audio-classification/xvector; "
+                        "default: label)")
     g.add_argument("--out", default=S, help="run directory (resumes when it holds checkpoints)")
     groups = R.add_common_arguments(p, DEFAULTS, groups={"run": g}, settings_file=True)
     g.add_argument("--vocab", default=S, help="vocab.json to use (default: the init model's, else built "
@@ -60,7 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write RUN/hf at the end (default on)")
     groups["optimisation"].add_argument(
         "--freeze-transformer-steps", type=int, default=S,
-        help="train only lm_head for the first K updates (freeze_finetune_updates; default 0)")
+        help="train only the head (lm_head, classifier, ...) for the first K updates (freeze_finetune_updates; "
+             "default 0)")
+    groups["optimisation"].add_argument(
+        "--freeze-base-model", action=argparse.BooleanOptionalAction, default=S,
+        help="train only the classification / x-vector head (transformers' freeze_base_model; default off)")
     groups["data"].add_argument("--eval-batch-size", type=int, default=S, help="default: --batch-size")
     g = p.add_argument_group("eval with an n-gram LM (pip install 'flax-d2v[lm]'; as d2v transcribe --lm)")
     g.add_argument("--eval-lm", default=S, metavar="LM",
@@ -116,7 +131,10 @@ CONFIG_KEYS = DROPOUT_KEYS + ("layerdrop", "mask_time_prob", "mask_time_length",
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     R.init_distributed(cfg)
-    finetune(cfg)
+    if cfg["task"] != "ctc":
+        finetune_classifier(cfg)
+    else:
+        finetune(cfg)
     return 0
 
 
@@ -157,10 +175,14 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, Path | None]:
     name = str(cfg["model"])
     if name in PRESETS and not Path(name).exists():
         return preset(name), None, None
+    if name.endswith(".json") and Path(name).is_file():  # a transformers config.json: random init
+        from flax_d2v.config import Data2VecAudioConfig
+
+        return Data2VecAudioConfig.from_json_file(name), None, None
     from flax_d2v.pretrained import load_any
 
-    config, is_ctc, params, where = load_any(name)
-    if not is_ctc:
+    config, spec, params, where = load_any(name)
+    if spec.is_base:
         params = {"data2vec_audio": params}
     return config, params, Path(where) if Path(where).is_dir() else None
 
@@ -287,7 +309,7 @@ def finetune(cfg: dict) -> Any:
     config = training_config(base_config, cfg, vocab)
     from flax_d2v.pretrained import build_module  # Data2VecAudioForCTC, or data2vec 2.0's Data2Vec2ForCTC
 
-    module = build_module(config, True, **R.module_options(cfg))
+    module = build_module(config, "Data2VecAudioForCTC", **R.module_options(cfg))
     params, new_keys, dropped = R.graft(init_params(module, int(cfg["seed"])), R.stacked(cfg, loaded))
     if loaded is not None:
         log(f"init from {cfg['model']}: {len(new_keys)} new tensors" + (f" ({', '.join(new_keys[:4])}"
@@ -336,4 +358,91 @@ def finetune(cfg: dict) -> Any:
         where = export_hf(run_dir, config, result.state.params, vocab)
         if where is not None:
             log(f"wrote {where} (transformers Data2VecAudioForCTC + Wav2Vec2Processor)")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ classification
+def finetune_classifier(cfg: dict) -> Any:
+    """`--task audio-classification | xvector` as a function (also used by tests): the loop's `FitResult`."""
+    import jax
+
+    from flax_d2v.heads import REGISTRY, with_labels
+    from flax_d2v.modeling import init_params, logical_axes
+    from flax_d2v.train import classification as C
+    from flax_d2v.train import data as D
+    from flax_d2v.train import vocab as V
+    from flax_d2v.train.loop import Trainer, log
+
+    task = cfg["task"]
+    if task not in C.TASKS:
+        raise D2VError(f"--task: {task!r} is not a classification task; choose one of {sorted(C.TASKS)}")
+    run_dir = Path(cfg["out"])
+    mesh, dp = R.make_mesh(cfg)
+    manifest = D.read_manifest(cfg["train"])
+    names = C.read_label_column(cfg["train"], cfg["label_column"])
+    labels = sorted(set(names))
+    if len(labels) < 2:
+        raise D2VError(f"{cfg['train']}: column {cfg['label_column']!r} has {len(labels)} distinct label(s); "
+                       "classification needs at least 2")
+    label2id = {name: i for i, name in enumerate(labels)}
+    train_ids = C.label_ids(names, label2id, str(cfg["train"]))
+
+    base_config, loaded, _ = load_init(cfg)
+    over = {k: cfg[k] for k in CONFIG_KEYS if cfg.get(k) is not None}
+    if cfg["dropout"] is not None:
+        over.update({k: float(cfg["dropout"]) for k in DROPOUT_KEYS})
+    config = with_labels(base_config.replace(**over), labels)
+    spec = REGISTRY[C.TASKS[task]]
+    module = spec.build(config, **R.module_options(cfg), freeze_base_model=bool(cfg["freeze_base_model"]))
+    params, new_keys, dropped = R.graft(init_params(module, int(cfg["seed"])), R.stacked(cfg, loaded))
+    if loaded is not None:
+        log(f"init from {cfg['model']}: {len(new_keys)} new tensors ({', '.join(new_keys[:4])}"
+            f"{', ...' if len(new_keys) > 4 else ''})" + (f", {len(dropped)} unused" if dropped else ""))
+    else:
+        log(f"random init: {cfg['model']}")
+    log(f"{spec.architecture}: {len(labels)} labels from column {cfg['label_column']!r}: "
+        + ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else ""))
+
+    loader = R.train_loader(cfg, manifest, None)
+    eval_loader = eval_fn = None
+    if cfg["eval"]:
+        eval_manifest = D.read_manifest(cfg["eval"])
+        eval_ids = C.label_ids(C.read_label_column(cfg["eval"], cfg["label_column"]), label2id, str(cfg["eval"]))
+        eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
+        if eval_bs % dp:
+            raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
+        eval_loader = D.BatchLoader(eval_manifest, batch_size=eval_bs, vocab=None, shuffle=False, repeat=False,
+                                    drop_remainder=False, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), num_workers=int(cfg["num_workers"]))
+    schedule, tx = R.make_schedule_and_optimizer(cfg, params,
+                                                 freeze_transformer_steps=int(cfg["freeze_transformer_steps"]),
+                                                 freeze_base_model=bool(cfg["freeze_base_model"]))
+    objective = C.ClassificationObjective(module, train_ids, am_softmax=task == "xvector", name=task)
+    loop_cfg = R.loop_config(cfg, eval_every=int(cfg["eval_every"]),
+                             meta={"objective": task, "model_config": json.loads(config.to_json_string())})
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        R.save_settings(run_dir / "finetune_config.json", cfg)
+    trainer = Trainer(objective, tx, schedule, mesh, logical_axes(module), loop_cfg)
+    state, data_state, start = trainer.start(params, int(cfg["seed"]))
+    if data_state:
+        loader.restore(data_state)
+    if eval_loader is not None:
+        eval_fn = C.make_accuracy_eval_fn(objective, trainer, eval_loader, eval_ids)
+    try:
+        result = trainer.fit(state, loader, start, eval_fn=eval_fn, data_state=loader.state)
+    finally:
+        loader.close()
+        if eval_loader is not None:
+            eval_loader.close()
+    trainer.finish(title=f"d2v finetune {run_dir.name}")
+    if not result.stopped and cfg["export_hf"]:
+        from flax_d2v.convert.hf import save_hf
+
+        host = R.host(result.state.params)
+        if jax.process_index() == 0:
+            with tempfile.TemporaryDirectory(prefix=".hf-files-", dir=run_dir) as files:
+                V.save_preprocessor_config(files)
+                save_hf(run_dir / "hf", config, host, files_from=files, overwrite=True)
+            log(f"wrote {run_dir / 'hf'} (transformers {spec.architecture}, id2label of {len(labels)} labels)")
     return result

@@ -133,9 +133,10 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
         from flax_d2v.convert.fairseq import load_fairseq
 
         ck = load_fairseq(path)
-        config, is_ctc, params, aux, fairseq_cfg = ck.config, ck.is_ctc, ck.params, dict(ck.aux or {}), ck.cfg or {}
+        config, has_head, params, aux, fairseq_cfg = ck.config, ck.is_ctc, ck.params, dict(ck.aux or {}), ck.cfg or {}
     else:
-        config, is_ctc, params, _ = load_any(path)
+        config, spec, params, _ = load_any(path)
+        has_head = not spec.is_base
         from flax_d2v.checkpoint import is_flax_dir, load_flax_aux
         from flax_d2v.fileio import read_json_object
 
@@ -143,8 +144,8 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
             aux = dict(load_flax_aux(path) or {})
             if (path / "fairseq_cfg.json").is_file():  # converted by `d2v convert x.pt`
                 fairseq_cfg = read_json_object(path / "fairseq_cfg.json")
-    if is_ctc:
-        params = params["data2vec_audio"]  # a fine-tuned model: its encoder, the CTC head left out
+    if has_head:
+        params = params["data2vec_audio"]  # a fine-tuned model: its encoder, the head left out
     parts = ["student"] + [k for k in ("final_proj", "ema") if k in aux]
     seen = int(fairseq_cfg.get("num_updates") or 0) if "ema" in aux else 0
     return config, params, aux, f"{path} ({', '.join(parts)})", seen

@@ -69,7 +69,8 @@ def load_init(cfg: dict) -> tuple[Any, dict | None, dict, str, int]:
     from flax_d2v.teacher import load_aux
 
     path = Path(cfg["model"])
-    config, is_ctc, params, resolved = load_any(path)
+    config, spec, params, resolved = load_any(path)
+    is_ctc = spec.architecture == "Data2VecAudioForCTC"
     if not isinstance(config, Data2Vec2Config):
         raise D2VError(
             f"--model {path}: a data2vec 1.0 model; --arch data2vec2 needs a 2.0 checkpoint "
