@@ -224,6 +224,11 @@ class Data2Vec2Output:
     frame_mask: Array | None = None
     mask_time_indices: Array | None = None
 
+    @property
+    def logits_frame_mask(self) -> Array | None:
+        """Real frames of the logits (as 1.0's output; 2.0 has no adapter, so the encoder's frames)."""
+        return self.frame_mask
+
 
 # ----------------------------------------------------------------------------------------- modules
 class ProjectFeatures(nn.Module):

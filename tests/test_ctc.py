@@ -107,15 +107,15 @@ def test_unrolled_ctc_equals_optax_values_and_gradients():
     from flax_d2v.train.ctc import ctc_loss
 
     rng = np.random.default_rng(0)
-    b, t, k, n = 4, 53, 12, 9
+    b, t, k, n = 4, 23, 12, 9
     logits = jnp.asarray(rng.standard_normal((b, t, k)), jnp.float32)
-    logit_pad = (jnp.arange(t)[None] >= jnp.array([53, 40, 30, 20])[:, None]).astype(jnp.float32)
+    logit_pad = (jnp.arange(t)[None] >= jnp.array([23, 20, 15, 10])[:, None]).astype(jnp.float32)
     labels = jnp.asarray(rng.integers(1, k, (b, n)))
     labels = labels.at[0, 3].set(labels[0, 2])  # a repeat, which needs a blank between
     label_pad = (jnp.arange(n)[None] >= jnp.array([9, 6, 3, 1])[:, None]).astype(jnp.float32)
     want = optax.ctc_loss(logits, logit_pad, labels, label_pad)
     want_grad = jax.grad(lambda x: optax.ctc_loss(x, logit_pad, labels, label_pad).sum())(logits)
-    for unroll in (1, 5, 16, 100):
+    for unroll in (None, 1, 4, 16):  # the default, none, one that does not divide T, the accelerators' value
         got = ctc_loss(logits, logit_pad, labels, label_pad, unroll=unroll)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
         grad = jax.grad(lambda x, u=unroll: ctc_loss(x, logit_pad, labels, label_pad, unroll=u).sum())(logits)

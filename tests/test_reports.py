@@ -30,7 +30,8 @@ def tiny_ctc_dir(tmp_path_factory):
 def _fail_every_stage(monkeypatch):
     import flax_d2v.convert.verify as verify_module
 
-    monkeypatch.setattr(verify_module, "PARITY_RTOL", -1.0)  # no error can be below it: every stage fails
+    # no error can be below -1: every stage fails, whatever the precision policy's tolerance
+    monkeypatch.setattr(verify_module, "TOLERANCES", {k: -1.0 for k in verify_module.TOLERANCES})
 
 
 def _check_report(md, png):

@@ -19,7 +19,8 @@ def _received_rates(freeze_transformer_steps: int, steps: int):
 
     wd = 0.5
     schedule = make_schedule("tri_stage", 1.0, steps)
-    params = {"encoder": {"w": jnp.ones((3,))}, "lm_head": {"w": jnp.ones((3,))}}
+    # the CTC model's layout: the encoder nested under `data2vec_audio`, the head beside it
+    params = {"data2vec_audio": {"w": jnp.ones((3,))}, "lm_head": {"w": jnp.ones((3,))}}
     tx = make_optimizer(
         params,
         schedule,
@@ -33,8 +34,8 @@ def _received_rates(freeze_transformer_steps: int, steps: int):
     rates = {"encoder": [], "lm_head": []}
     for _ in range(steps):
         updates, state = update(state)
-        for k in rates:
-            rates[k].append(float(-updates[k]["w"][0]) / wd)
+        for k, key in (("encoder", "data2vec_audio"), ("lm_head", "lm_head")):
+            rates[k].append(float(-updates[key]["w"][0]) / wd)
     return schedule, rates
 
 

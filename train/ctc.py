@@ -56,19 +56,21 @@ def ctc_needed_frames(labels: jax.Array, label_paddings: jax.Array) -> jax.Array
 # on a GPU each iteration of a plain `lax.scan` is several tiny kernels (optax's stacks every
 # step's alphas too), which made it ~30 ms of a 210 ms base train step at 64 x 10 s on an H100
 # (bench/README.md). Unrolled, XLA fuses the steps of one iteration into few kernels.
-CTC_UNROLL = 16
+CTC_UNROLL = 16  # on accelerators; on CPU the loop costs nothing per iteration and unrolling only lengthens compiles
 LOG_EPSILON = -1e5  # optax.ctc_loss's floor for log(0): the same numbers as optax
 
 
 def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array,
-             blank_id: int = 0, unroll: int = CTC_UNROLL) -> jax.Array:
+             blank_id: int = 0, unroll: int | None = None) -> jax.Array:
     """Per-example CTC negative log-likelihood, `optax.ctc_loss`'s arguments and numbers.
 
     The same forward (alpha) recursion in log space as optax (tests compare the two and PyTorch),
     written for speed on accelerators: the emission log-probs are gathered rather than multiplied
     by a (B, N, K) one-hot, only the final alphas are kept rather than every frame's, and the scan
-    is unrolled `unroll` frames at a time.
+    is unrolled `unroll` frames at a time (default `CTC_UNROLL` on GPU/TPU, 1 on CPU).
     """
+    if unroll is None:
+        unroll = 1 if jax.default_backend() == "cpu" else CTC_UNROLL
     logits = logits.astype(jnp.float32)
     b, _, _ = logits.shape
     n = labels.shape[1]

@@ -84,6 +84,18 @@ def example_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index.astype(jax.numpy.uint32))
 
 
+def batch_key(rng: jax.Array, batch: Batch) -> jax.Array:
+    """One key for randomness drawn over a whole (micro-/per-device) batch.
+
+    `fold_in(rng, index of the batch's first row)`: one key per step under one `jit` over the global
+    batch, whatever the mesh; `pmap` devices and micro-batches each get their own. Dropout of the
+    1.0 objectives goes through `apply_per_example` instead (layout-independent bits); data2vec
+    2.0's pretraining still draws its dropout and mask noise from this key (its `--pmap` losses
+    are therefore close to, not equal to, the jit layouts').
+    """
+    return jax.random.fold_in(rng, batch["index"][0].astype(jax.numpy.uint32))
+
+
 def apply_per_example(fn: Callable[..., Any], rng: jax.Array, index: jax.Array, *rows: Any) -> Any:
     """`fn(rngs, *rows)` with dropout drawn per example: vmapped over the batch axis of `rows`.
 
