@@ -179,6 +179,18 @@ def _stage_mask(stage: str, value: np.ndarray, masks: dict) -> np.ndarray | None
     return None
 
 
+def parity_cases(files: Sequence[str], waves: Sequence[np.ndarray], batch: bool
+                 ) -> list[tuple[str, list[np.ndarray]]]:
+    """The cases a parity report runs (1.0 and 2.0 alike): the first clip alone, and with `batch` a
+    right-padded batch of all the clips (one clip: a batch of it and two shorter crops of it)."""
+    cases = [(f"single: {Path(files[0]).name}", [waves[0]])]
+    if batch:
+        n = len(waves[0])
+        group = list(waves) if len(waves) > 1 else [waves[0], waves[0][: int(n * 0.75)], waves[0][: int(n * 0.5)]]
+        cases.append((f"padded batch of {len(group)}", group))
+    return cases
+
+
 def _hf_dir_for(src: str, tmp: str) -> str:
     """A directory transformers can load with the same weights as `src`."""
     from flax_d2v.convert.hf import is_hf_dir, save_hf
@@ -226,16 +238,8 @@ def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32"
         pre = read_preprocessor_config(hf_dir)
         module, params = from_pretrained(hf_dir, precision=policy.name)
         model = _torch_model(hf_dir, reference_dtype)
-        cases: list[tuple[str, list[np.ndarray]]] = [(f"single: {Path(files[0]).name}", [waves[0]])]
-        if batch:
-            if len(waves) > 1:
-                group = waves
-            else:  # one clip: a batch of it and two shorter crops of it
-                n = len(waves[0])
-                group = [waves[0], waves[0][: int(n * 0.75)], waves[0][: int(n * 0.5)]]
-            cases.append((f"padded batch of {len(group)}", group))
         rows: list[StageError] = []
-        for name, group in cases:
+        for name, group in parity_cases(files, waves, batch):
             values, mask = pad_batch(group, do_normalize=pre.do_normalize)
             use_mask = mask if len(group) > 1 else None
             ref = _run_torch(model, values, use_mask, reference_dtype)

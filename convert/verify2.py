@@ -131,7 +131,7 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
     from flax_d2v.audio import load_audio, pad_batch, read_preprocessor_config
     from flax_d2v.checkpoint import load_flax
     from flax_d2v.convert.fairseq2 import export_fairseq2, fairseq_state
-    from flax_d2v.convert.verify import TOLERANCES, compare, default_clip, full_precision_torch
+    from flax_d2v.convert.verify import TOLERANCES, compare, default_clip, full_precision_torch, parity_cases
     from flax_d2v.precision import resolve
     from flax_d2v.pretrained import from_pretrained
 
@@ -175,13 +175,8 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
                 "fairseq is not importable)"
             )
             run_ref = lambda v, m: _run_reference(ref, proj, v, m)  # noqa: E731
-        cases = [(f"single: {Path(files[0]).name}", [waves[0]])]
-        if batch:
-            n = len(waves[0])
-            group = waves if len(waves) > 1 else [waves[0], waves[0][: int(n * 0.75)], waves[0][: int(n * 0.5)]]
-            cases.append((f"padded batch of {len(group)}", group))
         rows = []
-        for name, group in cases:
+        for name, group in parity_cases(files, waves, batch):
             values, mask = pad_batch(group, do_normalize=pre.do_normalize)
             use_mask = mask if len(group) > 1 else None
             ref_out = run_ref(values, use_mask)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_d2v.audio import SAMPLE_RATE, PreprocessorConfig, Warn, load_audio, pad_batch, prepare_audio, print_note
+from flax_d2v.audio import SAMPLE_RATE, PreprocessorConfig, Warn, pad_batch, print_note
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import (
     Data2VecAudioForAudioFrameClassification,
@@ -40,7 +40,7 @@ from flax_d2v.heads import (
     id2label,
 )
 from flax_d2v.modeling import apply_padding_invariant
-from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length
+from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length, load_input
 
 CLASSIFIERS = (
     Data2VecAudioForSequenceClassification,
@@ -168,22 +168,6 @@ class Classifier:
     def is_xvector(self) -> bool:
         return isinstance(self.module, Data2VecAudioForXVector)
 
-    def _load(self, idx: int, item: Any, strict: bool, warn: Warn) -> tuple[str, np.ndarray | None, str | None]:
-        if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (str, os.PathLike)):
-            array, rate, name = item[0], int(item[1]), f"array[{idx}]"
-        elif isinstance(item, (str, os.PathLike)):
-            name = os.fspath(item)
-            try:
-                return name, load_audio(name, strict=strict, warn=warn), None
-            except D2VError as e:
-                return name, None, str(e)
-        else:
-            array, rate, name = item, SAMPLE_RATE, f"array[{idx}]"
-        try:
-            return name, prepare_audio(array, rate, name=name, strict=strict, warn=warn), None
-        except D2VError as e:
-            return name, None, str(e)
-
     def _run(self, loaded: list[tuple[str, np.ndarray | None, str | None]]) -> list[Classification]:
         align = self.config.inputs_to_logits_ratio
         by_bucket: dict[int, list[int]] = {}
@@ -227,7 +211,7 @@ class Classifier:
         for start in range(0, len(items), pool_size):
             loaded = []
             for idx, item in enumerate(items[start : start + pool_size], start=start):
-                name, audio, error = self._load(idx, item, strict_audio, warn)
+                name, audio, error = load_input(idx, item, strict_audio, warn)
                 if error is not None:
                     warn(f"error: {error}")
                 loaded.append((name, audio, error))

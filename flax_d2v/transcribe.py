@@ -208,6 +208,26 @@ def _tokenizer_from(vocab: Any, where: str) -> CTCTokenizer:
         p, p.parent / "tokenizer_config.json", p.parent / "special_tokens_map.json")
 
 
+def load_input(idx: int, item: Any, strict: bool, warn: Warn) -> tuple[str, np.ndarray | None, str | None]:
+    """(name, 16 kHz mono audio or None, error or None) for one input of `transcribe`/`classify`:
+    a path, a 16 kHz array, or an `(array, sample_rate)` tuple. A bad input is an error string, not
+    an exception, so one bad file never stops a batch."""
+    if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (str, os.PathLike)):
+        array, rate, name = item[0], int(item[1]), f"array[{idx}]"
+    elif isinstance(item, (str, os.PathLike)):
+        name = os.fspath(item)
+        try:
+            return name, load_audio(name, strict=strict, warn=warn), None
+        except D2VError as e:
+            return name, None, str(e)
+    else:
+        array, rate, name = item, SAMPLE_RATE, f"array[{idx}]"
+    try:
+        return name, prepare_audio(array, rate, name=name, strict=strict, warn=warn), None
+    except D2VError as e:
+        return name, None, str(e)
+
+
 class Transcriber:
     """A CTC model, its tokenizer and its input settings, with compiled forward passes cached.
 
@@ -264,22 +284,6 @@ class Transcriber:
         self.shapes: set[tuple[int, int]] = set()  # padded (rows, samples) shapes run so far
 
     # ------------------------------------------------------------------ inputs
-    def _load(self, idx: int, item: Any, strict: bool, warn: Warn) -> tuple[str, np.ndarray | None, str | None]:
-        if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (str, os.PathLike)):
-            array, rate, name = item[0], int(item[1]), f"array[{idx}]"
-        elif isinstance(item, (str, os.PathLike)):
-            name = os.fspath(item)
-            try:
-                return name, load_audio(name, strict=strict, warn=warn), None
-            except D2VError as e:
-                return name, None, str(e)
-        else:
-            array, rate, name = item, SAMPLE_RATE, f"array[{idx}]"
-        try:
-            return name, prepare_audio(array, rate, name=name, strict=strict, warn=warn), None
-        except D2VError as e:
-            return name, None, str(e)
-
     @staticmethod
     def _expected_seconds(item: Any) -> float:
         """Duration from the header only (for the progress bar); 0 when unknown."""
@@ -360,7 +364,7 @@ class Transcriber:
         pooled = 0
         try:
             for idx, item in enumerate(items):
-                name, audio, error = self._load(idx, item, strict_audio, note)
+                name, audio, error = load_input(idx, item, strict_audio, note)
                 if error is not None:
                     note(f"error: {error}")
                 pool.append((name, audio, error))

@@ -29,7 +29,7 @@ import optax
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
-from flax_d2v.train.objective import Batch, NoExtra, apply_per_example
+from flax_d2v.train.objective import Batch, NoExtra, train_forward
 
 PyTree = Any
 # task -> the architecture it trains, from the head registry (the objectives this module implements)
@@ -102,13 +102,7 @@ class ClassificationObjective(NoExtra):
         self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         time_mask, feature_mask = self.masks(batch, rng)
-        def forward(rngs, values, mask, time, feature):
-            return self.module.apply({"params": params}, values, mask, deterministic=False, rngs=rngs,
-                                     mask_time_indices=time, mask_feature_indices=feature)
-
-        # dropout per example (objective.py): the same bits on any layout, pmap included
-        out = apply_per_example(forward, jax.random.fold_in(rng, 0), batch["index"], batch["input_values"],
-                                batch["attention_mask"], time_mask, feature_mask)
+        out = train_forward(self.module, params, batch, rng, time_mask, feature_mask)
         index = batch["index"]
         valid = (index >= 0) & (batch["attention_mask"].sum(-1) > 0)
         y = jnp.asarray(self.labels)[jnp.maximum(index, 0)]

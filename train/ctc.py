@@ -38,7 +38,7 @@ import numpy as np
 
 from flax_d2v.masking import per_example_mask_indices
 from flax_d2v.modeling import apply_padding_invariant, feat_extract_output_lengths
-from flax_d2v.train.objective import Batch, NoExtra, apply_per_example, example_keys
+from flax_d2v.train.objective import Batch, NoExtra, example_keys, train_forward
 
 PyTree = Any
 REDUCTIONS = ("mean", "sum", "token", "sentence")
@@ -176,13 +176,7 @@ class CTCObjective(NoExtra):
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         time_mask, feature_mask = self.masks(batch, rng)
 
-        def forward(rngs, values, mask, time, feature):
-            return self.module.apply({"params": params}, values, mask, deterministic=False, rngs=rngs,
-                                     mask_time_indices=time, mask_feature_indices=feature)
-
-        # dropout per example (objective.py): the same bits on any layout, pmap included
-        out = apply_per_example(forward, jax.random.fold_in(rng, 0), batch["index"], batch["input_values"],
-                                batch["attention_mask"], time_mask, feature_mask)
+        out = train_forward(self.module, params, batch, rng, time_mask, feature_mask)
         frame_lengths = out.logits_frame_mask.sum(-1)  # after the adapter's strided convs, if any
         per_example, label_lengths, impossible = ctc_loss_per_example(
             out.logits, frame_lengths, batch["labels"], self.blank_id, self.zero_infinity)
