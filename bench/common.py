@@ -174,8 +174,11 @@ def xla_memory(compiled: Any) -> dict[str, int] | None:
     with contextlib.suppress(Exception):
         m = compiled.memory_analysis()
         if m is not None:
-            return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-                    "temp_bytes": int(m.temp_size_in_bytes)}
+            return {
+                "argument_bytes": int(m.argument_size_in_bytes),
+                "output_bytes": int(m.output_size_in_bytes),
+                "temp_bytes": int(m.temp_size_in_bytes),
+            }
     return None
 
 
@@ -190,8 +193,12 @@ def xla_flops(compiled: Any) -> float | None:
 # ----------------------------------------------------------------------------- peak
 
 
-def matmul_peak(sizes: Sequence[int] = (1024, 2048), repeats: int = 5, dtype: str = "float32",
-                extra_shapes: Sequence[tuple[int, int, int]] = ((2048, 768, 3072),)) -> dict[str, Any]:
+def matmul_peak(
+    sizes: Sequence[int] = (1024, 2048),
+    repeats: int = 5,
+    dtype: str = "float32",
+    extra_shapes: Sequence[tuple[int, int, int]] = ((2048, 768, 3072),),
+) -> dict[str, Any]:
     """The machine's attainable dense-matmul rate: best GFLOP/s of jitted `jnp.matmul`s.
 
     Square `sizes` plus `extra_shapes` (m, k, n), by default the base model's FFN shape at 41 s of
@@ -220,8 +227,12 @@ def matmul_peak(sizes: Sequence[int] = (1024, 2048), repeats: int = 5, dtype: st
             row[name] = round(gflops, 1)
             best[name] = max(best.get(name, 0.0), gflops)
         per_shape.append(row)
-    return {"gflops": round(best["jax"], 1), "numpy_gflops": round(best["numpy"], 1) if "numpy" in best else None,
-            "dtype": dtype, "per_shape": per_shape}
+    return {
+        "gflops": round(best["jax"], 1),
+        "numpy_gflops": round(best["numpy"], 1) if "numpy" in best else None,
+        "dtype": dtype,
+        "per_shape": per_shape,
+    }
 
 
 def best_peak(*peaks: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +244,7 @@ def best_peak(*peaks: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def forward_flops(config: Data2VecAudioConfig, batch: int, num_samples: int, lm_head: bool = False
-                  ) -> dict[str, float]:
+def forward_flops(config: Data2VecAudioConfig, batch: int, num_samples: int, lm_head: bool = False) -> dict[str, float]:
     """Analytic FLOPs of one forward (2 per multiply-add), by part; "total" sums them.
 
     conv feature encoder, feature projection, grouped positional convolutions, attention
@@ -307,8 +317,7 @@ def load_clips(speech_dir: Path | None = None) -> list[tuple[np.ndarray, str]]:
     return clips
 
 
-def speech_batch(clips: list[tuple[np.ndarray, str]], batch: int, seconds: float
-                 ) -> tuple[np.ndarray, list[str]]:
+def speech_batch(clips: list[tuple[np.ndarray, str]], batch: int, seconds: float) -> tuple[np.ndarray, list[str]]:
     """(batch, samples) float32 of real speech: clips concatenated until `seconds` is reached.
 
     Row i starts at clip i (mod the number of clips), so the rows differ. The transcript of a row
@@ -333,8 +342,9 @@ def speech_batch(clips: list[tuple[np.ndarray, str]], batch: int, seconds: float
 
 
 @contextlib.contextmanager
-def hf_checkpoint(size: str, ctc: bool, model_dir: str | None = None, seed: int = 0,
-                  **config_overrides: Any) -> Iterator[str]:
+def hf_checkpoint(
+    size: str, ctc: bool, model_dir: str | None = None, seed: int = 0, **config_overrides: Any
+) -> Iterator[str]:
     """A transformers checkpoint directory both frameworks load: `model_dir`, or random weights of `size`.
 
     Random weights are enough for speed (the arithmetic does not depend on the values) and need no
@@ -359,7 +369,7 @@ def hf_checkpoint(size: str, ctc: bool, model_dir: str | None = None, seed: int 
 
 
 def torch_device() -> str:
-    """"cuda" when JAX runs on a GPU and this PyTorch build sees one, else "cpu" (the two sides share a device)."""
+    """ "cuda" when JAX runs on a GPU and this PyTorch build sees one, else "cpu" (the two sides share a device)."""
     import jax
     import torch
 

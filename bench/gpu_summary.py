@@ -66,29 +66,43 @@ def rows(out: Path) -> list[list[str]]:
             continue
         f, t = r["flax"], r.get("pytorch")
         peak = r["matmul_peak"]["gflops"] / 1000
-        fig = (f"Flax {1000 * f['median_s']:.0f} ms, {100 * f['fraction_of_matmul_peak']:.0f}% MFU of {peak:.3g} "
-               f"TFLOP/s, compile {f['compile_s']:.1f} s")
+        fig = (
+            f"Flax {1000 * f['median_s']:.0f} ms, {100 * f['fraction_of_matmul_peak']:.0f}% MFU of {peak:.3g} "
+            f"TFLOP/s, compile {f['compile_s']:.1f} s"
+        )
         if t:
             fig += f"; PT eager {1000 * t['median_s']:.0f} ms ({r['speedup_flax_over_pytorch']:.2f}x)"
         big = r["batch"] >= 64
         target = (">= 45% MFU" if big else ">= 25% MFU") + ", compile < 10 s"
         table.append([f"train step {r['batch']} x {r['seconds']:g} s {r['dtype']}", fig, target])
         for a in r.get("ablations", []):
-            table.append([f"  ablation {a['ablation']}", f"{1000 * a['median_s']:.0f} ms (saves "
-                          f"{100 * a['saves_fraction']:.0f}%)", ""])
+            table.append(
+                [
+                    f"  ablation {a['ablation']}",
+                    f"{1000 * a['median_s']:.0f} ms (saves {100 * a['saves_fraction']:.0f}%)",
+                    "",
+                ]
+            )
     r = _json(out / "loader.json")
     if r is not None:
         best = max(r["rows"], key=lambda x: x["audio_s_per_s"])
         one = min(r["rows"], key=lambda x: x["workers"])
-        table.append(["input pipeline", f"{best['audio_s_per_s']:.0f} audio s/s with {best['workers']} workers "
-                      f"({one['audio_s_per_s_per_worker']:.0f} per worker alone)",
-                      f">= {r.get('target_audio_s_per_s') or 9000:.0f} audio s/s"])
+        table.append(
+            [
+                "input pipeline",
+                f"{best['audio_s_per_s']:.0f} audio s/s with {best['workers']} workers "
+                f"({one['audio_s_per_s_per_worker']:.0f} per worker alone)",
+                f">= {r.get('target_audio_s_per_s') or 9000:.0f} audio s/s",
+            ]
+        )
     r = _json(out / "transcribe.json")
     if r is not None:
         fig = f"Flax {r['flax']['audio_s_per_s']:.0f} audio s/s (cold)"
         if "pytorch_pipeline" in r:
-            fig += (f", pipeline {r['pytorch_pipeline']['audio_s_per_s']:.0f} ({r['speedup_cold']:.2f}x; warm "
-                    f"{r['speedup_warm']:.2f}x)")
+            fig += (
+                f", pipeline {r['pytorch_pipeline']['audio_s_per_s']:.0f} ({r['speedup_cold']:.2f}x; warm "
+                f"{r['speedup_warm']:.2f}x)"
+            )
         table.append([f"transcribe {r['seconds']:.0f} s", fig, ">= 2x the pipeline"])
     return table
 

@@ -32,7 +32,7 @@ DTYPES = {"float32": (jnp.float32, "float32"), "bfloat16": (jnp.bfloat16, "bfloa
 
 
 def parse_cases(text: str) -> list[tuple[int, float]]:
-    """"1x10,8x10" -> [(1, 10.0), (8, 10.0)]: batch x seconds."""
+    """ "1x10,8x10" -> [(1, 10.0), (8, 10.0)]: batch x seconds."""
     cases = []
     for item in text.split(","):
         b, _, s = item.strip().partition("x")
@@ -46,9 +46,14 @@ def flax_forward(module: Any, params: Any, x: np.ndarray) -> dict[str, Any]:
     xj = jnp.asarray(x)
     lowered, lower_s = C.timed(lambda: fn.lower(params, xj))
     compiled, compile_s = C.timed(lowered.compile)
-    return {"call": lambda: compiled(params, xj).block_until_ready(), "lower_s": lower_s, "compile_s": compile_s,
-            "xla_flops": C.xla_flops(compiled), "xla_memory": C.xla_memory(compiled),
-            "output": lambda: np.asarray(compiled(params, xj), np.float32)}
+    return {
+        "call": lambda: compiled(params, xj).block_until_ready(),
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "xla_flops": C.xla_flops(compiled),
+        "xla_memory": C.xla_memory(compiled),
+        "output": lambda: np.asarray(compiled(params, xj), np.float32),
+    }
 
 
 def torch_forward(model: Any, x: np.ndarray, dtype: str, device: str) -> dict[str, Any]:
@@ -70,8 +75,19 @@ def side_report(times: list[float], audio_s: float, flops: float) -> dict[str, A
     return {**s, "x_real_time": audio_s / s["median_s"], "gflops_per_s": flops / s["median_s"] / 1e9}
 
 
-def run_case(module: Any, params: Any, model: Any, clips: list, batch: int, seconds: float, repeats: int,
-             warmup: int, dtype: str, device: str = "cpu", compiled_model: Any = None) -> dict[str, Any]:
+def run_case(
+    module: Any,
+    params: Any,
+    model: Any,
+    clips: list,
+    batch: int,
+    seconds: float,
+    repeats: int,
+    warmup: int,
+    dtype: str,
+    device: str = "cpu",
+    compiled_model: Any = None,
+) -> dict[str, Any]:
     x, _ = C.speech_batch(clips, batch, seconds)
     flops = C.forward_flops(module.config, batch, x.shape[1])
     fx = flax_forward(module, params, x)
@@ -88,16 +104,20 @@ def run_case(module: Any, params: Any, model: Any, clips: list, batch: int, seco
     times = C.interleaved_times(sides, repeats, warmup)
     audio_s = batch * x.shape[1] / C.SAMPLE_RATE
     out: dict[str, Any] = {
-        "batch": batch, "seconds": seconds, "samples": int(x.shape[1]),
+        "batch": batch,
+        "seconds": seconds,
+        "samples": int(x.shape[1]),
         "frames": int(flax_d2v.modeling.feat_extract_output_lengths(module.config, x.shape[1])),
-        "analytic_flops": flops, "analytic_gflop_per_audio_s": flops["total"] / audio_s / 1e9,
+        "analytic_flops": flops,
+        "analytic_gflop_per_audio_s": flops["total"] / audio_s / 1e9,
     }
     for name, call in sides.items():
         out[name] = side_report(times[name], audio_s, flops["total"])
         out[name]["first_call_s"] = first[name]
         out[name]["peak_rss_growth_bytes"] = C.peak_rss_growth(call)
-    out["flax"].update(lower_s=fx["lower_s"], compile_s=fx["compile_s"], xla_flops=fx["xla_flops"],
-                       xla_memory=fx["xla_memory"])
+    out["flax"].update(
+        lower_s=fx["lower_s"], compile_s=fx["compile_s"], xla_flops=fx["xla_flops"], xla_memory=fx["xla_memory"]
+    )
     if model is not None:
         ref = sides["pytorch"]().float().cpu().numpy()
         got = fx["output"]()
@@ -112,9 +132,15 @@ def run_case(module: Any, params: Any, model: Any, clips: list, batch: int, seco
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every case; returns the JSON-ready result (also what the smoke test checks)."""
     threads = None if args.no_torch else C.set_torch_threads(args.torch_threads)
-    result: dict[str, Any] = {"benchmark": "infer", "machine": C.machine_info(threads), "size": args.size,
-                              "model": args.model, "dtype": args.dtype, "repeats": args.repeats,
-                              "warmup": args.warmup}
+    result: dict[str, Any] = {
+        "benchmark": "infer",
+        "machine": C.machine_info(threads),
+        "size": args.size,
+        "model": args.model,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
     start_peak = C.matmul_peak(args.peak_sizes, dtype=args.dtype)
     print(f"matmul peak: {start_peak['gflops']:.0f} GFLOP/s (jnp.matmul {args.dtype})", file=sys.stderr)
     clips = C.load_clips()
@@ -141,11 +167,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jdtype), params))
     result["cases"] = []
     for batch, seconds in parse_cases(args.cases):
-        case = run_case(module, params, model, clips, batch, seconds, args.repeats, args.warmup, tdtype, device,
-                        compiled_model)
+        case = run_case(
+            module, params, model, clips, batch, seconds, args.repeats, args.warmup, tdtype, device, compiled_model
+        )
         result["cases"].append(case)
-        print(f"{batch} x {seconds:g} s: Flax {case['flax']['median_s']:.3f} s"
-              + (f", PyTorch {case['pytorch']['median_s']:.3f} s" if model is not None else ""), file=sys.stderr)
+        print(
+            f"{batch} x {seconds:g} s: Flax {case['flax']['median_s']:.3f} s"
+            + (f", PyTorch {case['pytorch']['median_s']:.3f} s" if model is not None else ""),
+            file=sys.stderr,
+        )
     # the ceiling: the better of the measurements before and after (foreign load only lowers it)
     result["matmul_peak"] = peak = C.best_peak(start_peak, C.matmul_peak(args.peak_sizes, dtype=args.dtype))
     for case in result["cases"]:
@@ -157,9 +187,21 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-HEADER = ["batch x s", "Flax ms", "PyTorch ms", "PT/Flax", "PT compile ms", "PTc/Flax",
-           "Flax x RT", "PT x RT", "Flax GFLOP/s (% peak)",
-          "PT GFLOP/s (% peak)", "Flax compile s", "peak mem Flax / PT", "max |diff|"]
+HEADER = [
+    "batch x s",
+    "Flax ms",
+    "PyTorch ms",
+    "PT/Flax",
+    "PT compile ms",
+    "PTc/Flax",
+    "Flax x RT",
+    "PT x RT",
+    "Flax GFLOP/s (% peak)",
+    "PT GFLOP/s (% peak)",
+    "Flax compile s",
+    "peak mem Flax / PT",
+    "max |diff|",
+]
 
 
 def format_row(case: dict[str, Any]) -> list[str]:
@@ -168,15 +210,21 @@ def format_row(case: dict[str, Any]) -> list[str]:
     def rate(s):
         return f"{s['gflops_per_s']:.0f} ({100 * s['fraction_of_matmul_peak']:.0f}%)"
 
-    row = [f"{case['batch']} x {case['seconds']:g}", f"{1000 * f['median_s']:.1f}",
-           f"{1000 * t['median_s']:.1f}" if t else "-",
-           f"{case['speedup_flax_over_pytorch']:.2f}" if t else "-",
-           f"{1000 * case['pytorch_compile']['median_s']:.1f}" if "pytorch_compile" in case else "-",
-           f"{case['speedup_flax_over_pytorch_compile']:.2f}" if "pytorch_compile" in case else "-",
-           f"{f['x_real_time']:.1f}",
-           f"{t['x_real_time']:.1f}" if t else "-", rate(f), rate(t) if t else "-", f"{f['compile_s']:.1f}",
-           f"{C.fmt_bytes(f['peak_rss_growth_bytes'])} / {C.fmt_bytes(t['peak_rss_growth_bytes']) if t else '-'}",
-           f"{case['max_abs_diff']:.1e}" if t else "-"]
+    row = [
+        f"{case['batch']} x {case['seconds']:g}",
+        f"{1000 * f['median_s']:.1f}",
+        f"{1000 * t['median_s']:.1f}" if t else "-",
+        f"{case['speedup_flax_over_pytorch']:.2f}" if t else "-",
+        f"{1000 * case['pytorch_compile']['median_s']:.1f}" if "pytorch_compile" in case else "-",
+        f"{case['speedup_flax_over_pytorch_compile']:.2f}" if "pytorch_compile" in case else "-",
+        f"{f['x_real_time']:.1f}",
+        f"{t['x_real_time']:.1f}" if t else "-",
+        rate(f),
+        rate(t) if t else "-",
+        f"{f['compile_s']:.1f}",
+        f"{C.fmt_bytes(f['peak_rss_growth_bytes'])} / {C.fmt_bytes(t['peak_rss_growth_bytes']) if t else '-'}",
+        f"{case['max_abs_diff']:.1e}" if t else "-",
+    ]
     return row
 
 
@@ -191,10 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, help="default: all cores this process may use")
     p.add_argument("--no-torch", action="store_true", help="time Flax alone")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the same model")
-    p.add_argument("--precision", choices=["highest", "default", "bf16"], default=None,
-                   help="Flax precision policy (default: default for float32, bf16 for bfloat16)")
-    p.add_argument("--peak-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048],
-                   help="square matmul sizes for the peak measurement")
+    p.add_argument(
+        "--precision",
+        choices=["highest", "default", "bf16"],
+        default=None,
+        help="Flax precision policy (default: default for float32, bf16 for bfloat16)",
+    )
+    p.add_argument(
+        "--peak-sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1024, 2048],
+        help="square matmul sizes for the peak measurement",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON ('-' for stdout)")
     return p
 
@@ -202,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = benchmark(args)
-    print(f"matmul peak {result['matmul_peak']['gflops']:.0f} GFLOP/s; load average {result['loadavg_end']}",
-          file=sys.stderr)
+    print(
+        f"matmul peak {result['matmul_peak']['gflops']:.0f} GFLOP/s; load average {result['loadavg_end']}",
+        file=sys.stderr,
+    )
     print(C.markdown_table(HEADER, [format_row(c) for c in result["cases"]]), file=sys.stderr)
     if args.json:
         C.write_json(args.json, result)

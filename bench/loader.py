@@ -37,8 +37,9 @@ def repeated_manifest(copies: int) -> D.Manifest:
 
 def measure(manifest: D.Manifest, workers: int, batch_size: int, batches: int, warmup: int) -> dict[str, Any]:
     vocab = V.build_vocab([t for t in manifest.texts if t])
-    loader = D.BatchLoader(manifest, batch_size=batch_size, vocab=vocab, seed=0, num_workers=workers,
-                           max_seconds=20.0, prefetch=4)
+    loader = D.BatchLoader(
+        manifest, batch_size=batch_size, vocab=vocab, seed=0, num_workers=workers, max_seconds=20.0, prefetch=4
+    )
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -50,9 +51,15 @@ def measure(manifest: D.Manifest, workers: int, batch_size: int, batches: int, w
         padded += b["input_values"].size / C.SAMPLE_RATE
     dt = time.perf_counter() - t0
     loader.close()
-    return {"workers": workers, "batch_size": batch_size, "batches": batches, "seconds": dt,
-            "audio_s_per_s": audio / dt, "audio_s_per_s_per_worker": audio / dt / workers,
-            "padded_fraction": 1 - audio / padded}
+    return {
+        "workers": workers,
+        "batch_size": batch_size,
+        "batches": batches,
+        "seconds": dt,
+        "audio_s_per_s": audio / dt,
+        "audio_s_per_s_per_worker": audio / dt / workers,
+        "padded_fraction": 1 - audio / padded,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,12 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     manifest = repeated_manifest(args.copies)
     rows = [measure(manifest, int(w), args.batch_size, args.batches, args.warmup) for w in args.workers.split(",")]
-    result = {"benchmark": "loader", "machine": C.machine_info(), "cpu_count": os.cpu_count(), "rows": rows,
-              "target_audio_s_per_s": args.target}
+    result = {
+        "benchmark": "loader",
+        "machine": C.machine_info(),
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+        "target_audio_s_per_s": args.target,
+    }
     table = C.markdown_table(
         ["workers", "audio s / s", "per worker", "padding", "target"],
-        [[r["workers"], f"{r['audio_s_per_s']:.0f}", f"{r['audio_s_per_s_per_worker']:.0f}",
-          f"{100 * r['padded_fraction']:.0f}%", f"{args.target:.0f}" if args.target else "-"] for r in rows])
+        [
+            [
+                r["workers"],
+                f"{r['audio_s_per_s']:.0f}",
+                f"{r['audio_s_per_s_per_worker']:.0f}",
+                f"{100 * r['padded_fraction']:.0f}%",
+                f"{args.target:.0f}" if args.target else "-",
+            ]
+            for r in rows
+        ],
+    )
     print(table, file=sys.stderr)
     if args.json:
         C.write_json(args.json, result)

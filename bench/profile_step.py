@@ -60,10 +60,13 @@ def summarise(xplane: str, steps: int, top: int = 25) -> dict[str, Any]:
                 span[0] = min(span[0], e.start_ns)
                 span[1] = max(span[1], e.start_ns + e.duration_ns)
     wall_ms = (span[1] - span[0]) / 1e6 if busy else 0.0
-    return {"device_plane": planes[0].name if planes else None, "busy_ms_per_step": busy / steps,
-            "span_ms_per_step": wall_ms / steps,
-            "kernels": [(k, v / steps, count[k] // steps) for k, v in by_kernel.most_common(top)],
-            "ops": [(k, v / steps) for k, v in by_op.most_common(top)]}
+    return {
+        "device_plane": planes[0].name if planes else None,
+        "busy_ms_per_step": busy / steps,
+        "span_ms_per_step": wall_ms / steps,
+        "kernels": [(k, v / steps, count[k] // steps) for k, v in by_kernel.most_common(top)],
+        "ops": [(k, v / steps) for k, v in by_op.most_common(top)],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     clips = C.load_clips()
     x, texts = C.speech_batch(clips, args.batch, args.seconds)
     vocab = V.build_vocab(texts)
-    overrides = {"layerdrop": 0.0, "ctc_loss_reduction": "sum", "vocab_size": max(32, len(vocab)),
-                 "pad_token_id": V.PAD_ID}
+    overrides = {
+        "layerdrop": 0.0,
+        "ctc_loss_reduction": "sum",
+        "vocab_size": max(32, len(vocab)),
+        "pad_token_id": V.PAD_ID,
+    }
     with C.hf_checkpoint(args.size, ctc=True, **overrides) as path:
         module, params = T.flax_module(path, args.dtype, args.scan_layers)
     labels = T.encode_labels(texts, vocab, max_len=x.shape[1] // 640)  # half the frames (320 samples each)
@@ -94,15 +101,27 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps):
             side["call"]()
     wall = (time.perf_counter() - t0) / args.steps
-    xplane = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*.xplane.pb"), recursive=True),
-                    key=os.path.getmtime)[-1]
+    xplane = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)[
+        -1
+    ]
     s = summarise(xplane, args.steps)
-    s.update(wall_ms_per_step=1000 * wall, compile_s=side["compile_s"], batch=args.batch, seconds=args.seconds,
-             dtype=args.dtype, scan_layers=args.scan_layers)
-    print(f"step wall {1000 * wall:.1f} ms, device busy {s['busy_ms_per_step']:.1f} ms "
-          f"({s['device_plane']}), compile {side['compile_s']:.1f} s", file=sys.stderr)
-    print(C.markdown_table(["kernel", "ms/step", "launches/step"],
-                           [[k, f"{v:.2f}", n] for k, v, n in s["kernels"]]), file=sys.stderr)
+    s.update(
+        wall_ms_per_step=1000 * wall,
+        compile_s=side["compile_s"],
+        batch=args.batch,
+        seconds=args.seconds,
+        dtype=args.dtype,
+        scan_layers=args.scan_layers,
+    )
+    print(
+        f"step wall {1000 * wall:.1f} ms, device busy {s['busy_ms_per_step']:.1f} ms "
+        f"({s['device_plane']}), compile {side['compile_s']:.1f} s",
+        file=sys.stderr,
+    )
+    print(
+        C.markdown_table(["kernel", "ms/step", "launches/step"], [[k, f"{v:.2f}", n] for k, v, n in s["kernels"]]),
+        file=sys.stderr,
+    )
     print(C.markdown_table(["XLA op", "ms/step"], [[k, f"{v:.2f}"] for k, v in s["ops"]]), file=sys.stderr)
     if args.json:
         C.write_json(args.json, s)

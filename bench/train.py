@@ -59,10 +59,9 @@ def encode_labels(texts: list[str], vocab: dict[str, int], max_len: int) -> np.n
 
 
 def frozen_labels(params: PyTree) -> PyTree:
-    """"frozen" for the conv feature encoder's params, "train" for the rest."""
+    """ "frozen" for the conv feature encoder's params, "train" for the rest."""
     flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict(
-        {k: "frozen" if "feature_extractor" in k else "train" for k in flat})
+    return flax.traverse_util.unflatten_dict({k: "frozen" if "feature_extractor" in k else "train" for k in flat})
 
 
 def make_optimizer(params: PyTree) -> optax.GradientTransformation:
@@ -82,11 +81,20 @@ ABLATIONS = {
 }
 
 
-def ctc_loss(module: Any, params: PyTree, x: jax.Array, labels: jax.Array, rng: jax.Array | None,
-             ablate: frozenset[str] = frozenset()) -> jax.Array:
+def ctc_loss(
+    module: Any,
+    params: PyTree,
+    x: jax.Array,
+    labels: jax.Array,
+    rng: jax.Array | None,
+    ablate: frozenset[str] = frozenset(),
+) -> jax.Array:
     """Summed CTC loss over the batch (transformers' `ctc_loss_reduction="sum"`); rng None = eval mode."""
-    kwargs = {"deterministic": True} if rng is None or "no_dropout" in ablate else {
-        "deterministic": False, "rngs": {"dropout": rng}}
+    kwargs = (
+        {"deterministic": True}
+        if rng is None or "no_dropout" in ablate
+        else {"deterministic": False, "rngs": {"dropout": rng}}
+    )
     if "no_feature_encoder" in ablate:  # x holds the conv features: run the model from the projection on
         logits = _from_features(module, params, x, kwargs["deterministic"], kwargs.get("rngs"))
     else:
@@ -105,8 +113,9 @@ def _from_features(module: Any, params: PyTree, features: jax.Array, determinist
     """`Data2VecAudioForCTC` logits from the conv features on (the `no_feature_encoder` ablation)."""
     from flax_d2v.precision import matmul_precision
 
-    enc = flax_d2v.modeling.Data2VecAudioModel(module.config, module.dtype, module.remat_policy, module.scan_layers,
-                                               True, module.precision)
+    enc = flax_d2v.modeling.Data2VecAudioModel(
+        module.config, module.dtype, module.remat_policy, module.scan_layers, True, module.precision
+    )
 
     def body(m, feats):
         with matmul_precision(m.precision):
@@ -120,8 +129,7 @@ def _from_features(module: Any, params: PyTree, features: jax.Array, determinist
         return (h @ head["kernel"].astype(h.dtype) + head["bias"].astype(h.dtype)).astype(jnp.float32)
 
 
-def make_train_step(module: Any, tx: optax.GradientTransformation, ablate: frozenset[str] = frozenset()
-                    ) -> Callable:
+def make_train_step(module: Any, tx: optax.GradientTransformation, ablate: frozenset[str] = frozenset()) -> Callable:
     """The jitted pure step `(params, opt_state, x, labels, rng) -> (params, opt_state, loss)`."""
 
     def step(params, opt_state, x, labels, rng):
@@ -135,8 +143,9 @@ def make_train_step(module: Any, tx: optax.GradientTransformation, ablate: froze
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def torch_side(path: str, x: np.ndarray, labels: np.ndarray, config_overrides: dict[str, Any], dtype: str
-               ) -> dict[str, Any]:
+def torch_side(
+    path: str, x: np.ndarray, labels: np.ndarray, config_overrides: dict[str, Any], dtype: str
+) -> dict[str, Any]:
     """PyTorch's step: fp32 weights and optimizer; `bfloat16` computes under autocast (mixed precision)."""
     import torch
 
@@ -173,14 +182,16 @@ def flax_module(path: str, dtype: str, scan_layers: bool) -> tuple[Any, PyTree]:
     return flax_d2v.from_pretrained(path, freeze_feature_encoder=True, precision=precision, scan_layers=scan_layers)
 
 
-def flax_side(module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray, seed: int = 0,
-              ablate: frozenset[str] = frozenset()) -> dict[str, Any]:
+def flax_side(
+    module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray, seed: int = 0, ablate: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Flax's step (fp32 params and optimizer state), compiled for these shapes; `ablate` removes parts."""
     xj, lj = jnp.asarray(x), jnp.asarray(labels)
     if "no_feature_encoder" in ablate:
         enc = flax_d2v.modeling.Data2VecAudioModel(module.config, module.dtype, precision=module.precision)
         xj = jax.jit(lambda p, v: enc.apply({"params": p}, v, method=lambda m, v: m.feature_extractor(v)))(
-            params["data2vec_audio"], xj)
+            params["data2vec_audio"], xj
+        )
     eval_loss = float(jax.jit(lambda p: ctc_loss(module, p, xj, lj, None, ablate))(params))
     tx = make_optimizer(params)
     state = {"params": jax.device_put(params), "opt_state": jax.jit(tx.init)(params)}
@@ -203,20 +214,44 @@ def flax_side(module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray, se
         state["params"], state["opt_state"], loss = compiled(state["params"], state["opt_state"], xj, lj, key)
         return float(loss)  # blocks until the step is done
 
-    return {"call": call, "eval_loss": eval_loss, "lower_s": lower_s, "compile_s": compile_s,
-            "xla_flops": C.xla_flops(compiled), "xla_memory": C.xla_memory(compiled), "module": module}
+    return {
+        "call": call,
+        "eval_loss": eval_loss,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "xla_flops": C.xla_flops(compiled),
+        "xla_memory": C.xla_memory(compiled),
+        "module": module,
+    }
 
 
-def run_ablations(module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray, names: list[str],
-                  repeats: int, warmup: int, full_s: float, flops: float, peak_gflops: float) -> list[dict[str, Any]]:
+def run_ablations(
+    module: Any,
+    params: PyTree,
+    x: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    repeats: int,
+    warmup: int,
+    full_s: float,
+    flops: float,
+    peak_gflops: float,
+) -> list[dict[str, Any]]:
     """Each ablation's step time against the full step: the difference is that part's cost."""
     rows = []
     for name in names:
         side = flax_side(module, params, x, labels, ablate=frozenset([name]))
         s = C.summarize(C.interleaved_times({"flax": side["call"]}, repeats, warmup)["flax"])
-        rows.append({"ablation": name, "what": ABLATIONS[name], "median_s": s["median_s"],
-                     "saves_s": full_s - s["median_s"], "saves_fraction": (full_s - s["median_s"]) / full_s,
-                     "compile_s": side["compile_s"]})
+        rows.append(
+            {
+                "ablation": name,
+                "what": ABLATIONS[name],
+                "median_s": s["median_s"],
+                "saves_s": full_s - s["median_s"],
+                "saves_fraction": (full_s - s["median_s"]) / full_s,
+                "compile_s": side["compile_s"],
+            }
+        )
         print(f"ablation {name}: {1000 * s['median_s']:.1f} ms (full {1000 * full_s:.1f} ms)", file=sys.stderr)
         del side
     return rows
@@ -225,16 +260,29 @@ def run_ablations(module: Any, params: PyTree, x: np.ndarray, labels: np.ndarray
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """One timed comparison; returns the JSON-ready result."""
     threads = None if args.no_torch else C.set_torch_threads(args.torch_threads)
-    result: dict[str, Any] = {"benchmark": "train_ctc_step", "machine": C.machine_info(threads), "size": args.size,
-                              "model": args.model, "batch": args.batch, "seconds": args.seconds,
-                              "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup}
+    result: dict[str, Any] = {
+        "benchmark": "train_ctc_step",
+        "machine": C.machine_info(threads),
+        "size": args.size,
+        "model": args.model,
+        "batch": args.batch,
+        "seconds": args.seconds,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
     start_peak = C.matmul_peak(args.peak_sizes, dtype=args.dtype)
     print(f"matmul peak: {start_peak['gflops']:.0f} GFLOP/s", file=sys.stderr)
     clips = C.load_clips()
     x, texts = C.speech_batch(clips, args.batch, args.seconds)
     vocab = V.build_vocab(texts)
-    overrides = {"layerdrop": 0.0, "ctc_loss_reduction": "sum", "vocab_size": max(32, len(vocab)),
-                 "pad_token_id": V.PAD_ID, **RECIPES[args.recipe]}
+    overrides = {
+        "layerdrop": 0.0,
+        "ctc_loss_reduction": "sum",
+        "vocab_size": max(32, len(vocab)),
+        "pad_token_id": V.PAD_ID,
+        **RECIPES[args.recipe],
+    }
     result["recipe"] = args.recipe
     with C.hf_checkpoint(args.size, ctc=True, model_dir=args.model, **overrides) as path:
         config = flax_d2v.pretrained.load_any(path)[0] if args.model else C.SIZES[args.size]().replace(**overrides)
@@ -247,8 +295,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # the memory (interleaving, as on the CPU, ran PyTorch out of memory at 64 x 10 s beside JAX's pool).
         sequential = jax.default_backend() == "gpu" and not args.no_torch
         fx = None if sequential else flax_side(module, params, x, labels, args.seed)
-        tx = None if args.no_torch else torch_side(path, x, labels, {"layerdrop": 0.0, "ctc_loss_reduction": "sum",
-                                                                     **RECIPES[args.recipe]}, args.dtype)
+        tx = (
+            None
+            if args.no_torch
+            else torch_side(
+                path, x, labels, {"layerdrop": 0.0, "ctc_loss_reduction": "sum", **RECIPES[args.recipe]}, args.dtype
+            )
+        )
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {}
     if sequential:
@@ -264,17 +317,31 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["matmul_peak"] = peak = C.best_peak(start_peak, C.matmul_peak(args.peak_sizes, dtype=args.dtype))
     flops = C.ctc_train_flops(fx["module"].config, args.batch, x.shape[1])
     audio_s = args.batch * x.shape[1] / C.SAMPLE_RATE
-    result.update(frames=frames, label_lengths=[int((r >= 0).sum()) for r in labels], analytic_flops=flops,
-                  matmul_peak_gflops=peak["gflops"])
+    result.update(
+        frames=frames,
+        label_lengths=[int((r >= 0).sum()) for r in labels],
+        analytic_flops=flops,
+        matmul_peak_gflops=peak["gflops"],
+    )
     for name in times:
         s = C.summarize(times[name])
         rate = flops["total"] / s["median_s"] / 1e9
         call = sides.get(name)
-        result[name] = {**s, "first_call_s": first[name], "x_real_time": audio_s / s["median_s"],
-                        "gflops_per_s": rate, "fraction_of_matmul_peak": rate / peak["gflops"],
-                        "peak_rss_growth_bytes": C.peak_rss_growth(call) if call else None}
-    result["flax"].update(eval_loss=fx["eval_loss"], lower_s=fx["lower_s"], compile_s=fx["compile_s"],
-                          xla_flops=fx["xla_flops"], xla_memory=fx["xla_memory"])
+        result[name] = {
+            **s,
+            "first_call_s": first[name],
+            "x_real_time": audio_s / s["median_s"],
+            "gflops_per_s": rate,
+            "fraction_of_matmul_peak": rate / peak["gflops"],
+            "peak_rss_growth_bytes": C.peak_rss_growth(call) if call else None,
+        }
+    result["flax"].update(
+        eval_loss=fx["eval_loss"],
+        lower_s=fx["lower_s"],
+        compile_s=fx["compile_s"],
+        xla_flops=fx["xla_flops"],
+        xla_memory=fx["xla_memory"],
+    )
     if tx is not None:
         result["pytorch"].update(eval_loss=tx["eval_loss"], adamw=tx["adamw"], device=tx["device"])
         result["eval_loss_rel_diff"] = abs(fx["eval_loss"] - tx["eval_loss"]) / abs(tx["eval_loss"])
@@ -283,8 +350,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["flax"]["scan_layers"] = bool(args.scan_layers)
     ablate = [a for a in (args.ablate or "").split(",") if a]
     if ablate:
-        result["ablations"] = run_ablations(module, params, x, labels, ablate, args.repeats, args.warmup,
-                                            result["flax"]["median_s"], flops["total"], peak["gflops"])
+        result["ablations"] = run_ablations(
+            module,
+            params,
+            x,
+            labels,
+            ablate,
+            args.repeats,
+            args.warmup,
+            result["flax"]["median_s"],
+            flops["total"],
+            peak["gflops"],
+        )
     result["device_peak_bytes"] = C.device_peak_bytes()
     result["loadavg_end"] = C.load_average()
     return result
@@ -296,13 +373,28 @@ def format_report(r: dict[str, Any]) -> str:
     def rate(s):
         return f"{s['gflops_per_s']:.0f} ({100 * s['fraction_of_matmul_peak']:.0f}%)"
 
-    header = ["step", "Flax ms", "PyTorch ms", "PT/Flax", "Flax GFLOP/s (% peak)", "PT GFLOP/s (% peak)",
-              "Flax compile s", "peak mem Flax / PT", "eval loss Flax / PT"]
-    row = [f"CTC {r['batch']} x {r['seconds']:g} s", f"{1000 * f['median_s']:.0f}",
-           f"{1000 * t['median_s']:.0f}" if t else "-", f"{r['speedup_flax_over_pytorch']:.2f}" if t else "-",
-           rate(f), rate(t) if t else "-", f"{f['compile_s']:.1f}",
-           f"{C.fmt_bytes(f['peak_rss_growth_bytes'])} / {C.fmt_bytes(t['peak_rss_growth_bytes']) if t else '-'}",
-           f"{f['eval_loss']:.2f} / {t['eval_loss']:.2f}" if t else f"{f['eval_loss']:.2f}"]
+    header = [
+        "step",
+        "Flax ms",
+        "PyTorch ms",
+        "PT/Flax",
+        "Flax GFLOP/s (% peak)",
+        "PT GFLOP/s (% peak)",
+        "Flax compile s",
+        "peak mem Flax / PT",
+        "eval loss Flax / PT",
+    ]
+    row = [
+        f"CTC {r['batch']} x {r['seconds']:g} s",
+        f"{1000 * f['median_s']:.0f}",
+        f"{1000 * t['median_s']:.0f}" if t else "-",
+        f"{r['speedup_flax_over_pytorch']:.2f}" if t else "-",
+        rate(f),
+        rate(t) if t else "-",
+        f"{f['compile_s']:.1f}",
+        f"{C.fmt_bytes(f['peak_rss_growth_bytes'])} / {C.fmt_bytes(t['peak_rss_growth_bytes']) if t else '-'}",
+        f"{f['eval_loss']:.2f} / {t['eval_loss']:.2f}" if t else f"{f['eval_loss']:.2f}",
+    ]
     return C.markdown_table(header, [row])
 
 
@@ -315,24 +407,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side before timing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype (params and optimizer state stay float32 on both sides)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (params and optimizer state stay float32 on both sides)",
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="default: all cores this process may use")
     p.add_argument("--no-torch", action="store_true", help="time Flax alone")
     p.add_argument("--peak-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048])
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="fairseq",
-                   help="dropouts of the timed step (default fairseq's fine-tuning recipe; hf = the config's 0.1s)")
-    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
-                   help="nn.scan over the layers (one layer body compiled: the fast-compile layout)")
-    p.add_argument("--ablate", default=None, help="comma list of parts to remove one at a time: "
-                   + ", ".join(ABLATIONS))
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="fairseq",
+        help="dropouts of the timed step (default fairseq's fine-tuning recipe; hf = the config's 0.1s)",
+    )
+    p.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="nn.scan over the layers (one layer body compiled: the fast-compile layout)",
+    )
+    p.add_argument(
+        "--ablate", default=None, help="comma list of parts to remove one at a time: " + ", ".join(ABLATIONS)
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON ('-' for stdout)")
     return p
 
 
 def format_ablations(r: dict[str, Any]) -> str:
-    rows = [[a["ablation"], a["what"], f"{1000 * a['median_s']:.1f}", f"{1000 * a['saves_s']:.1f}",
-             f"{100 * a['saves_fraction']:.0f}%"] for a in r.get("ablations", [])]
+    rows = [
+        [
+            a["ablation"],
+            a["what"],
+            f"{1000 * a['median_s']:.1f}",
+            f"{1000 * a['saves_s']:.1f}",
+            f"{100 * a['saves_fraction']:.0f}%",
+        ]
+        for a in r.get("ablations", [])
+    ]
     return C.markdown_table(["ablation", "removes", "step ms", "saves ms", "share of step"], rows)
 
 
@@ -340,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bad = [a for a in (args.ablate or "").split(",") if a and a not in ABLATIONS]
     if bad:
-        print(f"bench/train.py: --ablate: unknown {', '.join(bad)}; choose from {', '.join(ABLATIONS)}",
-              file=sys.stderr)
+        print(
+            f"bench/train.py: --ablate: unknown {', '.join(bad)}; choose from {', '.join(ABLATIONS)}", file=sys.stderr
+        )
         return 2
     result = benchmark(args)
     print(format_report(result), file=sys.stderr)

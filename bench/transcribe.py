@@ -51,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     from flax_d2v.pretrained import load_any
     from flax_d2v.transcribe import Transcriber
 
-    result: dict[str, Any] = {"benchmark": "transcribe", "machine": C.machine_info(), "seconds": args.seconds,
-                              "flax_precision": args.precision, "backend": jax.default_backend()}
+    result: dict[str, Any] = {
+        "benchmark": "transcribe",
+        "machine": C.machine_info(),
+        "seconds": args.seconds,
+        "flax_precision": args.precision,
+        "backend": jax.default_backend(),
+    }
     with tempfile.TemporaryDirectory(prefix="d2v-bench-asr-") as tmp:
         hf_dir = build_base_checkpoint(Path(tmp) / "hf", seed=0)
         config, _, params, _ = load_any(hf_dir)
@@ -62,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         sf.write(wav, audio, C.SAMPLE_RATE)
 
         t0 = time.perf_counter()
-        runner = Transcriber(str(Path(tmp) / "flax"), batch_size=args.batch_size, chunk_length_s=20.0,
-                             precision=args.precision)
+        runner = Transcriber(
+            str(Path(tmp) / "flax"), batch_size=args.batch_size, chunk_length_s=20.0, precision=args.precision
+        )
         flax_text = runner([str(wav)], progress=False)[0].text
         flax_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         runner([str(wav)], progress=False)
         flax_warm_s = time.perf_counter() - t0
-        result["flax"] = {"cold_s": flax_s, "warm_s": flax_warm_s, "audio_s_per_s": args.seconds / flax_s,
-                          "warm_audio_s_per_s": args.seconds / flax_warm_s}
+        result["flax"] = {
+            "cold_s": flax_s,
+            "warm_s": flax_warm_s,
+            "audio_s_per_s": args.seconds / flax_s,
+            "warm_audio_s_per_s": args.seconds / flax_warm_s,
+        }
         if not args.no_torch:
             import torch
             import transformers
@@ -79,20 +89,30 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             pipe = transformers.pipeline("automatic-speech-recognition", model=str(hf_dir), device=device)
             # the array, not the path: the pipeline decodes files with an ffmpeg binary (not needed here)
-            pt_text = pipe({"raw": audio, "sampling_rate": C.SAMPLE_RATE}, chunk_length_s=20,
-                           batch_size=args.batch_size)["text"]
+            pt_text = pipe(
+                {"raw": audio, "sampling_rate": C.SAMPLE_RATE}, chunk_length_s=20, batch_size=args.batch_size
+            )["text"]
             pt_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             pipe({"raw": audio, "sampling_rate": C.SAMPLE_RATE}, chunk_length_s=20, batch_size=args.batch_size)
             pt_warm_s = time.perf_counter() - t0
-            result["pytorch_pipeline"] = {"cold_s": pt_s, "warm_s": pt_warm_s, "audio_s_per_s": args.seconds / pt_s,
-                                          "warm_audio_s_per_s": args.seconds / pt_warm_s,
-                                          "device": "cuda" if device == 0 else "cpu"}
+            result["pytorch_pipeline"] = {
+                "cold_s": pt_s,
+                "warm_s": pt_warm_s,
+                "audio_s_per_s": args.seconds / pt_s,
+                "warm_audio_s_per_s": args.seconds / pt_warm_s,
+                "device": "cuda" if device == 0 else "cpu",
+            }
             result["speedup_cold"] = pt_s / flax_s
             result["speedup_warm"] = pt_warm_s / flax_warm_s
             result["same_text"] = flax_text == pt_text
-    rows = [["flax-d2v Transcriber", f"{result['flax']['audio_s_per_s']:.1f}",
-             f"{result['flax']['warm_audio_s_per_s']:.1f}"]]
+    rows = [
+        [
+            "flax-d2v Transcriber",
+            f"{result['flax']['audio_s_per_s']:.1f}",
+            f"{result['flax']['warm_audio_s_per_s']:.1f}",
+        ]
+    ]
     if "pytorch_pipeline" in result:
         t = result["pytorch_pipeline"]
         rows.append(["transformers pipeline", f"{t['audio_s_per_s']:.1f}", f"{t['warm_audio_s_per_s']:.1f}"])

@@ -88,8 +88,7 @@ _PLACEHOLDERS = {"n": r"(?P<n>\d+)", "proj": r"(?P<proj>q|k|v|out)", "p": r"(?P<
 
 def _compile(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{\w+\})", template)
-    return re.compile("^" + "".join(_PLACEHOLDERS[p[1:-1]] if p.startswith("{") else re.escape(p)
-                                    for p in parts) + "$")
+    return re.compile("^" + "".join(_PLACEHOLDERS[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts) + "$")
 
 
 _TO_HF = [(_compile(fs), hf) for fs, hf in FAIRSEQ_KEY_TABLE]
@@ -102,7 +101,7 @@ def fairseq_to_hf_key(key: str) -> str | None:
     if m:
         return HEAD_ROW[1].format(**m.groupdict())
     prefix = "data2vec_audio." if key.startswith(CTC_PREFIX_FAIRSEQ) else ""
-    rest = key[len(CTC_PREFIX_FAIRSEQ):] if prefix else key
+    rest = key[len(CTC_PREFIX_FAIRSEQ) :] if prefix else key
     for regex, template in _TO_HF:
         m = regex.match(rest)
         if m:
@@ -116,7 +115,7 @@ def hf_to_fairseq_key(key: str) -> str | None:
     if m:
         return HEAD_ROW[0].format(**m.groupdict())
     prefix = CTC_PREFIX_FAIRSEQ if key.startswith("data2vec_audio.") else ""
-    rest = key[len("data2vec_audio."):] if prefix else key
+    rest = key[len("data2vec_audio.") :] if prefix else key
     for regex, template in _TO_FS:
         m = regex.match(rest)
         if m:
@@ -138,12 +137,18 @@ class DictionaryState:
 def _allowed_globals() -> list[Any]:
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core -> numpy._core
     scalar, reconstruct = core.multiarray.scalar, core.multiarray._reconstruct
-    allowed: list[Any] = [argparse.Namespace, (DictionaryState, "fairseq.data.dictionary.Dictionary"), np.ndarray,
-                          np.dtype]
+    allowed: list[Any] = [
+        argparse.Namespace,
+        (DictionaryState, "fairseq.data.dictionary.Dictionary"),
+        np.ndarray,
+        np.dtype,
+    ]
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickles from numpy 1.x and 2.x
         allowed += [(scalar, f"{mod}.scalar"), (reconstruct, f"{mod}._reconstruct")]
-    allowed += [(type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
-                for t in ("f2", "f4", "f8", "i4", "i8", "u1", "b1")]
+    allowed += [
+        (type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
+        for t in ("f2", "f4", "f8", "i4", "i8", "u1", "b1")
+    ]
     return allowed
 
 
@@ -162,12 +167,28 @@ def read_fairseq_file(path: str | os.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ architecture
 # fairseq's Wav2Vec2Config defaults, for keys an (older) checkpoint does not spell out.
 W2V2_DEFAULTS: dict[str, Any] = {
-    "extractor_mode": "default", "encoder_layers": 12, "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072,
-    "encoder_attention_heads": 12, "activation_fn": "gelu", "layer_type": "transformer", "dropout": 0.1,
-    "attention_dropout": 0.1, "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "dropout_input": 0.0,
-    "layer_norm_first": False, "conv_bias": False, "conv_pos": 128, "conv_pos_groups": 16, "pos_conv_depth": 1,
+    "extractor_mode": "default",
+    "encoder_layers": 12,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "activation_fn": "gelu",
+    "layer_type": "transformer",
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.0,
+    "dropout_input": 0.0,
+    "layer_norm_first": False,
+    "conv_bias": False,
+    "conv_pos": 128,
+    "conv_pos_groups": 16,
+    "pos_conv_depth": 1,
     "conv_feature_layers": "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]",
-    "mask_prob": 0.65, "mask_length": 10, "mask_channel_prob": 0.0, "mask_channel_length": 10,
+    "mask_prob": 0.65,
+    "mask_length": 10,
+    "mask_channel_prob": 0.0,
+    "mask_channel_length": 10,
 }
 MAX_CONV_LAYERS = 64
 
@@ -177,6 +198,7 @@ def parse_conv_layers(spec: str, source: str = "conv_feature_layers") -> list[tu
 
     Only literal ints, lists and tuples, `+` and `*` are accepted, so the string can never run code.
     """
+
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -200,9 +222,11 @@ def parse_conv_layers(spec: str, source: str = "conv_feature_layers") -> list[tu
     except SyntaxError:
         raise D2VError(f"{source}: {spec!r} is not a literal list of (dim, kernel, stride) tuples") from None
     layers = ev(tree)
-    ok = (isinstance(layers, list) and 0 < len(layers) <= MAX_CONV_LAYERS
-          and all(isinstance(t, tuple) and len(t) == 3 and all(isinstance(v, int) and v > 0 for v in t)
-                  for t in layers))
+    ok = (
+        isinstance(layers, list)
+        and 0 < len(layers) <= MAX_CONV_LAYERS
+        and all(isinstance(t, tuple) and len(t) == 3 and all(isinstance(v, int) and v > 0 for v in t) for t in layers)
+    )
     if not ok:
         raise D2VError(f"{source}: {spec!r} must be a list of (dim, kernel, stride) tuples of positive ints")
     return layers
@@ -245,28 +269,44 @@ def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str) -> t
         arch, normalize = model, task.get("normalize", model.get("normalize", False))
     name = _model_name(arch)
     if name is not None and name != "data2vec_audio":
-        raise D2VError(f"{source}: model is {name!r}; only data2vec_audio checkpoints (and their wav2vec_ctc "
-                       "fine-tunes) are supported")
+        raise D2VError(
+            f"{source}: model is {name!r}; only data2vec_audio checkpoints (and their wav2vec_ctc "
+            "fine-tunes) are supported"
+        )
     a = {**W2V2_DEFAULTS, **{k: v for k, v in arch.items() if v is not None}}
     t = {**a, **{k: v for k, v in train.items() if v is not None}} if is_ctc else a
     where = "cfg.model.w2v_args.model" if is_ctc else "cfg.model"
-    for key, want in (("extractor_mode", "layer_norm"), ("layer_norm_first", False), ("layer_type", "transformer"),
-                      ("activation_fn", "gelu")):
+    for key, want in (
+        ("extractor_mode", "layer_norm"),
+        ("layer_norm_first", False),
+        ("layer_type", "transformer"),
+        ("activation_fn", "gelu"),
+    ):
         if a.get(key, want) != want:
             raise D2VError(f"{source}: {where}.{key} is {a.get(key)!r}; data2vec-audio needs {want!r}")
     depth = int(a["pos_conv_depth"])
     if depth < 2 or a.get("conv_pos_batch_norm"):
-        raise D2VError(f"{source}: {where}.pos_conv_depth is {depth}: a single weight-normalised positional conv "
-                       "is wav2vec 2.0's, not data2vec-audio's (pos_conv_depth > 1)")
+        raise D2VError(
+            f"{source}: {where}.pos_conv_depth is {depth}: a single weight-normalised positional conv "
+            "is wav2vec 2.0's, not data2vec-audio's (pos_conv_depth > 1)"
+        )
     conv = parse_conv_layers(a["conv_feature_layers"], f"{source}: {where}.conv_feature_layers")
     fields: dict[str, Any] = dict(
-        hidden_size=int(a["encoder_embed_dim"]), num_hidden_layers=int(a["encoder_layers"]),
-        num_attention_heads=int(a["encoder_attention_heads"]), intermediate_size=int(a["encoder_ffn_embed_dim"]),
-        conv_dim=[c[0] for c in conv], conv_kernel=[c[1] for c in conv], conv_stride=[c[2] for c in conv],
-        conv_bias=bool(a["conv_bias"]), num_conv_pos_embedding_groups=int(a["conv_pos_groups"]),
-        conv_pos_kernel_size=max(3, int(a["conv_pos"]) // depth), num_conv_pos_embeddings=depth,
-        hidden_dropout=float(t["dropout"]), attention_dropout=float(t["attention_dropout"]),
-        activation_dropout=float(t["activation_dropout"]), feat_proj_dropout=float(t["dropout_input"]),
+        hidden_size=int(a["encoder_embed_dim"]),
+        num_hidden_layers=int(a["encoder_layers"]),
+        num_attention_heads=int(a["encoder_attention_heads"]),
+        intermediate_size=int(a["encoder_ffn_embed_dim"]),
+        conv_dim=[c[0] for c in conv],
+        conv_kernel=[c[1] for c in conv],
+        conv_stride=[c[2] for c in conv],
+        conv_bias=bool(a["conv_bias"]),
+        num_conv_pos_embedding_groups=int(a["conv_pos_groups"]),
+        conv_pos_kernel_size=max(3, int(a["conv_pos"]) // depth),
+        num_conv_pos_embeddings=depth,
+        hidden_dropout=float(t["dropout"]),
+        attention_dropout=float(t["attention_dropout"]),
+        activation_dropout=float(t["activation_dropout"]),
+        feat_proj_dropout=float(t["dropout_input"]),
         layerdrop=float(t.get("layerdrop", t["encoder_layerdrop"]) if is_ctc else t["encoder_layerdrop"]),
     )
     if is_ctc:
@@ -275,10 +315,12 @@ def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str) -> t
         # configures itself; its config keeps transformers' SpecAugment defaults, as the hub's data2vec-audio-base.)
         on = bool(t.get("apply_mask", True))
         fields.update(
-            mask_time_prob=float(t["mask_prob"]) if on else 0.0, mask_time_length=int(t["mask_length"]),
+            mask_time_prob=float(t["mask_prob"]) if on else 0.0,
+            mask_time_length=int(t["mask_length"]),
             mask_time_min_masks=1,  # data2vec_audio.apply_mask: compute_mask_indices(..., min_masks=1)
             mask_feature_prob=float(t["mask_channel_prob"]) if on else 0.0,
-            mask_feature_length=int(t["mask_channel_length"]), mask_feature_min_masks=0,
+            mask_feature_length=int(t["mask_channel_length"]),
+            mask_feature_min_masks=0,
         )
         if t.get("final_dropout") is not None:
             fields["final_dropout"] = float(t["final_dropout"])
@@ -324,8 +366,9 @@ def hf_vocab(symbols: list[str], source: str) -> dict[str, int]:
     return dict(sorted(vocab.items(), key=lambda kv: kv[1]))
 
 
-def _find_symbols(pt_path: Path, dict_path: str | os.PathLike | None, ckpt: Mapping[str, Any]
-                  ) -> tuple[list[str] | None, str]:
+def _find_symbols(
+    pt_path: Path, dict_path: str | os.PathLike | None, ckpt: Mapping[str, Any]
+) -> tuple[list[str] | None, str]:
     if dict_path is not None:
         return read_dictionary(dict_path), str(dict_path)
     beside = pt_path.parent / "dict.ltr.txt"
@@ -366,27 +409,32 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def _ema_tree(ema: Mapping[str, Any], student_encoder: Mapping[str, Any], source: str, notes: list[str]
-              ) -> dict[str, Any] | None:
+def _ema_tree(
+    ema: Mapping[str, Any], student_encoder: Mapping[str, Any], source: str, notes: list[str]
+) -> dict[str, Any] | None:
     """fairseq's `_ema` (keys of `TransformerEncoder.state_dict()`) as a Flax tree shaped like `encoder`."""
     from flax_d2v.convert.keys import flatten, hf_to_flax_key, to_flax_array, to_hf_array, unflatten
 
     if any(k.startswith(("encoder.", "feature_extractor.")) for k in ema):
-        notes.append(f"{source}: the EMA teacher covers the whole model (ema_transformer_only=False); "
-                     "flax-d2v's teacher is the encoder only, so it was left out")
+        notes.append(
+            f"{source}: the EMA teacher covers the whole model (ema_transformer_only=False); "
+            "flax-d2v's teacher is the encoder only, so it was left out"
+        )
         return None
     want = flatten(student_encoder)
     out: dict[str, np.ndarray] = {}
     for key, value in ema.items():
         hf = fairseq_to_hf_key(f"encoder.{key}")
         mapped = hf_to_flax_key(hf) if hf else None
-        if mapped is None or not mapped[0].startswith("encoder/") or mapped[0][len("encoder/"):] not in want:
+        if mapped is None or not mapped[0].startswith("encoder/") or mapped[0][len("encoder/") :] not in want:
             raise D2VError(f"{source}: unexpected key {EMA_KEY}.{key!r} in the EMA teacher")
-        path, kind = mapped[0][len("encoder/"):], mapped[1]
+        path, kind = mapped[0][len("encoder/") :], mapped[1]
         arr = tensor_to_numpy(value, f"{EMA_KEY}.{key}", source)
         if to_flax_array(arr, kind).shape != want[path].shape:
-            raise D2VError(f"{source}: {EMA_KEY}.{key!r} has shape {tuple(arr.shape)}, expected "
-                           f"{tuple(to_hf_array(np.asarray(want[path]), kind).shape)}")
+            raise D2VError(
+                f"{source}: {EMA_KEY}.{key!r} has shape {tuple(arr.shape)}, expected "
+                f"{tuple(to_hf_array(np.asarray(want[path]), kind).shape)}"
+            )
         out[path] = to_flax_array(arr, kind).astype(np.float32)
     missing = sorted(set(want) - set(out))
     if missing:
@@ -423,16 +471,18 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
         m = FINAL_PROJ_KEYS.match(key)
         if m and not is_ctc:
             arr = tensor_to_numpy(value, key, source)
-            final_proj["kernel" if m["p"] == "weight" else "bias"] = np.ascontiguousarray(arr.T if arr.ndim == 2
-                                                                                         else arr)
+            final_proj["kernel" if m["p"] == "weight" else "bias"] = np.ascontiguousarray(
+                arr.T if arr.ndim == 2 else arr
+            )
             continue
         hf = fairseq_to_hf_key(key)
         if hf is None or (is_ctc and not hf.startswith(("data2vec_audio.", "lm_head."))):
             raise D2VError(f"{source}: unexpected key {key!r}: not a data2vec-audio parameter")
         state[hf] = tensor_to_numpy(value, key, source)
     if is_ctc:
-        config = config.replace(vocab_size=int(state["lm_head.weight"].shape[0])) if "lm_head.weight" in state \
-            else config
+        config = (
+            config.replace(vocab_size=int(state["lm_head.weight"].shape[0])) if "lm_head.weight" in state else config
+        )
     mask_emb = "data2vec_audio.masked_spec_embed" if is_ctc else "masked_spec_embed"
     if mask_emb in state and not config.has_masked_spec_embed:
         del state[mask_emb]  # transformers has no masked_spec_embed when no masking is configured
@@ -445,15 +495,18 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
         expected[hf_key] = to_hf_array(np.empty(shape.shape, np.int8), kind).shape
     for hf_key in state:
         if hf_key not in expected:
-            raise D2VError(f"{source}: unexpected key {hf_to_fairseq_key(hf_key)!r}: the checkpoint's config has "
-                           "no such parameter")
+            raise D2VError(
+                f"{source}: unexpected key {hf_to_fairseq_key(hf_key)!r}: the checkpoint's config has no such parameter"
+            )
     for hf_key, want in expected.items():
         fs_key = hf_to_fairseq_key(hf_key)
         if hf_key not in state:
             raise D2VError(f"{source}: missing key {fs_key!r}")
         if tuple(state[hf_key].shape) != tuple(want):
-            raise D2VError(f"{source}: key {fs_key!r} has shape {tuple(state[hf_key].shape)}, expected {tuple(want)} "
-                           "from the checkpoint's config")
+            raise D2VError(
+                f"{source}: key {fs_key!r} has shape {tuple(state[hf_key].shape)}, expected {tuple(want)} "
+                "from the checkpoint's config"
+            )
     _, params = state_dict_to_flax(state, config, source)
 
     if final_proj:
@@ -479,16 +532,22 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
             raise D2VError(f"{where}: has {len(symbols)} symbols but w2v_encoder.proj has {config.vocab_size} rows")
         else:
             vocab = hf_vocab(symbols, where)
-            config = config.replace(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
-                                    eos_token_id=vocab.get("</s>", config.eos_token_id))
+            config = config.replace(
+                pad_token_id=vocab["<pad>"],
+                bos_token_id=vocab["<s>"],
+                eos_token_id=vocab.get("</s>", config.eos_token_id),
+            )
 
     from flax_d2v.train.vocab import preprocessor_config
 
     preprocessor = {**preprocessor_config(do_normalize=normalize), "normalize_eps": FAIRSEQ_NORMALIZE_EPS}
     history = ckpt.get("optimizer_history") or []
     updates = history[-1].get("num_updates") if history and isinstance(history[-1], Mapping) else None
-    cfg = {"source": os.path.basename(source), "num_updates": _jsonable(updates),
-           "cfg": _jsonable(ckpt.get("cfg") if ckpt.get("cfg") is not None else ckpt.get("args"))}
+    cfg = {
+        "source": os.path.basename(source),
+        "num_updates": _jsonable(updates),
+        "cfg": _jsonable(ckpt.get("cfg") if ckpt.get("cfg") is not None else ckpt.get("args")),
+    }
     return FairseqCheckpoint(config, is_ctc, params, aux, preprocessor, vocab, notes, cfg)
 
 
@@ -497,8 +556,12 @@ class ConvertResult(NamedTuple):
     notes: list[str]  # one line each, for the caller to print
 
 
-def convert_fairseq(pt_path: str | os.PathLike, dst: str | os.PathLike, dict_path: str | os.PathLike | None = None,
-                    overwrite: bool = False) -> ConvertResult:
+def convert_fairseq(
+    pt_path: str | os.PathLike,
+    dst: str | os.PathLike,
+    dict_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ConvertResult:
     """Write a flax-d2v directory from a fairseq `.pt` (what `d2v convert checkpoint.pt DST` does).
 
     The directory holds config.json, flax_model.safetensors, flax_aux.safetensors (final_proj and the
@@ -512,11 +575,18 @@ def convert_fairseq(pt_path: str | os.PathLike, dst: str | os.PathLike, dict_pat
     with tempfile.TemporaryDirectory(prefix="d2v-fairseq-") as staging:
         if ck.vocab is not None:
             save_tokenizer_files(staging, ck.vocab)
-        Path(staging, "preprocessor_config.json").write_text(json.dumps(ck.preprocessor, indent=2) + "\n",
-                                                             encoding="utf-8")
-        out = save_flax(dst, ck.config, ck.params, aux=ck.aux or None, files_from=staging,
-                        extra_files={FAIRSEQ_CFG_FILE: json.dumps(ck.cfg, indent=2, sort_keys=True) + "\n"},
-                        overwrite=overwrite)
+        Path(staging, "preprocessor_config.json").write_text(
+            json.dumps(ck.preprocessor, indent=2) + "\n", encoding="utf-8"
+        )
+        out = save_flax(
+            dst,
+            ck.config,
+            ck.params,
+            aux=ck.aux or None,
+            files_from=staging,
+            extra_files={FAIRSEQ_CFG_FILE: json.dumps(ck.cfg, indent=2, sort_keys=True) + "\n"},
+            overwrite=overwrite,
+        )
     return ConvertResult(out, list(ck.notes))
 
 
@@ -528,10 +598,25 @@ def aux_note(model_dir: str | os.PathLike) -> str | None:
         return None
     names = sorted(load_flax_aux(model_dir) or {})
     what = " and ".join({"final_proj": "final_proj", "ema": "the EMA teacher"}.get(n, n) for n in names)
-    return (f"note: {model_dir}: {what} ({FLAX_AUX}) are pretraining state with no transformers counterpart; "
-            "left out of the export (keep the flax-d2v directory to resume pretraining)")
+    return (
+        f"note: {model_dir}: {what} ({FLAX_AUX}) are pretraining state with no transformers counterpart; "
+        "left out of the export (keep the flax-d2v directory to resume pretraining)"
+    )
 
 
-__all__ = ["FAIRSEQ_KEY_TABLE", "ConvertResult", "DictionaryState", "FairseqCheckpoint", "aux_note",
-           "config_from_fairseq", "convert_fairseq", "fairseq_to_hf_key", "hf_to_fairseq_key", "hf_vocab",
-           "load_fairseq", "parse_conv_layers", "read_dictionary", "read_fairseq_file"]
+__all__ = [
+    "FAIRSEQ_KEY_TABLE",
+    "ConvertResult",
+    "DictionaryState",
+    "FairseqCheckpoint",
+    "aux_note",
+    "config_from_fairseq",
+    "convert_fairseq",
+    "fairseq_to_hf_key",
+    "hf_to_fairseq_key",
+    "hf_vocab",
+    "load_fairseq",
+    "parse_conv_layers",
+    "read_dictionary",
+    "read_fairseq_file",
+]

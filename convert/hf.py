@@ -41,7 +41,6 @@ PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-
 def is_hf_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return any((p / n).is_file() for n in (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX))
@@ -51,8 +50,10 @@ def _refusal_reason(message: str) -> str:
     """The useful part of torch's weights_only refusal: which global the pickle wanted."""
     m = re.search(r"GLOBAL ([\w.]+)", message)
     if m and m.group(1).startswith("omegaconf."):
-        return (f"its config is pickled as {m.group(1)!r} objects (fairseq before March 2021), which are not "
-                "loaded; re-save it with a fairseq that stores cfg as a plain dict")
+        return (
+            f"its config is pickled as {m.group(1)!r} objects (fairseq before March 2021), which are not "
+            "loaded; re-save it with a fairseq that stores cfg as a plain dict"
+        )
     if m:
         return f"it asks for the global {m.group(1)!r}, which is not plain checkpoint data"
     lines = [ln.strip() for ln in message.splitlines() if re.search(r"[Uu]nsupported|unrecognized|blocked", ln)]
@@ -69,8 +70,9 @@ def load_torch_file(path: str | os.PathLike, allowed_globals: Sequence[Any] = ()
     try:
         import torch
     except ImportError:
-        raise D2VError(f"{path}: reading a PyTorch .bin/.pt file needs PyTorch "
-                       "(pip install 'flax-d2v[torch]')") from None
+        raise D2VError(
+            f"{path}: reading a PyTorch .bin/.pt file needs PyTorch (pip install 'flax-d2v[torch]')"
+        ) from None
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise D2VError(f"{path}: no such file")
@@ -125,8 +127,9 @@ def read_hf_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarr
     raise D2VError(f"{d}: no model weights found (expected {SAFETENSORS} or {PYTORCH_BIN})")
 
 
-def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig, source: str
-                       ) -> tuple[Any, dict[str, Any]]:
+def state_dict_to_flax(
+    state: dict[str, np.ndarray], config: Data2VecAudioConfig, source: str
+) -> tuple[Any, dict[str, Any]]:
     """(head spec, Flax params) from an HF state dict; every key and shape checked against the config.
 
     The head is told by the keys (`flax_d2v.heads.detect`): `lm_head` is CTC, `tdnn.0` x-vectors,
@@ -138,7 +141,7 @@ def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig
     top = {p.split("/")[0] for p in (m[0] for m in map(hf_to_flax_key, state) if m is not None)}
     spec = detect(top)
     if spec is BASE and state and all(k.startswith(CTC_PREFIX_HF) for k in state):
-        state = {k[len(CTC_PREFIX_HF):]: v for k, v in state.items()}  # encoder saved from a wrapper model
+        state = {k[len(CTC_PREFIX_HF) :]: v for k, v in state.items()}  # encoder saved from a wrapper model
     try:
         module = spec.build(config)
         expected = flatten(param_shapes(module))
@@ -151,12 +154,15 @@ def state_dict_to_flax(state: dict[str, np.ndarray], config: Data2VecAudioConfig
             raise D2VError(f"{source}: unexpected key {key!r}: not a data2vec-audio parameter")
         path, kind = mapped
         if path not in expected:
-            raise D2VError(f"{source}: unexpected key {key!r}: the model in config.json ({spec.architecture}) "
-                           "has no such parameter")
+            raise D2VError(
+                f"{source}: unexpected key {key!r}: the model in config.json ({spec.architecture}) "
+                "has no such parameter"
+            )
         want_hf = to_hf_array(np.empty(expected[path].shape, np.int8), kind).shape
         if tuple(value.shape) != tuple(want_hf):
-            raise D2VError(f"{source}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(want_hf)} "
-                           "from config.json")
+            raise D2VError(
+                f"{source}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(want_hf)} from config.json"
+            )
         arr = to_flax_array(value, kind)
         params[path] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     missing = sorted(set(expected) - set(params))
@@ -200,9 +206,15 @@ def hf_config_dict(config: Data2VecAudioConfig, architecture: str) -> dict[str, 
     return out
 
 
-def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
-            files_from: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None,
-            overwrite: bool = False) -> Path:
+def save_hf(
+    dst: str | os.PathLike,
+    config: Data2VecAudioConfig,
+    params: Any,
+    *,
+    files_from: str | os.PathLike | None = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write an HF directory (config.json, model.safetensors, preprocessor_config.json, vocab files).
 
     `files_from`: a directory whose processor/tokenizer files are copied; a default
@@ -215,8 +227,11 @@ def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
     state = flax_to_state_dict(params)
     architecture = detect(params).architecture  # the top-level names tell the head
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.fspath(tmp / SAFETENSORS),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in state.items()},
+            os.fspath(tmp / SAFETENSORS),
+            metadata={"format": "pt"},
+        )
         config_text = json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n"
         (tmp / "config.json").write_text(config_text, encoding="utf-8")
         if files_from is not None:
@@ -230,5 +245,14 @@ def save_hf(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *,
     return Path(dst)
 
 
-__all__ = ["PROCESSOR_FILES", "flax_to_state_dict", "is_hf_dir", "load_hf", "load_torch_file", "read_hf_state_dict",
-           "save_hf", "state_dict_to_flax", "tensor_to_numpy"]
+__all__ = [
+    "PROCESSOR_FILES",
+    "flax_to_state_dict",
+    "is_hf_dir",
+    "load_hf",
+    "load_torch_file",
+    "read_hf_state_dict",
+    "save_hf",
+    "state_dict_to_flax",
+    "tensor_to_numpy",
+]

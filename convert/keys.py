@@ -30,8 +30,11 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("masked_spec_embed", "masked_spec_embed", "copy"),
     ("feature_extractor.conv_layers.{n}.conv.weight", "feature_extractor/conv_layers_{n}/conv/kernel", "conv"),
     ("feature_extractor.conv_layers.{n}.conv.bias", "feature_extractor/conv_layers_{n}/conv/bias", "copy"),
-    ("feature_extractor.conv_layers.{n}.layer_norm.weight", "feature_extractor/conv_layers_{n}/layer_norm/scale",
-     "copy"),
+    (
+        "feature_extractor.conv_layers.{n}.layer_norm.weight",
+        "feature_extractor/conv_layers_{n}/layer_norm/scale",
+        "copy",
+    ),
     ("feature_extractor.conv_layers.{n}.layer_norm.bias", "feature_extractor/conv_layers_{n}/layer_norm/bias", "copy"),
     ("feature_projection.layer_norm.weight", "feature_projection/layer_norm/scale", "copy"),
     ("feature_projection.layer_norm.bias", "feature_projection/layer_norm/bias", "copy"),
@@ -45,12 +48,21 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("encoder.layers.{n}.attention.{proj}_proj.bias", "encoder/layers_{n}/attention/{proj}_proj/bias", "copy"),
     ("encoder.layers.{n}.layer_norm.weight", "encoder/layers_{n}/layer_norm/scale", "copy"),
     ("encoder.layers.{n}.layer_norm.bias", "encoder/layers_{n}/layer_norm/bias", "copy"),
-    ("encoder.layers.{n}.feed_forward.intermediate_dense.weight",
-     "encoder/layers_{n}/feed_forward/intermediate_dense/kernel", "linear"),
-    ("encoder.layers.{n}.feed_forward.intermediate_dense.bias",
-     "encoder/layers_{n}/feed_forward/intermediate_dense/bias", "copy"),
-    ("encoder.layers.{n}.feed_forward.output_dense.weight", "encoder/layers_{n}/feed_forward/output_dense/kernel",
-     "linear"),
+    (
+        "encoder.layers.{n}.feed_forward.intermediate_dense.weight",
+        "encoder/layers_{n}/feed_forward/intermediate_dense/kernel",
+        "linear",
+    ),
+    (
+        "encoder.layers.{n}.feed_forward.intermediate_dense.bias",
+        "encoder/layers_{n}/feed_forward/intermediate_dense/bias",
+        "copy",
+    ),
+    (
+        "encoder.layers.{n}.feed_forward.output_dense.weight",
+        "encoder/layers_{n}/feed_forward/output_dense/kernel",
+        "linear",
+    ),
     ("encoder.layers.{n}.feed_forward.output_dense.bias", "encoder/layers_{n}/feed_forward/output_dense/bias", "copy"),
     ("encoder.layers.{n}.final_layer_norm.weight", "encoder/layers_{n}/final_layer_norm/scale", "copy"),
     ("encoder.layers.{n}.final_layer_norm.bias", "encoder/layers_{n}/final_layer_norm/bias", "copy"),
@@ -79,14 +91,20 @@ def _head_table() -> tuple[tuple[str, str, str], ...]:
 
 HEAD_KEY_TABLE: tuple[tuple[str, str, str], ...] = _head_table()
 # (compiled template, other side's template, transform, is a head row)
-_HF_RULES = [(_compile(hf), flax, kind, head) for table, head in ((KEY_TABLE, False), (HEAD_KEY_TABLE, True))
-             for hf, flax, kind in table]
-_FLAX_RULES = [(_compile(flax), hf, kind, head) for table, head in ((KEY_TABLE, False), (HEAD_KEY_TABLE, True))
-               for hf, flax, kind in table]
+_HF_RULES = [
+    (_compile(hf), flax, kind, head)
+    for table, head in ((KEY_TABLE, False), (HEAD_KEY_TABLE, True))
+    for hf, flax, kind in table
+]
+_FLAX_RULES = [
+    (_compile(flax), hf, kind, head)
+    for table, head in ((KEY_TABLE, False), (HEAD_KEY_TABLE, True))
+    for hf, flax, kind in table
+]
 
 
 def _split_prefix(key: str, prefix: str) -> tuple[str, str]:
-    return (prefix, key[len(prefix):]) if key.startswith(prefix) else ("", key)
+    return (prefix, key[len(prefix) :]) if key.startswith(prefix) else ("", key)
 
 
 def hf_to_flax_key(key: str) -> tuple[str, str] | None:

@@ -53,8 +53,14 @@ class StageError:
         return bool(np.isfinite(self.rel) and self.rel <= self.tolerance)
 
 
-def compare(case: str, stage: str, got: np.ndarray, ref: np.ndarray, frame_mask: np.ndarray | None,
-            tolerance: float = PARITY_RTOL) -> StageError:
+def compare(
+    case: str,
+    stage: str,
+    got: np.ndarray,
+    ref: np.ndarray,
+    frame_mask: np.ndarray | None,
+    tolerance: float = PARITY_RTOL,
+) -> StageError:
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
     if got.shape != ref.shape:
@@ -64,8 +70,16 @@ def compare(case: str, stage: str, got: np.ndarray, ref: np.ndarray, frame_mask:
     diff = np.abs(got - ref)
     ref_max = float(np.abs(ref).max())
     cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-30))
-    return StageError(case, stage, float(diff.max()), float(diff.mean()), ref_max,
-                      float(diff.max() / max(ref_max, 1e-30)), cos, tolerance)
+    return StageError(
+        case,
+        stage,
+        float(diff.max()),
+        float(diff.mean()),
+        ref_max,
+        float(diff.max() / max(ref_max, 1e-30)),
+        cos,
+        tolerance,
+    )
 
 
 def torch_device() -> str:
@@ -108,13 +122,18 @@ def _run_torch(model, values: np.ndarray, mask: np.ndarray | None, dtype: str) -
     captured: dict[str, np.ndarray] = {}
     hooks = [
         base.feature_extractor.register_forward_hook(
-            lambda m, i, o: captured.__setitem__("feature_extractor", o.transpose(1, 2).double().cpu().numpy())),
+            lambda m, i, o: captured.__setitem__("feature_extractor", o.transpose(1, 2).double().cpu().numpy())
+        ),
         base.feature_projection.register_forward_hook(
-            lambda m, i, o: captured.__setitem__("feature_projection", o[0].double().cpu().numpy())),
+            lambda m, i, o: captured.__setitem__("feature_projection", o[0].double().cpu().numpy())
+        ),
     ]
     if getattr(base, "adapter", None) is not None:
-        hooks.append(base.adapter.register_forward_hook(
-            lambda m, i, o: captured.__setitem__("last_hidden_state", o.double().cpu().numpy())))
+        hooks.append(
+            base.adapter.register_forward_hook(
+                lambda m, i, o: captured.__setitem__("last_hidden_state", o.double().cpu().numpy())
+            )
+        )
     device = next(model.parameters()).device
     try:
         x = torch.from_numpy(values).to(device=device, dtype=torch.float64 if dtype == "float64" else torch.float32)
@@ -142,14 +161,16 @@ def flax_forward(module):
 
     @jax.jit
     def fwd(p, x, m):
-        return module.apply({"params": p}, x, m, output_hidden_states=True, capture_intermediates=True,
-                            mutable=["intermediates"])
+        return module.apply(
+            {"params": p}, x, m, output_hidden_states=True, capture_intermediates=True, mutable=["intermediates"]
+        )
 
     return fwd
 
 
-def _run_flax(module, params, values: np.ndarray, mask: np.ndarray | None) -> tuple[dict[str, np.ndarray],
-                                                                                     np.ndarray | None]:
+def _run_flax(
+    module, params, values: np.ndarray, mask: np.ndarray | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     import jax.numpy as jnp
 
     out, state = flax_forward(module)(params, jnp.asarray(values), None if mask is None else jnp.asarray(mask))
@@ -164,8 +185,10 @@ def _run_flax(module, params, values: np.ndarray, mask: np.ndarray | None) -> tu
     for field in ("last_hidden_state", "logits", "embeddings"):
         if getattr(out, field) is not None:
             result[field] = np.asarray(getattr(out, field))
-    masks = {"encoder": None if out.frame_mask is None else np.asarray(out.frame_mask),
-             "output": None if out.logits_frame_mask is None else np.asarray(out.logits_frame_mask)}
+    masks = {
+        "encoder": None if out.frame_mask is None else np.asarray(out.frame_mask),
+        "output": None if out.logits_frame_mask is None else np.asarray(out.logits_frame_mask),
+    }
     return result, masks
 
 
@@ -179,8 +202,7 @@ def _stage_mask(stage: str, value: np.ndarray, masks: dict) -> np.ndarray | None
     return None
 
 
-def parity_cases(files: Sequence[str], waves: Sequence[np.ndarray], batch: bool
-                 ) -> list[tuple[str, list[np.ndarray]]]:
+def parity_cases(files: Sequence[str], waves: Sequence[np.ndarray], batch: bool) -> list[tuple[str, list[np.ndarray]]]:
     """The cases a parity report runs (1.0 and 2.0 alike): the first clip alone, and with `batch` a
     right-padded batch of all the clips (one clip: a batch of it and two shorter crops of it)."""
     cases = [(f"single: {Path(files[0]).name}", [waves[0]])]
@@ -204,8 +226,13 @@ def _hf_dir_for(src: str, tmp: str) -> str:
     return out
 
 
-def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32",
-           batch: bool = True, precision: str = "highest") -> tuple[list[StageError], dict]:
+def verify(
+    src: str,
+    audio: Sequence[str] = (),
+    reference_dtype: str = "float32",
+    batch: bool = True,
+    precision: str = "highest",
+) -> tuple[list[StageError], dict]:
     """Run both models on the clips; (rows of the report, facts about the run).
 
     `precision` is the Flax side's policy (`flax_d2v.precision`); the reference is always PyTorch
@@ -247,15 +274,22 @@ def verify(src: str, audio: Sequence[str] = (), reference_dtype: str = "float32"
             for stage in ref:
                 if stage not in got:
                     raise D2VError(f"{stage}: PyTorch returns it, the Flax model does not")
-                rows.append(compare(name, stage, got[stage], ref[stage], _stage_mask(stage, ref[stage], masks),
-                                    tolerance))
+                rows.append(
+                    compare(name, stage, got[stage], ref[stage], _stage_mask(stage, ref[stage], masks), tolerance)
+                )
     device = jax.devices()[0]
-    facts = {"model": src, "architecture": type(module).__name__, "audio": files,
-             "reference": f"transformers PyTorch ({reference_dtype}, TF32 off, eager attention) on {torch_device()}",
-             "flax": f"Flax precision={policy.name} ({policy.description}) on {device.platform} "
-                     f"({getattr(device, 'device_kind', device.platform)})",
-             "precision": policy.name, "tolerance": tolerance, "layers": module.config.num_hidden_layers,
-             "hidden_size": module.config.hidden_size}
+    facts = {
+        "model": src,
+        "architecture": type(module).__name__,
+        "audio": files,
+        "reference": f"transformers PyTorch ({reference_dtype}, TF32 off, eager attention) on {torch_device()}",
+        "flax": f"Flax precision={policy.name} ({policy.description}) on {device.platform} "
+        f"({getattr(device, 'device_kind', device.platform)})",
+        "precision": policy.name,
+        "tolerance": tolerance,
+        "layers": module.config.num_hidden_layers,
+        "hidden_size": module.config.hidden_size,
+    }
     return rows, facts
 
 
@@ -266,12 +300,15 @@ def default_clip() -> str:
 
 
 def format_table(rows: Sequence[StageError]) -> str:
-    header = ("| case | stage | max abs err | mean abs err | max rel err | cosine | result |\n"
-              "|---|---|---|---|---|---|---|")
+    header = (
+        "| case | stage | max abs err | mean abs err | max rel err | cosine | result |\n|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for r in rows:
-        lines.append(f"| {r.case} | {r.stage} | {r.max_abs:.3e} | {r.mean_abs:.3e} | {r.rel:.3e} | "
-                     f"{r.cosine:.9f} | {'pass' if r.passed else 'FAIL'} |")
+        lines.append(
+            f"| {r.case} | {r.stage} | {r.max_abs:.3e} | {r.mean_abs:.3e} | {r.rel:.3e} | "
+            f"{r.cosine:.9f} | {'pass' if r.passed else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
@@ -305,8 +342,7 @@ def plot_errors(rows: Sequence[StageError], path: str | os.PathLike) -> None:
     for case in dict.fromkeys(r.case for r in rows):
         sel = [r for r in rows if r.case == case]
         ax.semilogy(range(len(sel)), [max(r.rel, 1e-12) for r in sel], marker="o", label=case)
-        ax.set_xticks(range(len(sel)), [r.stage.replace("hidden_states", "h") for r in sel], rotation=60,
-                      fontsize=8)
+        ax.set_xticks(range(len(sel)), [r.stage.replace("hidden_states", "h") for r in sel], rotation=60, fontsize=8)
     tol = rows[0].tolerance if rows else PARITY_RTOL
     ax.axhline(tol, color="red", linestyle="--", label=f"tolerance {tol:g}")
     ax.set_ylabel("max |flax - torch| / max |torch|")

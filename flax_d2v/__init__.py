@@ -1,8 +1,8 @@
 """flax-d2v: data2vec-audio in JAX/Flax.
 
-    import flax_d2v
-    module, params = flax_d2v.from_pretrained(path)   # HF dir, our Flax dir, fairseq .pt, or hub id; any head
-    out = module.apply({"params": params}, input_values, attention_mask=None, output_hidden_states=False)
+import flax_d2v
+module, params = flax_d2v.from_pretrained(path)   # HF dir, our Flax dir, fairseq .pt, or hub id; any head
+out = module.apply({"params": params}, input_values, attention_mask=None, output_hidden_states=False)
 """
 
 from __future__ import annotations

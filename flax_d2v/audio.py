@@ -40,8 +40,9 @@ def print_note(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE, strict: bool = False,
-               warn: Warn = print_note) -> np.ndarray:
+def load_audio(
+    path: str | os.PathLike, target_sr: int = SAMPLE_RATE, strict: bool = False, warn: Warn = print_note
+) -> np.ndarray:
     """Read `path` as a float32 mono waveform at `target_sr`.
 
     Anything libsndfile reads (WAV, FLAC, Ogg/Vorbis, ...; integer or float PCM) is accepted.
@@ -79,8 +80,14 @@ def load_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE, strict: bo
     return prepare_audio(data, sample_rate, name=name, target_sr=target_sr, strict=strict, warn=warn)
 
 
-def prepare_audio(x: np.ndarray, sample_rate: int, name: str = "<array>", target_sr: int = SAMPLE_RATE,
-                  strict: bool = False, warn: Warn = print_note) -> np.ndarray:
+def prepare_audio(
+    x: np.ndarray,
+    sample_rate: int,
+    name: str = "<array>",
+    target_sr: int = SAMPLE_RATE,
+    strict: bool = False,
+    warn: Warn = print_note,
+) -> np.ndarray:
     """An in-memory waveform through the same checks as a file: mono, `target_sr`, finite, float32.
 
     `x` is (samples,) or (samples, channels) as soundfile returns it; integer PCM is scaled to
@@ -148,8 +155,10 @@ def _check_wav_not_truncated(name: str, size: int) -> None:
                 if chunk_id == b"data":
                     available = size - offset
                     if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > available:
-                        raise D2VError(f"{name}: truncated (header declares {chunk_size} bytes of audio, "
-                                       f"the file holds {available})")
+                        raise D2VError(
+                            f"{name}: truncated (header declares {chunk_size} bytes of audio, "
+                            f"the file holds {available})"
+                        )
                     return
                 offset += chunk_size + (chunk_size & 1)
                 f.seek(offset)
@@ -200,9 +209,14 @@ def read_preprocessor_config(model_dir: str | os.PathLike) -> PreprocessorConfig
     return cfg
 
 
-def pad_batch(arrays: Sequence[np.ndarray], do_normalize: bool = True, pad_to: int | None = None,
-              batch_to: int | None = None, padding_value: float = 0.0,
-              eps: float = HF_NORM_EPS) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(
+    arrays: Sequence[np.ndarray],
+    do_normalize: bool = True,
+    pad_to: int | None = None,
+    batch_to: int | None = None,
+    padding_value: float = 0.0,
+    eps: float = HF_NORM_EPS,
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad waveforms into `(input_values, attention_mask)` like `Wav2Vec2FeatureExtractor`.
 
     Each waveform is normalised over its own real samples (so padding never shifts its mean or

@@ -30,8 +30,15 @@ from flax_d2v.fileio import atomic_dir
 FLAX_WEIGHTS = "flax_model.safetensors"
 FLAX_AUX = "flax_aux.safetensors"
 CONFIG = "config.json"
-PROCESSOR_FILES = ("preprocessor_config.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "processor_config.json", "alphabet.json")
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "vocab.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "processor_config.json",
+    "alphabet.json",
+)
 PROCESSOR_DIRS = ("language_model",)  # transformers' Wav2Vec2ProcessorWithLM: attrs.json, unigrams.txt, KenLM file
 
 
@@ -85,9 +92,16 @@ def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     return copied
 
 
-def save_flax(dst: str | os.PathLike, config: Data2VecAudioConfig, params: Any, *, aux: dict[str, Any] | None = None,
-              files_from: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None,
-              overwrite: bool = False) -> Path:
+def save_flax(
+    dst: str | os.PathLike,
+    config: Data2VecAudioConfig,
+    params: Any,
+    *,
+    aux: dict[str, Any] | None = None,
+    files_from: str | os.PathLike | None = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a flax-d2v checkpoint directory atomically (temporary dir, then rename)."""
     from flax_d2v.convert.keys import is_scanned, unstack_layers
 

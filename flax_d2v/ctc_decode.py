@@ -75,8 +75,12 @@ class CTCTokenizer:
         return cls.from_files(vocab_path, model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json")
 
     @classmethod
-    def from_files(cls, vocab_path: str | os.PathLike, tokenizer_config: str | os.PathLike | None = None,
-                   special_tokens_map: str | os.PathLike | None = None) -> CTCTokenizer:
+    def from_files(
+        cls,
+        vocab_path: str | os.PathLike,
+        tokenizer_config: str | os.PathLike | None = None,
+        special_tokens_map: str | os.PathLike | None = None,
+    ) -> CTCTokenizer:
         vocab_path = Path(vocab_path)
         if not vocab_path.is_file():
             raise D2VError(f"{vocab_path}: no such vocab file")
@@ -89,8 +93,10 @@ class CTCTokenizer:
         if isinstance(vocab, dict) and vocab and all(isinstance(v, dict) for v in vocab.values()):
             lang = cfg.get("target_lang")
             if lang not in vocab:
-                raise D2VError(f"{vocab_path}: a multi-lingual vocab needs target_lang in tokenizer_config.json "
-                               f"(one of {sorted(vocab)[:5]}...), got {lang!r}")
+                raise D2VError(
+                    f"{vocab_path}: a multi-lingual vocab needs target_lang in tokenizer_config.json "
+                    f"(one of {sorted(vocab)[:5]}...), got {lang!r}"
+                )
             vocab = vocab[lang]
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise D2VError(f"{vocab_path}: expected a JSON object mapping tokens to integer ids")
@@ -124,8 +130,13 @@ class CTCTokenizer:
     def id_to_token(self) -> dict[int, str]:
         return {i: t for t, i in self.vocab.items()}
 
-    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False,
-               output_word_offsets: bool = False, group_tokens: bool = True) -> str | tuple[str, list[WordOffset]]:
+    def decode(
+        self,
+        ids: Sequence[int] | np.ndarray,
+        skip_special_tokens: bool = False,
+        output_word_offsets: bool = False,
+        group_tokens: bool = True,
+    ) -> str | tuple[str, list[WordOffset]]:
         """Text (and word offsets) for one sequence of per-frame argmax ids.
 
         `group_tokens=False` reads label ids (no CTC collapsing of repeats), as transformers' flag.
@@ -140,16 +151,20 @@ class CTCTokenizer:
             text = clean_up_tokenization(text)
         return (text, words) if output_word_offsets else text
 
-    def _tokens_to_string(self, tokens: list[str], with_offsets: bool,
-                          group_tokens: bool = True) -> tuple[str, list[WordOffset]]:
+    def _tokens_to_string(
+        self, tokens: list[str], with_offsets: bool, group_tokens: bool = True
+    ) -> tuple[str, list[WordOffset]]:
         if not tokens:
             return "", []
         if group_tokens:
             groups = [(tok, len(list(run))) for tok, run in itertools.groupby(tokens)]
         else:
             groups = [(tok, 1) for tok in tokens]
-        chars = [self.replace_word_delimiter_char if t == self.word_delimiter_token else t
-                 for t, _ in groups if t != self.pad_token]
+        chars = [
+            self.replace_word_delimiter_char if t == self.word_delimiter_token else t
+            for t, _ in groups
+            if t != self.pad_token
+        ]
         text = "".join(chars).strip()
         if self.do_lower_case:
             text = text.lower()
@@ -182,7 +197,17 @@ def _word_offsets(chars: list[str], spans: list[tuple[int, int]], delimiter: str
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (on when a tokenizer_config asks for it)."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text

@@ -486,8 +486,7 @@ class Data2Vec2Model(nn.Module):
         with matmul_precision(self.precision):
             local = self.local_features(input_values)
             frame_mask = self.frame_mask(attention_mask, local.shape[1])
-            h, mask_time_indices = self._mask(local, frame_mask, mask_time_indices, mask_feature_indices,
-                                              deterministic)
+            h, mask_time_indices = self._mask(local, frame_mask, mask_time_indices, mask_feature_indices, deterministic)
             x, hidden, results, prenet = self.contextualize(h, frame_mask, deterministic, padding_invariant)
         return Data2Vec2Output(
             last_hidden_state=x,
@@ -528,7 +527,12 @@ class Data2Vec2ForCTC(nn.Module):
         c = self.config
         with matmul_precision(self.precision):
             out = Data2Vec2Model(
-                c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder, self.precision,
+                c,
+                self.dtype,
+                self.remat_policy,
+                self.scan_layers,
+                self.freeze_feature_encoder,
+                self.precision,
                 name="data2vec_audio",
             )(
                 input_values,

@@ -76,8 +76,10 @@ def require_flashlight(what: str) -> tuple[Any, Any]:
     try:
         from flashlight.lib.text import decoder, dictionary
     except ImportError:
-        raise D2VError(f"{what} needs the flashlight-text package, which is not installed "
-                       "(pip install 'flax-d2v[lm]', or pip install flashlight-text)") from None
+        raise D2VError(
+            f"{what} needs the flashlight-text package, which is not installed "
+            "(pip install 'flax-d2v[lm]', or pip install flashlight-text)"
+        ) from None
     return decoder, dictionary
 
 
@@ -104,8 +106,10 @@ def read_arpa_unigrams(path: str | os.PathLike) -> list[str]:
         with _open_text(path) as f:
             first = next((line.strip() for line in f if line.strip()), "")
             if first != "\\data\\":
-                raise D2VError(f"{path}: not an ARPA language model (first line {first[:40]!r}, expected \\data\\) "
-                               "nor a KenLM binary")
+                raise D2VError(
+                    f"{path}: not an ARPA language model (first line {first[:40]!r}, expected \\data\\) "
+                    "nor a KenLM binary"
+                )
             inside = False
             for line in f:
                 line = line.strip()
@@ -188,12 +192,15 @@ def find_hf_language_model(model_dir: str | os.PathLike) -> HFLanguageModel | No
         return None
     lm_dir = d / LM_DIR
     if not lm_dir.is_dir():
-        raise D2VError(f"{d}: processor_class is {cls} but there is no {LM_DIR}/ directory "
-                       "(pass --no-lm to decode without a language model)")
+        raise D2VError(
+            f"{d}: processor_class is {cls} but there is no {LM_DIR}/ directory "
+            "(pass --no-lm to decode without a language model)"
+        )
     files = sorted(p for p in lm_dir.iterdir() if p.is_file() and p.suffix in LM_SUFFIXES)
     if len(files) != 1:
-        raise D2VError(f"{lm_dir}: expected one KenLM file (.arpa, .bin or .binary), found "
-                       f"{[p.name for p in files] or 'none'}")
+        raise D2VError(
+            f"{lm_dir}: expected one KenLM file (.arpa, .bin or .binary), found {[p.name for p in files] or 'none'}"
+        )
     attrs = read_json_object(lm_dir / "attrs.json") if (lm_dir / "attrs.json").is_file() else {}
     try:
         alpha, beta = float(attrs.get("alpha", HF_ALPHA)), float(attrs.get("beta", HF_BETA))
@@ -210,7 +217,7 @@ def spell(word: str, spelling: Sequence[str] | None, tokens: frozenset[str]) -> 
     Each unit as is, else upper-cased, else lower-cased.
     """
     out = []
-    for unit in (spelling if spelling is not None else list(word)):
+    for unit in spelling if spelling is not None else list(word):
         for cand in (unit, unit.upper(), unit.lower()):
             if cand in tokens:
                 out.append(cand)
@@ -220,13 +227,16 @@ def spell(word: str, spelling: Sequence[str] | None, tokens: frozenset[str]) -> 
     return out or None
 
 
-def build_lexicon(words: Sequence[tuple[str, list[str] | None]], tokenizer: CTCTokenizer, source: str,
-                  warn: Warn | None) -> dict[str, list[list[str]]]:
+def build_lexicon(
+    words: Sequence[tuple[str, list[str] | None]], tokenizer: CTCTokenizer, source: str, warn: Warn | None
+) -> dict[str, list[list[str]]]:
     """word -> spellings (each ending with the word delimiter); unspellable words reported once."""
     delimiter = tokenizer.word_delimiter_token
     if delimiter is None or delimiter not in tokenizer.vocab:
-        raise D2VError(f"{source}: word-level LM decoding needs the word delimiter token ({delimiter!r}) in the "
-                       "model's vocabulary; use --lexicon-free with an LM over its tokens")
+        raise D2VError(
+            f"{source}: word-level LM decoding needs the word delimiter token ({delimiter!r}) in the "
+            "model's vocabulary; use --lexicon-free with an LM over its tokens"
+        )
     letters = frozenset(t for t in tokenizer.vocab if t not in tokenizer.special_tokens and t != delimiter)
     lexicon: dict[str, list[list[str]]] = {}
     missing: list[str] = []
@@ -241,12 +251,16 @@ def build_lexicon(words: Sequence[tuple[str, list[str] | None]], tokenizer: CTCT
         if letters_of + [delimiter] not in spellings:
             spellings.append(letters_of + [delimiter])
     if not lexicon:
-        raise D2VError(f"{source}: no word can be spelled with the model's vocabulary "
-                       f"({len(missing)} word(s), e.g. {missing[:3]}; is this the LM for this model's alphabet?)")
+        raise D2VError(
+            f"{source}: no word can be spelled with the model's vocabulary "
+            f"({len(missing)} word(s), e.g. {missing[:3]}; is this the LM for this model's alphabet?)"
+        )
     if missing and warn is not None:
         total = len({w for w, _ in words})
-        warn(f"{source}: {len(set(missing))} of {total} words cannot be "
-             f"spelled with the model's vocabulary and are left out (e.g. {', '.join(repr(w) for w in missing[:3])})")
+        warn(
+            f"{source}: {len(set(missing))} of {total} words cannot be "
+            f"spelled with the model's vocabulary and are left out (e.g. {', '.join(repr(w) for w in missing[:3])})"
+        )
     return lexicon
 
 
@@ -292,11 +306,21 @@ class BeamSearchDecoder:
     lm_weight / word_score: fusion weights (module docstring); None = fairseq's 4-gram defaults.
     """
 
-    def __init__(self, tokenizer: CTCTokenizer, num_logits: int, beam_width: int = DEFAULT_LM_BEAM_WIDTH, *,
-                 lm: str | os.PathLike | None = None, lexicon: str | os.PathLike | None = None,
-                 unigrams: str | os.PathLike | None = None, lexicon_free: bool | None = None,
-                 lm_weight: float | None = None, word_score: float | None = None,
-                 beam_threshold: float = BEAM_THRESHOLD, warn: Warn | None = None):
+    def __init__(
+        self,
+        tokenizer: CTCTokenizer,
+        num_logits: int,
+        beam_width: int = DEFAULT_LM_BEAM_WIDTH,
+        *,
+        lm: str | os.PathLike | None = None,
+        lexicon: str | os.PathLike | None = None,
+        unigrams: str | os.PathLike | None = None,
+        lexicon_free: bool | None = None,
+        lm_weight: float | None = None,
+        word_score: float | None = None,
+        beam_threshold: float = BEAM_THRESHOLD,
+        warn: Warn | None = None,
+    ):
         fl_decoder, fl_dict = require_flashlight("--lm" if lm is not None else "--beam-width: beam search")
         if beam_width < 1:
             raise D2VError(f"--beam-width: must be >= 1 for beam search, got {beam_width}")
@@ -339,28 +363,39 @@ class BeamSearchDecoder:
         elif arpa_words is not None:
             words, source = [(w, None) for w in arpa_words], str(self.lm_path)
         else:
-            raise D2VError(f"{self.lm_path}: a KenLM binary does not list its words; give --lexicon (a word list, "
-                           "e.g. the LM's vocabulary) or use the ARPA file")
+            raise D2VError(
+                f"{self.lm_path}: a KenLM binary does not list its words; give --lexicon (a word list, "
+                "e.g. the LM's vocabulary) or use the ARPA file"
+            )
         spelled = build_lexicon(words, tokenizer, source, warn)
         if arpa_words is not None and lexicon is not None and warn is not None:
             known = set(arpa_words)
             unknown = [w for w in spelled if w not in known]
             if unknown:  # e.g. a lower-case word list with an upper-case LM: the LM would not help
-                warn(f"{source}: {len(unknown)} of {len(spelled)} words are not in {self.lm_path} and are scored as "
-                     f"its <unk> (e.g. {', '.join(repr(w) for w in unknown[:3])})")
+                warn(
+                    f"{source}: {len(unknown)} of {len(spelled)} words are not in {self.lm_path} and are scored as "
+                    f"its <unk> (e.g. {', '.join(repr(w) for w in unknown[:3])})"
+                )
         self._decoder = self._lexicon_decoder(fl_decoder, fl_dict, spelled, beam_threshold)
         self.lexicon_mode = True
         self.words = frozenset(spelled)
 
     def _lexicon_free(self, fl: Any, lm: Any, beam_threshold: float, weight: float) -> Any:
         options = fl.LexiconFreeDecoderOptions(
-            beam_size=self.beam_width, beam_size_token=len(self.unused), beam_threshold=beam_threshold,
-            lm_weight=weight, sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC)
+            beam_size=self.beam_width,
+            beam_size_token=len(self.unused),
+            beam_threshold=beam_threshold,
+            lm_weight=weight,
+            sil_score=0.0,
+            log_add=False,
+            criterion_type=fl.CriterionType.CTC,
+        )
         self._lm = lm  # the decoder holds a reference in C++; keep the Python object alive too
         return fl.LexiconFreeDecoder(options, lm, self.sil, self.blank, [])
 
-    def _lexicon_decoder(self, fl: Any, fl_dict: Any, lexicon: dict[str, list[list[str]]],
-                         beam_threshold: float) -> Any:
+    def _lexicon_decoder(
+        self, fl: Any, fl_dict: Any, lexicon: dict[str, list[list[str]]], beam_threshold: float
+    ) -> Any:
         unk = "<unk>"
         self.word_dict = fl_dict.Dictionary(sorted(lexicon) + ([unk] if unk not in lexicon else []))
         self.word_dict.set_default_index(self.word_dict.get_index(unk))
@@ -374,9 +409,16 @@ class BeamSearchDecoder:
                 trie.insert([self.token_dict.get_index(t) for t in spelling], index, score)
         trie.smear(fl.SmearingMode.MAX)
         options = fl.LexiconDecoderOptions(
-            beam_size=self.beam_width, beam_size_token=len(self.unused), beam_threshold=beam_threshold,
-            lm_weight=self.lm_weight, word_score=self.word_score, unk_score=-math.inf, sil_score=0.0,
-            log_add=False, criterion_type=fl.CriterionType.CTC)
+            beam_size=self.beam_width,
+            beam_size_token=len(self.unused),
+            beam_threshold=beam_threshold,
+            lm_weight=self.lm_weight,
+            word_score=self.word_score,
+            unk_score=-math.inf,
+            sil_score=0.0,
+            log_add=False,
+            criterion_type=fl.CriterionType.CTC,
+        )
         self._lm, self._trie = lm, trie
         return fl.LexiconDecoder(options, trie, lm, self.sil, self.blank, self.word_dict.get_index(unk), [], False)
 
@@ -411,7 +453,7 @@ class BeamSearchDecoder:
             return self._one_break_between_words(finished[0][:n])
         path = paths[0][:n].copy()
         breaks = np.flatnonzero(path == self.sil)
-        path[breaks[-1] + 1 if len(breaks) else 0:] = self.blank
+        path[breaks[-1] + 1 if len(breaks) else 0 :] = self.blank
         return self._one_break_between_words(path)
 
     def _one_break_between_words(self, path: np.ndarray) -> np.ndarray:
@@ -431,16 +473,23 @@ class BeamSearchDecoder:
 
     def decode(self, log_probs: np.ndarray, skip_special_tokens: bool = False) -> tuple[str, list[WordOffset]]:
         """Best beam's text and word frame offsets, by the same rules as greedy decoding."""
-        text, words = self.tokenizer.decode(self.best_path(log_probs), skip_special_tokens,
-                                            output_word_offsets=True)
+        text, words = self.tokenizer.decode(self.best_path(log_probs), skip_special_tokens, output_word_offsets=True)
         return text, words
 
 
-def decoder_for(tokenizer: CTCTokenizer, num_logits: int, *, beam_width: int = 0,
-                lm: str | os.PathLike | bool | None = None, model_dir: str | os.PathLike | None = None,
-                lexicon: str | os.PathLike | None = None, lexicon_free: bool | None = None,
-                lm_weight: float | None = None, word_score: float | None = None,
-                warn: Warn | None = None) -> BeamSearchDecoder | None:
+def decoder_for(
+    tokenizer: CTCTokenizer,
+    num_logits: int,
+    *,
+    beam_width: int = 0,
+    lm: str | os.PathLike | bool | None = None,
+    model_dir: str | os.PathLike | None = None,
+    lexicon: str | os.PathLike | None = None,
+    lexicon_free: bool | None = None,
+    lm_weight: float | None = None,
+    word_score: float | None = None,
+    warn: Warn | None = None,
+) -> BeamSearchDecoder | None:
     """The decoder `d2v transcribe` and `flax_d2v.transcribe` use; None means greedy.
 
     lm: a KenLM file; None = the model directory's own (transformers' `language_model/`, with its
@@ -458,12 +507,23 @@ def decoder_for(tokenizer: CTCTokenizer, num_logits: int, *, beam_width: int = 0
             lm_weight = hf.lm_weight if lm_weight is None else lm_weight
             word_score = hf.word_score if word_score is None else word_score
             if warn is not None:
-                warn(f"decoding with the model's language model {hf.path} (lm_weight {lm_weight:.4g} = alpha "
-                     f"{hf.alpha:g} x ln 10, word_score {word_score:g} = beta); --no-lm decodes without it")
+                warn(
+                    f"decoding with the model's language model {hf.path} (lm_weight {lm_weight:.4g} = alpha "
+                    f"{hf.alpha:g} x ln 10, word_score {word_score:g} = beta); --no-lm decodes without it"
+                )
     if lm is False or lm is None:
         if lexicon is not None:
             raise D2VError(f"{lexicon}: --lexicon needs --lm (a word n-gram to score the words with)")
         return BeamSearchDecoder(tokenizer, num_logits, beam_width) if beam_width > 1 else None
-    return BeamSearchDecoder(tokenizer, num_logits, beam_width if beam_width > 1 else DEFAULT_LM_BEAM_WIDTH,
-                             lm=lm, lexicon=lexicon, unigrams=unigrams, lexicon_free=lexicon_free,
-                             lm_weight=lm_weight, word_score=word_score, warn=warn)
+    return BeamSearchDecoder(
+        tokenizer,
+        num_logits,
+        beam_width if beam_width > 1 else DEFAULT_LM_BEAM_WIDTH,
+        lm=lm,
+        lexicon=lexicon,
+        unigrams=unigrams,
+        lexicon_free=lexicon_free,
+        lm_weight=lm_weight,
+        word_score=word_score,
+        warn=warn,
+    )

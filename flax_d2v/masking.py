@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _num_spans(length: jax.Array, mask_prob: float, mask_length: int, min_masks: int, u: jax.Array,
-               sequence_length: int) -> jax.Array:
+def _num_spans(
+    length: jax.Array, mask_prob: float, mask_length: int, min_masks: int, u: jax.Array, sequence_length: int
+) -> jax.Array:
     n = jnp.floor(mask_prob * length / mask_length + u).astype(jnp.int32)
     n = jnp.maximum(n, min_masks)
     n = jnp.minimum(n, sequence_length // mask_length)
@@ -34,8 +35,16 @@ def _max_spans(sequence_length: int, mask_prob: float, mask_length: int, min_mas
     return n
 
 
-def _row_mask(key: jax.Array, length: jax.Array, u: jax.Array, sequence_length: int, mask_prob: float,
-              mask_length: int, min_masks: int, max_spans: int) -> jax.Array:
+def _row_mask(
+    key: jax.Array,
+    length: jax.Array,
+    u: jax.Array,
+    sequence_length: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int,
+    max_spans: int,
+) -> jax.Array:
     num = _num_spans(length, mask_prob, mask_length, min_masks, u, sequence_length)
     positions = jnp.arange(sequence_length)
     # Sampling starts without replacement = taking the top-`num` of i.i.d. uniform scores over
@@ -48,8 +57,14 @@ def _row_mask(key: jax.Array, length: jax.Array, u: jax.Array, sequence_length: 
     return jnp.any(covered & used[:, None], axis=0)
 
 
-def compute_mask_indices(rng: jax.Array, shape: tuple[int, int], mask_prob: float, mask_length: int,
-                         min_masks: int = 0, lengths: jax.Array | None = None) -> jax.Array:
+def compute_mask_indices(
+    rng: jax.Array,
+    shape: tuple[int, int],
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    lengths: jax.Array | None = None,
+) -> jax.Array:
     """Boolean (batch, sequence_length) span mask; `lengths` excludes right padding from masking."""
     batch, sequence_length = shape
     if mask_length < 1:
@@ -70,8 +85,14 @@ def compute_mask_indices(rng: jax.Array, shape: tuple[int, int], mask_prob: floa
     return jax.vmap(fn)(keys, lengths.astype(jnp.int32))
 
 
-def per_example_mask_indices(keys: jax.Array, sequence_length: int, mask_prob: float, mask_length: int,
-                             min_masks: int = 0, lengths: jax.Array | None = None) -> jax.Array:
+def per_example_mask_indices(
+    keys: jax.Array,
+    sequence_length: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    lengths: jax.Array | None = None,
+) -> jax.Array:
     """Like `compute_mask_indices` but row i is a function of `keys[i]` alone (device-independent)."""
     batch = keys.shape[0]
     if lengths is None:

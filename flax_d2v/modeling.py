@@ -37,8 +37,13 @@ Dtype = Any
 # torch.nn.LayerNorm's default eps: used where transformers builds LayerNorm without config eps.
 TORCH_LAYER_NORM_EPS = 1e-5
 _SQRT_HALF = 0.7071067811865476
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+REMAT_POLICIES = (
+    "none",
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
 
 
 def gelu(x: Array) -> Array:
@@ -214,8 +219,9 @@ class PositionalConvEmbedding(nn.Module):
 FUSED_ATTENTION_MULTIPLE = 64
 
 
-def fused_attention(q: Array, k: Array, v: Array, attention_bias: Array | None,
-                    implementation: str | None = None) -> Array | None:
+def fused_attention(
+    q: Array, k: Array, v: Array, attention_bias: Array | None, implementation: str | None = None
+) -> Array | None:
     """cuDNN's fused (flash) attention for bf16/fp16 on a GPU, else None (the caller's XLA path).
 
     Why: the explicit path materialises (batch, heads, T, T) fp32 scores and probabilities in HBM,
@@ -241,8 +247,9 @@ def fused_attention(q: Array, k: Array, v: Array, attention_bias: Array | None,
         q, k, v = (jnp.pad(a, ((0, 0), (0, padded - t), (0, 0), (0, 0))) for a in (q, k, v))
     try:
         # q is already scaled by head_dim**-0.5 (transformers' order of operations)
-        out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, scale=1.0,
-                                           implementation=implementation)
+        out = jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=kv_lengths, scale=1.0, implementation=implementation
+        )
     except Exception:  # noqa: BLE001 - an unsupported shape or cuDNN version: the explicit path computes it
         return None
     return out[:, :t]
@@ -364,9 +371,14 @@ class Encoder(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, frame_mask: Array | None, deterministic: bool = True,
-                 output_hidden_states: bool = False, output_layer_results: bool = False
-                 ) -> tuple[Array, tuple[Array, ...] | None, tuple[Array, ...] | None]:
+    def __call__(
+        self,
+        x: Array,
+        frame_mask: Array | None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_layer_results: bool = False,
+    ) -> tuple[Array, tuple[Array, ...] | None, tuple[Array, ...] | None]:
         c = self.config
         attention_bias = None
         if frame_mask is not None:
@@ -386,8 +398,15 @@ class Encoder(nn.Module):
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (hs, rs) = scan(c, self.dtype, deterministic, self.remat_policy, output_hidden_states,
-                               output_layer_results, name="layers")(x, attention_bias)
+            x, (hs, rs) = scan(
+                c,
+                self.dtype,
+                deterministic,
+                self.remat_policy,
+                output_hidden_states,
+                output_layer_results,
+                name="layers",
+            )(x, attention_bias)
             hidden_states += list(hs) if output_hidden_states else []
             results = list(rs) if output_layer_results else []
         else:
@@ -397,8 +416,11 @@ class Encoder(nn.Module):
                 x, r = layer_cls(c, self.dtype, name=f"layers_{i}")(x, attention_bias, deterministic)
                 hidden_states.append(x)
                 results.append(r)
-        return (x, tuple(hidden_states) if output_hidden_states else None,
-                tuple(results) if output_layer_results else None)
+        return (
+            x,
+            tuple(hidden_states) if output_hidden_states else None,
+            tuple(results) if output_layer_results else None,
+        )
 
 
 class AdapterLayer(nn.Module):
@@ -472,8 +494,10 @@ class Data2VecAudioModel(nn.Module):
         self.feature_projection = FeatureProjection(c, self.dtype)
         if c.has_masked_spec_embed:
             self.masked_spec_embed = self.param(
-                "masked_spec_embed", nn.with_logical_partitioning(nn.initializers.uniform(1.0), ("embed",)),
-                (c.hidden_size,))
+                "masked_spec_embed",
+                nn.with_logical_partitioning(nn.initializers.uniform(1.0), ("embed",)),
+                (c.hidden_size,),
+            )
         self.encoder = Encoder(c, self.dtype, self.remat_policy, self.scan_layers)
         if c.add_adapter:
             self.adapter = Adapter(c, self.dtype)
@@ -484,58 +508,94 @@ class Data2VecAudioModel(nn.Module):
         lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1))
         return jnp.arange(num_frames)[None, :] < lengths[:, None]
 
-    def _spec_augment(self, h: Array, frame_mask: Array | None, mask_time_indices: Array | None,
-                      mask_feature_indices: Array | None, deterministic: bool) -> tuple[Array, Array | None]:
+    def _spec_augment(
+        self,
+        h: Array,
+        frame_mask: Array | None,
+        mask_time_indices: Array | None,
+        mask_feature_indices: Array | None,
+        deterministic: bool,
+    ) -> tuple[Array, Array | None]:
         c = self.config
         b, t, d = h.shape
         if not c.apply_spec_augment:  # transformers' `_mask_hidden_states`: off, even for masks passed in
             return h, None
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
-            mask_time_indices = compute_mask_indices(self.make_rng("dropout"), (b, t), c.mask_time_prob,
-                                                     c.mask_time_length, c.mask_time_min_masks, lengths)
+            mask_time_indices = compute_mask_indices(
+                self.make_rng("dropout"), (b, t), c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks, lengths
+            )
         if mask_time_indices is not None:
             if not c.has_masked_spec_embed:
-                raise ValueError("mask_time_indices given but the config has no masked_spec_embed "
-                                 "(mask_time_prob and mask_feature_prob are both 0)")
+                raise ValueError(
+                    "mask_time_indices given but the config has no masked_spec_embed "
+                    "(mask_time_prob and mask_feature_prob are both 0)"
+                )
             h = jnp.where(mask_time_indices[..., None], self.masked_spec_embed.astype(h.dtype), h)
         if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
-            mask_feature_indices = compute_mask_indices(self.make_rng("dropout"), (b, d), c.mask_feature_prob,
-                                                        c.mask_feature_length, c.mask_feature_min_masks)
+            mask_feature_indices = compute_mask_indices(
+                self.make_rng("dropout"), (b, d), c.mask_feature_prob, c.mask_feature_length, c.mask_feature_min_masks
+            )
         if mask_feature_indices is not None:
             h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
         return h, mask_time_indices
 
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+    ) -> Data2VecAudioOutput:
         with matmul_precision(self.precision):
-            return self._forward(input_values, attention_mask, output_hidden_states, deterministic,
-                                 mask_time_indices, mask_feature_indices, output_layer_results)
+            return self._forward(
+                input_values,
+                attention_mask,
+                output_hidden_states,
+                deterministic,
+                mask_time_indices,
+                mask_feature_indices,
+                output_layer_results,
+            )
 
-    def _forward(self, input_values: Array, attention_mask: Array | None, output_hidden_states: bool,
-                 deterministic: bool, mask_time_indices: Array | None, mask_feature_indices: Array | None,
-                 output_layer_results: bool) -> Data2VecAudioOutput:
+    def _forward(
+        self,
+        input_values: Array,
+        attention_mask: Array | None,
+        output_hidden_states: bool,
+        deterministic: bool,
+        mask_time_indices: Array | None,
+        mask_feature_indices: Array | None,
+        output_layer_results: bool,
+    ) -> Data2VecAudioOutput:
         features = self.feature_extractor(input_values)
         if self.freeze_feature_encoder:
             features = jax.lax.stop_gradient(features)
         frame_mask = self.frame_mask(attention_mask, features.shape[1])
         h, extract_features = self.feature_projection(features, deterministic)
-        h, mask_time_indices = self._spec_augment(h, frame_mask, mask_time_indices, mask_feature_indices,
-                                                  deterministic)
-        last, hidden_states, layer_results = self.encoder(h, frame_mask, deterministic, output_hidden_states,
-                                                          output_layer_results)
+        h, mask_time_indices = self._spec_augment(h, frame_mask, mask_time_indices, mask_feature_indices, deterministic)
+        last, hidden_states, layer_results = self.encoder(
+            h, frame_mask, deterministic, output_hidden_states, output_layer_results
+        )
         output_frame_mask = None
         if self.config.add_adapter:
             last = self.adapter(last, deterministic)
             if attention_mask is not None:
                 lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1), True)
                 output_frame_mask = jnp.arange(last.shape[1])[None, :] < lengths[:, None]
-        return Data2VecAudioOutput(last_hidden_state=last, extract_features=extract_features,
-                                   hidden_states=hidden_states, layer_results=layer_results,
-                                   frame_mask=frame_mask, mask_time_indices=mask_time_indices,
-                                   output_frame_mask=output_frame_mask)
+        return Data2VecAudioOutput(
+            last_hidden_state=last,
+            extract_features=extract_features,
+            hidden_states=hidden_states,
+            layer_results=layer_results,
+            frame_mask=frame_mask,
+            mask_time_indices=mask_time_indices,
+            output_frame_mask=output_frame_mask,
+        )
 
 
 class Data2VecAudioForCTC(nn.Module):
@@ -549,24 +609,44 @@ class Data2VecAudioForCTC(nn.Module):
     precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
     @nn.compact
-    def __call__(self, input_values: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False, *, deterministic: bool = True,
-                 mask_time_indices: Array | None = None, mask_feature_indices: Array | None = None,
-                 output_layer_results: bool = False) -> Data2VecAudioOutput:
+    def __call__(
+        self,
+        input_values: Array,
+        attention_mask: Array | None = None,
+        output_hidden_states: bool = False,
+        *,
+        deterministic: bool = True,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        output_layer_results: bool = False,
+    ) -> Data2VecAudioOutput:
         c = self.config
         with matmul_precision(self.precision):
-            out = Data2VecAudioModel(c, self.dtype, self.remat_policy, self.scan_layers, self.freeze_feature_encoder,
-                                     self.precision, name="data2vec_audio")(
-                input_values, attention_mask, output_hidden_states, deterministic=deterministic,
-                mask_time_indices=mask_time_indices, mask_feature_indices=mask_feature_indices,
-                output_layer_results=output_layer_results)
+            out = Data2VecAudioModel(
+                c,
+                self.dtype,
+                self.remat_policy,
+                self.scan_layers,
+                self.freeze_feature_encoder,
+                self.precision,
+                name="data2vec_audio",
+            )(
+                input_values,
+                attention_mask,
+                output_hidden_states,
+                deterministic=deterministic,
+                mask_time_indices=mask_time_indices,
+                mask_feature_indices=mask_feature_indices,
+                output_layer_results=output_layer_results,
+            )
             h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
             logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)  # width: output_hidden_size
         return out.replace(logits=logits.astype(jnp.float32))
 
 
-def apply_padding_invariant(module: nn.Module, params: Any, input_values: jax.Array,
-                            attention_mask: jax.Array) -> Data2VecAudioOutput:
+def apply_padding_invariant(
+    module: nn.Module, params: Any, input_values: jax.Array, attention_mask: jax.Array
+) -> Data2VecAudioOutput:
     """Outputs of a right-padded batch that equal each row's outputs run alone, unpadded.
 
     For inference (`d2v transcribe`, fine-tuning's eval); training and parity use the plain
@@ -581,8 +661,9 @@ def apply_padding_invariant(module: nn.Module, params: Any, input_values: jax.Ar
     """
     frames = feat_extract_output_lengths(module.config, attention_mask.astype(jnp.int32).sum(-1))
 
-    def zero_padded_frames(next_fun: Callable[..., Any], args: Any, kwargs: Any,
-                           context: nn.module.InterceptorContext) -> Any:
+    def zero_padded_frames(
+        next_fun: Callable[..., Any], args: Any, kwargs: Any, context: nn.module.InterceptorContext
+    ) -> Any:
         out = next_fun(*args, **kwargs)
         if isinstance(context.module, PositionalConvLayer) and context.method_name == "__call__":
             real = jnp.arange(out.shape[1])[None, :] < frames[:, None]
@@ -609,13 +690,15 @@ def init_params(module: nn.Module, rng: Array | int = 0, num_samples: int = 1600
 
 def param_shapes(module: nn.Module, num_samples: int = 16000) -> Any:
     """Parameter shapes/dtypes without allocating (the tree a checkpoint must match)."""
-    boxed = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, num_samples), jnp.float32))["params"],
-                           jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(
+        lambda r: module.init(r, jnp.zeros((1, num_samples), jnp.float32))["params"], jax.random.PRNGKey(0)
+    )
     return nn.meta.unbox(boxed)
 
 
 def logical_axes(module: nn.Module, num_samples: int = 16000) -> Any:
     """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
-    boxed = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, num_samples), jnp.float32))["params"],
-                           jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(
+        lambda r: module.init(r, jnp.zeros((1, num_samples), jnp.float32))["params"], jax.random.PRNGKey(0)
+    )
     return nn.get_partition_spec(boxed)

@@ -53,8 +53,9 @@ class PrecisionPolicy:
 
 POLICIES: dict[str, PrecisionPolicy] = {
     "highest": PrecisionPolicy("highest", jnp.float32, "highest", "float32, HIGHEST matmul/conv precision"),
-    "default": PrecisionPolicy("default", jnp.float32, "default",
-                               "float32, the platform's default matmul/conv precision (TF32 on GPU)"),
+    "default": PrecisionPolicy(
+        "default", jnp.float32, "default", "float32, the platform's default matmul/conv precision (TF32 on GPU)"
+    ),
     "bf16": PrecisionPolicy("bf16", jnp.bfloat16, "default", "bfloat16 compute, float32 params and accumulation"),
 }
 NAMES = tuple(POLICIES)
@@ -79,8 +80,10 @@ def policy_of(dtype: Any, matmul: str) -> PrecisionPolicy:
 
 def check_matmul_precision(value: str) -> str:
     if value not in MATMUL_PRECISIONS:
-        raise ValueError(f"module precision {value!r}: choose one of {MATMUL_PRECISIONS} "
-                         "(the dtype is the module's `dtype` field; see flax_d2v.precision)")
+        raise ValueError(
+            f"module precision {value!r}: choose one of {MATMUL_PRECISIONS} "
+            "(the dtype is the module's `dtype` field; see flax_d2v.precision)"
+        )
     return value
 
 
@@ -96,7 +99,11 @@ def matmul_precision(value: str) -> Iterator[None]:
 
 def add_argument(parser: Any, default: str, what: str) -> None:
     """`--precision {highest,default,bf16}` for a command, with its default and why."""
-    parser.add_argument("--precision", choices=NAMES, default=default,
-                        help=f"compute precision (default {default}: {what}); highest = float32 with "
-                        "HIGHEST matmul/conv precision, default = float32 at the platform's default "
-                        "(TF32 on GPU), bf16 = bfloat16 compute with float32 params")
+    parser.add_argument(
+        "--precision",
+        choices=NAMES,
+        default=default,
+        help=f"compute precision (default {default}: {what}); highest = float32 with "
+        "HIGHEST matmul/conv precision, default = float32 at the platform's default "
+        "(TF32 on GPU), bf16 = bfloat16 compute with float32 params",
+    )

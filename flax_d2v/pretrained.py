@@ -54,8 +54,9 @@ def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, HeadSpec, di
             return config, spec, params, str(p)
         if not (p / "config.json").is_file():
             raise D2VError(f"{p}: config.json not found (not a flax-d2v or transformers model directory)")
-        raise D2VError(f"{p}: no weights found (expected flax_model.safetensors, model.safetensors or "
-                       "pytorch_model.bin)")
+        raise D2VError(
+            f"{p}: no weights found (expected flax_model.safetensors, model.safetensors or pytorch_model.bin)"
+        )
     if p.is_file():
         if p.suffix == ".pt":
             try:
@@ -75,13 +76,17 @@ def download_from_hub(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise D2VError(f"{repo_id}: looks like a hub id, but huggingface_hub is not installed "
-                       "(pip install huggingface_hub), or pass a local directory") from None
+        raise D2VError(
+            f"{repo_id}: looks like a hub id, but huggingface_hub is not installed "
+            "(pip install huggingface_hub), or pass a local directory"
+        ) from None
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES)
     except Exception as e:  # noqa: BLE001 - any network/auth failure gets the same advice
-        raise D2VError(f"{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}); "
-                       "are you offline? Download the model elsewhere and pass its directory") from None
+        raise D2VError(
+            f"{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}); "
+            "are you offline? Download the model elsewhere and pass its directory"
+        ) from None
 
 
 def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]:
@@ -96,14 +101,24 @@ def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]
         precision = "bf16" if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 else "highest"
     policy = resolve(precision)
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(policy.dtype):
-        raise D2VError(f"dtype={jnp.dtype(dtype).name} contradicts precision={policy.name!r} "
-                       f"(which computes in {jnp.dtype(policy.dtype).name}); pass one of them")
+        raise D2VError(
+            f"dtype={jnp.dtype(dtype).name} contradicts precision={policy.name!r} "
+            f"(which computes in {jnp.dtype(policy.dtype).name}); pass one of them"
+        )
     return policy.module_kwargs()
 
 
-def from_pretrained(path: str | os.PathLike, *, precision: str | None = None, dtype: Any = None,
-                    scan_layers: bool = False, remat_policy: str = "none", freeze_feature_encoder: bool = False,
-                    teacher: bool = False, **head_kwargs: Any):
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    precision: str | None = None,
+    dtype: Any = None,
+    scan_layers: bool = False,
+    remat_policy: str = "none",
+    freeze_feature_encoder: bool = False,
+    teacher: bool = False,
+    **head_kwargs: Any,
+):
     """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
 
     `precision` is a `flax_d2v.precision` policy: "highest" (the default: float32 with HIGHEST
@@ -120,8 +135,15 @@ def from_pretrained(path: str | os.PathLike, *, precision: str | None = None, dt
         from flax_d2v.teacher import teacher_params
 
         params = teacher_params(config, spec.architecture == "Data2VecAudioForCTC", params, resolved)
-    module = build_module(config, spec, **precision_kwargs(precision, dtype), scan_layers=scan_layers,
-                          remat_policy=remat_policy, freeze_feature_encoder=freeze_feature_encoder, **head_kwargs)
+    module = build_module(
+        config,
+        spec,
+        **precision_kwargs(precision, dtype),
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+        freeze_feature_encoder=freeze_feature_encoder,
+        **head_kwargs,
+    )
     if scan_layers:
         from flax_d2v.convert.keys import stack_layers
 

@@ -83,8 +83,9 @@ class Transcription:
     def to_json(self, timestamps: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "text": self.text, "seconds": round(self.seconds, 4)}
         if timestamps:
-            out["words"] = [{"word": w.word, "start": round(w.start, 4), "end": round(w.end, 4)}
-                            for w in (self.words or ())]
+            out["words"] = [
+                {"word": w.word, "start": round(w.start, 4), "end": round(w.end, 4)} for w in (self.words or ())
+            ]
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -122,23 +123,27 @@ class ChunkPlan:
     stride_right: int
 
     @classmethod
-    def from_seconds(cls, chunk_length_s: float | None, stride_length_s: float | Sequence[float] | None,
-                     align: int) -> ChunkPlan:
+    def from_seconds(
+        cls, chunk_length_s: float | None, stride_length_s: float | Sequence[float] | None, align: int
+    ) -> ChunkPlan:
         if not chunk_length_s:
             return cls(0, 0, 0)
         if chunk_length_s < 0:
             raise D2VError(f"--chunk-length-s: must be >= 0, got {chunk_length_s}")
         if stride_length_s is None:
             stride_length_s = chunk_length_s * STRIDE_FRACTION
-        left_s, right_s = ((stride_length_s, stride_length_s) if isinstance(stride_length_s, (int, float))
-                           else tuple(stride_length_s))
+        left_s, right_s = (
+            (stride_length_s, stride_length_s) if isinstance(stride_length_s, (int, float)) else tuple(stride_length_s)
+        )
         to_samples = lambda s: int(round(s * SAMPLE_RATE / align) * align)
         plan = cls(to_samples(chunk_length_s), to_samples(left_s), to_samples(right_s))
         # The conv stack cannot make a chunk's last frame (its window runs past the chunk), so
         # without a right stride of at least one frame that frame would be lost at every seam.
         if plan.stride_left < 0 or plan.stride_right < align or plan.chunk_len <= plan.stride_left + plan.stride_right:
-            raise D2VError(f"--stride-length-s: strides ({left_s}, {right_s}) s must be >= 0 on the left, "
-                           f">= {align / SAMPLE_RATE} s on the right, and leave room in a {chunk_length_s} s chunk")
+            raise D2VError(
+                f"--stride-length-s: strides ({left_s}, {right_s}) s must be >= 0 on the left, "
+                f">= {align / SAMPLE_RATE} s on the right, and leave room in a {chunk_length_s} s chunk"
+            )
         return plan
 
     def pieces(self, item: int, n: int) -> list[Piece]:
@@ -189,8 +194,9 @@ def batch_rows(n: int, batch_size: int) -> int:
 
 # ---------------------------------------------------------------------------------------- the model
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _ctc_forward(module: Data2VecAudioForCTC, params: Any, input_values: jax.Array, attention_mask: jax.Array,
-                 log_probs: bool) -> jax.Array:
+def _ctc_forward(
+    module: Data2VecAudioForCTC, params: Any, input_values: jax.Array, attention_mask: jax.Array, log_probs: bool
+) -> jax.Array:
     """Per-frame argmax ids (greedy) or log-probabilities (beam search); one program per shape."""
     logits = apply_padding_invariant(module, params, input_values, attention_mask).logits
     return jax.nn.log_softmax(logits, axis=-1) if log_probs else jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -204,8 +210,11 @@ def _tokenizer_from(vocab: Any, where: str) -> CTCTokenizer:
     if vocab is None:
         raise D2VError(f"{where}: a (module, params) model needs vocab= (a vocab.json, its directory, or a dict)")
     p = Path(vocab)
-    return CTCTokenizer.from_dir(p) if p.is_dir() else CTCTokenizer.from_files(
-        p, p.parent / "tokenizer_config.json", p.parent / "special_tokens_map.json")
+    return (
+        CTCTokenizer.from_dir(p)
+        if p.is_dir()
+        else CTCTokenizer.from_files(p, p.parent / "tokenizer_config.json", p.parent / "special_tokens_map.json")
+    )
 
 
 def load_input(idx: int, item: Any, strict: bool, warn: Warn) -> tuple[str, np.ndarray | None, str | None]:
@@ -234,13 +243,25 @@ class Transcriber:
     Build it once and call `__call__`/`iter` many times: XLA programs are reused across calls.
     """
 
-    def __init__(self, model_or_path: Any, vocab: Any = None, do_normalize: bool | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
-                 stride_length_s: float | Sequence[float] | None = None, beam_width: int = 0,
-                 lm: str | os.PathLike | bool | None = None, skip_special_tokens: bool = False, *,
-                 lexicon: str | os.PathLike | None = None, lexicon_free: bool | None = None,
-                 lm_weight: float | None = None, word_score: float | None = None, warn: Warn = print_note,
-                 precision: str = DEFAULT_PRECISION):
+    def __init__(
+        self,
+        model_or_path: Any,
+        vocab: Any = None,
+        do_normalize: bool | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
+        stride_length_s: float | Sequence[float] | None = None,
+        beam_width: int = 0,
+        lm: str | os.PathLike | bool | None = None,
+        skip_special_tokens: bool = False,
+        *,
+        lexicon: str | os.PathLike | None = None,
+        lexicon_free: bool | None = None,
+        lm_weight: float | None = None,
+        word_score: float | None = None,
+        warn: Warn = print_note,
+        precision: str = DEFAULT_PRECISION,
+    ):
         preprocessor = PreprocessorConfig()
         model_dir = None
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -276,9 +297,18 @@ class Transcriber:
         self.plan = ChunkPlan.from_seconds(chunk_length_s, stride_length_s, self.config.inputs_to_logits_ratio)
         from flax_d2v.lm_decode import decoder_for
 
-        self.beam = decoder_for(tokenizer, self.config.vocab_size, beam_width=beam_width, lm=lm, model_dir=model_dir,
-                                lexicon=lexicon, lexicon_free=lexicon_free, lm_weight=lm_weight,
-                                word_score=word_score, warn=warn)
+        self.beam = decoder_for(
+            tokenizer,
+            self.config.vocab_size,
+            beam_width=beam_width,
+            lm=lm,
+            model_dir=model_dir,
+            lexicon=lexicon,
+            lexicon_free=lexicon_free,
+            lm_weight=lm_weight,
+            word_score=word_score,
+            warn=warn,
+        )
         self.beam_width = self.beam.beam_width if self.beam is not None else 0
         self.skip_special_tokens = skip_special_tokens
         self.shapes: set[tuple[int, int]] = set()  # padded (rows, samples) shapes run so far
@@ -299,10 +329,12 @@ class Transcriber:
         return len(np.asarray(array)) / float(rate)
 
     # ------------------------------------------------------------------ running
-    def _run_pool(self, pool: list[tuple[str, np.ndarray | None, str | None]], tick: Callable[[float], None]
-                  ) -> list[Transcription]:
-        pieces = [p for i, (_, audio, _) in enumerate(pool) if audio is not None
-                  for p in self.plan.pieces(i, len(audio))]
+    def _run_pool(
+        self, pool: list[tuple[str, np.ndarray | None, str | None]], tick: Callable[[float], None]
+    ) -> list[Transcription]:
+        pieces = [
+            p for i, (_, audio, _) in enumerate(pool) if audio is not None for p in self.plan.pieces(i, len(audio))
+        ]
         outputs: dict[tuple[int, int], np.ndarray] = {}
         align = self.config.inputs_to_logits_ratio
         by_bucket: dict[int, list[Piece]] = {}
@@ -311,10 +343,15 @@ class Transcriber:
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
             for b in range(0, len(group), self.batch_size):
-                batch = group[b: b + self.batch_size]
+                batch = group[b : b + self.batch_size]
                 rows = batch_rows(len(batch), self.batch_size)
-                x, mask = pad_batch([pool[p.item][1][p.start: p.end] for p in batch], self.do_normalize,
-                                    pad_to=bucket, batch_to=rows, eps=self.normalize_eps)
+                x, mask = pad_batch(
+                    [pool[p.item][1][p.start : p.end] for p in batch],
+                    self.do_normalize,
+                    pad_to=bucket,
+                    batch_to=rows,
+                    eps=self.normalize_eps,
+                )
                 self.shapes.add((rows, bucket))
                 out = np.asarray(_ctc_forward(self.module, self.params, x, mask, self.beam is not None))
                 for row, p in enumerate(batch):
@@ -338,8 +375,9 @@ class Transcriber:
         words = tuple(WordTiming(w.word, *w.times(ratio, SAMPLE_RATE)) for w in offsets)
         return Transcription(name, text, seconds, words)
 
-    def iter(self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note,
-             progress: bool = True) -> Iterator[Transcription]:
+    def iter(
+        self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note, progress: bool = True
+    ) -> Iterator[Transcription]:
         """Results in input order, a pool at a time. Bad inputs are reported through `warn`."""
         items = list(files_or_arrays)
         start = time.perf_counter()
@@ -348,8 +386,14 @@ class Transcriber:
             from tqdm.auto import tqdm
 
             total = sum(self._expected_seconds(it) for it in items)
-            bar = tqdm(total=round(total, 1), unit="audio s", desc="transcribe", disable=None, leave=False,
-                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio s [{elapsed}<{remaining}]")
+            bar = tqdm(
+                total=round(total, 1),
+                unit="audio s",
+                desc="transcribe",
+                disable=None,
+                leave=False,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio s [{elapsed}<{remaining}]",
+            )
 
         def note(message: str) -> None:
             if bar is not None and not bar.disable:
@@ -381,24 +425,39 @@ class Transcriber:
                 bar.close()
         if progress:
             wall = time.perf_counter() - start
-            warn(f"transcribed {done_files} file(s), {done_audio:.1f} s of audio in {wall:.1f} s: "
-                 f"{done_audio / max(wall, 1e-9):.1f} audio s/s; {len(self.shapes)} padded shape(s) compiled"
-                 + (f"; {failed} failed" if failed else ""))
+            warn(
+                f"transcribed {done_files} file(s), {done_audio:.1f} s of audio in {wall:.1f} s: "
+                f"{done_audio / max(wall, 1e-9):.1f} audio s/s; {len(self.shapes)} padded shape(s) compiled"
+                + (f"; {failed} failed" if failed else "")
+            )
 
-    def __call__(self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note,
-                 progress: bool = True) -> list[Transcription]:
+    def __call__(
+        self, files_or_arrays: Iterable[Any], strict_audio: bool = False, warn: Warn = print_note, progress: bool = True
+    ) -> list[Transcription]:
         return list(self.iter(files_or_arrays, strict_audio=strict_audio, warn=warn, progress=progress))
 
 
-def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.PathLike | np.ndarray, *,
-               vocab: Any = None, batch_size: int = DEFAULT_BATCH_SIZE,
-               chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
-               stride_length_s: float | Sequence[float] | None = None, beam_width: int = 0,
-               lm: str | os.PathLike | bool | None = None, strict_audio: bool = False, do_normalize: bool | None = None,
-               skip_special_tokens: bool = False, progress: bool = True, warn: Warn = print_note,
-               lexicon: str | os.PathLike | None = None, lexicon_free: bool | None = None,
-               lm_weight: float | None = None, word_score: float | None = None,
-               precision: str = DEFAULT_PRECISION) -> list[Transcription]:
+def transcribe(
+    model_or_path: Any,
+    files_or_arrays: Iterable[Any] | str | os.PathLike | np.ndarray,
+    *,
+    vocab: Any = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chunk_length_s: float | None = DEFAULT_CHUNK_LENGTH_S,
+    stride_length_s: float | Sequence[float] | None = None,
+    beam_width: int = 0,
+    lm: str | os.PathLike | bool | None = None,
+    strict_audio: bool = False,
+    do_normalize: bool | None = None,
+    skip_special_tokens: bool = False,
+    progress: bool = True,
+    warn: Warn = print_note,
+    lexicon: str | os.PathLike | None = None,
+    lexicon_free: bool | None = None,
+    lm_weight: float | None = None,
+    word_score: float | None = None,
+    precision: str = DEFAULT_PRECISION,
+) -> list[Transcription]:
     """Transcribe files or waveforms with a CTC model; one `Transcription` per input, in order.
 
     model_or_path: a checkpoint path (anything `flax_d2v.from_pretrained` reads, with `vocab.json`
@@ -428,8 +487,21 @@ def transcribe(model_or_path: Any, files_or_arrays: Iterable[Any] | str | os.Pat
     """
     if isinstance(files_or_arrays, (str, os.PathLike, np.ndarray)):
         files_or_arrays = [files_or_arrays]
-    runner = Transcriber(model_or_path, vocab=vocab, do_normalize=do_normalize, batch_size=batch_size,
-                         chunk_length_s=chunk_length_s, stride_length_s=stride_length_s, beam_width=beam_width,
-                         lm=lm, skip_special_tokens=skip_special_tokens, lexicon=lexicon, lexicon_free=lexicon_free,
-                         lm_weight=lm_weight, word_score=word_score, warn=warn, precision=precision)
+    runner = Transcriber(
+        model_or_path,
+        vocab=vocab,
+        do_normalize=do_normalize,
+        batch_size=batch_size,
+        chunk_length_s=chunk_length_s,
+        stride_length_s=stride_length_s,
+        beam_width=beam_width,
+        lm=lm,
+        skip_special_tokens=skip_special_tokens,
+        lexicon=lexicon,
+        lexicon_free=lexicon_free,
+        lm_weight=lm_weight,
+        word_score=word_score,
+        warn=warn,
+        precision=precision,
+    )
     return runner(files_or_arrays, strict_audio=strict_audio, warn=warn, progress=progress)

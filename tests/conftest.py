@@ -38,9 +38,17 @@ def speech_dir() -> Path:
 
 def tiny_hf_kwargs(**overrides):
     """A small transformers Data2VecAudioConfig: same structure as base, few narrow layers."""
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-              conv_dim=(32,) * 7, num_conv_pos_embedding_groups=4, conv_pos_kernel_size=5,
-              num_conv_pos_embeddings=2, vocab_size=32)
+    kw = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embedding_groups=4,
+        conv_pos_kernel_size=5,
+        num_conv_pos_embeddings=2,
+        vocab_size=32,
+    )
     kw.update(overrides)
     return kw
 
@@ -54,4 +62,3 @@ def perturb_layer_norms(model, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if "layer_norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-

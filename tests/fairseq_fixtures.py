@@ -23,8 +23,36 @@ from pathlib import Path
 import numpy as np
 
 # LibriSpeech's dict.ltr.txt order (by frequency); with the 4 specials: 32 symbols = vocab_size.
-LTR_SYMBOLS = ["|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U", "M", "W", "C", "F", "G", "Y", "P",
-               "B", "V", "K", "'", "X", "J", "Q", "Z"]
+LTR_SYMBOLS = [
+    "|",
+    "E",
+    "T",
+    "A",
+    "O",
+    "N",
+    "I",
+    "H",
+    "S",
+    "R",
+    "D",
+    "L",
+    "U",
+    "M",
+    "W",
+    "C",
+    "F",
+    "G",
+    "Y",
+    "P",
+    "B",
+    "V",
+    "K",
+    "'",
+    "X",
+    "J",
+    "Q",
+    "Z",
+]
 FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
@@ -54,13 +82,19 @@ def transformers_reference_key(name: str, is_headless: bool) -> list[str]:
         rest = name.split("conv_layers.")[-1]
         items = rest.split(".")
         layer_type = {0: "conv", 2: "layer_norm"}.get(int(items[1]))
-        return [f"{prefix}feature_extractor.conv_layers.{int(items[0])}.{layer_type}.{rest.split('.')[-1]}"] \
-            if layer_type else []
+        return (
+            [f"{prefix}feature_extractor.conv_layers.{int(items[0])}.{layer_type}.{rest.split('.')[-1]}"]
+            if layer_type
+            else []
+        )
     if "pos_conv" in name:
         rest = name.split("pos_conv.")[-1]
         items = rest.split(".")
-        return [f"{prefix}encoder.pos_conv_embed.layers.{int(items[0])}.conv.{rest.split('.')[-1]}"] \
-            if int(items[1]) == 0 else []
+        return (
+            [f"{prefix}encoder.pos_conv_embed.layers.{int(items[0])}.conv.{rest.split('.')[-1]}"]
+            if int(items[1]) == 0
+            else []
+        )
     hits = []
     for key, mapped in _TRANSFORMERS_MAPPING.items():
         if not is_headless and mapped != "lm_head":
@@ -102,23 +136,58 @@ def conv_feature_layers(config) -> str:
 def pretrain_model_cfg(config, **overrides) -> dict:
     """cfg.model of a data2vec_audio pretraining run (base_librispeech.yaml) for a transformers config."""
     cfg = {
-        "_name": "data2vec_audio", "extractor_mode": "layer_norm", "encoder_layers": config.num_hidden_layers,
-        "encoder_embed_dim": config.hidden_size, "encoder_ffn_embed_dim": config.intermediate_size,
-        "encoder_attention_heads": config.num_attention_heads, "activation_fn": "gelu", "layer_type": "transformer",
-        "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0, "encoder_layerdrop": 0.05,
-        "dropout_input": 0.0, "dropout_features": 0.0, "final_dim": 0, "layer_norm_first": False,
-        "conv_feature_layers": conv_feature_layers(config), "conv_bias": bool(config.conv_bias),
-        "logit_temp": 0.1, "quantize_targets": False, "feature_grad_mult": 1.0, "mask_length": 10,
-        "mask_prob": 0.65, "mask_selection": "static", "mask_other": 0.0, "no_mask_overlap": False,
-        "mask_min_space": 1, "require_same_masks": True, "mask_dropout": 0.0, "mask_channel_length": 10,
-        "mask_channel_prob": 0.0, "mask_channel_before": False, "conv_pos": config.conv_pos_kernel_size
-        * config.num_conv_pos_embeddings, "conv_pos_groups": config.num_conv_pos_embedding_groups,
-        "pos_conv_depth": config.num_conv_pos_embeddings, "latent_temp": [2.0, 0.5, 0.999995],
-        "max_positions": 100000, "checkpoint_activations": False, "required_seq_len_multiple": 2,
-        "crop_seq_to_multiple": 1, "loss_beta": 0.0, "loss_scale": None, "average_top_k_layers": 8,
-        "instance_norm_target_layer": True, "ema_decay": 0.999, "ema_end_decay": 0.9999,
-        "ema_anneal_end_step": 30000, "ema_transformer_only": True, "ema_layers_only": True,
-        "max_update": 400000, "min_target_var": 0.1, "min_pred_var": 0.01,
+        "_name": "data2vec_audio",
+        "extractor_mode": "layer_norm",
+        "encoder_layers": config.num_hidden_layers,
+        "encoder_embed_dim": config.hidden_size,
+        "encoder_ffn_embed_dim": config.intermediate_size,
+        "encoder_attention_heads": config.num_attention_heads,
+        "activation_fn": "gelu",
+        "layer_type": "transformer",
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.05,
+        "dropout_input": 0.0,
+        "dropout_features": 0.0,
+        "final_dim": 0,
+        "layer_norm_first": False,
+        "conv_feature_layers": conv_feature_layers(config),
+        "conv_bias": bool(config.conv_bias),
+        "logit_temp": 0.1,
+        "quantize_targets": False,
+        "feature_grad_mult": 1.0,
+        "mask_length": 10,
+        "mask_prob": 0.65,
+        "mask_selection": "static",
+        "mask_other": 0.0,
+        "no_mask_overlap": False,
+        "mask_min_space": 1,
+        "require_same_masks": True,
+        "mask_dropout": 0.0,
+        "mask_channel_length": 10,
+        "mask_channel_prob": 0.0,
+        "mask_channel_before": False,
+        "conv_pos": config.conv_pos_kernel_size * config.num_conv_pos_embeddings,
+        "conv_pos_groups": config.num_conv_pos_embedding_groups,
+        "pos_conv_depth": config.num_conv_pos_embeddings,
+        "latent_temp": [2.0, 0.5, 0.999995],
+        "max_positions": 100000,
+        "checkpoint_activations": False,
+        "required_seq_len_multiple": 2,
+        "crop_seq_to_multiple": 1,
+        "loss_beta": 0.0,
+        "loss_scale": None,
+        "average_top_k_layers": 8,
+        "instance_norm_target_layer": True,
+        "ema_decay": 0.999,
+        "ema_end_decay": 0.9999,
+        "ema_anneal_end_step": 30000,
+        "ema_transformer_only": True,
+        "ema_layers_only": True,
+        "max_update": 400000,
+        "min_target_var": 0.1,
+        "min_pred_var": 0.01,
     }
     cfg.update(overrides)
     return cfg
@@ -129,8 +198,15 @@ def pretrain_cfg(config, normalize: bool = True, **model_overrides) -> dict:
         "_name": None,
         "common": {"fp16": True, "log_format": "json", "log_interval": 200, "seed": 1},
         "checkpoint": {"save_interval_updates": 25000, "no_epoch_checkpoints": True},
-        "task": {"_name": "audio_pretraining", "data": "/data/librispeech", "normalize": normalize,
-                 "max_sample_size": 320000, "min_sample_size": 32000, "sample_rate": 16000, "labels": None},
+        "task": {
+            "_name": "audio_pretraining",
+            "data": "/data/librispeech",
+            "normalize": normalize,
+            "max_sample_size": 320000,
+            "min_sample_size": 32000,
+            "sample_rate": 16000,
+            "labels": None,
+        },
         "criterion": {"_name": "model", "log_keys": ["ema_decay", "target_var", "pred_var"]},
         "optimization": {"max_update": 400000, "lr": [0.0005], "update_freq": [1]},
         "optimizer": {"_name": "adam", "adam_betas": "(0.9,0.98)", "adam_eps": 1e-06, "weight_decay": 0.01},
@@ -141,12 +217,26 @@ def pretrain_cfg(config, normalize: bool = True, **model_overrides) -> dict:
 
 def finetune_cfg(config, normalize: bool = True, **model_overrides) -> dict:
     model = {
-        "_name": "wav2vec_ctc", "w2v_path": "/ckpt/audio_base_ls.pt", "no_pretrained_weights": False,
-        "dropout_input": 0.0, "final_dropout": 0.0, "dropout": 0.0, "attention_dropout": 0.0,
-        "activation_dropout": 0.1, "apply_mask": True, "mask_length": 10, "mask_prob": 0.5,
-        "mask_selection": "static", "mask_channel_length": 64, "mask_channel_prob": 0.1,
-        "freeze_finetune_updates": 0, "feature_grad_mult": 0.0, "layerdrop": 0.05, "normalize": normalize,
-        "data": "/data/librispeech", "w2v_args": pretrain_cfg(config, normalize=normalize),
+        "_name": "wav2vec_ctc",
+        "w2v_path": "/ckpt/audio_base_ls.pt",
+        "no_pretrained_weights": False,
+        "dropout_input": 0.0,
+        "final_dropout": 0.0,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.1,
+        "apply_mask": True,
+        "mask_length": 10,
+        "mask_prob": 0.5,
+        "mask_selection": "static",
+        "mask_channel_length": 64,
+        "mask_channel_prob": 0.1,
+        "freeze_finetune_updates": 0,
+        "feature_grad_mult": 0.0,
+        "layerdrop": 0.05,
+        "normalize": normalize,
+        "data": "/data/librispeech",
+        "w2v_args": pretrain_cfg(config, normalize=normalize),
     }
     model.update(model_overrides)
     return {
@@ -188,8 +278,10 @@ def fairseq_state(model, ctc: bool, seed: int = 0, ema: bool = True) -> dict:
         state["final_proj.bias"] = 0.1 * torch.randn(h, generator=g)
         if ema:  # EMAModule.fp32_params: the encoder's state dict, keys relative to the encoder
             state["_ema"] = OrderedDict(
-                (k[len("encoder."):], (v + 0.01 * torch.randn(v.shape, generator=g)).float())
-                for k, v in state.items() if k.startswith("encoder."))
+                (k[len("encoder.") :], (v + 0.01 * torch.randn(v.shape, generator=g)).float())
+                for k, v in state.items()
+                if k.startswith("encoder.")
+            )
     return state
 
 
@@ -224,30 +316,52 @@ def fake_fairseq_modules():
             del sys.modules[n]
 
 
-def checkpoint(model, ctc: bool, style: str = "cfg", seed: int = 0, task_dictionary: bool = False,
-               normalize: bool = True, ema: bool = True, **model_overrides) -> dict:
+def checkpoint(
+    model,
+    ctc: bool,
+    style: str = "cfg",
+    seed: int = 0,
+    task_dictionary: bool = False,
+    normalize: bool = True,
+    ema: bool = True,
+    **model_overrides,
+) -> dict:
     """A whole fairseq checkpoint dict, as `Trainer.state_dict()` makes it."""
     import torch
 
     cfg = (finetune_cfg if ctc else pretrain_cfg)(model.config, normalize=normalize, **model_overrides)
-    metrics = OrderedDict(train=[("loss", 0, "AverageMeter",
-                                  {"val": np.float64(1.25), "sum": np.float64(2.5), "count": 2, "round": 3}),
-                                 ("wps", 90, "TimeMeter", {"init": 0, "n": np.float32(3.0), "round": 1})])
+    metrics = OrderedDict(
+        train=[
+            ("loss", 0, "AverageMeter", {"val": np.float64(1.25), "sum": np.float64(2.5), "count": 2, "round": 3}),
+            ("wps", 90, "TimeMeter", {"init": 0, "n": np.float32(3.0), "round": 1}),
+        ]
+    )
     ckpt = {
         "args": as_args(cfg) if style == "args" else None,
         "cfg": cfg if style == "cfg" else None,
         "model": fairseq_state(model, ctc, seed, ema),
         "criterion": None,
-        "optimizer_history": [{"criterion_name": "CtcCriterion" if ctc else "ModelCriterion",
-                               "optimizer_name": "FairseqAdam", "lr_scheduler_state": {"best": 0.5},
-                               "num_updates": 1234}],
+        "optimizer_history": [
+            {
+                "criterion_name": "CtcCriterion" if ctc else "ModelCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": 0.5},
+                "num_updates": 1234,
+            }
+        ],
         "task_state": {"target_dictionary": FairseqDictionary(FAIRSEQ_SPECIALS + LTR_SYMBOLS)}
-        if task_dictionary else {},
-        "extra_state": {"metrics": metrics, "previous_training_time": 3600.5,
-                        "train_iterator": {"epoch": 3, "iterations_in_epoch": 17, "shuffle": True},
-                        "best": np.array([0.5, 0.25])},
-        "last_optimizer_state": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}},
-                                 "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98), "eps": 1e-6, "params": [0]}]},
+        if task_dictionary
+        else {},
+        "extra_state": {
+            "metrics": metrics,
+            "previous_training_time": 3600.5,
+            "train_iterator": {"epoch": 3, "iterations_in_epoch": 17, "shuffle": True},
+            "best": np.array([0.5, 0.25]),
+        },
+        "last_optimizer_state": {
+            "state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}},
+            "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98), "eps": 1e-6, "params": [0]}],
+        },
     }
     return ckpt
 

@@ -39,17 +39,27 @@ def build(manifest: str, process_index: int = 0, process_count: int = 1, dropout
     vocab = V.build_vocab(m.texts)
     # SpecAugment masks, dropout and LayerDrop on: drawn from (seed, step, example index), they must agree on
     # every layout.
-    config = tiny_config(vocab_size=len(vocab), hidden_dropout=dropout, attention_dropout=dropout,
-                         activation_dropout=dropout, feat_proj_dropout=dropout, final_dropout=dropout,
-                         layerdrop=dropout, mask_time_prob=0.3, mask_time_length=3,
-                         mask_feature_prob=0.2, mask_feature_length=4)
+    config = tiny_config(
+        vocab_size=len(vocab),
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        activation_dropout=dropout,
+        feat_proj_dropout=dropout,
+        final_dropout=dropout,
+        layerdrop=dropout,
+        mask_time_prob=0.3,
+        mask_time_length=3,
+        mask_feature_prob=0.2,
+        mask_feature_length=4,
+    )
     module = Data2VecAudioForCTC(config, freeze_feature_encoder=True)
     params = init_params(module, 0)
     sched = constant(1e-3)
     tx = make_optimizer(params, sched, clip_norm=1.0)
     objective = CTCObjective(module)  # SpecAugment settings from the config above
-    loader = D.BatchLoader(m, batch_size=8, vocab=vocab, seed=0, prefetch=0, process_index=process_index,
-                           process_count=process_count)
+    loader = D.BatchLoader(
+        m, batch_size=8, vocab=vocab, seed=0, prefetch=0, process_index=process_index, process_count=process_count
+    )
     batches = [next(loader) for _ in range(STEPS)]
     return objective, tx, sched, params, logical_axes(module), batches
 
@@ -65,8 +75,11 @@ def losses(out_dir: Path, mesh_spec: str | None, pmap: bool, built, devices=None
     state, _, _ = trainer.start(params, seed=0)
     result = trainer.fit(state, iter(batches), 0)
     trainer.finish()
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] \
-        if jax.process_index() == 0 else []
+    rows = (
+        [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        if jax.process_index() == 0
+        else []
+    )
     return [r["loss"] for r in rows], (trainer, result)
 
 
@@ -89,8 +102,11 @@ def layouts(manifest: str, out: Path) -> dict:
     report["bytes_one_device"] = max(one_dev.values())
     report["bytes_fsdp8_per_device"] = max(fsdp.values())
     ratio = report["bytes_fsdp8_per_device"] / report["bytes_one_device"]
-    print(f"params+opt bytes: one device {report['bytes_one_device']}, fsdp=8 per device "
-          f"{report['bytes_fsdp8_per_device']} (ratio {ratio:.4f})", file=sys.stderr)
+    print(
+        f"params+opt bytes: one device {report['bytes_one_device']}, fsdp=8 per device "
+        f"{report['bytes_fsdp8_per_device']} (ratio {ratio:.4f})",
+        file=sys.stderr,
+    )
 
     # cross-mesh restore: the fsdp=8 run's last checkpoint under data=8 and on one device
     from flax_d2v.train.loop import LoopConfig, Trainer
@@ -99,13 +115,23 @@ def layouts(manifest: str, out: Path) -> dict:
     saved = jax.tree.map(np.asarray, r_fsdp.state.params)
     restored = {}
     for name, spec, devs in (("data=8", "data=8", None), ("one", None, jax.devices()[:1])):
-        trainer = Trainer(objective, tx, sched, S.make_mesh(spec, devices=devs), axes,
-                          LoopConfig(out_dir=str(out / "fsdp=8"), steps=STEPS, progress=False))
+        trainer = Trainer(
+            objective,
+            tx,
+            sched,
+            S.make_mesh(spec, devices=devs),
+            axes,
+            LoopConfig(out_dir=str(out / "fsdp=8"), steps=STEPS, progress=False),
+        )
         state, _, step = trainer.start(params, seed=0)
         same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), state.params, saved))
         shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
-        restored[name] = {"step": step, "equal": all(same), "devices": len(jax.tree.leaves(state.params)[0].devices()),
-                          "specs": sorted(shardings)}
+        restored[name] = {
+            "step": step,
+            "equal": all(same),
+            "devices": len(jax.tree.leaves(state.params)[0].devices()),
+            "specs": sorted(shardings),
+        }
         trainer.finish()
     report["restore"] = restored
     return report

@@ -40,7 +40,7 @@ def peak_frequency(x: np.ndarray, rate: int) -> float:
     """Spectral peak with parabolic interpolation of the log-magnitude (sub-bin accuracy)."""
     spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     k = int(np.argmax(spec))
-    a, b, c = np.log(spec[k - 1: k + 2])
+    a, b, c = np.log(spec[k - 1 : k + 2])
     return (k + 0.5 * (a - c) / (a - 2 * b + c)) * rate / len(x)
 
 
@@ -70,8 +70,15 @@ def test_16k_mono_is_read_as_is_without_note(tmp_path):
     assert notes == []
 
 
-@pytest.mark.parametrize("fmt,subtype,tol", [("FLAC", "PCM_16", 1 / 32768), ("FLAC", "PCM_24", 1 / 2**23),
-                                             ("WAV", "PCM_32", 1 / 2**31), ("OGG", "VORBIS", 0.05)])
+@pytest.mark.parametrize(
+    "fmt,subtype,tol",
+    [
+        ("FLAC", "PCM_16", 1 / 32768),
+        ("FLAC", "PCM_24", 1 / 2**23),
+        ("WAV", "PCM_32", 1 / 2**31),
+        ("OGG", "VORBIS", 0.05),
+    ],
+)
 def test_formats_and_integer_pcm(tmp_path, fmt, subtype, tol):
     x = tone(SR).astype(np.float32)
     path = tmp_path / f"a.{fmt.lower()}"
@@ -180,8 +187,9 @@ def test_normalize_and_pad_batch_match_transformers_feature_extractor():
     transformers = pytest.importorskip("transformers")
     rng = np.random.default_rng(0)
     clips = [(rng.standard_normal(n) * s + m).astype(np.float32) for n, s, m in [(5000, 0.3, 0.1), (3210, 2.0, -1.0)]]
-    fe = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0,
-                                               do_normalize=True, return_attention_mask=True)
+    fe = transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
     ref = fe(clips, sampling_rate=SR, padding=True, return_attention_mask=True, return_tensors="np")
     values, mask = pad_batch(clips)
     np.testing.assert_array_equal(mask, ref["attention_mask"])
@@ -204,8 +212,9 @@ def test_fairseq_normalisation_is_layer_norm_eps_1e5():
 def test_read_preprocessor_config(tmp_path):
     cfg = read_preprocessor_config(tmp_path)
     assert cfg.do_normalize and cfg.return_attention_mask
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"do_normalize": False, "return_attention_mask": False, "sampling_rate": 16000}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"do_normalize": False, "return_attention_mask": False, "sampling_rate": 16000})
+    )
     cfg = read_preprocessor_config(tmp_path)
     assert not cfg.do_normalize and not cfg.return_attention_mask
     (tmp_path / "preprocessor_config.json").write_text("{not json")

@@ -35,8 +35,16 @@ def bench_env(speech_dir, monkeypatch):
 
 
 def _timing_keys(side: dict) -> None:
-    for key in ("median_s", "min_s", "iqr_s", "x_real_time", "gflops_per_s", "fraction_of_matmul_peak",
-                "first_call_s", "peak_rss_growth_bytes"):
+    for key in (
+        "median_s",
+        "min_s",
+        "iqr_s",
+        "x_real_time",
+        "gflops_per_s",
+        "fraction_of_matmul_peak",
+        "first_call_s",
+        "peak_rss_growth_bytes",
+    ):
         assert key in side, key
     assert side["median_s"] > 0 and math.isfinite(side["gflops_per_s"])
 
@@ -44,8 +52,25 @@ def _timing_keys(side: dict) -> None:
 def test_infer_smoke(bench_env, tmp_path):
     infer = _load("infer")
     out = tmp_path / "infer.json"
-    assert infer.main(["--size", "tiny", "--cases", "1x1,2x0.5", "--repeats", "1", "--warmup", "0",
-                       "--peak-sizes", "128", "--json", str(out)]) == 0
+    assert (
+        infer.main(
+            [
+                "--size",
+                "tiny",
+                "--cases",
+                "1x1,2x0.5",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--peak-sizes",
+                "128",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["machine"]["versions"]["jax"] and result["matmul_peak"]["gflops"] > 0
     assert [(c["batch"], c["seconds"]) for c in result["cases"]] == [(1, 1.0), (2, 0.5)]
@@ -61,8 +86,27 @@ def test_infer_smoke(bench_env, tmp_path):
 def test_train_smoke(bench_env, tmp_path):
     train = _load("train")
     out = tmp_path / "train.json"
-    assert train.main(["--size", "tiny", "--batch", "2", "--seconds", "1", "--repeats", "1", "--warmup", "0",
-                       "--peak-sizes", "128", "--json", str(out)]) == 0
+    assert (
+        train.main(
+            [
+                "--size",
+                "tiny",
+                "--batch",
+                "2",
+                "--seconds",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--peak-sizes",
+                "128",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     _timing_keys(result["flax"])
     _timing_keys(result["pytorch"])
@@ -85,8 +129,25 @@ def test_pretrain_v2_smoke(speech_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("D2V_SHARED_SPEECH", str(speech_dir))
     bench = _load("pretrain_v2")
     out = tmp_path / "pt.json"
-    assert bench.main(["--size", "tiny", "--batch", "2", "--seconds", "1", "--clone-batch", "2", "--repeats", "1",
-                       "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--size",
+                "tiny",
+                "--batch",
+                "2",
+                "--seconds",
+                "1",
+                "--clone-batch",
+                "2",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     for arch in ("data2vec", "data2vec2"):
         side = result["cases"][arch]

@@ -30,14 +30,22 @@ def _torch_losses(logits, frame_lengths, labels, label_lengths, zero_infinity, r
     torch = pytest.importorskip("torch")
     lp = torch.log_softmax(torch.tensor(logits), -1).transpose(0, 1)
     targets = torch.tensor(np.where(labels < 0, 0, labels))
-    return torch.nn.functional.ctc_loss(lp, targets, torch.tensor(frame_lengths), torch.tensor(label_lengths),
-                                        blank=0, reduction=reduction, zero_infinity=zero_infinity)
+    return torch.nn.functional.ctc_loss(
+        lp,
+        targets,
+        torch.tensor(frame_lengths),
+        torch.tensor(label_lengths),
+        blank=0,
+        reduction=reduction,
+        zero_infinity=zero_infinity,
+    )
 
 
 def test_per_example_loss_matches_torch():
     logits, frame_lengths, labels, label_lengths = _random_case()
-    ours, lengths, impossible = ctc_loss_per_example(jnp.asarray(logits), jnp.asarray(frame_lengths),
-                                                     jnp.asarray(labels), zero_infinity=True)
+    ours, lengths, impossible = ctc_loss_per_example(
+        jnp.asarray(logits), jnp.asarray(frame_lengths), jnp.asarray(labels), zero_infinity=True
+    )
     ref = _torch_losses(logits, frame_lengths, labels, label_lengths, zero_infinity=True).numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=LOSS_RTOL)
     assert np.asarray(lengths).tolist() == label_lengths.tolist()
@@ -45,8 +53,9 @@ def test_per_example_loss_matches_torch():
     # torch says inf where we say impossible
     ref_inf = _torch_losses(logits, frame_lengths, labels, label_lengths, zero_infinity=False).numpy()
     assert np.isinf(ref_inf[3]) and np.isfinite(ref_inf[:3]).all()
-    ours_no_zero, _, _ = ctc_loss_per_example(jnp.asarray(logits), jnp.asarray(frame_lengths), jnp.asarray(labels),
-                                              zero_infinity=False)
+    ours_no_zero, _, _ = ctc_loss_per_example(
+        jnp.asarray(logits), jnp.asarray(frame_lengths), jnp.asarray(labels), zero_infinity=False
+    )
     assert float(ours_no_zero[3]) > 1e4  # optax's finite floor instead of inf (documented)
 
 
@@ -71,8 +80,15 @@ def test_gradients_match_torch():
     g = np.asarray(jax.grad(ours)(jnp.asarray(logits)))
     x = torch.tensor(logits, requires_grad=True)
     lp = torch.log_softmax(x, -1).transpose(0, 1)
-    per = torch.nn.functional.ctc_loss(lp, torch.tensor(np.where(labels < 0, 0, labels)), torch.tensor(frame_lengths),
-                                       torch.tensor(label_lengths), blank=0, reduction="none", zero_infinity=True)
+    per = torch.nn.functional.ctc_loss(
+        lp,
+        torch.tensor(np.where(labels < 0, 0, labels)),
+        torch.tensor(frame_lengths),
+        torch.tensor(label_lengths),
+        blank=0,
+        reduction="none",
+        zero_infinity=True,
+    )
     (per.sum() / label_lengths.sum()).backward()
     np.testing.assert_allclose(g, x.grad.numpy(), atol=GRAD_ATOL)
     assert np.all(g[3] == 0)  # the impossible example has no gradient

@@ -40,8 +40,11 @@ def take(it, n):
 # ------------------------------------------------------------------------------------------ manifests
 def test_transcripts_tsv_is_a_manifest(manifest, speech_dir):
     assert len(manifest) == 17
-    assert manifest[0] == {"path": str(speech_dir / "16k/awb_arctic_a0007.wav"),
-                           "text": "And you always want to see it in the superlative degree.", "index": 0}
+    assert manifest[0] == {
+        "path": str(speech_dir / "16k/awb_arctic_a0007.wav"),
+        "text": "And you always want to see it in the superlative degree.",
+        "index": 0,
+    }
     lengths = manifest.lengths()
     for i in (0, 7, 14):  # a 16 kHz clip, a short one, an 11.025 kHz one (resampled on load)
         n = len(load_audio(manifest.paths[i], warn=lambda _: None))
@@ -64,13 +67,16 @@ def test_tsv_relative_absolute_and_optional_columns(tmp_path, speech_dir):
     assert m.lengths().tolist() == [123] and m.texts == ["hi"]  # given lengths: no file is opened
 
 
-@pytest.mark.parametrize("content, message", [
-    ("file\ttext\na.wav\thi\n", r"bad.tsv: no 'path' column"),
-    ("path\ttext\na.wav\thi\textra\n", r"bad.tsv:2: expected 2 tab-separated columns, found 3"),
-    ("path\tnum_samples\na.wav\t1.5\n", r"bad.tsv:2: column 'num_samples': not an integer"),
-    ("path\ttext\n\ttext\n", r"bad.tsv:2: column 'path' is empty"),
-    ("path\ttext\n", r"bad.tsv: manifest lists no clips"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("file\ttext\na.wav\thi\n", r"bad.tsv: no 'path' column"),
+        ("path\ttext\na.wav\thi\textra\n", r"bad.tsv:2: expected 2 tab-separated columns, found 3"),
+        ("path\tnum_samples\na.wav\t1.5\n", r"bad.tsv:2: column 'num_samples': not an integer"),
+        ("path\ttext\n\ttext\n", r"bad.tsv:2: column 'path' is empty"),
+        ("path\ttext\n", r"bad.tsv: manifest lists no clips"),
+    ],
+)
 def test_bad_tsv_manifests(tmp_path, content, message):
     (tmp_path / "bad.tsv").write_text(content)
     with pytest.raises(D2VError, match=message):
@@ -200,8 +206,10 @@ def test_plan_epoch_partitions_and_is_deterministic(n, batch_size):
     assert len(plan) == n // batch_size and len(set(rows.tolist())) == len(rows)  # no example twice
     for k, r in plan:
         assert r.size == batch_size and np.all(buckets[r] <= k)  # every clip fits its batch's padded length
-    dropped = [set(range(n)) - set(np.concatenate([r for _, r in data.plan_epoch(buckets, batch_size, 3, e)]).tolist())
-               for e in range(6)]
+    dropped = [
+        set(range(n)) - set(np.concatenate([r for _, r in data.plan_epoch(buckets, batch_size, 3, e)]).tolist())
+        for e in range(6)
+    ]
     if n % batch_size:
         assert len({frozenset(d) for d in dropped}) > 1  # a different remainder sits out each epoch
     assert data.plan_epoch(buckets, batch_size, 3, 1)[0][1].tolist() != plan[0][1].tolist() or n == batch_size
@@ -225,13 +233,12 @@ def test_batch_contents(manifest, vocab):
             x = b["input_values"][r]
             w = load_audio(manifest.paths[i]).astype(np.float64)
             assert lengths[r] == len(w)
-            assert np.all(x[lengths[r]:] == 0)
+            assert np.all(x[lengths[r] :] == 0)
             expected = (w - w.mean()) / np.sqrt(w.var() + 1e-7)  # HF's rule, in float64
             np.testing.assert_allclose(x[: lengths[r]], expected, rtol=NORM_TOL, atol=NORM_TOL)
             n = b["label_lengths"][r]
             assert np.all(b["labels"][r, n:] == data.LABEL_PAD) and np.all(b["labels"][r, :n] >= 0)
-            assert V.decode(b["labels"][r, :n], vocab, group_tokens=False) == V.normalize_transcript(
-                manifest.texts[i])
+            assert V.decode(b["labels"][r, :n], vocab, group_tokens=False) == V.normalize_transcript(manifest.texts[i])
         assert np.all(b["num_unknown"] == 0)
 
 
@@ -289,8 +296,10 @@ def test_restore_rejects_bad_state(manifest):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_sharding_disjoint_and_covering(manifest, vocab, process_count):
     full = take(loader(manifest, vocab=vocab, seed=1, batch_size=8), 2)
-    shards = [take(loader(manifest, vocab=vocab, seed=1, batch_size=8, process_index=p,
-                          process_count=process_count), 2) for p in range(process_count)]
+    shards = [
+        take(loader(manifest, vocab=vocab, seed=1, batch_size=8, process_index=p, process_count=process_count), 2)
+        for p in range(process_count)
+    ]
     for step, whole in enumerate(full):
         parts = [s[step] for s in shards]
         assert all(len(p["index"]) == 8 // process_count for p in parts)
@@ -303,8 +312,17 @@ def test_process_sharding_disjoint_and_covering(manifest, vocab, process_count):
 
 
 def test_eval_pass_covers_everything_once(manifest, vocab):
-    it = loader(manifest, vocab=vocab, batch_size=4, shuffle=False, repeat=False, drop_remainder=False,
-                process_index=1, process_count=2, prefetch=2)
+    it = loader(
+        manifest,
+        vocab=vocab,
+        batch_size=4,
+        shuffle=False,
+        repeat=False,
+        drop_remainder=False,
+        process_index=1,
+        process_count=2,
+        prefetch=2,
+    )
     batches = list(it)
     assert len(batches) == it.batches_per_epoch == 4  # 14 clips -> 3 full batches + 1 topped up
     full = list(loader(manifest, vocab=vocab, batch_size=4, shuffle=False, repeat=False, drop_remainder=False))
@@ -339,7 +357,13 @@ def test_matches_transformers_feature_extractor(manifest, tmp_path):
     it = loader(manifest, batch_size=4, seed=2)
     b = next(it)
     waves = [load_audio(manifest.paths[i]) for i in b["index"]]
-    ref = fe(waves, sampling_rate=16000, padding="max_length", max_length=b["input_values"].shape[1],
-             return_attention_mask=True, return_tensors="np")
+    ref = fe(
+        waves,
+        sampling_rate=16000,
+        padding="max_length",
+        max_length=b["input_values"].shape[1],
+        return_attention_mask=True,
+        return_tensors="np",
+    )
     np.testing.assert_allclose(b["input_values"], ref["input_values"], atol=HF_PARITY_ATOL)
     np.testing.assert_array_equal(b["attention_mask"], ref["attention_mask"])

@@ -51,6 +51,16 @@ def test_embed_several_files_to_directory_and_bad_file(flax_dir, tmp_path, speec
 
 
 def test_embed_bad_layer(flax_dir, tmp_path, speech_dir, capsys):
-    rc = main(["embed", "--model", str(flax_dir), "--layer", "7", "--out", str(tmp_path / "x.npz"),
-               str(speech_dir / "16k" / "cards_001.wav")])
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(flax_dir),
+            "--layer",
+            "7",
+            "--out",
+            str(tmp_path / "x.npz"),
+            str(speech_dir / "16k" / "cards_001.wav"),
+        ]
+    )
     assert rc == 1 and "--layer 7" in capsys.readouterr().err

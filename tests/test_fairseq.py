@@ -77,16 +77,22 @@ def test_key_names_spelled_out():
         "encoder.layers.2.fc1.weight": "encoder.layers.2.feed_forward.intermediate_dense.weight",
         "encoder.layers.2.fc2.bias": "encoder.layers.2.feed_forward.output_dense.bias",
         "encoder.layers.5.final_layer_norm.weight": "encoder.layers.5.final_layer_norm.weight",
-        "w2v_encoder.w2v_model.encoder.layers.1.self_attn.k_proj.bias":
-            "data2vec_audio.encoder.layers.1.attention.k_proj.bias",
+        "w2v_encoder.w2v_model.encoder.layers.1.self_attn.k_proj.bias": (
+            "data2vec_audio.encoder.layers.1.attention.k_proj.bias"
+        ),
         "w2v_encoder.w2v_model.layer_norm.weight": "data2vec_audio.feature_projection.layer_norm.weight",
         "w2v_encoder.proj.weight": "lm_head.weight",
     }
     for f, h in pairs.items():
         assert fs.fairseq_to_hf_key(f) == h
         assert fs.hf_to_fairseq_key(h) == f
-    for bad in ("final_proj.weight", "feature_extractor.conv_layers.0.2.weight", "encoder.pos_conv.0.weight_g",
-                "quantizer.vars", "w2v_encoder.w2v_model.final_proj.weight"):
+    for bad in (
+        "final_proj.weight",
+        "feature_extractor.conv_layers.0.2.weight",
+        "encoder.pos_conv.0.weight_g",
+        "quantizer.vars",
+        "w2v_encoder.w2v_model.final_proj.weight",
+    ):
         assert fs.fairseq_to_hf_key(bad) is None, bad
 
 
@@ -108,10 +114,13 @@ def test_pretrained_fairseq_flax_hf_bit_identical(tmp_path, capsys, style):
     np.testing.assert_array_equal(aux["final_proj"]["bias"], fsd["final_proj.bias"].numpy())
     assert jax_tree_structure(aux["ema"]) == jax_tree_structure(params["encoder"])
     ema = fsd["_ema"]
-    np.testing.assert_array_equal(aux["ema"]["layers_1"]["feed_forward"]["intermediate_dense"]["kernel"],
-                                  ema["layers.1.fc1.weight"].numpy().T)
-    np.testing.assert_array_equal(aux["ema"]["pos_conv_embed"]["layers_0"]["conv"]["kernel"],
-                                  ema["pos_conv.0.0.weight"].numpy().transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        aux["ema"]["layers_1"]["feed_forward"]["intermediate_dense"]["kernel"], ema["layers.1.fc1.weight"].numpy().T
+    )
+    np.testing.assert_array_equal(
+        aux["ema"]["pos_conv_embed"]["layers_0"]["conv"]["kernel"],
+        ema["pos_conv.0.0.weight"].numpy().transpose(2, 1, 0),
+    )
     assert not np.array_equal(aux["ema"]["layer_norm"]["scale"], params["encoder"]["layer_norm"]["scale"])
     saved_cfg = json.loads((tmp_path / "flax" / fs.FAIRSEQ_CFG_FILE).read_text())
     assert saved_cfg["num_updates"] == 1234
@@ -234,8 +243,10 @@ def test_ema_without_positional_conv_is_completed_from_student(tmp_path):
     ckpt = F.checkpoint(model, False)
     ckpt["model"]["_ema"] = {k: v for k, v in ckpt["model"]["_ema"].items() if not k.startswith("pos_conv.")}
     ck = fs.load_fairseq(F.save_checkpoint(ckpt, tmp_path / "x.pt"))
-    np.testing.assert_array_equal(ck.aux["ema"]["pos_conv_embed"]["layers_1"]["conv"]["bias"],
-                                  ck.params["encoder"]["pos_conv_embed"]["layers_1"]["conv"]["bias"])
+    np.testing.assert_array_equal(
+        ck.aux["ema"]["pos_conv_embed"]["layers_1"]["conv"]["bias"],
+        ck.params["encoder"]["pos_conv_embed"]["layers_1"]["conv"]["bias"],
+    )
     assert any("positional conv" in n for n in ck.notes)
 
 
@@ -303,8 +314,11 @@ def test_omegaconf_config_is_refused_with_advice(tmp_path):
     finally:
         for n in mods:
             del sys.modules[n]
-    with pytest.raises(D2VError, match=r"old.pt: refused to load: its config is pickled as "
-                                       r"'omegaconf.dictconfig.DictConfig' objects"):
+    with pytest.raises(
+        D2VError,
+        match=r"old.pt: refused to load: its config is pickled as "
+        r"'omegaconf.dictconfig.DictConfig' objects",
+    ):
         fs.read_fairseq_file(tmp_path / "old.pt")
 
 
@@ -316,25 +330,42 @@ def test_ctc_without_masking_drops_mask_emb_with_a_note(tmp_path):
 
 
 def test_conv_feature_layers_parsed_without_eval():
-    assert fs.parse_conv_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2") == \
-        [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+    assert (
+        fs.parse_conv_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2")
+        == [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+    )
     assert fs.parse_conv_layers("[(64, 10, 5)] + 2 * [(64, 3, 2)]") == [(64, 10, 5), (64, 3, 2), (64, 3, 2)]
-    for bad in ("__import__('os').system('true')", "[(512, 10, 5)] * 10**9", "[(512, 10, 5)] * 100000",
-                "[(512, 10)]", "[(512.0, 10, 5)]", "[(-1, 10, 5)]", "[]", "(512, 10, 5)", "[(1,2,3)] + 'a'",
-                "[x for x in range(3)]", "[(True, 2, 3)]", "[(1, 2, 3)] - [(1, 2, 3)]", "[(1,2,3"):
+    for bad in (
+        "__import__('os').system('true')",
+        "[(512, 10, 5)] * 10**9",
+        "[(512, 10, 5)] * 100000",
+        "[(512, 10)]",
+        "[(512.0, 10, 5)]",
+        "[(-1, 10, 5)]",
+        "[]",
+        "(512, 10, 5)",
+        "[(1,2,3)] + 'a'",
+        "[x for x in range(3)]",
+        "[(True, 2, 3)]",
+        "[(1, 2, 3)] - [(1, 2, 3)]",
+        "[(1,2,3",
+    ):
         with pytest.raises(D2VError, match="conv_feature_layers"):
             fs.parse_conv_layers(bad, "conv_feature_layers")
 
 
 # ------------------------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("override,message", [
-    ({"layer_norm_first": True}, r"layer_norm_first is True; data2vec-audio needs False"),
-    ({"extractor_mode": "default"}, r"extractor_mode is 'default'"),
-    ({"pos_conv_depth": 1}, r"pos_conv_depth is 1"),
-    ({"_name": "wav2vec2"}, r"model is 'wav2vec2'; only data2vec_audio"),
-    ({"encoder_ffn_embed_dim": 96}, r"key 'encoder.layers.0.fc1.(weight|bias)' has shape \(128,.*expected \(96,"),
-    ({"conv_bias": True}, r"missing key 'feature_extractor.conv_layers.0.0.bias'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"layer_norm_first": True}, r"layer_norm_first is True; data2vec-audio needs False"),
+        ({"extractor_mode": "default"}, r"extractor_mode is 'default'"),
+        ({"pos_conv_depth": 1}, r"pos_conv_depth is 1"),
+        ({"_name": "wav2vec2"}, r"model is 'wav2vec2'; only data2vec_audio"),
+        ({"encoder_ffn_embed_dim": 96}, r"key 'encoder.layers.0.fc1.(weight|bias)' has shape \(128,.*expected \(96,"),
+        ({"conv_bias": True}, r"missing key 'feature_extractor.conv_layers.0.0.bias'"),
+    ],
+)
 def test_mismatched_config_is_refused_naming_the_key(tmp_path, override, message):
     model = F.hf_model(False)
     ckpt = F.checkpoint(model, False, **override)
@@ -384,17 +415,27 @@ def test_large_size_converts_and_matches(tmp_path, speech_dir, ctc):
     """data2vec-audio-large (24 layers, 1024 hidden, 16 heads, FFN 4096), both formats, full size."""
     from flax_d2v.audio import load_audio, normalize
 
-    large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                 conv_dim=(512,) * 7, num_conv_pos_embedding_groups=16, conv_pos_kernel_size=19,
-                 num_conv_pos_embeddings=5)
+    large = dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        conv_dim=(512,) * 7,
+        num_conv_pos_embedding_groups=16,
+        conv_pos_kernel_size=19,
+        num_conv_pos_embeddings=5,
+    )
     model, _, pt = _write(tmp_path, ctc=ctc, hf=large)
     # `d2v convert` in a process of its own, as the README measured it: its time and peak RSS
-    script = ("import json, resource, sys, time; from flax_d2v.cli import main; t0 = time.perf_counter(); "
-              "rc = main(['convert', sys.argv[1], sys.argv[2]]); "
-              "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t0, "
-              "'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
-    proc = subprocess.run([sys.executable, "-c", script, str(pt), str(tmp_path / "flax")], capture_output=True,
-                          text=True, timeout=1800)
+    script = (
+        "import json, resource, sys, time; from flax_d2v.cli import main; t0 = time.perf_counter(); "
+        "rc = main(['convert', sys.argv[1], sys.argv[2]]); "
+        "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t0, "
+        "'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(pt), str(tmp_path / "flax")], capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["rc"] == 0
@@ -411,8 +452,10 @@ def test_large_size_converts_and_matches(tmp_path, speech_dir, ctc):
     assert error <= PARITY_RTOL
     print(f"large: max error / max reference on a {x.shape[1] / 16000:.1f} s clip {error:.2g}")
     peak_gib = stats["peak"] / 2**30
-    print(f"large {'CTC' if ctc else 'pretrained'}: d2v convert {seconds:.1f} s, peak RSS {peak_gib:.2f} GiB "
-          f"(.pt {pt.stat().st_size / 1e9:.2f} GB)")
+    print(
+        f"large {'CTC' if ctc else 'pretrained'}: d2v convert {seconds:.1f} s, peak RSS {peak_gib:.2f} GiB "
+        f"(.pt {pt.stat().st_size / 1e9:.2f} GB)"
+    )
     # the README's large-size table: peak memory about twice the .pt, the HF export bit for bit, verify passes
     assert stats["peak"] <= LARGE_PEAK_OVER_PT * pt.stat().st_size + LARGE_PEAK_SLACK, peak_gib
     fs_cls = transformers.Data2VecAudioForCTC if ctc else transformers.Data2VecAudioModel
@@ -430,5 +473,7 @@ def test_large_size_converts_and_matches(tmp_path, speech_dir, ctc):
     t0 = time.perf_counter()
     rows, _ = verify(str(pt), [str(speech_dir / CLIP), str(speech_dir / "16k" / "goforward.wav")])
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
-    print(f"large: d2v verify (2 clips + padded batch) {len(rows)}/{len(rows)} stages PASS, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"large: d2v verify (2 clips + padded batch) {len(rows)}/{len(rows)} stages PASS, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )

@@ -37,9 +37,23 @@ def write_manifest(speech_dir: Path, names, path: Path) -> Path:
 
 
 def overfit_settings(manifest: Path, out: Path, steps: int, **kw) -> dict:
-    base = dict(train=str(manifest), eval=str(manifest), model="tiny", out=str(out), steps=steps, batch_size=4,
-                learning_rate=1e-3, seed=0, lr_schedule="constant", dropout=0.0, mask_time_prob=0.0,
-                log_every=1, eval_every=0, save_every=1000, progress=False)
+    base = dict(
+        train=str(manifest),
+        eval=str(manifest),
+        model="tiny",
+        out=str(out),
+        steps=steps,
+        batch_size=4,
+        learning_rate=1e-3,
+        seed=0,
+        lr_schedule="constant",
+        dropout=0.0,
+        mask_time_prob=0.0,
+        log_every=1,
+        eval_every=0,
+        save_every=1000,
+        progress=False,
+    )
     base.update(kw)
     return resolve(base)
 
@@ -79,8 +93,14 @@ def test_hf_export_loads_in_transformers(overfit_run, speech_dir):
 
     run, _ = overfit_run
     hf = run / "hf"
-    for name in ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "preprocessor_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    ):
         assert (hf / name).is_file(), name
     model = transformers.Data2VecAudioForCTC.from_pretrained(hf).eval()
     processor = transformers.Wav2Vec2Processor.from_pretrained(hf)
@@ -112,8 +132,19 @@ def test_hf_export_loads_in_transformers(overfit_run, speech_dir):
 # ----------------------------------------------------------------------------------- fast unit checks
 def test_config_file_and_flags(tmp_path):
     cfg_file = tmp_path / "ft.json"
-    cfg_file.write_text(json.dumps({"train": "a.tsv", "model": "tiny", "out": "o", "steps": 5, "batch-size": 2,
-                                    "learning_rate": 1e-4, "mask_time_prob": 0.3}))
+    cfg_file.write_text(
+        json.dumps(
+            {
+                "train": "a.tsv",
+                "model": "tiny",
+                "out": "o",
+                "steps": 5,
+                "batch-size": 2,
+                "learning_rate": 1e-4,
+                "mask_time_prob": 0.3,
+            }
+        )
+    )
     cfg = resolve({"config": str(cfg_file), "learning_rate": 5e-4})
     assert cfg["learning_rate"] == 5e-4 and cfg["mask_time_prob"] == 0.3 and cfg["batch_size"] == 2
     assert cfg["freeze_feature_encoder"] is True  # fairseq feature_grad_mult 0 by default
@@ -155,8 +186,16 @@ def _tiny_ctc(freeze_transformer_steps=0, grad_accum=1):
     from flax_d2v.train.schedules import constant
     from flax_d2v.train.state import create_state, make_optimizer
 
-    config = tiny_config(vocab_size=8, mask_time_prob=0.3, mask_time_length=2, hidden_dropout=0.0,
-                         attention_dropout=0.0, activation_dropout=0.0, final_dropout=0.0, layerdrop=0.0)
+    config = tiny_config(
+        vocab_size=8,
+        mask_time_prob=0.3,
+        mask_time_length=2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+    )
     module = Data2VecAudioForCTC(config, freeze_feature_encoder=True)
     params = init_params(module, 0)
     sched = constant(1e-3)
@@ -165,9 +204,12 @@ def _tiny_ctc(freeze_transformer_steps=0, grad_accum=1):
     state = create_state(params, tx, {}, jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(objective, tx, sched, grad_accum))
     rng = np.random.default_rng(0)
-    batch = {"input_values": rng.normal(size=(4, 8000)).astype(np.float32),
-             "attention_mask": np.ones((4, 8000), np.int32), "index": np.arange(4, dtype=np.int32),
-             "labels": rng.integers(1, 8, size=(4, 5)).astype(np.int32)}
+    batch = {
+        "input_values": rng.normal(size=(4, 8000)).astype(np.float32),
+        "attention_mask": np.ones((4, 8000), np.int32),
+        "index": np.arange(4, dtype=np.int32),
+        "labels": rng.integers(1, 8, size=(4, 5)).astype(np.int32),
+    }
     batch["attention_mask"][1, 6000:] = 0
     batch["labels"][2, 3:] = -100
     return state, step, batch
@@ -204,13 +246,43 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_finetune_help_lists_the_contract_flags():
-    out = subprocess.run([sys.executable, "-m", "flax_d2v.cli", "finetune", "--help"], capture_output=True,
-                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
-    for flag in ("--train", "--eval", "--model", "--out", "--steps", "--batch-size", "--learning-rate", "--seed",
-                 "--save-every", "--dropout", "--vocab", "--mask-time-prob", "--mask-feature-length", "--layerdrop",
-                 "--bf16", "--remat", "--scan-layers", "--grad-accum", "--clip-norm", "--freeze-feature-encoder",
-                 "--freeze-transformer-steps", "--mesh", "--pmap", "--coordinator", "--config", "--keep",
-                 "--tensorboard", "--eval-every", "--log-every"):
+    out = subprocess.run(
+        [sys.executable, "-m", "flax_d2v.cli", "finetune", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    ).stdout
+    for flag in (
+        "--train",
+        "--eval",
+        "--model",
+        "--out",
+        "--steps",
+        "--batch-size",
+        "--learning-rate",
+        "--seed",
+        "--save-every",
+        "--dropout",
+        "--vocab",
+        "--mask-time-prob",
+        "--mask-feature-length",
+        "--layerdrop",
+        "--bf16",
+        "--remat",
+        "--scan-layers",
+        "--grad-accum",
+        "--clip-norm",
+        "--freeze-feature-encoder",
+        "--freeze-transformer-steps",
+        "--mesh",
+        "--pmap",
+        "--coordinator",
+        "--config",
+        "--keep",
+        "--tensorboard",
+        "--eval-every",
+        "--log-every",
+    ):
         assert flag in out, flag
 
 
@@ -218,11 +290,33 @@ def test_compute_options_and_scanned_export(speech_dir, tmp_path):
     """bf16 + scan + remat + grad accumulation + tri-stage + clipping + a delayed transformer, exported to HF."""
     manifest = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
     run = tmp_path / "run"
-    result = finetune(resolve(dict(
-        train=str(manifest), eval=str(manifest), model="tiny", out=str(run), steps=4, batch_size=4,
-        learning_rate=1e-3, bf16=True, scan_layers=True, remat="dots_saveable", grad_accum=2, clip_norm=1.0,
-        freeze_transformer_steps=1, mask_time_prob=0.1, mask_time_length=2, mask_feature_prob=0.1,
-        mask_feature_length=4, layerdrop=0.1, log_every=2, eval_every=2, progress=False)))
+    result = finetune(
+        resolve(
+            dict(
+                train=str(manifest),
+                eval=str(manifest),
+                model="tiny",
+                out=str(run),
+                steps=4,
+                batch_size=4,
+                learning_rate=1e-3,
+                bf16=True,
+                scan_layers=True,
+                remat="dots_saveable",
+                grad_accum=2,
+                clip_norm=1.0,
+                freeze_transformer_steps=1,
+                mask_time_prob=0.1,
+                mask_time_length=2,
+                mask_feature_prob=0.1,
+                mask_feature_length=4,
+                layerdrop=0.1,
+                log_every=2,
+                eval_every=2,
+                progress=False,
+            )
+        )
+    )
     rows = read_metrics(run)
     assert [r["step"] for r in rows if "loss" in r] == [2, 4]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
@@ -230,8 +324,11 @@ def test_compute_options_and_scanned_export(speech_dir, tmp_path):
     layer = result.state.params["data2vec_audio"]["encoder"]["layers"]["layer"]
     assert layer["attention"]["q_proj"]["kernel"].ndim == 3  # stacked by nn.scan
     config = json.loads((run / "hf" / "config.json").read_text())
-    assert config["mask_time_prob"] == 0.1 and config["vocab_size"] == 26 and config["architectures"] == [
-        "Data2VecAudioForCTC"]
+    assert (
+        config["mask_time_prob"] == 0.1
+        and config["vocab_size"] == 26
+        and config["architectures"] == ["Data2VecAudioForCTC"]
+    )
     from safetensors.numpy import load_file
 
     keys = load_file(run / "hf" / "model.safetensors")
@@ -248,9 +345,21 @@ def test_init_from_hf_model_without_head(speech_dir, tmp_path):
     hf = transformers.Data2VecAudioModel(transformers.Data2VecAudioConfig(**tiny_hf_kwargs()))
     hf.save_pretrained(tmp_path / "pretrained")
     manifest = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
-    result = finetune(resolve(dict(train=str(manifest), model=str(tmp_path / "pretrained"), out=str(tmp_path / "run"),
-                                   steps=2, batch_size=4, learning_rate=1e-4, log_every=1, progress=False,
-                                   export_hf=False)))
+    result = finetune(
+        resolve(
+            dict(
+                train=str(manifest),
+                model=str(tmp_path / "pretrained"),
+                out=str(tmp_path / "run"),
+                steps=2,
+                batch_size=4,
+                learning_rate=1e-4,
+                log_every=1,
+                progress=False,
+                export_hf=False,
+            )
+        )
+    )
     params = jax.device_get(result.state.params)
     assert params["lm_head"]["kernel"].shape == (64, 26)
     conv = hf.feature_extractor.conv_layers[0].conv.weight.detach().numpy()  # frozen: still the loaded weights

@@ -24,8 +24,14 @@ from flax_d2v.ctc_decode import CTCTokenizer
 from flax_d2v.errors import D2VError
 from flax_d2v.train.vocab import normalize_transcript
 
-VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4,
-         **{c: 5 + i for i, c in enumerate(string.ascii_uppercase + "'")}}
+VOCAB = {
+    "<pad>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<unk>": 3,
+    "|": 4,
+    **{c: 5 + i for i, c in enumerate(string.ascii_uppercase + "'")},
+}
 DISCOUNT = 0.5  # absolute discounting of the test's bigram LM
 PROB_TOL = 1e-5  # ARPA stores 6-7 significant digits; KenLM reads them as float32
 LN10 = math.log(10.0)
@@ -101,8 +107,9 @@ TOK = CTCTokenizer.from_vocab(VOCAB)
 
 
 # ---------------------------------------------------------------------------------------- emissions
-def emissions(text: str, rng: np.random.Generator, confidence: float = 0.9,
-              ambiguous: dict[int, dict[str, float]] | None = None) -> np.ndarray:
+def emissions(
+    text: str, rng: np.random.Generator, confidence: float = 0.9, ambiguous: dict[int, dict[str, float]] | None = None
+) -> np.ndarray:
     """CTC log-probs that spell `text` (spaces = "|"): each character over 1-3 frames, blanks between.
 
     `ambiguous[i]` replaces character i's distribution (e.g. {"S": 0.45, "Z": 0.55}).
@@ -140,7 +147,7 @@ def test_arpa_writer_sums_to_one_and_kenlm_reads_it(word_lm, texts):
     path, logp = word_lm
     contexts = {a for a, _ in logp}
     for a in contexts:
-        assert sum(10 ** v for (x, _), v in logp.items() if x == a) == pytest.approx(1.0, abs=1e-9)
+        assert sum(10**v for (x, _), v in logp.items() if x == a) == pytest.approx(1.0, abs=1e-9)
     words = sorted({w for t in texts for w in t.split()})
     assert sorted(read_arpa_unigrams(path)) == words
     d = Dictionary(words + ["</s>", "<unk>"])
@@ -221,12 +228,11 @@ def test_every_output_word_is_in_the_lexicon(word_lm, tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("\n".join(lexicon) + "\n", encoding="utf-8")
     notes: list[str] = []
-    decoder = BeamSearchDecoder(TOK, len(VOCAB), 30, lm=word_lm[0], lexicon=path, warn=notes.append,
-                                word_score=2.0)
-    assert notes == [f"{path}: 2 of 12 words cannot be spelled with the model's vocabulary and are left out "
-                     "(e.g. 'CAFÉ', 'NAÏVE')",
-                     f"{path}: 6 of 10 words are not in {word_lm[0]} and are scored as its <unk> "
-                     "(e.g. 'and', 'of', 'he')"]
+    decoder = BeamSearchDecoder(TOK, len(VOCAB), 30, lm=word_lm[0], lexicon=path, warn=notes.append, word_score=2.0)
+    assert notes == [
+        f"{path}: 2 of 12 words cannot be spelled with the model's vocabulary and are left out (e.g. 'CAFÉ', 'NAÏVE')",
+        f"{path}: 6 of 10 words are not in {word_lm[0]} and are scored as its <unk> (e.g. 'and', 'of', 'he')",
+    ]
     allowed = {w.split()[0].upper() for w in lexicon[:10]}
     rng = np.random.default_rng(3)
     seen = Counter()
@@ -277,8 +283,9 @@ def hf_with_lm_dir(root: Path, model, arpa: Path, unigrams: list[str], alpha: fl
     (files / "alphabet.json").write_text(json.dumps({"labels": labels, "is_bpe": False}))
     lm_dir = files / "language_model"
     lm_dir.mkdir()
-    (lm_dir / "attrs.json").write_text(json.dumps({"alpha": alpha, "beta": beta, "unk_score_offset": -10.0,
-                                                   "score_boundary": True}))
+    (lm_dir / "attrs.json").write_text(
+        json.dumps({"alpha": alpha, "beta": beta, "unk_score_offset": -10.0, "score_boundary": True})
+    )
     (lm_dir / "unigrams.txt").write_text("\n".join(unigrams) + "\n")
     (lm_dir / arpa.name).write_bytes(arpa.read_bytes())
     return save_hf(root / "model", model[0].config, model[1], files_from=files)
@@ -287,8 +294,9 @@ def hf_with_lm_dir(root: Path, model, arpa: Path, unigrams: list[str], alpha: fl
 @pytest.fixture(scope="module")
 def lm_model_dir(word_lm, tmp_path_factory):
     unigrams = ["HE", "WAS", "NOT", "AN", "ILL", "DISPOSED", "YOUNG", "MAN", "AND", "THE", "A", "I", "TO", "OF"]
-    return hf_with_lm_dir(tmp_path_factory.mktemp("hf_lm"), tiny_ctc_with_words(), word_lm[0], unigrams,
-                          alpha=0.5, beta=1.5), set(unigrams)
+    return hf_with_lm_dir(
+        tmp_path_factory.mktemp("hf_lm"), tiny_ctc_with_words(), word_lm[0], unigrams, alpha=0.5, beta=1.5
+    ), set(unigrams)
 
 
 def test_hf_processor_with_lm_dir_decodes_with_its_lm_by_default(lm_model_dir, speech_dir, capsys):
@@ -319,11 +327,16 @@ def test_convert_carries_language_model_both_ways(lm_model_dir, tmp_path):
     assert d2v_main(["convert", str(model_dir), str(tmp_path / "flax")]) == 0
     assert d2v_main(["convert", "--to", "hf", str(tmp_path / "flax"), str(tmp_path / "hf")]) == 0
     for out in (tmp_path / "flax", tmp_path / "hf"):
-        for name in ("language_model/attrs.json", "language_model/unigrams.txt", "language_model/words.arpa",
-                     "alphabet.json"):
+        for name in (
+            "language_model/attrs.json",
+            "language_model/unigrams.txt",
+            "language_model/words.arpa",
+            "alphabet.json",
+        ):
             assert (out / name).read_bytes() == (model_dir / name).read_bytes(), (out, name)
-        assert json.loads((out / "preprocessor_config.json").read_text())["processor_class"] == \
-            "Wav2Vec2ProcessorWithLM"
+        assert (
+            json.loads((out / "preprocessor_config.json").read_text())["processor_class"] == "Wav2Vec2ProcessorWithLM"
+        )
     from flax_d2v.lm_decode import find_hf_language_model
 
     found = find_hf_language_model(tmp_path / "flax")
@@ -338,8 +351,22 @@ def test_cli_lm_lexicon_timestamps_and_json(word_lm, tmp_path, speech_dir, capfd
     lexicon = tmp_path / "words.txt"
     lexicon.write_text("he\nwas\nnot\nan\nill\nyoung\nman\nthe\na\n", encoding="utf-8")
     files = [str(speech_dir / "16k" / n) for n in ("librivox_0880.wav", "cards_002.wav")]
-    args = ["transcribe", "--model", str(model_dir), "--lm", str(word_lm[0]), "--lexicon", str(lexicon),
-            "--lm-weight", "1.5", "--word-score", "2", "--beam-width", "20", "--no-progress"]
+    args = [
+        "transcribe",
+        "--model",
+        str(model_dir),
+        "--lm",
+        str(word_lm[0]),
+        "--lexicon",
+        str(lexicon),
+        "--lm-weight",
+        "1.5",
+        "--word-score",
+        "2",
+        "--beam-width",
+        "20",
+        "--no-progress",
+    ]
     assert d2v_main([*args, "--timestamps", *files]) == 0
     out, err = capfd.readouterr()
     rows = [json.loads(line) for line in out.splitlines()]
@@ -363,8 +390,9 @@ def ctc_dir(tmp_path_factory):
     from flax_d2v.checkpoint import save_flax
 
     module, params = tiny_ctc_with_words()
-    return save_flax(tmp_path_factory.mktemp("err") / "ctc", module.config, params,
-                     extra_files={"vocab.json": json.dumps(VOCAB)})
+    return save_flax(
+        tmp_path_factory.mktemp("err") / "ctc", module.config, params, extra_files={"vocab.json": json.dumps(VOCAB)}
+    )
 
 
 def run_cli_error(capsys, *args) -> str:
@@ -377,12 +405,15 @@ def run_cli_error(capsys, *args) -> str:
 def test_bad_lm_files_are_one_line_errors(ctc_dir, speech_dir, tmp_path, capsys, word_lm):
     clip = str(speech_dir / "16k" / "cards_001.wav")
     missing = tmp_path / "missing.arpa"
-    assert run_cli_error(capsys, str(ctc_dir), "--lm", str(missing), clip) == \
-        f"d2v transcribe: error: {missing}: no such language model file"
+    assert (
+        run_cli_error(capsys, str(ctc_dir), "--lm", str(missing), clip)
+        == f"d2v transcribe: error: {missing}: no such language model file"
+    )
     garbage = tmp_path / "garbage.arpa"
     garbage.write_text("this is not\nan n-gram model\n")
     assert run_cli_error(capsys, str(ctc_dir), "--lm", str(garbage), clip).startswith(
-        f"d2v transcribe: error: {garbage}: not an ARPA language model")
+        f"d2v transcribe: error: {garbage}: not an ARPA language model"
+    )
     truncated = tmp_path / "truncated.arpa"
     truncated.write_text("\\data\\\nngram 1=40\n")
     assert f"{truncated}: " in run_cli_error(capsys, str(ctc_dir), "--lm", str(truncated), clip)
@@ -390,31 +421,40 @@ def test_bad_lm_files_are_one_line_errors(ctc_dir, speech_dir, tmp_path, capsys,
     binary.write_bytes(b"mmap lm http://kheafield.com/code format version 5\n\0" + bytes(range(256)) * 4)
     assert run_cli_error(capsys, str(ctc_dir), "--lm", str(binary), clip) == (
         f"d2v transcribe: error: {binary}: a KenLM binary does not list its words; give --lexicon (a word list, "
-        "e.g. the LM's vocabulary) or use the ARPA file")
+        "e.g. the LM's vocabulary) or use the ARPA file"
+    )
     words = tmp_path / "words.txt"
     words.write_text("HE\nWAS\n")
     assert run_cli_error(capsys, str(ctc_dir), "--lm", str(binary), "--lexicon", str(words), clip).startswith(
-        f"d2v transcribe: error: {binary}: not a KenLM language model that loads")
+        f"d2v transcribe: error: {binary}: not a KenLM language model that loads"
+    )
     greek = tmp_path / "greek.txt"
     greek.write_text("ΚΑΛΗ\nΜΕΡΑ\n", encoding="utf-8")
     assert run_cli_error(capsys, str(ctc_dir), "--lm", str(word_lm[0]), "--lexicon", str(greek), clip).startswith(
-        f"d2v transcribe: error: {greek}: no word can be spelled with the model's vocabulary")
-    assert run_cli_error(capsys, str(ctc_dir), "--lexicon", str(words), clip) == \
-        f"d2v transcribe: error: {words}: --lexicon needs --lm (a word n-gram to score the words with)"
+        f"d2v transcribe: error: {greek}: no word can be spelled with the model's vocabulary"
+    )
+    assert (
+        run_cli_error(capsys, str(ctc_dir), "--lexicon", str(words), clip)
+        == f"d2v transcribe: error: {words}: --lexicon needs --lm (a word n-gram to score the words with)"
+    )
 
 
-def test_missing_extra_is_one_line_naming_the_package(ctc_dir, speech_dir, capsys, monkeypatch, word_lm,
-                                                      lm_model_dir):
+def test_missing_extra_is_one_line_naming_the_package(ctc_dir, speech_dir, capsys, monkeypatch, word_lm, lm_model_dir):
     monkeypatch.setitem(sys.modules, "flashlight.lib.text", None)  # as if flashlight-text were not installed
     clip = str(speech_dir / "16k" / "cards_001.wav")
     line = run_cli_error(capsys, str(ctc_dir), "--lm", str(word_lm[0]), clip)
-    assert "flashlight-text" in line and "pip install 'flax-d2v[lm]'" in line and line.startswith(
-        "d2v transcribe: error: --lm needs")
+    assert (
+        "flashlight-text" in line
+        and "pip install 'flax-d2v[lm]'" in line
+        and line.startswith("d2v transcribe: error: --lm needs")
+    )
     line = run_cli_error(capsys, str(ctc_dir), "--beam-width", "8", clip)
     assert line.startswith("d2v transcribe: error: --beam-width: beam search needs the flashlight-text package")
     line = run_cli_error(capsys, str(lm_model_dir[0]), clip)
-    assert line.startswith(f"d2v transcribe: error: {lm_model_dir[0] / 'language_model' / 'words.arpa'}: the model's "
-                           "language model (pass --no-lm to decode without it) needs the flashlight-text package")
+    assert line.startswith(
+        f"d2v transcribe: error: {lm_model_dir[0] / 'language_model' / 'words.arpa'}: the model's "
+        "language model (pass --no-lm to decode without it) needs the flashlight-text package"
+    )
     # greedy needs nothing
     assert d2v_main(["transcribe", "--model", str(ctc_dir), "--no-progress", clip]) == 0
     assert d2v_main(["transcribe", "--model", str(lm_model_dir[0]), "--no-lm", "--no-progress", clip]) == 0
@@ -439,12 +479,39 @@ def test_finetune_eval_lm_reports_wer_beside_greedy(speech_dir, word_lm, tmp_pat
         rows[Path(cols[0]).stem] = (str(speech_dir / cols[0]), cols[5])
     manifest = tmp_path / "two.tsv"
     manifest.write_text("path\ttext\n" + "".join(f"{rows[n][0]}\t{rows[n][1]}\n" for n in ("cards_001", "forever")))
-    result = finetune(resolve(dict(train=str(manifest), eval=str(manifest), model="tiny", out=str(tmp_path / "run"),
-                                   steps=1, batch_size=2, learning_rate=1e-4, log_every=1, progress=False,
-                                   export_hf=False, eval_lm=str(word_lm[0]), eval_word_score=2.0)))
+    result = finetune(
+        resolve(
+            dict(
+                train=str(manifest),
+                eval=str(manifest),
+                model="tiny",
+                out=str(tmp_path / "run"),
+                steps=1,
+                batch_size=2,
+                learning_rate=1e-4,
+                log_every=1,
+                progress=False,
+                export_hf=False,
+                eval_lm=str(word_lm[0]),
+                eval_word_score=2.0,
+            )
+        )
+    )
     evals = [r for r in read_metrics(tmp_path / "run") if "wer" in r]
     assert evals and {"wer", "cer", "wer_lm", "cer_lm"} <= set(evals[-1])
     assert result.last_eval["wer_lm"] == evals[-1]["wer_lm"] and 0.0 <= evals[-1]["cer_lm"]
     with pytest.raises(D2VError, match="--eval-lm needs --eval"):
-        finetune(resolve(dict(train=str(manifest), model="tiny", out=str(tmp_path / "run2"), steps=1, batch_size=2,
-                              learning_rate=1e-4, progress=False, eval_lm=str(word_lm[0]))))
+        finetune(
+            resolve(
+                dict(
+                    train=str(manifest),
+                    model="tiny",
+                    out=str(tmp_path / "run2"),
+                    steps=1,
+                    batch_size=2,
+                    learning_rate=1e-4,
+                    progress=False,
+                    eval_lm=str(word_lm[0]),
+                )
+            )
+        )

@@ -16,8 +16,9 @@ MASK = jnp.asarray(np.r_[np.ones(12000), np.r_[np.ones(9000), np.zeros(3000)]].r
 
 @pytest.fixture(scope="module")
 def ctc():
-    config = flax_d2v.tiny_config(layerdrop=0.5, mask_time_prob=0.3, mask_time_length=4, mask_feature_prob=0.2,
-                                  mask_feature_length=8)
+    config = flax_d2v.tiny_config(
+        layerdrop=0.5, mask_time_prob=0.3, mask_time_length=4, mask_feature_prob=0.2, mask_feature_length=8
+    )
     module = flax_d2v.Data2VecAudioForCTC(config)
     return module, flax_d2v.init_params(module, 0)
 
@@ -33,8 +34,11 @@ def test_training_randomness_is_a_function_of_the_rng(ctc):
     module, params = ctc
 
     def run(seed):
-        return np.asarray(module.apply({"params": params}, X, MASK, deterministic=False,
-                                       rngs={"dropout": jax.random.PRNGKey(seed)}).logits)
+        return np.asarray(
+            module.apply(
+                {"params": params}, X, MASK, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+            ).logits
+        )
 
     ref = np.asarray(module.apply({"params": params}, X, MASK).logits)
     np.testing.assert_array_equal(run(1), run(1))
@@ -47,8 +51,15 @@ def test_spec_augment_replaces_masked_frames_with_masked_spec_embed(ctc):
     t = flax_d2v.feat_extract_output_lengths(module.config, 12000)
     mask = np.zeros((2, t), bool)
     mask[:, 5:9] = True
-    out = module.apply({"params": params}, X, MASK, mask_time_indices=jnp.asarray(mask), output_hidden_states=True,
-                       capture_intermediates=True, mutable=["intermediates"])[0]
+    out = module.apply(
+        {"params": params},
+        X,
+        MASK,
+        mask_time_indices=jnp.asarray(mask),
+        output_hidden_states=True,
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )[0]
     ref = module.apply({"params": params}, X, MASK, output_hidden_states=True)
     h0, r0 = np.asarray(out.hidden_states[0]), np.asarray(ref.hidden_states[0])
     assert not np.allclose(h0[:, 5:9], r0[:, 5:9])

@@ -140,8 +140,19 @@ def test_verify_cli_precision_flag_and_report(tiny_ctc_dir, speech_dir, tmp_path
     from flax_d2v.cli import main
 
     report = tmp_path / "r" / "report.md"
-    rc = main(["verify", tiny_ctc_dir, "--audio", str(speech_dir / "16k/cards_001.wav"), "--precision", "default",
-               "--no-batch", "--report", str(report)])
+    rc = main(
+        [
+            "verify",
+            tiny_ctc_dir,
+            "--audio",
+            str(speech_dir / "16k/cards_001.wav"),
+            "--precision",
+            "default",
+            "--no-batch",
+            "--report",
+            str(report),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "PASS" in out and "precision=default" in out
     text = report.read_text()

@@ -53,8 +53,9 @@ def setup():
     objective = Data2VecObjective(module, Data2VecPretrainConfig(average_top_k_layers=2))
     params = objective.init_params(model_params, jax.random.PRNGKey(2))
     teacher = objective.init_extra(params)
-    teacher = {"encoder": {k: (v if k == "pos_conv_embed" else _perturbed(v, 3, 0.05))
-                           for k, v in teacher["encoder"].items()}}
+    teacher = {
+        "encoder": {k: (v if k == "pos_conv_embed" else _perturbed(v, 3, 0.05)) for k, v in teacher["encoder"].items()}
+    }
     rs = np.random.RandomState(0)
     wav = rs.randn(3, NUM_SAMPLES).astype(np.float32)
     am = np.ones((3, NUM_SAMPLES), np.int32)
@@ -64,8 +65,12 @@ def setup():
 
 
 def _batch(wav, am, index=(3, 17, 42)):
-    return {"input_values": wav, "attention_mask": am, "index": np.asarray(index, np.int32),
-            "seconds": am.sum(-1) / 16000.0}
+    return {
+        "input_values": wav,
+        "attention_mask": am,
+        "index": np.asarray(index, np.int32),
+        "seconds": am.sum(-1) / 16000.0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,8 +101,10 @@ def fairseq_preds_targets(student, teacher, final_proj, wav, attention_mask, mas
     am = None if attention_mask is None else torch.from_numpy(attention_mask).long()
     mask = torch.from_numpy(np.array(mask))
     results = []
-    hooks = [layer.feed_forward.register_forward_hook(lambda mod, inp, out: results.append(out))
-             for layer in teacher.encoder.layers]
+    hooks = [
+        layer.feed_forward.register_forward_hook(lambda mod, inp, out: results.append(out))
+        for layer in teacher.encoder.layers
+    ]
     with torch.no_grad():
         x = student(wav, attention_mask=am, mask_time_indices=mask).last_hidden_state
         teacher(wav, attention_mask=am)  # shared extractor/projection, unmasked, eval: no dropout
@@ -108,9 +115,14 @@ def fairseq_preds_targets(student, teacher, final_proj, wav, attention_mask, mas
             target_layer_results = [F.instance_norm(tl.float()) for tl in target_layer_results]
         else:
             target_layer_results = [
-                torch.cat([F.pad(F.instance_norm(tl[i:i + 1, :, :t].float()), (0, tl.shape[-1] - t))
-                           for i, t in enumerate(real_frames)])
-                for tl in target_layer_results]
+                torch.cat(
+                    [
+                        F.pad(F.instance_norm(tl[i : i + 1, :, :t].float()), (0, tl.shape[-1] - t))
+                        for i, t in enumerate(real_frames)
+                    ]
+                )
+                for tl in target_layer_results
+            ]
         target_layer_results = [tl.transpose(1, 2) for tl in target_layer_results]  # BCT -> BTC
         y = sum(target_layer_results) / len(target_layer_results)
         y = y[mask]
@@ -164,8 +176,16 @@ def test_loss_matches_fairseq_formula(setup, padded, loss_beta, loss_scale):
 
     student = _hf_model(config, params["model"])
     teacher_hf = _hf_model(config, {**params["model"], "encoder": teacher["encoder"]})
-    x, y = fairseq_preds_targets(student, teacher_hf, params["final_proj"], wav, am if padded else None, mask, 2,
-                                 real_frames=frames if padded else None)
+    x, y = fairseq_preds_targets(
+        student,
+        teacher_hf,
+        params["final_proj"],
+        wav,
+        am if padded else None,
+        mask,
+        2,
+        real_frames=frames if padded else None,
+    )
     ref_loss, ref_size, ref_tvar, ref_pvar = fairseq_loss(x, y, loss_beta, loss_scale)
     assert weight == ref_size
     np.testing.assert_allclose(loss_sum, ref_loss, rtol=LOSS_RTOL)
@@ -243,16 +263,20 @@ def test_ema_decay_schedule_and_update_step_by_step(setup):
         for a, b in zip(jax.tree.leaves(extra["encoder"]), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(np.asarray(a), b, rtol=EMA_RTOL, atol=EMA_RTOL)
     # copied, not averaged: equal to the student's bit for bit
-    for a, b in zip(jax.tree.leaves(extra["encoder"]["pos_conv_embed"]),
-                    jax.tree.leaves(student["model"]["encoder"]["pos_conv_embed"]), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(extra["encoder"]["pos_conv_embed"]),
+        jax.tree.leaves(student["model"]["encoder"]["pos_conv_embed"]),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the layers are not the student's
-    assert not np.allclose(np.asarray(extra["encoder"]["layers_0"]["attention"]["q_proj"]["kernel"]),
-                           np.asarray(student["model"]["encoder"]["layers_0"]["attention"]["q_proj"]["kernel"]))
+    assert not np.allclose(
+        np.asarray(extra["encoder"]["layers_0"]["attention"]["q_proj"]["kernel"]),
+        np.asarray(student["model"]["encoder"]["layers_0"]["attention"]["q_proj"]["kernel"]),
+    )
 
     # decay 1: fairseq skips the EMA step entirely (pos conv included)
-    frozen = Data2VecObjective(module, Data2VecPretrainConfig(average_top_k_layers=2, ema_decay=1.0,
-                                                              ema_end_decay=1.0))
+    frozen = Data2VecObjective(module, Data2VecPretrainConfig(average_top_k_layers=2, ema_decay=1.0, ema_end_decay=1.0))
     same = frozen.update_extra(teacher, _perturbed(params, 5), jnp.int32(0))
     for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(teacher), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -283,16 +307,21 @@ def fairseq_mask_counts(rng, sz, mask_prob, mask_length, min_masks=1):
 def test_masks_follow_fairseq_and_depend_only_on_key_and_index():
     rows, frames, trials = 16, 200, 40
     lengths = np.array([200, 150, 120, 90] * 4)
-    fn = jax.jit(lambda k, n, same: jax.vmap(lambda kk: data2vec_mask_indices(
-        jax.vmap(lambda i: jax.random.fold_in(kk, i))(jnp.arange(rows)), n, frames, 0.65, 10, 1, same))(k),
-        static_argnums=2)
+    fn = jax.jit(
+        lambda k, n, same: jax.vmap(
+            lambda kk: data2vec_mask_indices(
+                jax.vmap(lambda i: jax.random.fold_in(kk, i))(jnp.arange(rows)), n, frames, 0.65, 10, 1, same
+            )
+        )(k),
+        static_argnums=2,
+    )
     keys = jax.random.split(jax.random.PRNGKey(0), trials)
     free = np.asarray(fn(keys, jnp.asarray(lengths), False))  # (trials, rows, frames)
     same = np.asarray(fn(keys, jnp.asarray(lengths), True))
 
     # padding respected, and as in fairseq the last real frame is never a span start's cover
     for r, n in enumerate(lengths):
-        assert not free[:, r, n - 1:].any() and not same[:, r, n - 1:].any()
+        assert not free[:, r, n - 1 :].any() and not same[:, r, n - 1 :].any()
     # require_same_masks: every row of a batch has the same count, the smallest, a subset of the spans
     counts = same.sum(-1)
     assert (counts == counts[:, :1]).all()
@@ -315,13 +344,16 @@ def test_masks_follow_fairseq_and_depend_only_on_key_and_index():
     example = jax.vmap(lambda i: jax.random.fold_in(k, i))(index)
     n = jnp.asarray([200, 180, 160, 140, 200, 180, 160, 140])
     whole = np.asarray(data2vec_mask_indices(example, n, frames, 0.65, 10, 1, False))
-    halves = [np.asarray(data2vec_mask_indices(example[s], n[s], frames, 0.65, 10, 1, False))
-              for s in (slice(0, 4), slice(4, 8))]
+    halves = [
+        np.asarray(data2vec_mask_indices(example[s], n[s], frames, 0.65, 10, 1, False))
+        for s in (slice(0, 4), slice(4, 8))
+    ]
     np.testing.assert_array_equal(whole, np.concatenate(halves))
     perm = np.array([3, 1, 7, 0, 5, 2, 6, 4])
     permuted = np.asarray(data2vec_mask_indices(example[perm], n[perm], frames, 0.65, 10, 1, True))
-    np.testing.assert_array_equal(permuted, np.asarray(data2vec_mask_indices(example, n, frames, 0.65, 10, 1,
-                                                                             True))[perm])
+    np.testing.assert_array_equal(
+        permuted, np.asarray(data2vec_mask_indices(example, n, frames, 0.65, 10, 1, True))[perm]
+    )
     # an all-padding row gets no mask and does not zero everyone else's
     with_empty = np.asarray(data2vec_mask_indices(example, n.at[2].set(0), frames, 0.65, 10, 1, True))
     assert not with_empty[2].any() and with_empty[0].sum() > 0
@@ -351,8 +383,10 @@ def test_guard_fires_on_collapsed_teacher(setup):
         objective.check(metrics, 101)
 
     # a collapsed student head: constant predictions
-    dead = {**params, "final_proj": {"kernel": jnp.zeros_like(params["final_proj"]["kernel"]),
-                                     "bias": params["final_proj"]["bias"]}}
+    dead = {
+        **params,
+        "final_proj": {"kernel": jnp.zeros_like(params["final_proj"]["kernel"]), "bias": params["final_proj"]["bias"]},
+    }
     _, _, metrics = objective.loss(dead, teacher, batch, jax.random.PRNGKey(0), jnp.int32(0))
     metrics = {k: float(v) for k, v in metrics.items()}
     assert metrics["target_var"] > 0.1
@@ -375,9 +409,28 @@ def _run_pretrain(manifest, out, *extra):
     from flax_d2v.cli import main
 
     # batch 4 of 4 clips: every batch crops to the same width, so the step compiles once
-    return main(["pretrain", "--train", str(manifest), "--out", str(out), "--batch-size", "4", "--config", "tiny",
-                 "--average-top-k-layers", "2", "--log-every", "2", "--no-progress", "--no-async-checkpoint",
-                 "--num-workers", "1", *extra])
+    return main(
+        [
+            "pretrain",
+            "--train",
+            str(manifest),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--config",
+            "tiny",
+            "--average-top-k-layers",
+            "2",
+            "--log-every",
+            "2",
+            "--no-progress",
+            "--no-async-checkpoint",
+            "--num-workers",
+            "1",
+            *extra,
+        ]
+    )
 
 
 def test_d2v_pretrain_end_to_end(speech_dir, tmp_path):
@@ -425,8 +478,16 @@ def _manifest(speech_dir, tmp_path):
 @pytest.mark.slow
 def test_d2v_pretrain_guard_stops_the_run(speech_dir, tmp_path, capsys):
     """The loop calls `objective.check` on each logged row: an impossible floor stops the run with one line."""
-    code = _run_pretrain(_manifest(speech_dir, tmp_path), tmp_path / "guarded", "--steps", "2", "--guard-after", "0",
-                         "--min-target-var", "10")
+    code = _run_pretrain(
+        _manifest(speech_dir, tmp_path),
+        tmp_path / "guarded",
+        "--steps",
+        "2",
+        "--guard-after",
+        "0",
+        "--min-target-var",
+        "10",
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "d2v pretrain: error: target_var:" in err and "< 10.0 at update 2" in err and "Traceback" not in err
@@ -460,8 +521,9 @@ def test_ema_schedule_continues_from_a_fairseq_checkpoints_update_count(setup, t
     from flax_d2v.commands.pretrain import load_init
 
     _, module, _, _, _, _ = setup
-    cfg = Data2VecPretrainConfig(average_top_k_layers=2, ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=2000,
-                                 ema_start_update=1234)
+    cfg = Data2VecPretrainConfig(
+        average_top_k_layers=2, ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=2000, ema_start_update=1234
+    )
     objective = Data2VecObjective(module, cfg)
     fresh = Data2VecObjective(module, dataclasses.replace(cfg, ema_start_update=0))
     np.testing.assert_allclose(float(objective.ema_decay(1)), float(fresh.ema_decay(1235)), rtol=1e-7)

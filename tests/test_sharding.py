@@ -21,8 +21,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_finetune import write_manifest  # noqa: E402
 
 WORKER = Path(__file__).parent / "multihost_worker.py"
-CLIPS = ("cards_001", "goforward", "cards_003", "forever", "cards_002", "cards_004", "slt_arctic_a0009",
-         "librivox_0880")
+CLIPS = (
+    "cards_001",
+    "goforward",
+    "cards_003",
+    "forever",
+    "cards_002",
+    "cards_004",
+    "slt_arctic_a0009",
+    "librivox_0880",
+)
 # Same math, different reduction trees (all-reduce vs local sums): the bar.
 LAYOUT_RTOL = 1e-4
 # fsdp=8 shards everything but step counters, the 32-wide lm_head bias and other vectors not divisible by 8.
@@ -38,7 +46,7 @@ def _env(devices: int) -> dict:
 def _result(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, stdout
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +57,13 @@ def manifest(speech_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def layouts(manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("layouts")
-    proc = subprocess.run([sys.executable, str(WORKER), "layouts", "--manifest", str(manifest), "--out", str(out)],
-                          capture_output=True, text=True, env=_env(8), timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "layouts", "--manifest", str(manifest), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(8),
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _result(proc.stdout), proc.stderr
 
@@ -83,11 +96,30 @@ def test_two_processes_agree_with_one_device(manifest, layouts, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "process", "--manifest", str(manifest),
-                               "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(4))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "process",
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(tmp_path / "run"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(4),
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for p in procs:
@@ -124,8 +156,12 @@ def test_logical_rules_map_params_to_fsdp():
     shardings = S.logical_to_mesh(axes, param_shapes(module), mesh)
     spec = shardings["data2vec_audio"]["encoder"]["layers_0"]["feed_forward"]["intermediate_dense"]["kernel"].spec
     assert spec == P(None, None)  # one device: every axis of size 1 is dropped
-    mesh_specs = jax.tree.map(lambda s: s, __import__("flax").linen.logical_to_mesh(axes, S.LOGICAL_AXIS_RULES),
-                              is_leaf=lambda x: isinstance(x, P))
-    assert mesh_specs["data2vec_audio"]["encoder"]["layers_0"]["feed_forward"]["intermediate_dense"]["kernel"] == \
-        P("fsdp", "tensor")
+    mesh_specs = jax.tree.map(
+        lambda s: s,
+        __import__("flax").linen.logical_to_mesh(axes, S.LOGICAL_AXIS_RULES),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    assert mesh_specs["data2vec_audio"]["encoder"]["layers_0"]["feed_forward"]["intermediate_dense"]["kernel"] == P(
+        "fsdp", "tensor"
+    )
     assert mesh_specs["lm_head"]["kernel"] == P("fsdp", None)

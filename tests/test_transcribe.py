@@ -23,8 +23,14 @@ from flax_d2v.errors import D2VError
 from flax_d2v.modeling import apply_padding_invariant
 from flax_d2v.transcribe import ChunkPlan, Transcriber, bucket_length, transcribe
 
-VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4,
-         **{c: 5 + i for i, c in enumerate(string.ascii_uppercase + "'")}}
+VOCAB = {
+    "<pad>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<unk>": 3,
+    "|": 4,
+    **{c: 5 + i for i, c in enumerate(string.ascii_uppercase + "'")},
+}
 RATIO = 320  # inputs_to_logits_ratio of every config here (conv strides 5*2**6)
 LOGIT_TOL = 1e-5  # float32 noise between a padded batch and one clip alone (measured ~1e-6)
 TIME_TOL = 1e-6  # word times are frame * 0.02 s: only float formatting differs
@@ -92,7 +98,8 @@ def test_greedy_decode_equals_wav2vec2_ctc_tokenizer(tmp_path, variant):
             text, words = ours.decode(ids, skip_special_tokens=skip, output_word_offsets=True)
             assert text == ref.text == hf.decode(ids, skip_special_tokens=skip)
             assert [(w.word, w.start_offset, w.end_offset) for w in words] == [
-                (d["word"], int(d["start_offset"]), int(d["end_offset"])) for d in ref.word_offsets]
+                (d["word"], int(d["start_offset"]), int(d["end_offset"])) for d in ref.word_offsets
+            ]
 
 
 def test_tokenizer_errors_name_the_file(tmp_path):
@@ -157,8 +164,9 @@ def test_chunked_equals_unchunked_for_a_local_model(vocab_dir, speech_dir):
     local = tiny_ctc(num_hidden_layers=0)
     x = np.concatenate([load_audio(p) for p in speech(speech_dir, "librivox_0870.wav", "librivox_0890.wav")])
     whole = transcribe(local, [x], vocab=vocab_dir, chunk_length_s=0, do_normalize=False, progress=False)[0]
-    chunked = transcribe(local, [x], vocab=vocab_dir, chunk_length_s=3.0, stride_length_s=0.5, do_normalize=False,
-                         progress=False)[0]
+    chunked = transcribe(
+        local, [x], vocab=vocab_dir, chunk_length_s=3.0, stride_length_s=0.5, do_normalize=False, progress=False
+    )[0]
     assert len(whole.text) > 20 and chunked.text == whole.text and chunked.words == whole.words
 
 
@@ -173,8 +181,9 @@ def hf_ctc_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_ctc")
     (d / "vocab.json").write_text(json.dumps(VOCAB))
     torch.manual_seed(0)
-    config = transformers.Data2VecAudioConfig(**tiny_hf_kwargs(vocab_size=len(VOCAB), num_conv_pos_embeddings=5,
-                                                               conv_pos_kernel_size=7))
+    config = transformers.Data2VecAudioConfig(
+        **tiny_hf_kwargs(vocab_size=len(VOCAB), num_conv_pos_embeddings=5, conv_pos_kernel_size=7)
+    )
     model = transformers.Data2VecAudioForCTC(config).eval()
     perturb_layer_norms(model)
     with torch.no_grad():
@@ -186,8 +195,9 @@ def hf_ctc_dir(tmp_path_factory):
         model.lm_head.bias[VOCAB["<pad>"]] = 1.0
         model.lm_head.bias[VOCAB["|"]] = 0.7
     model.save_pretrained(d)
-    fe = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                               do_normalize=True, return_attention_mask=True)
+    fe = transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
     tok = transformers.Wav2Vec2CTCTokenizer(str(d / "vocab.json"))
     transformers.Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(d)
     return d
@@ -200,15 +210,21 @@ def test_cli_equals_transformers_greedy_decode_on_shared_speech(hf_ctc_dir, spee
     import transformers
 
     files = sorted(str(p) for p in (speech_dir / "16k").glob("*.wav")) + sorted(
-        str(p) for p in (speech_dir / "other_rates").glob("*.wav"))
+        str(p) for p in (speech_dir / "other_rates").glob("*.wav")
+    )
     assert d2v_main(["transcribe", "--model", str(hf_ctc_dir), "--timestamps", "--no-progress", *files]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in lines] == files
 
     processor = transformers.Wav2Vec2Processor.from_pretrained(hf_ctc_dir)
     model = transformers.Data2VecAudioForCTC.from_pretrained(hf_ctc_dir).eval()
-    pipe = transformers.pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                                 feature_extractor=processor.feature_extractor, device=-1)
+    pipe = transformers.pipeline(
+        "automatic-speech-recognition",
+        model=model,
+        tokenizer=processor.tokenizer,
+        feature_extractor=processor.feature_extractor,
+        device=-1,
+    )
     words_seen = 0
     for result in lines:
         x = load_audio(result["path"], warn=lambda m: None)  # transformers has no resampler: same 16 kHz input
@@ -222,8 +238,10 @@ def test_cli_equals_transformers_greedy_decode_on_shared_speech(hf_ctc_dir, spee
             ids = model(**inputs).logits.argmax(-1)[0]
         ref = processor.decode(ids, output_word_offsets=True)
         assert result["text"] == ref.text
-        ref_words = [(w["word"], w["start_offset"] * RATIO / SAMPLE_RATE, w["end_offset"] * RATIO / SAMPLE_RATE)
-                     for w in ref.word_offsets]
+        ref_words = [
+            (w["word"], w["start_offset"] * RATIO / SAMPLE_RATE, w["end_offset"] * RATIO / SAMPLE_RATE)
+            for w in ref.word_offsets
+        ]
         assert len(result["words"]) == len(ref_words)
         for got, (word, start, end) in zip(result["words"], ref_words, strict=True):
             assert got["word"] == word
@@ -236,16 +254,23 @@ def test_chunked_equals_transformers_asr_pipeline(hf_ctc_dir, speech_dir):
     """Long input, short chunks: stitching is transformers' `chunk_length_s` / `stride_length_s`."""
     import transformers
 
-    x = np.concatenate([load_audio(p) for p in speech(speech_dir, "librivox_0870.wav", "librivox_0890.wav",
-                                                      "cards_005.wav")])
+    x = np.concatenate(
+        [load_audio(p) for p in speech(speech_dir, "librivox_0870.wav", "librivox_0890.wav", "cards_005.wav")]
+    )
     processor = transformers.Wav2Vec2Processor.from_pretrained(hf_ctc_dir)
     model = transformers.Data2VecAudioForCTC.from_pretrained(hf_ctc_dir).eval()
-    pipe = transformers.pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                                 feature_extractor=processor.feature_extractor, device=-1)
+    pipe = transformers.pipeline(
+        "automatic-speech-recognition",
+        model=model,
+        tokenizer=processor.tokenizer,
+        feature_extractor=processor.feature_extractor,
+        device=-1,
+    )
     ours = flax_d2v.from_pretrained(str(hf_ctc_dir))
     for chunk, stride in [(4.0, None), (3.0, (0.4, 1.0))]:
-        got = transcribe(ours, [x], vocab=hf_ctc_dir, chunk_length_s=chunk, stride_length_s=stride,
-                         batch_size=4, progress=False)[0]
+        got = transcribe(
+            ours, [x], vocab=hf_ctc_dir, chunk_length_s=chunk, stride_length_s=stride, batch_size=4, progress=False
+        )[0]
         assert got.text == pipe(x, chunk_length_s=chunk, stride_length_s=stride)["text"]
 
 
@@ -361,9 +386,11 @@ def _long_recording(speech_dir, seconds: int, path):
 def test_one_hour_recording_with_the_base_model_stays_under_3gb_rss(speech_dir, tmp_path):
     """The README's measured figure: a base-size CTC model on a one-hour file, peak RSS (about 25 minutes on
     2 cores)."""
-    stats = _peak_rss_of_transcribing(_base_ctc_dir(tmp_path / "base"),
-                                      _long_recording(speech_dir, 3600, tmp_path / "hour.wav"))
-    print(f"one hour, base: peak RSS {stats['peak'] / 1024**3:.2f} GiB, {stats['seconds'] / stats['wall']:.2f} "
-          "audio s/s")
+    stats = _peak_rss_of_transcribing(
+        _base_ctc_dir(tmp_path / "base"), _long_recording(speech_dir, 3600, tmp_path / "hour.wav")
+    )
+    print(
+        f"one hour, base: peak RSS {stats['peak'] / 1024**3:.2f} GiB, {stats['seconds'] / stats['wall']:.2f} audio s/s"
+    )
     assert stats["error"] is None and stats["seconds"] == pytest.approx(3600.0) and stats["chars"] > 1000
     assert stats["peak"] < HOUR_BASE_MAX_RSS, f"peak RSS {stats['peak'] / 1024**3:.2f} GiB"

@@ -12,10 +12,40 @@ from flax_d2v.errors import D2VError
 from flax_d2v.train import vocab as V
 
 # facebook/data2vec-audio-base-960h's vocab.json (LibriSpeech letters, upper case).
-HF_BASE_960H_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "E": 5, "T": 6, "A": 7, "O": 8, "N": 9,
-                      "I": 10, "H": 11, "S": 12, "R": 13, "D": 14, "L": 15, "U": 16, "M": 17, "W": 18, "C": 19,
-                      "F": 20, "G": 21, "Y": 22, "P": 23, "B": 24, "V": 25, "K": 26, "'": 27, "X": 28, "J": 29,
-                      "Q": 30, "Z": 31}
+HF_BASE_960H_VOCAB = {
+    "<pad>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<unk>": 3,
+    "|": 4,
+    "E": 5,
+    "T": 6,
+    "A": 7,
+    "O": 8,
+    "N": 9,
+    "I": 10,
+    "H": 11,
+    "S": 12,
+    "R": 13,
+    "D": 14,
+    "L": 15,
+    "U": 16,
+    "M": 17,
+    "W": 18,
+    "C": 19,
+    "F": 20,
+    "G": 21,
+    "Y": 22,
+    "P": 23,
+    "B": 24,
+    "V": 25,
+    "K": 26,
+    "'": 27,
+    "X": 28,
+    "J": 29,
+    "Q": 30,
+    "Z": 31,
+}
 
 
 def real_transcripts(speech_dir) -> list[str]:
@@ -31,9 +61,11 @@ def test_normalize_real_transcripts(speech_dir):
     norm = {t: V.normalize_transcript(t) for t in texts}
     # ARCTIC prompts carry case and punctuation; LibriVox/cards transcripts are lower case.
     assert norm["He turned sharply, and faced Gregson across the table."] == (
-        "HE TURNED SHARPLY AND FACED GREGSON ACROSS THE TABLE")
+        "HE TURNED SHARPLY AND FACED GREGSON ACROSS THE TABLE"
+    )
     assert norm["And you always want to see it in the superlative degree."] == (
-        "AND YOU ALWAYS WANT TO SEE IT IN THE SUPERLATIVE DEGREE")
+        "AND YOU ALWAYS WANT TO SEE IT IN THE SUPERLATIVE DEGREE"
+    )
     assert norm["ten of clubs"] == "TEN OF CLUBS"
     for n in norm.values():
         assert n == n.strip() and "  " not in n
@@ -43,18 +75,21 @@ def test_normalize_real_transcripts(speech_dir):
     assert all(V.encode(t, HF_BASE_960H_VOCAB)[1] == 0 for t in texts)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Don\u2019t stop", "DON'T STOP"),                  # typographic apostrophe -> '
-    ("\ufb01ne \uff21\uff22", "FINE AB"),                # NFKC: ligature, full-width letters
-    ("well-known, (really)!", "WELL KNOWN REALLY"),      # punctuation and hyphens are word breaks
-    ("  tabs\tand\nnewlines  ", "TABS AND NEWLINES"),
-    ("he said ' hello ''", "HE SAID HELLO"),             # apostrophe-only words are dropped
-    ("the dogs' bones", "THE DOGS' BONES"),
-    ("caf\u00e9 na\u0131ve stra\u00dfe", "CAF\u00c9 NAIVE STRASSE"),
-    ("room 42", "ROOM 42"),                              # digits are kept, not spelled out
-    ("", ""),
-    ("?!.", ""),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Don\u2019t stop", "DON'T STOP"),  # typographic apostrophe -> '
+        ("\ufb01ne \uff21\uff22", "FINE AB"),  # NFKC: ligature, full-width letters
+        ("well-known, (really)!", "WELL KNOWN REALLY"),  # punctuation and hyphens are word breaks
+        ("  tabs\tand\nnewlines  ", "TABS AND NEWLINES"),
+        ("he said ' hello ''", "HE SAID HELLO"),  # apostrophe-only words are dropped
+        ("the dogs' bones", "THE DOGS' BONES"),
+        ("caf\u00e9 na\u0131ve stra\u00dfe", "CAF\u00c9 NAIVE STRASSE"),
+        ("room 42", "ROOM 42"),  # digits are kept, not spelled out
+        ("", ""),
+        ("?!.", ""),
+    ],
+)
 def test_normalize_rule(raw, expected):
     assert V.normalize_transcript(raw) == expected
 
@@ -81,8 +116,22 @@ def test_build_vocab_layout_and_determinism(speech_dir):
 def test_encode_decode_and_unknown_counts():
     ids, n_unk = V.encode("Hello, world! 42", HF_BASE_960H_VOCAB)
     v = HF_BASE_960H_VOCAB
-    assert ids == [v["H"], v["E"], v["L"], v["L"], v["O"], v["|"], v["W"], v["O"], v["R"], v["L"], v["D"], v["|"],
-                   v["<unk>"], v["<unk>"]]
+    assert ids == [
+        v["H"],
+        v["E"],
+        v["L"],
+        v["L"],
+        v["O"],
+        v["|"],
+        v["W"],
+        v["O"],
+        v["R"],
+        v["L"],
+        v["D"],
+        v["|"],
+        v["<unk>"],
+        v["<unk>"],
+    ]
     assert n_unk == 2  # the digits are not in the LibriSpeech alphabet
     assert V.decode(ids, v, group_tokens=False) == "HELLO WORLD <unk><unk>"
     # CTC greedy output: repeats collapse, blanks (<pad>) separate real doubles, | is a space.
@@ -92,11 +141,14 @@ def test_encode_decode_and_unknown_counts():
     assert V.decode([v["<s>"], v["A"], v["|"], 0, v["|"], v["B"], v["</s>"]], v) == "<s>A  B</s>"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.pop("<unk>"), "missing special token"),
-    (lambda d: d.update({"<pad>": 5, "E": 0}), "CTC blank"),
-    (lambda d: d.update({"Z": 40}), "without gaps"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("<unk>"), "missing special token"),
+        (lambda d: d.update({"<pad>": 5, "E": 0}), "CTC blank"),
+        (lambda d: d.update({"Z": 40}), "without gaps"),
+    ],
+)
 def test_load_vocab_rejects_bad_layouts(tmp_path, mutate, message):
     d = dict(HF_BASE_960H_VOCAB)
     mutate(d)
@@ -122,9 +174,16 @@ def test_files_written_atomically(tmp_path):
     names = V.save_tokenizer_files(tmp_path, HF_BASE_960H_VOCAB) + [V.save_preprocessor_config(tmp_path)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no temporary files left behind
     pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert pre == {"do_normalize": True, "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
-                   "padding_side": "right", "padding_value": 0.0, "processor_class": "Wav2Vec2Processor",
-                   "return_attention_mask": True, "sampling_rate": 16000}
+    assert pre == {
+        "do_normalize": True,
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "processor_class": "Wav2Vec2Processor",
+        "return_attention_mask": True,
+        "sampling_rate": 16000,
+    }
 
 
 @pytest.mark.parametrize("which", ["built", "hf_base_960h"])

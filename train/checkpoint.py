@@ -35,14 +35,26 @@ PyTree = Any
 class Checkpointer:
     """A thin layer over `ocp.CheckpointManager` with the three items above."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, keep_best: int = 1,
-                 async_save: bool = True, best_metric: str = "wer") -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int = 3,
+        keep_best: int = 1,
+        async_save: bool = True,
+        best_metric: str = "wer",
+    ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(keep, 1))]
         if keep_best > 0:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=keep_best,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=True,
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
@@ -60,13 +72,15 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def save(self, step: int, state: PyTree, data_state: dict, meta: dict, metrics: dict | None = None,
-             force: bool = True) -> bool:
+    def save(
+        self, step: int, state: PyTree, data_state: dict, meta: dict, metrics: dict | None = None, force: bool = True
+    ) -> bool:
         """Start writing checkpoint `step` (async); returns whether a save was started."""
         if step in self.manager.all_steps():
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+        )
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
     def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict, dict]:
@@ -75,8 +89,9 @@ class Checkpointer:
         `abstract_state` is a tree of `jax.ShapeDtypeStruct` with `sharding` set (see
         `loop.abstract_state`); any mesh works, not only the one that saved.
         """
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                                  meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+        )
         out = self.manager.restore(step, args=args)
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 

@@ -60,8 +60,14 @@ CTC_UNROLL = 16  # on accelerators; on CPU the loop costs nothing per iteration 
 LOG_EPSILON = -1e5  # optax.ctc_loss's floor for log(0): the same numbers as optax
 
 
-def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array,
-             blank_id: int = 0, unroll: int | None = None) -> jax.Array:
+def ctc_loss(
+    logits: jax.Array,
+    logit_paddings: jax.Array,
+    labels: jax.Array,
+    label_paddings: jax.Array,
+    blank_id: int = 0,
+    unroll: int | None = None,
+) -> jax.Array:
     """Per-example CTC negative log-likelihood, `optax.ctc_loss`'s arguments and numbers.
 
     The same forward (alpha) recursion in log space as optax (tests compare the two and PyTorch),
@@ -95,14 +101,16 @@ def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, la
         pad = pad[:, None]
         return (pad * prev_phi + (1.0 - pad) * next_phi, pad * prev_emit + (1.0 - pad) * next_emit), None
 
-    (phi, emit_last), _ = jax.lax.scan(step, (phi0, emit0), (emit, logprobs_phi, logit_paddings.T),
-                                       unroll=max(1, min(unroll, logits.shape[1])))
+    (phi, emit_last), _ = jax.lax.scan(
+        step, (phi0, emit0), (emit, logprobs_phi, logit_paddings.T), unroll=max(1, min(unroll, logits.shape[1]))
+    )
     last = update_phi(phi, emit_last)
     return -jnp.take_along_axis(last, labellens[:, None], axis=1)[:, 0]
 
 
-def ctc_loss_per_example(logits: jax.Array, frame_lengths: jax.Array, labels: jax.Array, blank_id: int = 0,
-                         zero_infinity: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ctc_loss_per_example(
+    logits: jax.Array, frame_lengths: jax.Array, labels: jax.Array, blank_id: int = 0, zero_infinity: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss (B,), label lengths (B,), impossible (B,) bool) for logits (B,T,V) and labels (B,L) padded <0."""
     t = logits.shape[1]
     logit_paddings = (jnp.arange(t)[None, :] >= frame_lengths[:, None]).astype(jnp.float32)
@@ -116,8 +124,9 @@ def ctc_loss_per_example(logits: jax.Array, frame_lengths: jax.Array, labels: ja
     return loss, label_lengths, impossible
 
 
-def reduce_ctc(loss: jax.Array, label_lengths: jax.Array, valid: jax.Array, reduction: str
-               ) -> tuple[jax.Array, jax.Array]:
+def reduce_ctc(
+    loss: jax.Array, label_lengths: jax.Array, valid: jax.Array, reduction: str
+) -> tuple[jax.Array, jax.Array]:
     """(sum, weight) for the loop: loss = sum over all shards / weight over all shards."""
     loss = jnp.where(valid, loss, 0.0)
     if reduction == "token":
@@ -164,22 +173,30 @@ class CTCObjective(NoExtra):
             return time, feature
         if config.mask_time_prob > 0:
             keys = example_keys(jax.random.fold_in(rng, 1), batch["index"])
-            time = per_example_mask_indices(keys, num_frames, config.mask_time_prob, config.mask_time_length,
-                                            config.mask_time_min_masks, lengths)
+            time = per_example_mask_indices(
+                keys, num_frames, config.mask_time_prob, config.mask_time_length, config.mask_time_min_masks, lengths
+            )
         if config.mask_feature_prob > 0:
             keys = example_keys(jax.random.fold_in(rng, 2), batch["index"])
-            feature = per_example_mask_indices(keys, config.hidden_size, config.mask_feature_prob,
-                                               config.mask_feature_length, config.mask_feature_min_masks)
+            feature = per_example_mask_indices(
+                keys,
+                config.hidden_size,
+                config.mask_feature_prob,
+                config.mask_feature_length,
+                config.mask_feature_min_masks,
+            )
         return time, feature
 
-    def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
-             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         time_mask, feature_mask = self.masks(batch, rng)
 
         out = train_forward(self.module, params, batch, rng, time_mask, feature_mask)
         frame_lengths = out.logits_frame_mask.sum(-1)  # after the adapter's strided convs, if any
         per_example, label_lengths, impossible = ctc_loss_per_example(
-            out.logits, frame_lengths, batch["labels"], self.blank_id, self.zero_infinity)
+            out.logits, frame_lengths, batch["labels"], self.blank_id, self.zero_infinity
+        )
         valid = batch["attention_mask"].sum(-1) > 0  # all-padding rows fill a short last batch
         total, weight = reduce_ctc(per_example, label_lengths, valid, self.reduction)
         metrics = {"ctc_impossible": (impossible & valid).sum() / jnp.maximum(valid.sum(), 1)}

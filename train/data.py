@@ -79,8 +79,14 @@ class Manifest:
     `load(i)` returns clip i as float32 mono 16 kHz through `flax_d2v.audio`.
     """
 
-    def __init__(self, source: str, paths: list[str], texts: list[str] | None, num_samples: Sequence[int] | None = None,
-                 reader: Callable[[int], np.ndarray] | None = None):
+    def __init__(
+        self,
+        source: str,
+        paths: list[str],
+        texts: list[str] | None,
+        num_samples: Sequence[int] | None = None,
+        reader: Callable[[int], np.ndarray] | None = None,
+    ):
         self.source = source
         self.paths = paths
         self.texts = texts
@@ -141,8 +147,14 @@ def _header_num_samples(path: str) -> int:
     return int(math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
 
 
-def read_manifest(spec: str | os.PathLike, *, require_text: bool = False, labels: str = "auto",
-                  data_dir: str | None = None, length_cache: str | os.PathLike | None = None) -> Manifest:
+def read_manifest(
+    spec: str | os.PathLike,
+    *,
+    require_text: bool = False,
+    labels: str = "auto",
+    data_dir: str | None = None,
+    length_cache: str | os.PathLike | None = None,
+) -> Manifest:
     """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), or `tfds:NAME/SPLIT`.
 
     `labels` picks the fairseq transcript file: "auto" (.ltr, else .wrd, else none), "ltr",
@@ -161,8 +173,10 @@ def read_manifest(spec: str | os.PathLike, *, require_text: bool = False, labels
         else:
             m = read_tsv_manifest(path)
     if require_text and m.texts is None:
-        raise D2VError(f"{spec}: no transcripts (a 'text' column, or a .ltr/.wrd file beside a fairseq manifest); "
-                       "fine-tuning needs them")
+        raise D2VError(
+            f"{spec}: no transcripts (a 'text' column, or a .ltr/.wrd file beside a fairseq manifest); "
+            "fine-tuning needs them"
+        )
     return m
 
 
@@ -262,10 +276,15 @@ def _ltr_to_text(line: str) -> str:
     return " ".join("".join(" " if t == "|" else t for t in line.split()).split())
 
 
-def read_tfds(spec: str, data_dir: str | None = None, length_cache: str | os.PathLike | None = None,
-              audio_key: str = "speech", text_key: str | None = "text") -> Manifest:
+def read_tfds(
+    spec: str,
+    data_dir: str | None = None,
+    length_cache: str | os.PathLike | None = None,
+    audio_key: str = "speech",
+    text_key: str | None = "text",
+) -> Manifest:
     """`tfds:NAME/SPLIT` through `tfds.data_source` (random access, ArrayRecord), never downloading."""
-    body = spec[len("tfds:"):]
+    body = spec[len("tfds:") :]
     name, _, split = body.rpartition("/")
     if not name or not split:
         raise D2VError(f"{spec}: expected tfds:NAME/SPLIT, e.g. tfds:librispeech/train_clean100")
@@ -276,9 +295,11 @@ def read_tfds(spec: str, data_dir: str | None = None, length_cache: str | os.Pat
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises many types (KeyError, AssertionError, DatasetNotFoundError...)
-        raise D2VError(f"{spec}: cannot open the prepared dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                       f"prepare it where there is network access with `tfds build {name} --file_format=array_record` "
-                       "and point TFDS_DATA_DIR (or data_dir) at it") from None
+        raise D2VError(
+            f"{spec}: cannot open the prepared dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"prepare it where there is network access with `tfds build {name} --file_format=array_record` "
+            "and point TFDS_DATA_DIR (or data_dir) at it"
+        ) from None
     n = len(source)
     if n == 0:
         raise D2VError(f"{spec}: the split is empty")
@@ -316,8 +337,9 @@ def _as_str(x: Any) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def _cached_scan(spec: str, n: int, scan: Callable[[], tuple[np.ndarray, list[str] | None]],
-                 cache: str | os.PathLike | None) -> tuple[np.ndarray, list[str] | None]:
+def _cached_scan(
+    spec: str, n: int, scan: Callable[[], tuple[np.ndarray, list[str] | None]], cache: str | os.PathLike | None
+) -> tuple[np.ndarray, list[str] | None]:
     """Lengths and texts of every record, from `cache` if it matches (spec, size), else scanned and cached."""
     if cache is not None and Path(cache).is_file():
         try:
@@ -334,8 +356,9 @@ def _cached_scan(spec: str, n: int, scan: Callable[[], tuple[np.ndarray, list[st
 
 
 # ------------------------------------------------------------------------------------------ selection
-def select_examples(manifest: Manifest, min_seconds: float | None = None, max_seconds: float | None = None,
-                    require_text: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+def select_examples(
+    manifest: Manifest, min_seconds: float | None = None, max_seconds: float | None = None, require_text: bool = False
+) -> tuple[np.ndarray, dict[str, int]]:
     """Manifest positions kept by the duration filters, and how many each filter dropped.
 
     Clips shorter than `MIN_SAMPLES` are always dropped (as `too_short`): the encoder gives them
@@ -351,13 +374,17 @@ def select_examples(manifest: Manifest, min_seconds: float | None = None, max_se
             raise D2VError(f"{manifest.source}: no transcripts; fine-tuning needs them")
         no_text = np.array([not V.normalize_transcript(t or "") for t in manifest.texts], bool)
     keep = ~(too_short | too_long | no_text)
-    dropped = {"too_short": int(too_short.sum()), "too_long": int((too_long & ~too_short).sum()),
-               "no_text": int((no_text & ~too_short & ~too_long).sum())}
+    dropped = {
+        "too_short": int(too_short.sum()),
+        "too_long": int((too_long & ~too_short).sum()),
+        "no_text": int((no_text & ~too_short & ~too_long).sum()),
+    }
     return np.flatnonzero(keep).astype(np.int64), dropped
 
 
-def bucket_ladder(min_samples: int, max_samples: int, growth: float = 1.25,
-                  multiple: int = BUCKET_MULTIPLE) -> np.ndarray:
+def bucket_ladder(
+    min_samples: int, max_samples: int, growth: float = 1.25, multiple: int = BUCKET_MULTIPLE
+) -> np.ndarray:
     """Padded lengths from `min_samples` up to at least `max_samples`, each ~`growth` times the last.
 
     At most a fraction (growth-1)/growth of a batch is padding; ~log(max/min)/log(growth) shapes.
@@ -371,8 +398,9 @@ def bucket_ladder(min_samples: int, max_samples: int, growth: float = 1.25,
     return np.asarray(ladder, np.int64)
 
 
-def plan_epoch(buckets: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-               drop_remainder: bool = True) -> list[tuple[int, np.ndarray]]:
+def plan_epoch(
+    buckets: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool = True, drop_remainder: bool = True
+) -> list[tuple[int, np.ndarray]]:
     """The epoch's batches as (bucket, rows) where rows indexes `buckets` (the kept examples).
 
     `buckets[j]` is kept example j's bucket. With `drop_remainder`, len % batch_size examples
@@ -392,7 +420,7 @@ def plan_epoch(buckets: np.ndarray, batch_size: int, seed: int, epoch: int, shuf
     for b in np.unique(buckets):
         items = np.concatenate([carry, order[buckets[order] == b]])
         full = len(items) // batch_size * batch_size
-        batches += [(int(b), items[s:s + batch_size]) for s in range(0, full, batch_size)]
+        batches += [(int(b), items[s : s + batch_size]) for s in range(0, full, batch_size)]
         carry = items[full:]
     if carry.size and not drop_remainder:
         rows = np.full(batch_size, -1, np.int64)
@@ -412,11 +440,27 @@ class BatchLoader:
     there. `repeat=False` stops after one epoch (evaluation: `shuffle=False, drop_remainder=False`).
     """
 
-    def __init__(self, manifest: Manifest, *, batch_size: int, vocab: Mapping[str, int] | None = None, seed: int = 0,
-                 shuffle: bool = True, repeat: bool = True, drop_remainder: bool = True,
-                 min_seconds: float | None = None, max_seconds: float | None = None, require_text: bool | None = None,
-                 bucket_samples: Sequence[int] | None = None, bucket_growth: float = 1.25, normalize: bool = True,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, num_workers: int = 4):
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        batch_size: int,
+        vocab: Mapping[str, int] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        repeat: bool = True,
+        drop_remainder: bool = True,
+        min_seconds: float | None = None,
+        max_seconds: float | None = None,
+        require_text: bool | None = None,
+        bucket_samples: Sequence[int] | None = None,
+        bucket_growth: float = 1.25,
+        normalize: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+        num_workers: int = 4,
+    ):
         if batch_size < 1 or batch_size % process_count:
             raise D2VError(f"batch_size: {batch_size} must be a positive multiple of the process count {process_count}")
         if not 0 <= process_index < process_count:
@@ -437,8 +481,10 @@ class BatchLoader:
         else:
             self.bucket_samples = np.asarray(sorted(int(b) for b in bucket_samples), np.int64)
             if lengths.max() > self.bucket_samples[-1]:
-                raise D2VError(f"bucket_samples: the longest kept clip has {lengths.max()} samples, more than the "
-                               f"largest bucket {self.bucket_samples[-1]} (lower max_seconds or add a bucket)")
+                raise D2VError(
+                    f"bucket_samples: the longest kept clip has {lengths.max()} samples, more than the "
+                    f"largest bucket {self.bucket_samples[-1]} (lower max_seconds or add a bucket)"
+                )
         self._bucket_of = np.searchsorted(self.bucket_samples, lengths, side="left").astype(np.int64)
         self._labels: list[np.ndarray] = []
         self._unknown = np.zeros(len(self.positions), np.int32)
@@ -454,8 +500,10 @@ class BatchLoader:
             self.label_widths = np.maximum(LABEL_MULTIPLE, -(-cum // LABEL_MULTIPLE) * LABEL_MULTIPLE)
         self.batches_per_epoch = len(plan_epoch(self._bucket_of, batch_size, seed, 0, shuffle, drop_remainder))
         if self.batches_per_epoch == 0:
-            raise D2VError(f"batch_size: {batch_size} is larger than the {len(self.positions)} clips kept "
-                           f"from {manifest.source} (and drop_remainder is on)")
+            raise D2VError(
+                f"batch_size: {batch_size} is larger than the {len(self.positions)} clips kept "
+                f"from {manifest.source} (and drop_remainder is on)"
+            )
         self._epoch, self._batch = 0, 0
         self._plan_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
         self._thread: threading.Thread | None = None
@@ -475,8 +523,9 @@ class BatchLoader:
         except (KeyError, TypeError, ValueError):
             raise D2VError(f"data state: expected {{'epoch': int, 'batch_in_epoch': int}}, got {state!r}") from None
         if epoch < 0 or not 0 <= b <= self.batches_per_epoch:
-            raise D2VError(f"data state: {state!r} is outside this data "
-                           f"(an epoch has {self.batches_per_epoch} batches)")
+            raise D2VError(
+                f"data state: {state!r} is outside this data (an epoch has {self.batches_per_epoch} batches)"
+            )
         self.close()
         self._epoch, self._batch = epoch, b
         if self._batch == self.batches_per_epoch and self.repeat:
@@ -493,7 +542,7 @@ class BatchLoader:
     def local_rows(self, positions: np.ndarray) -> np.ndarray:
         """This process's slice of a global batch."""
         s = self.process_index * self.local_batch_size
-        return positions[s:s + self.local_batch_size]
+        return positions[s : s + self.local_batch_size]
 
     def make_batch(self, bucket: int, positions: np.ndarray, pool: concurrent.futures.Executor | None = None) -> dict:
         """Load and pad this process's rows of the global batch `positions` (bucket `bucket`)."""
@@ -503,8 +552,10 @@ class BatchLoader:
         width = int(self.bucket_samples[bucket])
         for p, w in zip(real, waves, strict=True):
             if len(w) > width:
-                raise D2VError(f"{self.manifest.paths[p]}: decoded to {len(w)} samples, more than the "
-                               f"{self.manifest.num_samples[p]} its manifest entry declares")
+                raise D2VError(
+                    f"{self.manifest.paths[p]}: decoded to {len(w)} samples, more than the "
+                    f"{self.manifest.num_samples[p]} its manifest entry declares"
+                )
         b = len(rows)
         if waves:
             values, mask = pad_batch(waves, do_normalize=self.normalize, pad_to=width, batch_to=b, eps=HF_NORM_EPS)
@@ -513,8 +564,12 @@ class BatchLoader:
         seconds = np.zeros(b, np.float32)
         seconds[: len(waves)] = [len(w) / SAMPLE_RATE for w in waves]
         # Filler rows (-1) only ever trail a batch, so row r of the arrays is rows[r].
-        batch = {"input_values": values, "attention_mask": mask, "index": np.asarray(rows, np.int64),
-                 "seconds": seconds}
+        batch = {
+            "input_values": values,
+            "attention_mask": mask,
+            "index": np.asarray(rows, np.int64),
+            "seconds": seconds,
+        }
         if self.vocab is not None:
             labels = np.full((b, int(self.label_widths[bucket])), LABEL_PAD, np.int32)
             lengths, unknown = np.zeros(b, np.int32), np.zeros(b, np.int32)
@@ -571,8 +626,12 @@ class BatchLoader:
             if self._thread is None:
                 self._stop = threading.Event()
                 self._queue = queue.Queue(maxsize=self.prefetch)
-                self._thread = threading.Thread(target=self._worker, name="d2v-data-prefetch", daemon=True,
-                                                args=(self._epoch, self._batch, self._queue, self._stop))
+                self._thread = threading.Thread(
+                    target=self._worker,
+                    name="d2v-data-prefetch",
+                    daemon=True,
+                    args=(self._epoch, self._batch, self._queue, self._stop),
+                )
                 self._thread.start()
             item = self._queue.get()
             if item[0] == "end":

@@ -73,9 +73,13 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int = 1, axis_name: str | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+    axis_name: str | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure update `(state, batch) -> (state, metrics)`; `axis_name` when run under `pmap`."""
 
     def loss_and_grad(params, extra, batch, rng, step):
@@ -100,8 +104,9 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
                 return (ct + t, cw + w, jax.tree.map(jnp.add, cm, m), jax.tree.map(jnp.add, cg, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            shapes = jax.eval_shape(lambda: loss_and_grad(state.params, state.extra,
-                                                          jax.tree.map(lambda x: x[0], micro), rng, state.step))
+            shapes = jax.eval_shape(
+                lambda: loss_and_grad(state.params, state.extra, jax.tree.map(lambda x: x[0], micro), rng, state.step)
+            )
             m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0, zeros)
             (total, weight, metrics, grads), _ = jax.lax.scan(body, init, micro)
@@ -116,8 +121,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         params = optax.apply_updates(state.params, updates)
         extra = objective.update_extra(state.extra, params, state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
-        out = {"loss": total / denom, "grad_norm": grad_norm, "lr": schedule(state.step), "weight": weight,
-               **{k: v.astype(jnp.float32) for k, v in metrics.items()}}
+        out = {
+            "loss": total / denom,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "weight": weight,
+            **{k: v.astype(jnp.float32) for k, v in metrics.items()},
+        }
         return new_state, out
 
     return train_step
@@ -186,14 +196,22 @@ class _StopFlag:
 class Trainer:
     """Owns the mesh layout of the state, the jitted (or pmapped) step and the checkpoints of a run."""
 
-    def __init__(self, objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 mesh: Mesh, params_axes: PyTree, cfg: LoopConfig,
-                 rules: tuple[tuple[str, Any], ...] = S.LOGICAL_AXIS_RULES) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        mesh: Mesh,
+        params_axes: PyTree,
+        cfg: LoopConfig,
+        rules: tuple[tuple[str, Any], ...] = S.LOGICAL_AXIS_RULES,
+    ) -> None:
         self.objective, self.tx, self.schedule, self.mesh, self.cfg = objective, tx, schedule, mesh, cfg
         self.params_axes, self.rules = params_axes, rules
         self.is_main = jax.process_index() == 0
-        self.ckpt = Checkpointer(f"{cfg.out_dir}/checkpoints", keep=cfg.keep, keep_best=cfg.keep_best,
-                                 async_save=cfg.async_checkpoint)
+        self.ckpt = Checkpointer(
+            f"{cfg.out_dir}/checkpoints", keep=cfg.keep, keep_best=cfg.keep_best, async_save=cfg.async_checkpoint
+        )
         self.writer = MetricsWriter(cfg.out_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
         self._jit_step = None
         self._pmap_step = None
@@ -224,10 +242,16 @@ class Trainer:
             extra_axes = self.objective.extra_logical_axes(self.params_axes)
             e_sh = S.logical_to_mesh(extra_axes, extra_shapes, mesh, self.rules)
         rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shapes, opt_state=opt_shapes,
-                            extra=extra_shapes, rng=rng_shape)
-        self.state_shardings = TrainState(step=S.replicated(mesh), params=p_sh, opt_state=o_sh, extra=e_sh,
-                                          rng=S.replicated(mesh))
+        shapes = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=params_shapes,
+            opt_state=opt_shapes,
+            extra=extra_shapes,
+            rng=rng_shape,
+        )
+        self.state_shardings = TrainState(
+            step=S.replicated(mesh), params=p_sh, opt_state=o_sh, extra=e_sh, rng=S.replicated(mesh)
+        )
         return abstract_like(shapes, self.state_shardings)
 
     def put(self, tree: PyTree, shardings: PyTree) -> PyTree:
@@ -256,8 +280,10 @@ class Trainer:
                 state, data_state, meta = self.ckpt.restore(latest, abstract)
             except (ValueError, KeyError, TypeError) as e:  # a state shape no recorded setting explains
                 first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-                raise D2VError(f"{self.ckpt.directory}/{latest}: the checkpoint's state does not fit this run's "
-                               f"settings ({first[:200]}); use the run's settings or a new --out") from None
+                raise D2VError(
+                    f"{self.ckpt.directory}/{latest}: the checkpoint's state does not fit this run's "
+                    f"settings ({first[:200]}); use the run's settings or a new --out"
+                ) from None
             log(f"resumed from {self.ckpt.directory}/{latest} (step {latest})")
             self.writer.truncate_after(latest)
             step = latest
@@ -268,8 +294,9 @@ class Trainer:
                 opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(p)
                 extra = jax.jit(self.objective.init_extra, out_shardings=sh.extra)(p)
             rng = self.put(np.asarray(jax.random.PRNGKey(seed)), sh.rng)
-            state = TrainState(step=self.put(np.zeros((), np.int32), sh.step), params=p, opt_state=opt_state,
-                               extra=extra, rng=rng)
+            state = TrainState(
+                step=self.put(np.zeros((), np.int32), sh.step), params=p, opt_state=opt_state, extra=extra, rng=rng
+            )
             data_state, step = {}, 0
         self._log_memory(state)
         return state, data_state, step
@@ -288,8 +315,10 @@ class Trainer:
                     old, new = meta[key], self.cfg.meta[key]
                     k = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), None)
                     diff = f" ({k}: {old.get(k)!r} there, {new.get(k)!r} now)" if k is not None else ""
-                raise D2VError(f"{self.cfg.out_dir}/checkpoints: the run there has a different {key}{diff}; "
-                               f"use a new --out or the same settings to resume")
+                raise D2VError(
+                    f"{self.cfg.out_dir}/checkpoints: the run there has a different {key}{diff}; "
+                    f"use a new --out or the same settings to resume"
+                )
         saved, now = meta.get("settings") or {}, self.cfg.meta.get("settings") or {}
         for flag in now:
             if flag not in saved:
@@ -298,10 +327,12 @@ class Trainer:
             same = (a["on"] == b["on"]) if isinstance(a, dict) and isinstance(b, dict) else a == b
             if not same:
                 shown = lambda v: v["value"] if isinstance(v, dict) else v
-                raise D2VError(f"{self.cfg.out_dir}/checkpoints: the run there was started with {flag} "
-                               f"{_flag_value(shown(a))}, this command gives {_flag_value(shown(b))}; it changes the "
-                               f"saved state or the data order: resume with {flag} {_flag_value(shown(a))} "
-                               f"or use a new --out")
+                raise D2VError(
+                    f"{self.cfg.out_dir}/checkpoints: the run there was started with {flag} "
+                    f"{_flag_value(shown(a))}, this command gives {_flag_value(shown(b))}; it changes the "
+                    f"saved state or the data order: resume with {flag} {_flag_value(shown(a))} "
+                    f"or use a new --out"
+                )
 
     def _log_memory(self, state: TrainState) -> None:
         per_dev = S.bytes_per_device((state.params, state.opt_state, state.extra))
@@ -309,16 +340,21 @@ class Trainer:
         if per_dev:
             worst = max(per_dev.values())
             self.memory = {"per_device_bytes": worst, "total_bytes": int(total)}
-            log(f"{S.describe(self.mesh, self.state_shardings.params, state.params)}; params+opt+extra: "
-                f"{worst / 2**20:.2f} MiB per device of {total / 2**20:.2f} MiB in all ({worst / total:.3f})")
+            log(
+                f"{S.describe(self.mesh, self.state_shardings.params, state.params)}; params+opt+extra: "
+                f"{worst / 2**20:.2f} MiB per device of {total / 2**20:.2f} MiB in all ({worst / total:.3f})"
+            )
 
     # -- steps ----------------------------------------------------------------------------------
     def _compiled_step(self):
         if self._jit_step is None:
             step = make_train_step(self.objective, self.tx, self.schedule, self.cfg.grad_accum)
-            self._jit_step = jax.jit(step, in_shardings=(self.state_shardings, S.batch_sharding(self.mesh)),
-                                     out_shardings=(self.state_shardings, S.replicated(self.mesh)),
-                                     donate_argnums=(0,))
+            self._jit_step = jax.jit(
+                step,
+                in_shardings=(self.state_shardings, S.batch_sharding(self.mesh)),
+                out_shardings=(self.state_shardings, S.replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
         return self._jit_step
 
     def _pmapped_step(self):
@@ -354,9 +390,14 @@ class Trainer:
         return self.put(host, self.state_shardings)
 
     # -- run ------------------------------------------------------------------------------------
-    def fit(self, state: TrainState, loader: Iterator[Batch], start_step: int,
-            eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
-            data_state: Callable[[], dict] = dict) -> FitResult:
+    def fit(
+        self,
+        state: TrainState,
+        loader: Iterator[Batch],
+        start_step: int,
+        eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+        data_state: Callable[[], dict] = dict,
+    ) -> FitResult:
         """Train from `start_step` to `cfg.steps`. `data_state()` is saved with each checkpoint."""
         cfg = self.cfg
         if cfg.use_pmap:
@@ -390,7 +431,8 @@ class Trainer:
                         if hasattr(self.objective, "check"):
                             self.objective.check(row, step)
                     do_eval = eval_fn is not None and (
-                        step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0))
+                        step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+                    )
                     metrics_for_ckpt = None
                     if do_eval:
                         last_eval = {k: float(v) for k, v in eval_fn(canonical(state)).items()}
@@ -422,8 +464,14 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.steps, initial=start, desc=self.objective.name, unit="step", dynamic_ncols=True,
-                    file=sys.stderr)
+        return tqdm(
+            total=self.cfg.steps,
+            initial=start,
+            desc=self.objective.name,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
     def _log_row(self, step: int, pending: list[dict[str, jax.Array]], seconds: float, audio: float) -> dict:
         host = jax.device_get(pending)
@@ -450,8 +498,12 @@ class Trainer:
         self.ckpt.close()
         self.writer.close()
         if self.is_main and self.writer.path.exists():
-            plot_history(read_metrics(self.writer.path), f"{self.cfg.out_dir}/training_curves.png", title,
-                         curves=self.cfg.plot_curves)
+            plot_history(
+                read_metrics(self.writer.path),
+                f"{self.cfg.out_dir}/training_curves.png",
+                title,
+                curves=self.cfg.plot_curves,
+            )
 
 
 def _flag_value(v: Any) -> str:

@@ -69,8 +69,9 @@ class MetricsWriter:
             with self._tb.as_default():
                 for k, v in row.items():
                     if k != "step" and isinstance(v, (int, float)):
-                        self._tf.summary.write(k, self._tf.constant(float(v), self._tf.float32), step=step,
-                                               metadata=self._scalar_metadata)
+                        self._tf.summary.write(
+                            k, self._tf.constant(float(v), self._tf.float32), step=step, metadata=self._scalar_metadata
+                        )
             self._tb.flush()
 
     def close(self) -> None:
@@ -103,8 +104,13 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
     return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
 
 
-def plot_history(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike, title: str = "",
-                 curves: Sequence[str] = ("loss",), eval_curves: Sequence[str] = ("wer", "cer")) -> Path | None:
+def plot_history(
+    rows: Sequence[dict[str, Any]],
+    out_png: str | os.PathLike,
+    title: str = "",
+    curves: Sequence[str] = ("loss",),
+    eval_curves: Sequence[str] = ("wer", "cer"),
+) -> Path | None:
     """Loss (log scale) and eval error rates against step, one PNG (atomic). None if nothing to plot."""
     import io
 

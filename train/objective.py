@@ -48,8 +48,9 @@ class Objective(Protocol):
         """Initial non-gradient state from the initial params (EMA teacher = copy; `{}` for CTC)."""
         ...
 
-    def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """`(loss_sum, weight, metrics)` on `batch`; pure and jittable; gradients flow into `params` only."""
         ...
 
@@ -84,17 +85,37 @@ def example_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index.astype(jax.numpy.uint32))
 
 
-def train_forward(module: Any, params: PyTree, batch: Batch, rng: jax.Array, mask_time_indices: jax.Array | None,
-                  mask_feature_indices: jax.Array | None) -> Any:
+def train_forward(
+    module: Any,
+    params: PyTree,
+    batch: Batch,
+    rng: jax.Array,
+    mask_time_indices: jax.Array | None,
+    mask_feature_indices: jax.Array | None,
+) -> Any:
     """The model's training-mode output for a batch (the fine-tuning objectives' forward), with
     dropout drawn per example through `apply_per_example`, so the same bits on any layout."""
 
     def forward(rngs, values, mask, time, feature):
-        return module.apply({"params": params}, values, mask, deterministic=False, rngs=rngs,
-                            mask_time_indices=time, mask_feature_indices=feature)
+        return module.apply(
+            {"params": params},
+            values,
+            mask,
+            deterministic=False,
+            rngs=rngs,
+            mask_time_indices=time,
+            mask_feature_indices=feature,
+        )
 
-    return apply_per_example(forward, jax.random.fold_in(rng, 0), batch["index"], batch["input_values"],
-                             batch["attention_mask"], mask_time_indices, mask_feature_indices)
+    return apply_per_example(
+        forward,
+        jax.random.fold_in(rng, 0),
+        batch["index"],
+        batch["input_values"],
+        batch["attention_mask"],
+        mask_time_indices,
+        mask_feature_indices,
+    )
 
 
 def batch_key(rng: jax.Array, batch: Batch) -> jax.Array:

@@ -91,8 +91,10 @@ class Data2VecPretrainConfig:
 
     def validate(self, num_hidden_layers: int) -> None:
         if not 1 <= self.average_top_k_layers <= num_hidden_layers:
-            raise D2VError(f"--average-top-k-layers: {self.average_top_k_layers} is not in [1, {num_hidden_layers}] "
-                           f"(the model has {num_hidden_layers} layers)")
+            raise D2VError(
+                f"--average-top-k-layers: {self.average_top_k_layers} is not in [1, {num_hidden_layers}] "
+                f"(the model has {num_hidden_layers} layers)"
+            )
         if not 0.0 < self.mask_prob < 1.0:
             raise D2VError(f"--mask-prob: {self.mask_prob} is not in (0, 1)")
         if self.mask_length < 1:
@@ -111,8 +113,15 @@ class Data2VecPretrainConfig:
 # Masks
 
 
-def _row_spans(key: jax.Array, length: jax.Array, sequence_length: int, mask_prob: float, mask_length: int,
-               min_masks: int, max_spans: int) -> jax.Array:
+def _row_spans(
+    key: jax.Array,
+    length: jax.Array,
+    sequence_length: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int,
+    max_spans: int,
+) -> jax.Array:
     """One row of fairseq's `compute_mask_indices` (static spans, `idc_select_ver=1`, `num_mask_ver=2`).
 
     num = max(min_masks, int(mask_prob * len / mask_length + U)); starts drawn without replacement
@@ -133,9 +142,16 @@ def _row_spans(key: jax.Array, length: jax.Array, sequence_length: int, mask_pro
     return jnp.any(covered & used[:, None], axis=0) & (positions < length)
 
 
-def data2vec_mask_indices(keys: jax.Array, lengths: jax.Array, sequence_length: int, mask_prob: float,
-                          mask_length: int, min_masks: int = 1, require_same_masks: bool = True,
-                          axis_name: str | None = None) -> jax.Array:
+def data2vec_mask_indices(
+    keys: jax.Array,
+    lengths: jax.Array,
+    sequence_length: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 1,
+    require_same_masks: bool = True,
+    axis_name: str | None = None,
+) -> jax.Array:
     """(B, T) bool span masks, row i a function of `keys[i]` and `lengths[i]` (and, with
     `require_same_masks`, of the smallest count in the batch, which every row is trimmed to by
     dropping masked frames uniformly at random, as fairseq does). Rows of length 0 (all padding)
@@ -169,8 +185,7 @@ def data2vec_mask_indices(keys: jax.Array, lengths: jax.Array, sequence_length: 
 # Pieces of the loss
 
 
-def instance_norm_time(y: jax.Array, frame_mask: jax.Array | None = None, eps: float = INSTANCE_NORM_EPS
-                       ) -> jax.Array:
+def instance_norm_time(y: jax.Array, frame_mask: jax.Array | None = None, eps: float = INSTANCE_NORM_EPS) -> jax.Array:
     """`F.instance_norm` of (B, T, C) over T per (example, channel): biased variance, no affine.
 
     With `frame_mask` (B, T) the statistics come from real frames only.
@@ -220,8 +235,9 @@ def ema_decay_at(config: Data2VecPretrainConfig, num_updates: jax.Array | int) -
     return jnp.where(n >= config.ema_anneal_end_step, end, annealed).astype(jnp.float32)
 
 
-def ema_update(teacher: PyTree, student: PyTree, decay: jax.Array,
-               copy_keys: tuple[str, ...] = EMA_COPY_KEYS) -> PyTree:
+def ema_update(
+    teacher: PyTree, student: PyTree, decay: jax.Array, copy_keys: tuple[str, ...] = EMA_COPY_KEYS
+) -> PyTree:
     """fairseq's `EMAModule.step` on an encoder tree: average in fp32, copy the subtrees named in
     `copy_keys`; a decay of 1 leaves the teacher as it is (fairseq skips the step)."""
     decay = jnp.asarray(decay, jnp.float32)
@@ -239,16 +255,26 @@ def ema_update(teacher: PyTree, student: PyTree, decay: jax.Array,
 # Forward passes through the model's own submodules (one feature extractor run for both)
 
 
-def _student_forward(m: Data2VecAudioModel, input_values: jax.Array, attention_mask: jax.Array | None,
-                     mask_time_indices: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array, Any]:
+def _student_forward(
+    m: Data2VecAudioModel,
+    input_values: jax.Array,
+    attention_mask: jax.Array | None,
+    mask_time_indices: jax.Array,
+    deterministic: bool,
+) -> tuple[jax.Array, jax.Array, Any]:
     """What `Data2VecAudioModel.__call__` does with `mask_time_indices`, also returning the
     unmasked, pre-dropout projected features (the teacher's input) and the frame mask."""
     with matmul_precision(m.precision):
         return _student_forward_body(m, input_values, attention_mask, mask_time_indices, deterministic)
 
 
-def _student_forward_body(m: Data2VecAudioModel, input_values: jax.Array, attention_mask: jax.Array | None,
-                          mask_time_indices: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array, Any]:
+def _student_forward_body(
+    m: Data2VecAudioModel,
+    input_values: jax.Array,
+    attention_mask: jax.Array | None,
+    mask_time_indices: jax.Array,
+    deterministic: bool,
+) -> tuple[jax.Array, jax.Array, Any]:
     features = m.feature_extractor(input_values)
     if m.freeze_feature_encoder:
         features = jax.lax.stop_gradient(features)
@@ -261,8 +287,9 @@ def _student_forward_body(m: Data2VecAudioModel, input_values: jax.Array, attent
     return x, clean, frame_mask
 
 
-def _teacher_layer_results(m: Data2VecAudioModel, features: jax.Array, frame_mask: jax.Array | None
-                           ) -> tuple[jax.Array, ...]:
+def _teacher_layer_results(
+    m: Data2VecAudioModel, features: jax.Array, frame_mask: jax.Array | None
+) -> tuple[jax.Array, ...]:
     with matmul_precision(m.precision):
         _, _, results = m.encoder(features, frame_mask, True, False, True)
     return results
@@ -272,8 +299,10 @@ def init_final_proj(rng: jax.Array, hidden_size: int) -> dict[str, jax.Array]:
     """`torch.nn.Linear`'s default init (fairseq leaves `final_proj` at it): U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(hidden_size)
     k, b = jax.random.split(rng)
-    return {"kernel": jax.random.uniform(k, (hidden_size, hidden_size), jnp.float32, -bound, bound),
-            "bias": jax.random.uniform(b, (hidden_size,), jnp.float32, -bound, bound)}
+    return {
+        "kernel": jax.random.uniform(k, (hidden_size, hidden_size), jnp.float32, -bound, bound),
+        "bias": jax.random.uniform(b, (hidden_size,), jnp.float32, -bound, bound),
+    }
 
 
 def final_proj_logical_axes() -> dict[str, PartitionSpec]:
@@ -290,13 +319,19 @@ class Data2VecObjective:
 
     name = "data2vec"
 
-    def __init__(self, module: Data2VecAudioModel, config: Data2VecPretrainConfig = Data2VecPretrainConfig(),
-                 axis_name: str | None = None) -> None:
+    def __init__(
+        self,
+        module: Data2VecAudioModel,
+        config: Data2VecPretrainConfig = Data2VecPretrainConfig(),
+        axis_name: str | None = None,
+    ) -> None:
         if not isinstance(module, Data2VecAudioModel):
             raise D2VError(f"data2vec pretraining needs the bare Data2VecAudioModel, got {type(module).__name__}")
         if not module.config.has_masked_spec_embed:
-            raise D2VError("config.json: mask_time_prob and mask_feature_prob are both 0, so the model has no "
-                           "masked_spec_embed (the mask embedding pretraining needs); set mask_time_prob > 0")
+            raise D2VError(
+                "config.json: mask_time_prob and mask_feature_prob are both 0, so the model has no "
+                "masked_spec_embed (the mask embedding pretraining needs); set mask_time_prob > 0"
+            )
         config.validate(module.config.num_hidden_layers)
         self.module = module
         self.config = config
@@ -339,16 +374,27 @@ class Data2VecObjective:
         c = self.config
         num_frames = int(feat_extract_output_lengths(self.module.config, batch["input_values"].shape[1]))
         am = batch.get("attention_mask")
-        samples = (jnp.full(batch["input_values"].shape[:1], batch["input_values"].shape[1]) if am is None
-                   else jnp.asarray(am).astype(jnp.int32).sum(-1))
+        samples = (
+            jnp.full(batch["input_values"].shape[:1], batch["input_values"].shape[1])
+            if am is None
+            else jnp.asarray(am).astype(jnp.int32).sum(-1)
+        )
         lengths = jnp.maximum(feat_extract_output_lengths(self.module.config, samples), 0)
         keys = example_keys(jax.random.fold_in(rng, MASK_STREAM), jnp.asarray(batch["index"]))
-        return data2vec_mask_indices(keys, lengths, num_frames, c.mask_prob, c.mask_length, c.min_masks,
-                                     c.require_same_masks, self.axis_name)
+        return data2vec_mask_indices(
+            keys, lengths, num_frames, c.mask_prob, c.mask_length, c.min_masks, c.require_same_masks, self.axis_name
+        )
 
-    def loss(self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array,
-             mask_time_indices: jax.Array | None = None, deterministic: bool = False
-             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self,
+        params: PyTree,
+        extra: PyTree,
+        batch: Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        mask_time_indices: jax.Array | None = None,
+        deterministic: bool = False,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """(sum of per-masked-frame losses, number of masked frames, metrics). `mask_time_indices`
         and `deterministic` are for tests (fixed masks, no dropout)."""
         c = self.config
@@ -357,19 +403,26 @@ class Data2VecObjective:
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
         am = None if am is None else jnp.asarray(am)
+
         def student(rngs, values, mask, time):
-            return self.module.apply({"params": params["model"]}, values, mask, time, deterministic,
-                                     method=_student_forward, rngs=rngs)
+            return self.module.apply(
+                {"params": params["model"]}, values, mask, time, deterministic, method=_student_forward, rngs=rngs
+            )
 
         if deterministic:
             x, clean, frame_mask = student({}, input_values, am, mask_time_indices)
         else:  # dropout per example (objective.py): the same bits on any layout, pmap included
-            x, clean, frame_mask = apply_per_example(student, jax.random.fold_in(rng, DROPOUT_STREAM), batch["index"],
-                                                     input_values, am, mask_time_indices)
+            x, clean, frame_mask = apply_per_example(
+                student, jax.random.fold_in(rng, DROPOUT_STREAM), batch["index"], input_values, am, mask_time_indices
+            )
         teacher_params = {**params["model"], "encoder": extra["encoder"]}
-        results = self.module.apply({"params": jax.lax.stop_gradient(teacher_params)}, jax.lax.stop_gradient(clean),
-                                    frame_mask, method=_teacher_layer_results)
-        targets = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers:]]
+        results = self.module.apply(
+            {"params": jax.lax.stop_gradient(teacher_params)},
+            jax.lax.stop_gradient(clean),
+            frame_mask,
+            method=_teacher_layer_results,
+        )
+        targets = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers :]]
         if c.instance_norm_target_layer:
             norm_mask = None if c.instance_norm_over_padding else frame_mask
             targets = [instance_norm_time(t, norm_mask) for t in targets]
@@ -386,8 +439,8 @@ class Data2VecObjective:
             "target_var": masked_std(y, mask_time_indices, self.axis_name),
             "pred_var": masked_std(jax.lax.stop_gradient(pred), mask_time_indices, self.axis_name),
             "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
-            "masked_frac": weight / jnp.maximum(jnp.ones_like(m).sum() if frame_mask is None
-                                                else frame_mask.sum().astype(jnp.float32), 1.0),
+            "masked_frac": weight
+            / jnp.maximum(jnp.ones_like(m).sum() if frame_mask is None else frame_mask.sum().astype(jnp.float32), 1.0),
         }
         return loss_sum, weight, metrics
 
@@ -402,12 +455,16 @@ def check_collapse(metrics: dict[str, Any], step: int, config: Data2VecPretrainC
     """Raise `D2VError` when target_var / pred_var fell under their floors after `guard_after` updates."""
     if step <= config.guard_after:
         return
-    for key, floor, what in (("target_var", config.min_target_var, "teacher targets"),
-                             ("pred_var", config.min_pred_var, "student predictions")):
+    for key, floor, what in (
+        ("target_var", config.min_target_var, "teacher targets"),
+        ("pred_var", config.min_pred_var, "student predictions"),
+    ):
         if key in metrics and float(metrics[key]) < floor:
-            raise D2VError(f"{key}: {float(metrics[key]):.4g} < {floor} at update {step}: the {what} have "
-                           f"collapsed to a constant (representation collapse); stopping as fairseq does. "
-                           f"Lower the learning rate, raise --ema-decay or check the data")
+            raise D2VError(
+                f"{key}: {float(metrics[key]):.4g} < {floor} at update {step}: the {what} have "
+                f"collapsed to a constant (representation collapse); stopping as fairseq does. "
+                f"Lower the learning rate, raise --ema-decay or check the data"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +499,7 @@ def crop_batch(batch: dict[str, np.ndarray], width: int, seed: int, position: tu
         rng = np.random.default_rng([seed, position[0], position[1], int(index[r])])
         start = int(rng.integers(0, max(n - width, 0) + 1))
         take = min(width, n)
-        out_v[r, :take] = values[r, start:start + take]
+        out_v[r, :take] = values[r, start : start + take]
         out_m[r, :take] = 1
     seconds = out_m.sum(-1).astype(np.float32) / SAMPLE_RATE
     return {**batch, "input_values": out_v, "attention_mask": out_m, "seconds": seconds}

@@ -46,17 +46,43 @@ from flax_d2v.errors import D2VError
 # Defaults the two commands agree on. A shared key missing here and from a command's recipe is a
 # required flag (steps, batch_size; learning_rate for finetune).
 COMMON_DEFAULTS: dict[str, Any] = {
-    "seed": 0, "save_every": 1000, "keep": 3, "log_every": 10, "tensorboard": False, "progress": True,
+    "seed": 0,
+    "save_every": 1000,
+    "keep": 3,
+    "log_every": 10,
+    "tensorboard": False,
+    "progress": True,
     "async_checkpoint": True,
-    "lr_schedule": "tri_stage", "warmup_steps": None, "hold_steps": None, "decay_steps": None, "init_lr_scale": 0.01,
-    "adam_b1": 0.9, "adam_b2": 0.98, "clip_norm": 0.0, "grad_accum": 1,
-    "precision": None, "bf16": False, "remat": "none", "scan_layers": False,
-    "min_seconds": None, "max_seconds": None, "num_workers": 4,
-    "mesh": None, "pmap": False, "coordinator": None, "num_processes": None, "process_id": None,
+    "lr_schedule": "tri_stage",
+    "warmup_steps": None,
+    "hold_steps": None,
+    "decay_steps": None,
+    "init_lr_scale": 0.01,
+    "adam_b1": 0.9,
+    "adam_b2": 0.98,
+    "clip_norm": 0.0,
+    "grad_accum": 1,
+    "precision": None,
+    "bf16": False,
+    "remat": "none",
+    "scan_layers": False,
+    "min_seconds": None,
+    "max_seconds": None,
+    "num_workers": 4,
+    "mesh": None,
+    "pmap": False,
+    "coordinator": None,
+    "num_processes": None,
+    "process_id": None,
 }
 
-GROUP_TITLES = {"run": "run", "optimisation": "optimisation (fairseq names in brackets)", "compute": "compute",
-                "data": "data", "scale-out": "scale-out"}
+GROUP_TITLES = {
+    "run": "run",
+    "optimisation": "optimisation (fairseq names in brackets)",
+    "compute": "compute",
+    "data": "data",
+    "scale-out": "scale-out",
+}
 _BOOL = argparse.BooleanOptionalAction
 # (group, flag, add_argument keywords, help). The default of the command is appended to the help, so a
 # recipe value is written in one place (RECIPE of the command) and shown where it applies.
@@ -71,10 +97,18 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str | None], ...] = (
     ("run", "--progress", {"action": _BOOL}, "progress bar"),
     ("run", "--async-checkpoint", {"action": _BOOL}, "write checkpoints in the background"),
     ("optimisation", "--learning-rate", {"type": float}, "peak learning rate (lr)"),
-    ("optimisation", "--lr-schedule", {"choices": ("tri_stage", "linear", "constant", "cosine")},
-     "tri_stage (fairseq), linear (HF warmup+decay), constant, cosine (fairseq's, data2vec 2.0)"),
-    ("optimisation", "--warmup-steps", {"type": int},
-     "warm-up updates (default: from --phase-ratio, or 10%% for linear)"),
+    (
+        "optimisation",
+        "--lr-schedule",
+        {"choices": ("tri_stage", "linear", "constant", "cosine")},
+        "tri_stage (fairseq), linear (HF warmup+decay), constant, cosine (fairseq's, data2vec 2.0)",
+    ),
+    (
+        "optimisation",
+        "--warmup-steps",
+        {"type": int},
+        "warm-up updates (default: from --phase-ratio, or 10%% for linear)",
+    ),
     ("optimisation", "--hold-steps", {"type": int}, "tri_stage hold updates (default: from --phase-ratio)"),
     ("optimisation", "--decay-steps", {"type": int}, "tri_stage decay updates (default: from --phase-ratio)"),
     ("optimisation", "--phase-ratio", {}, "tri_stage phases as fractions of --steps"),
@@ -86,19 +120,31 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str | None], ...] = (
     ("optimisation", "--weight-decay", {"type": float}, "AdamW decoupled weight decay, as fairseq's adam"),
     ("optimisation", "--clip-norm", {"type": float}, "clip gradients to this global norm; 0: off"),
     ("optimisation", "--grad-accum", {"type": int}, "split each batch into K sequential micro-batches (update_freq)"),
-    ("optimisation", "--freeze-feature-encoder", {"action": _BOOL},
-     "keep the conv feature encoder fixed (feature_grad_mult 0)"),
-    ("compute", "--precision", {"choices": ("highest", "default", "bf16")},
-     "compute precision (flax_d2v.precision): highest = fp32 with HIGHEST matmul/conv precision, default = fp32 at "
-     "the platform's default (TF32 on GPU; the default unless --bf16), bf16 = bfloat16 compute, fp32 params"),
+    (
+        "optimisation",
+        "--freeze-feature-encoder",
+        {"action": _BOOL},
+        "keep the conv feature encoder fixed (feature_grad_mult 0)",
+    ),
+    (
+        "compute",
+        "--precision",
+        {"choices": ("highest", "default", "bf16")},
+        "compute precision (flax_d2v.precision): highest = fp32 with HIGHEST matmul/conv precision, default = fp32 at "
+        "the platform's default (TF32 on GPU; the default unless --bf16), bf16 = bfloat16 compute, fp32 params",
+    ),
     ("compute", "--bf16", {"action": _BOOL}, "same as --precision bf16 (params and the pretraining teacher stay fp32)"),
     ("compute", "--remat", {}, "rematerialisation policy of the layers: none, nothing_saveable, dots_saveable, ..."),
     ("compute", "--scan-layers", {"action": _BOOL}, "nn.scan over the layers (faster compile, params stacked)"),
     ("data", "--min-seconds", {"type": float}, "drop shorter clips (fairseq's pretraining: 2.0)"),
     ("data", "--max-seconds", {"type": float}, "drop longer clips"),
     ("data", "--num-workers", {"type": int}, "audio decoding threads"),
-    ("scale-out", "--mesh", {}, "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; -1 takes the rest); "
-                                "default data=<all devices>"),
+    (
+        "scale-out",
+        "--mesh",
+        {},
+        "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; -1 takes the rest); default data=<all devices>",
+    ),
     ("scale-out", "--pmap", {"action": _BOOL}, "run the step under jax.pmap (replicated params, pmean'd gradients)"),
     ("scale-out", "--coordinator", {}, "HOST:PORT of process 0 (jax.distributed)"),
     ("scale-out", "--num-processes", {"type": int}, None),
@@ -112,8 +158,13 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any], *,
-                         groups: Mapping[str, Any] | None = None, settings_file: bool = False) -> dict[str, Any]:
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: Mapping[str, Any],
+    *,
+    groups: Mapping[str, Any] | None = None,
+    settings_file: bool = False,
+) -> dict[str, Any]:
     """Register the shared flags; returns the argument groups by key ("run", "optimisation", ...).
 
     `defaults`: `COMMON_DEFAULTS` plus the command's recipe (the table in the module docstring);
@@ -172,8 +223,9 @@ def make_mesh(cfg: Mapping[str, Any]) -> tuple[Any, int]:
     dp = jax.device_count() if cfg["pmap"] else S.data_parallel_size(mesh)
     batch_size, accum = int(cfg["batch_size"]), int(cfg["grad_accum"])
     if batch_size % (dp * accum):
-        raise D2VError(f"--batch-size: {batch_size} must be divisible by the data-parallel size {dp} "
-                       f"x --grad-accum {accum}")
+        raise D2VError(
+            f"--batch-size: {batch_size} must be divisible by the data-parallel size {dp} x --grad-accum {accum}"
+        )
     return mesh, dp
 
 
@@ -184,30 +236,52 @@ def train_loader(cfg: Mapping[str, Any], manifest: Any, vocab: dict[str, int] | 
     from flax_d2v.train import data as D
     from flax_d2v.train.loop import log
 
-    loader = D.BatchLoader(manifest, batch_size=int(cfg["batch_size"]), vocab=vocab, seed=int(cfg["seed"]),
-                           min_seconds=cfg["min_seconds"], max_seconds=cfg["max_seconds"],
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           num_workers=int(cfg["num_workers"]))
+    loader = D.BatchLoader(
+        manifest,
+        batch_size=int(cfg["batch_size"]),
+        vocab=vocab,
+        seed=int(cfg["seed"]),
+        min_seconds=cfg["min_seconds"],
+        max_seconds=cfg["max_seconds"],
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=int(cfg["num_workers"]),
+    )
     log(f"train data: {json.dumps(loader.summary())}")
     return loader
 
 
-def make_schedule_and_optimizer(cfg: Mapping[str, Any], params: Any, *, freeze_transformer_steps: int = 0,
-                                freeze_base_model: bool = False) -> tuple[Any, Any]:
+def make_schedule_and_optimizer(
+    cfg: Mapping[str, Any], params: Any, *, freeze_transformer_steps: int = 0, freeze_base_model: bool = False
+) -> tuple[Any, Any]:
     """(lr schedule, optax chain) from the optimisation settings; see `train/state.py` for the groups."""
     from flax_d2v.train.schedules import make_schedule
     from flax_d2v.train.state import make_optimizer
 
     phase = tuple(float(x) for x in str(cfg["phase_ratio"]).split(","))
-    schedule = make_schedule(cfg["lr_schedule"], float(cfg["learning_rate"]), int(cfg["steps"]),
-                             warmup_steps=cfg["warmup_steps"], hold_steps=cfg["hold_steps"],
-                             decay_steps=cfg["decay_steps"], phase_ratio=phase,
-                             init_lr_scale=float(cfg["init_lr_scale"]), final_lr_scale=float(cfg["final_lr_scale"]))
-    tx = make_optimizer(params, schedule, b1=float(cfg["adam_b1"]), b2=float(cfg["adam_b2"]),
-                        eps=float(cfg["adam_eps"]), weight_decay=float(cfg["weight_decay"]),
-                        clip_norm=float(cfg["clip_norm"]), freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]),
-                        freeze_transformer_steps=int(freeze_transformer_steps),
-                        freeze_base_model=bool(freeze_base_model))
+    schedule = make_schedule(
+        cfg["lr_schedule"],
+        float(cfg["learning_rate"]),
+        int(cfg["steps"]),
+        warmup_steps=cfg["warmup_steps"],
+        hold_steps=cfg["hold_steps"],
+        decay_steps=cfg["decay_steps"],
+        phase_ratio=phase,
+        init_lr_scale=float(cfg["init_lr_scale"]),
+        final_lr_scale=float(cfg["final_lr_scale"]),
+    )
+    tx = make_optimizer(
+        params,
+        schedule,
+        b1=float(cfg["adam_b1"]),
+        b2=float(cfg["adam_b2"]),
+        eps=float(cfg["adam_eps"]),
+        weight_decay=float(cfg["weight_decay"]),
+        clip_norm=float(cfg["clip_norm"]),
+        freeze_feature_encoder=bool(cfg["freeze_feature_encoder"]),
+        freeze_transformer_steps=int(freeze_transformer_steps),
+        freeze_base_model=bool(freeze_base_model),
+    )
     return schedule, tx
 
 
@@ -216,26 +290,40 @@ def module_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from flax_d2v.precision import resolve
 
     policy = resolve(cfg.get("precision") or ("bf16" if cfg["bf16"] else "default"))
-    return {**policy.module_kwargs(), "remat_policy": cfg["remat"],
-            "scan_layers": bool(cfg["scan_layers"]), "freeze_feature_encoder": bool(cfg["freeze_feature_encoder"])}
+    return {
+        **policy.module_kwargs(),
+        "remat_policy": cfg["remat"],
+        "scan_layers": bool(cfg["scan_layers"]),
+        "freeze_feature_encoder": bool(cfg["freeze_feature_encoder"]),
+    }
 
 
-def loop_config(cfg: Mapping[str, Any], *, meta: dict[str, Any], eval_every: int = 0,
-                plot_curves: tuple[str, ...] = ("loss",)) -> Any:
+def loop_config(
+    cfg: Mapping[str, Any], *, meta: dict[str, Any], eval_every: int = 0, plot_curves: tuple[str, ...] = ("loss",)
+) -> Any:
     """The `LoopConfig` of the run in `cfg["out"]`; `meta` is stored in every checkpoint."""
     from flax_d2v.train.loop import LoopConfig
 
-    return LoopConfig(out_dir=str(cfg["out"]), steps=int(cfg["steps"]), grad_accum=int(cfg["grad_accum"]),
-                      log_every=int(cfg["log_every"]), eval_every=int(eval_every), save_every=int(cfg["save_every"]),
-                      keep=int(cfg["keep"]), async_checkpoint=bool(cfg["async_checkpoint"]),
-                      tensorboard=bool(cfg["tensorboard"]), use_pmap=bool(cfg["pmap"]), progress=bool(cfg["progress"]),
-                      plot_curves=tuple(plot_curves), meta=meta)
+    return LoopConfig(
+        out_dir=str(cfg["out"]),
+        steps=int(cfg["steps"]),
+        grad_accum=int(cfg["grad_accum"]),
+        log_every=int(cfg["log_every"]),
+        eval_every=int(eval_every),
+        save_every=int(cfg["save_every"]),
+        keep=int(cfg["keep"]),
+        async_checkpoint=bool(cfg["async_checkpoint"]),
+        tensorboard=bool(cfg["tensorboard"]),
+        use_pmap=bool(cfg["pmap"]),
+        progress=bool(cfg["progress"]),
+        plot_curves=tuple(plot_curves),
+        meta=meta,
+    )
 
 
 # Settings that shape the saved state or the order of the data: a resume with other values is refused
 # (`Trainer._check_meta`). Clipping counts only as on/off: its norm can change, its optimizer state cannot.
-RESUME_KEYS = ("batch_size", "seed", "min_seconds", "max_seconds", "scan_layers", "freeze_feature_encoder",
-               "clip_norm")
+RESUME_KEYS = ("batch_size", "seed", "min_seconds", "max_seconds", "scan_layers", "freeze_feature_encoder", "clip_norm")
 ON_OFF_KEYS = ("clip_norm",)
 
 
@@ -253,8 +341,9 @@ def save_settings(path: Path, cfg: Mapping[str, Any]) -> None:
     """The resolved settings of a run (None values left out), written atomically."""
     from flax_d2v.fileio import atomic_write_text
 
-    atomic_write_text(path, json.dumps({k: v for k, v in cfg.items() if v is not None}, indent=2, sort_keys=True)
-                      + "\n")
+    atomic_write_text(
+        path, json.dumps({k: v for k, v in cfg.items() if v is not None}, indent=2, sort_keys=True) + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------ params

@@ -31,8 +31,14 @@ def phase_steps(total_steps: int, phase_ratio: Sequence[float]) -> tuple[int, in
     return warmup, hold, decay
 
 
-def tri_stage(peak_lr: float, warmup_steps: int, hold_steps: int, decay_steps: int,
-              init_lr_scale: float = 0.01, final_lr_scale: float = 0.05) -> optax.Schedule:
+def tri_stage(
+    peak_lr: float,
+    warmup_steps: int,
+    hold_steps: int,
+    decay_steps: int,
+    init_lr_scale: float = 0.01,
+    final_lr_scale: float = 0.05,
+) -> optax.Schedule:
     """fairseq's tri-stage schedule; the value at update `count` (0-based) as fairseq's `step_update(count)`."""
     init_lr = init_lr_scale * peak_lr
     final_lr = final_lr_scale * peak_lr
@@ -43,9 +49,11 @@ def tri_stage(peak_lr: float, warmup_steps: int, hold_steps: int, decay_steps: i
         warm = init_lr + (peak_lr - init_lr) * count / max(warmup_steps, 1)
         in_decay = count - warmup_steps - hold_steps
         decayed = peak_lr * jnp.exp(-decay_factor * in_decay)
-        lr = jnp.where(count < warmup_steps, warm,
-                       jnp.where(in_decay < 0, peak_lr,
-                                 jnp.where(in_decay < decay_steps, decayed, final_lr)))
+        lr = jnp.where(
+            count < warmup_steps,
+            warm,
+            jnp.where(in_decay < 0, peak_lr, jnp.where(in_decay < decay_steps, decayed, final_lr)),
+        )
         return lr
 
     return schedule
@@ -85,10 +93,18 @@ def cosine(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedul
     return schedule
 
 
-def make_schedule(name: str, peak_lr: float, total_steps: int, *, warmup_steps: int | None = None,
-                  hold_steps: int | None = None, decay_steps: int | None = None,
-                  phase_ratio: Sequence[float] = (0.1, 0.4, 0.5), init_lr_scale: float = 0.01,
-                  final_lr_scale: float = 0.05) -> optax.Schedule:
+def make_schedule(
+    name: str,
+    peak_lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int | None = None,
+    hold_steps: int | None = None,
+    decay_steps: int | None = None,
+    phase_ratio: Sequence[float] = (0.1, 0.4, 0.5),
+    init_lr_scale: float = 0.01,
+    final_lr_scale: float = 0.05,
+) -> optax.Schedule:
     """The schedule named by `--lr-schedule`. Explicit step counts win over `phase_ratio`."""
     if name not in SCHEDULES:
         raise D2VError(f"--lr-schedule: unknown schedule {name!r}; choose one of {list(SCHEDULES)}")

@@ -117,12 +117,14 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def logical_to_mesh(logical: PyTree, shapes: PyTree, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> PyTree:
+def logical_to_mesh(
+    logical: PyTree, shapes: PyTree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+) -> PyTree:
     """NamedShardings for a tree of logical `PartitionSpec`s and the matching tree of shapes."""
     mesh_specs = nn.logical_to_mesh(logical, rules)
-    return jax.tree.map(lambda s, x: NamedSharding(mesh, _divisible(s, x.shape, mesh)), mesh_specs, shapes,
-                        is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda s, x: NamedSharding(mesh, _divisible(s, x.shape, mesh)), mesh_specs, shapes, is_leaf=_is_spec
+    )
 
 
 def opt_state_logical_axes(tx: optax.GradientTransformation, opt_shapes: PyTree, params_axes: PyTree) -> PyTree:
@@ -133,8 +135,10 @@ def opt_state_logical_axes(tx: optax.GradientTransformation, opt_shapes: PyTree,
     masks a group out); anything else (step counts) is replicated.
     """
     del tx  # the layout is read from the state's own paths, which works through masked groups
-    by_path = {tuple(str(k.key) for k in path): spec
-               for path, spec in jax.tree_util.tree_flatten_with_path(params_axes, is_leaf=_is_spec)[0]}
+    by_path = {
+        tuple(str(k.key) for k in path): spec
+        for path, spec in jax.tree_util.tree_flatten_with_path(params_axes, is_leaf=_is_spec)[0]
+    }
     longest = max((len(p) for p in by_path), default=0)
 
     def spec_of(path, leaf):
@@ -199,12 +203,15 @@ def describe(mesh: Mesh, tree_shardings: PyTree, shapes: PyTree) -> str:
         else:
             replicated_n += n
     axes = ",".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
-    return f"mesh {axes} ({mesh.size} devices, {jax.process_count()} processes): " \
-           f"{sharded:,} param values sharded, {replicated_n:,} replicated"
+    return (
+        f"mesh {axes} ({mesh.size} devices, {jax.process_count()} processes): "
+        f"{sharded:,} param values sharded, {replicated_n:,} replicated"
+    )
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """`jax.distributed.initialize` when the run spans several processes; True if it did.
 
     Explicit `--coordinator HOST:PORT --num-processes N --process-id I` always initialise. With
@@ -219,12 +226,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if any(given):
         if not all(given):
             raise D2VError("--coordinator, --num-processes and --process-id go together (give all three)")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         return True
     tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    multi_tpu = ("," in tpu_hosts or any(k.startswith("MEGASCALE_") for k in os.environ)
-                 or "CLOUD_TPU_TASK_ID" in os.environ)
+    multi_tpu = (
+        "," in tpu_hosts or any(k.startswith("MEGASCALE_") for k in os.environ) or "CLOUD_TPU_TASK_ID" in os.environ
+    )
     multi_slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
     if multi_tpu or multi_slurm:
         jax.distributed.initialize()

@@ -59,8 +59,9 @@ class TrainState:
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
-def param_labels(params: PyTree, freeze_feature_encoder: bool, freeze_transformer_steps: int,
-                 freeze_base_model: bool = False) -> PyTree:
+def param_labels(
+    params: PyTree, freeze_feature_encoder: bool, freeze_transformer_steps: int, freeze_base_model: bool = False
+) -> PyTree:
     """The optimizer group of every parameter: 'frozen', 'delayed' or 'trainable'."""
     from flax_d2v.heads import BASE_PREFIX
 
@@ -106,10 +107,19 @@ def delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTr
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(params: PyTree, schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.98,
-                   eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float = 0.0,
-                   freeze_feature_encoder: bool = True, freeze_transformer_steps: int = 0,
-                   freeze_base_model: bool = False) -> optax.GradientTransformation:
+def make_optimizer(
+    params: PyTree,
+    schedule: optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    clip_norm: float = 0.0,
+    freeze_feature_encoder: bool = True,
+    freeze_transformer_steps: int = 0,
+    freeze_base_model: bool = False,
+) -> optax.GradientTransformation:
     """Clip, then AdamW with `schedule`, per parameter group (see the module docstring).
 
     The schedule sees the number of updates of the whole optimizer, so the head and a delayed

@@ -17,10 +17,18 @@ from flax_d2v.errors import D2VError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="HF model dir, fairseq .pt, or (with --to hf) flax-d2v dir")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--to", choices=["flax", "hf", "fairseq"], default="flax",
-                   help="output format (default: flax; fairseq: a data2vec 2.0 directory back to a fairseq .pt)")
-    p.add_argument("--dict", dest="dict_path", default=None,
-                   help="fairseq dict.ltr.txt for a fine-tuned .pt (default: the one beside the .pt)")
+    p.add_argument(
+        "--to",
+        choices=["flax", "hf", "fairseq"],
+        default="flax",
+        help="output format (default: flax; fairseq: a data2vec 2.0 directory back to a fairseq .pt)",
+    )
+    p.add_argument(
+        "--dict",
+        dest="dict_path",
+        default=None,
+        help="fairseq dict.ltr.txt for a fine-tuned .pt (default: the one beside the .pt)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
 
@@ -44,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         elif src.is_dir() and is_flax_dir(src):
             raise D2VError(f"{src}: already a flax-d2v directory (use --to hf to export it)")
         else:
-            raise D2VError(f"{src}: not a transformers model directory or fairseq .pt "
-                           "(expected config.json with model.safetensors or pytorch_model.bin)")
+            raise D2VError(
+                f"{src}: not a transformers model directory or fairseq .pt "
+                "(expected config.json with model.safetensors or pytorch_model.bin)"
+            )
         from flax_d2v.heads import detect
 
         config, params = load_flax(args.dst)

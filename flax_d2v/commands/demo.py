@@ -17,13 +17,48 @@ from pathlib import Path
 from flax_d2v.precision import add_argument as add_precision_argument
 
 # facebook/data2vec-audio-base-960h's vocab.json (character CTC vocabulary, <pad> = blank = 0).
-BASE_960H_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U",
-                   "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z"]
+BASE_960H_VOCAB = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "|",
+    "E",
+    "T",
+    "A",
+    "O",
+    "N",
+    "I",
+    "H",
+    "S",
+    "R",
+    "D",
+    "L",
+    "U",
+    "M",
+    "W",
+    "C",
+    "F",
+    "G",
+    "Y",
+    "P",
+    "B",
+    "V",
+    "K",
+    "'",
+    "X",
+    "J",
+    "Q",
+    "Z",
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="a real checkpoint instead of the locally built base model (HF dir, hub id, fairseq .pt)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a real checkpoint instead of the locally built base model (HF dir, hub id, fairseq .pt)",
+    )
     p.add_argument("--out", default="d2v-demo", help="working directory (default: ./d2v-demo; replaced if present)")
     p.add_argument("--audio", default=None, help="clip to verify and transcribe (default: the bundled clip)")
     p.add_argument("--seed", type=int, default=0)
@@ -77,9 +112,11 @@ def run(args: argparse.Namespace) -> int:
     ok = all(r.passed for r in rows)
     plot_errors(rows, out / "report.png")
     atomic_write_text(out / "report.md", markdown_report(rows, facts, "report.png"))
-    print(f"      {'PASS' if ok else 'FAIL'}: {sum(r.passed for r in rows)}/{len(rows)} stages within "
-          f"{facts['tolerance']:g}; report {out / 'report.md'}\n      flax: {facts['flax']}\n"
-          f"      reference: {facts['reference']}")
+    print(
+        f"      {'PASS' if ok else 'FAIL'}: {sum(r.passed for r in rows)}/{len(rows)} stages within "
+        f"{facts['tolerance']:g}; report {out / 'report.md'}\n      flax: {facts['flax']}\n"
+        f"      reference: {facts['reference']}"
+    )
 
     if spec.architecture == "Data2VecAudioForCTC" and (flax_dir / "vocab.json").is_file():
         print("[4/4] transcribing the clip with the Flax model ...")

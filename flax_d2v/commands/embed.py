@@ -29,8 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="OUT.npz for one file; a directory for several")
     p.add_argument("--strict-audio", action="store_true", help="refuse audio that is not 16 kHz mono")
     add_precision_argument(p, "highest", "embeddings equal PyTorch's fp32 on every platform")
-    p.add_argument("--xvector", action="store_true",
-                   help="one x-vector per file (array 'xvector') from an x-vector model; --layer is ignored")
+    p.add_argument(
+        "--xvector",
+        action="store_true",
+        help="one x-vector per file (array 'xvector') from an x-vector model; --layer is ignored",
+    )
 
 
 def parse_layer(spec: str, num_layers: int) -> list[int]:

@@ -29,21 +29,48 @@ from flax_d2v.fileio import read_json
 from flax_d2v.train import run_common as R
 
 # The fine-tuning recipe (fairseq base_960h): where its defaults differ from pretraining's.
-RECIPE: dict[str, Any] = {"phase_ratio": "0.1,0.4,0.5", "final_lr_scale": 0.05, "adam_eps": 1e-8,
-                          "weight_decay": 0.0, "freeze_feature_encoder": True}
+RECIPE: dict[str, Any] = {
+    "phase_ratio": "0.1,0.4,0.5",
+    "final_lr_scale": 0.05,
+    "adam_eps": 1e-8,
+    "weight_decay": 0.0,
+    "freeze_feature_encoder": True,
+}
 # Every setting's default; None means "the init model's config value" for the regularisation keys.
 DEFAULTS: dict[str, Any] = {
-    **R.COMMON_DEFAULTS, **RECIPE,
-    "eval": None, "vocab": None, "eval_every": 0, "export_hf": True, "freeze_transformer_steps": 0,
-    "eval_batch_size": None, "task": "ctc", "label_column": "label", "freeze_base_model": False,
-    "eval_lm": None, "eval_lexicon": None, "eval_lm_weight": None, "eval_word_score": None, "eval_beam_width": 0,
+    **R.COMMON_DEFAULTS,
+    **RECIPE,
+    "eval": None,
+    "vocab": None,
+    "eval_every": 0,
+    "export_hf": True,
+    "freeze_transformer_steps": 0,
+    "eval_batch_size": None,
+    "task": "ctc",
+    "label_column": "label",
+    "freeze_base_model": False,
+    "eval_lm": None,
+    "eval_lexicon": None,
+    "eval_lm_weight": None,
+    "eval_word_score": None,
+    "eval_beam_width": 0,
     # regularisation (None: keep the init model's config)
-    "dropout": None, "hidden_dropout": None, "attention_dropout": None, "activation_dropout": None,
-    "feat_proj_dropout": None, "final_dropout": None, "layerdrop": None,
-    "mask_time_prob": None, "mask_time_length": None, "mask_time_min_masks": None,
-    "mask_feature_prob": None, "mask_feature_length": None, "mask_feature_min_masks": None,
+    "dropout": None,
+    "hidden_dropout": None,
+    "attention_dropout": None,
+    "activation_dropout": None,
+    "feat_proj_dropout": None,
+    "final_dropout": None,
+    "layerdrop": None,
+    "mask_time_prob": None,
+    "mask_time_length": None,
+    "mask_time_min_masks": None,
+    "mask_feature_prob": None,
+    "mask_feature_length": None,
+    "mask_feature_min_masks": None,
     # loss
-    "ctc_reduction": "mean", "ctc_zero_infinity": True,
+    "ctc_reduction": "mean",
+    "ctc_zero_infinity": True,
 }
 REQUIRED = ("train", "model", "out", "steps", "batch_size", "learning_rate")
 
@@ -52,52 +79,96 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset flags stay absent, so a --config file can fill them
     p.add_argument("--config", default=S, help="JSON file with any of these settings (keys: flag names); flags win")
     g = p.add_argument_group("run")
-    g.add_argument("--train", default=S, help="training manifest: TSV (path, text), fairseq .tsv(+.ltr/.wrd), "
-                                              "or tfds:NAME/SPLIT")
+    g.add_argument(
+        "--train", default=S, help="training manifest: TSV (path, text), fairseq .tsv(+.ltr/.wrd), or tfds:NAME/SPLIT"
+    )
     g.add_argument("--eval", default=S, help="evaluation manifest (WER/CER every --eval-every steps and at the end)")
-    g.add_argument("--model", default=S, help="init: an HF or flax-d2v model dir, a fairseq .pt, or a preset "
-                                               "tiny|base|large or a transformers config.json for random init")
-    g.add_argument("--task", choices=("ctc", "audio-classification", "xvector"), default=S,
-                   help="ctc (default): transcripts; audio-classification / xvector: one label per clip")
-    g.add_argument("--label-column", default=S,
-                   help="the TSV column holding each clip's label (--task audio-classification/xvector; "
-                        "default: label)")
+    g.add_argument(
+        "--model",
+        default=S,
+        help="init: an HF or flax-d2v model dir, a fairseq .pt, or a preset "
+        "tiny|base|large or a transformers config.json for random init",
+    )
+    g.add_argument(
+        "--task",
+        choices=("ctc", "audio-classification", "xvector"),
+        default=S,
+        help="ctc (default): transcripts; audio-classification / xvector: one label per clip",
+    )
+    g.add_argument(
+        "--label-column",
+        default=S,
+        help="the TSV column holding each clip's label (--task audio-classification/xvector; default: label)",
+    )
     g.add_argument("--out", default=S, help="run directory (resumes when it holds checkpoints)")
     groups = R.add_common_arguments(p, DEFAULTS, groups={"run": g}, settings_file=True)
-    g.add_argument("--vocab", default=S, help="vocab.json to use (default: the init model's, else built "
-                                               "from the training transcripts)")
+    g.add_argument(
+        "--vocab",
+        default=S,
+        help="vocab.json to use (default: the init model's, else built from the training transcripts)",
+    )
     g.add_argument("--eval-every", type=int, default=S, help="eval every K updates; 0: only at the end (default)")
-    g.add_argument("--export-hf", action=argparse.BooleanOptionalAction, default=S,
-                   help="write RUN/hf at the end (default on)")
+    g.add_argument(
+        "--export-hf", action=argparse.BooleanOptionalAction, default=S, help="write RUN/hf at the end (default on)"
+    )
     groups["optimisation"].add_argument(
-        "--freeze-transformer-steps", type=int, default=S,
+        "--freeze-transformer-steps",
+        type=int,
+        default=S,
         help="train only the head (lm_head, classifier, ...) for the first K updates (freeze_finetune_updates; "
-             "default 0)")
+        "default 0)",
+    )
     groups["optimisation"].add_argument(
-        "--freeze-base-model", action=argparse.BooleanOptionalAction, default=S,
-        help="train only the classification / x-vector head (transformers' freeze_base_model; default off)")
+        "--freeze-base-model",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="train only the classification / x-vector head (transformers' freeze_base_model; default off)",
+    )
     groups["data"].add_argument("--eval-batch-size", type=int, default=S, help="default: --batch-size")
     g = p.add_argument_group("eval with an n-gram LM (pip install 'flax-d2v[lm]'; as d2v transcribe --lm)")
-    g.add_argument("--eval-lm", default=S, metavar="LM",
-                   help="KenLM file: eval also reports wer_lm/cer_lm, beam search with it, beside greedy wer/cer")
+    g.add_argument(
+        "--eval-lm",
+        default=S,
+        metavar="LM",
+        help="KenLM file: eval also reports wer_lm/cer_lm, beam search with it, beside greedy wer/cer",
+    )
     g.add_argument("--eval-lexicon", default=S, metavar="FILE", help="word list for --eval-lm (default: its unigrams)")
     g.add_argument("--eval-lm-weight", type=float, default=S, help="as d2v transcribe --lm-weight (default 2)")
     g.add_argument("--eval-word-score", type=float, default=S, help="as d2v transcribe --word-score (default -1)")
     g.add_argument("--eval-beam-width", type=int, default=S, help="as d2v transcribe --beam-width (default 100)")
     g = p.add_argument_group("regularisation (HF config names; default: the init model's config)")
-    g.add_argument("--dropout", type=float, default=S,
-                   help="sets all of the dropouts below at once, --layerdrop included; a flag below wins")
-    for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
-                 "layerdrop", "mask_time_prob", "mask_feature_prob"):
+    g.add_argument(
+        "--dropout",
+        type=float,
+        default=S,
+        help="sets all of the dropouts below at once, --layerdrop included; a flag below wins",
+    )
+    for name in (
+        "hidden_dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "feat_proj_dropout",
+        "final_dropout",
+        "layerdrop",
+        "mask_time_prob",
+        "mask_feature_prob",
+    ):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=S)
     for name in ("mask_time_length", "mask_time_min_masks", "mask_feature_length", "mask_feature_min_masks"):
         g.add_argument("--" + name.replace("_", "-"), type=int, default=S)
     g = p.add_argument_group("loss")
-    g.add_argument("--ctc-reduction", choices=("mean", "sum", "token", "sentence"), default=S,
-                   help="mean (HF, default), sum (HF), token (fairseq sentence_avg false), "
-                        "sentence (fairseq sentence_avg true)")
-    g.add_argument("--ctc-zero-infinity", action=argparse.BooleanOptionalAction, default=S,
-                   help="impossible alignments give 0 loss (default on)")
+    g.add_argument(
+        "--ctc-reduction",
+        choices=("mean", "sum", "token", "sentence"),
+        default=S,
+        help="mean (HF, default), sum (HF), token (fairseq sentence_avg false), sentence (fairseq sentence_avg true)",
+    )
+    g.add_argument(
+        "--ctc-zero-infinity",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="impossible alignments give 0 loss (default on)",
+    )
 
 
 def resolve(args: argparse.Namespace | dict) -> dict[str, Any]:
@@ -124,8 +195,15 @@ def resolve(args: argparse.Namespace | dict) -> dict[str, Any]:
 
 
 DROPOUT_KEYS = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout")
-CONFIG_KEYS = DROPOUT_KEYS + ("layerdrop", "mask_time_prob", "mask_time_length", "mask_time_min_masks",
-                              "mask_feature_prob", "mask_feature_length", "mask_feature_min_masks")
+CONFIG_KEYS = DROPOUT_KEYS + (
+    "layerdrop",
+    "mask_time_prob",
+    "mask_time_length",
+    "mask_time_min_masks",
+    "mask_feature_prob",
+    "mask_feature_length",
+    "mask_feature_min_masks",
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,13 +238,21 @@ def training_config(base: Any, cfg: dict, vocab: dict[str, int]) -> Any:
     over.update({k: cfg[k] for k in CONFIG_KEYS if cfg.get(k) is not None})
     if not base.apply_spec_augment and any(cfg.get(k) for k in ("mask_time_prob", "mask_feature_prob")):
         over["apply_spec_augment"] = True  # a mask rate asked for on the command line means SpecAugment on
-    over.update(vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
-                eos_token_id=vocab["</s>"], ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
-                ctc_loss_reduction="sum" if cfg["ctc_reduction"] == "sum" else "mean")
+    over.update(
+        vocab_size=len(vocab),
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        ctc_zero_infinity=bool(cfg["ctc_zero_infinity"]),
+        ctc_loss_reduction="sum" if cfg["ctc_reduction"] == "sum" else "mean",
+    )
     config = base.replace(**over)
     if hasattr(config, "post_mlp_dropout"):  # data2vec 2.0: fairseq's Wav2VecEncoder sets these from the same cfg
-        config = config.replace(post_mlp_dropout=config.hidden_dropout, prenet_dropout=config.hidden_dropout,
-                                prenet_layerdrop=config.layerdrop)
+        config = config.replace(
+            post_mlp_dropout=config.hidden_dropout,
+            prenet_dropout=config.hidden_dropout,
+            prenet_layerdrop=config.layerdrop,
+        )
     return config
 
 
@@ -213,7 +299,7 @@ def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_siz
     def transcripts(runner: Any) -> dict[int, str]:
         hyps: dict[int, str] = {}
         for s in range(0, len(positions), slice_clips):
-            chunk = positions[s:s + slice_clips]
+            chunk = positions[s : s + slice_clips]
             results = runner([manifest.load(i) for i in chunk], progress=False)
             for i, r in zip(chunk, results, strict=True):
                 if r.error:
@@ -252,9 +338,16 @@ def eval_lm_decoder(cfg: dict, vocab: dict[str, int], num_logits: int) -> Any:
     from flax_d2v.lm_decode import decoder_for
     from flax_d2v.train.loop import log
 
-    return decoder_for(CTCTokenizer.from_vocab(vocab), num_logits, beam_width=int(cfg.get("eval_beam_width") or 0),
-                       lm=cfg["eval_lm"], lexicon=cfg.get("eval_lexicon"), lm_weight=cfg.get("eval_lm_weight"),
-                       word_score=cfg.get("eval_word_score"), warn=log)
+    return decoder_for(
+        CTCTokenizer.from_vocab(vocab),
+        num_logits,
+        beam_width=int(cfg.get("eval_beam_width") or 0),
+        lm=cfg["eval_lm"],
+        lexicon=cfg.get("eval_lexicon"),
+        lm_weight=cfg.get("eval_lm_weight"),
+        word_score=cfg.get("eval_word_score"),
+        warn=log,
+    )
 
 
 def export_hf(run_dir: Path, config: Any, params: Any, vocab: dict[str, int]) -> Path | None:
@@ -312,9 +405,11 @@ def finetune(cfg: dict) -> Any:
     module = build_module(config, "Data2VecAudioForCTC", **R.module_options(cfg))
     params, new_keys, dropped = R.graft(init_params(module, int(cfg["seed"])), R.stacked(cfg, loaded))
     if loaded is not None:
-        log(f"init from {cfg['model']}: {len(new_keys)} new tensors" + (f" ({', '.join(new_keys[:4])}"
-            f"{', ...' if len(new_keys) > 4 else ''})" if new_keys else "")
-            + (f", {len(dropped)} unused ({', '.join(dropped[:4])})" if dropped else ""))
+        log(
+            f"init from {cfg['model']}: {len(new_keys)} new tensors"
+            + (f" ({', '.join(new_keys[:4])}{', ...' if len(new_keys) > 4 else ''})" if new_keys else "")
+            + (f", {len(dropped)} unused ({', '.join(dropped[:4])})" if dropped else "")
+        )
     else:
         log(f"random init: preset {cfg['model']}")
     log(f"vocab: {len(vocab)} symbols from {vocab_source}")
@@ -328,12 +423,19 @@ def finetune(cfg: dict) -> Any:
         if eval_bs < 1:
             raise D2VError(f"--eval-batch-size: must be >= 1, got {eval_bs}")
 
-    schedule, tx = R.make_schedule_and_optimizer(cfg, params,
-                                                 freeze_transformer_steps=int(cfg["freeze_transformer_steps"]))
+    schedule, tx = R.make_schedule_and_optimizer(
+        cfg, params, freeze_transformer_steps=int(cfg["freeze_transformer_steps"])
+    )
     objective = CTCObjective(module, reduction=cfg["ctc_reduction"], zero_infinity=bool(cfg["ctc_zero_infinity"]))
-    loop_cfg = R.loop_config(cfg, eval_every=int(cfg["eval_every"]),
-                             meta={"objective": "ctc", "model_config": json.loads(config.to_json_string()),
-                                   "settings": R.resume_settings(cfg, ("freeze_transformer_steps",))})
+    loop_cfg = R.loop_config(
+        cfg,
+        eval_every=int(cfg["eval_every"]),
+        meta={
+            "objective": "ctc",
+            "model_config": json.loads(config.to_json_string()),
+            "settings": R.resume_settings(cfg, ("freeze_transformer_steps",)),
+        },
+    )
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         V.save_tokenizer_files(run_dir, vocab)  # RUN/vocab.json: a resumed run keeps its ids
@@ -382,8 +484,10 @@ def finetune_classifier(cfg: dict) -> Any:
     names = C.read_label_column(cfg["train"], cfg["label_column"])
     labels = sorted(set(names))
     if len(labels) < 2:
-        raise D2VError(f"{cfg['train']}: column {cfg['label_column']!r} has {len(labels)} distinct label(s); "
-                       "classification needs at least 2")
+        raise D2VError(
+            f"{cfg['train']}: column {cfg['label_column']!r} has {len(labels)} distinct label(s); "
+            "classification needs at least 2"
+        )
     label2id = {name: i for i, name in enumerate(labels)}
     train_ids = C.label_ids(names, label2id, str(cfg["train"]))
 
@@ -396,12 +500,17 @@ def finetune_classifier(cfg: dict) -> Any:
     module = spec.build(config, **R.module_options(cfg), freeze_base_model=bool(cfg["freeze_base_model"]))
     params, new_keys, dropped = R.graft(init_params(module, int(cfg["seed"])), R.stacked(cfg, loaded))
     if loaded is not None:
-        log(f"init from {cfg['model']}: {len(new_keys)} new tensors ({', '.join(new_keys[:4])}"
-            f"{', ...' if len(new_keys) > 4 else ''})" + (f", {len(dropped)} unused" if dropped else ""))
+        log(
+            f"init from {cfg['model']}: {len(new_keys)} new tensors ({', '.join(new_keys[:4])}"
+            f"{', ...' if len(new_keys) > 4 else ''})" + (f", {len(dropped)} unused" if dropped else "")
+        )
     else:
         log(f"random init: {cfg['model']}")
-    log(f"{spec.architecture}: {len(labels)} labels from column {cfg['label_column']!r}: "
-        + ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else ""))
+    log(
+        f"{spec.architecture}: {len(labels)} labels from column {cfg['label_column']!r}: "
+        + ", ".join(labels[:8])
+        + (", ..." if len(labels) > 8 else "")
+    )
 
     loader = R.train_loader(cfg, manifest, None)
     eval_loader = eval_fn = None
@@ -411,15 +520,29 @@ def finetune_classifier(cfg: dict) -> Any:
         eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
         if eval_bs % dp:
             raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
-        eval_loader = D.BatchLoader(eval_manifest, batch_size=eval_bs, vocab=None, shuffle=False, repeat=False,
-                                    drop_remainder=False, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), num_workers=int(cfg["num_workers"]))
-    schedule, tx = R.make_schedule_and_optimizer(cfg, params,
-                                                 freeze_transformer_steps=int(cfg["freeze_transformer_steps"]),
-                                                 freeze_base_model=bool(cfg["freeze_base_model"]))
+        eval_loader = D.BatchLoader(
+            eval_manifest,
+            batch_size=eval_bs,
+            vocab=None,
+            shuffle=False,
+            repeat=False,
+            drop_remainder=False,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_workers=int(cfg["num_workers"]),
+        )
+    schedule, tx = R.make_schedule_and_optimizer(
+        cfg,
+        params,
+        freeze_transformer_steps=int(cfg["freeze_transformer_steps"]),
+        freeze_base_model=bool(cfg["freeze_base_model"]),
+    )
     objective = C.ClassificationObjective(module, train_ids, am_softmax=task == "xvector", name=task)
-    loop_cfg = R.loop_config(cfg, eval_every=int(cfg["eval_every"]),
-                             meta={"objective": task, "model_config": json.loads(config.to_json_string())})
+    loop_cfg = R.loop_config(
+        cfg,
+        eval_every=int(cfg["eval_every"]),
+        meta={"objective": task, "model_config": json.loads(config.to_json_string())},
+    )
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         R.save_settings(run_dir / "finetune_config.json", cfg)

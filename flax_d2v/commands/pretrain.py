@@ -29,11 +29,23 @@ from flax_d2v.errors import D2VError
 from flax_d2v.train import run_common as R
 
 # The pretraining recipe (fairseq base_librispeech): where its defaults differ from fine-tuning's.
-RECIPE = {"learning_rate": 5e-4, "phase_ratio": "0.03,0.9,0.07", "final_lr_scale": 0.01, "adam_eps": 1e-6,
-          "weight_decay": 0.01, "freeze_feature_encoder": False, "min_seconds": 2.0}  # min_sample_size 32000
+RECIPE = {
+    "learning_rate": 5e-4,
+    "phase_ratio": "0.03,0.9,0.07",
+    "final_lr_scale": 0.01,
+    "adam_eps": 1e-6,
+    "weight_decay": 0.01,
+    "freeze_feature_encoder": False,
+    "min_seconds": 2.0,
+}  # min_sample_size 32000
 # fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names.
-REGULARISATION = {"hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
-                  "feat_proj_dropout": 0.0, "layerdrop": 0.05}
+REGULARISATION = {
+    "hidden_dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "feat_proj_dropout": 0.0,
+    "layerdrop": 0.05,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,30 +58,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     init.add_argument("--config", help="random init: a preset (tiny|base|large) or a transformers config.json")
     groups = R.add_common_arguments(p, {**R.COMMON_DEFAULTS, **RECIPE}, groups={"run": g})
     g.add_argument("--export-hf", action=bool_flag, default=True, help="write RUN/hf and RUN/flax at the end")
-    g.add_argument("--arch", choices=["data2vec", "data2vec2"], default="data2vec",
-                   help="data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0, v2/base_audio_only_task.yaml: "
-                        "flags left at their 1.0 defaults take 2.0's; see flax_d2v/commands/pretrain2.py)")
-    groups["data"].add_argument("--crop", action=bool_flag, default=True, help="crop each batch to its shortest "
-                                "clip, random offsets, no padding (fairseq's pretraining)")
+    g.add_argument(
+        "--arch",
+        choices=["data2vec", "data2vec2"],
+        default="data2vec",
+        help="data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0, v2/base_audio_only_task.yaml: "
+        "flags left at their 1.0 defaults take 2.0's; see flax_d2v/commands/pretrain2.py)",
+    )
+    groups["data"].add_argument(
+        "--crop",
+        action=bool_flag,
+        default=True,
+        help="crop each batch to its shortest clip, random offsets, no padding (fairseq's pretraining)",
+    )
     g = p.add_argument_group("data2vec objective (fairseq names)")
     g.add_argument("--ema-decay", type=float, default=0.999, help="teacher EMA decay at the start")
     g.add_argument("--ema-end-decay", type=float, default=0.9999, help="teacher EMA decay after the anneal")
     g.add_argument("--ema-anneal-end-step", type=int, default=30000, help="updates over which the decay anneals")
-    g.add_argument("--ema-start-update", type=int, default=None,
-                   help="updates the teacher has already seen, so the decay schedule continues (default: the "
-                        "fairseq checkpoint's num_updates when --model brings its EMA teacher, else 0)")
-    g.add_argument("--ema-layers-only", action=bool_flag, default=True,
-                   help="copy the positional conv into the teacher instead of averaging it")
+    g.add_argument(
+        "--ema-start-update",
+        type=int,
+        default=None,
+        help="updates the teacher has already seen, so the decay schedule continues (default: the "
+        "fairseq checkpoint's num_updates when --model brings its EMA teacher, else 0)",
+    )
+    g.add_argument(
+        "--ema-layers-only",
+        action=bool_flag,
+        default=True,
+        help="copy the positional conv into the teacher instead of averaging it",
+    )
     g.add_argument("--average-top-k-layers", type=int, default=8, help="teacher layers averaged into the target")
-    g.add_argument("--instance-norm-target-layer", action=bool_flag, default=True,
-                   help="instance-normalise each target layer over time")
-    g.add_argument("--instance-norm-over-padding", action=bool_flag, default=False,
-                   help="include padded frames in the target statistics (fairseq verbatim; only matters with "
-                        "--no-crop)")
+    g.add_argument(
+        "--instance-norm-target-layer",
+        action=bool_flag,
+        default=True,
+        help="instance-normalise each target layer over time",
+    )
+    g.add_argument(
+        "--instance-norm-over-padding",
+        action=bool_flag,
+        default=False,
+        help="include padded frames in the target statistics (fairseq verbatim; only matters with --no-crop)",
+    )
     g.add_argument("--mask-prob", type=float, default=0.65, help="span-start rate: ~49%% of frames end up masked")
     g.add_argument("--mask-length", type=int, default=10, help="frames per masked span")
-    g.add_argument("--require-same-masks", action=bool_flag, default=True,
-                   help="trim every row to the batch's smallest mask count")
+    g.add_argument(
+        "--require-same-masks", action=bool_flag, default=True, help="trim every row to the batch's smallest mask count"
+    )
     g.add_argument("--clone-batch", type=int, default=8, help="2.0: masked copies of each clip (clone_batch)")
     g.add_argument("--mask-prob-adjust", type=float, default=0.05, help="2.0: extra span centres (mask_prob_adjust)")
     g.add_argument("--inverse-mask", action=bool_flag, default=False, help="2.0: mask_prob is the kept fraction")
@@ -188,9 +224,15 @@ def pretrain(cfg: dict) -> Any:
     batches = CroppedBatches(loader, seed) if cfg["crop"] else loader
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params)
-    loop_cfg = R.loop_config(cfg, plot_curves=("loss", "target_var", "pred_var"),
-                             meta={"objective": objective.name, "model_config": json.loads(config.to_json_string()),
-                                   "settings": R.resume_settings(cfg, ("crop",))})
+    loop_cfg = R.loop_config(
+        cfg,
+        plot_curves=("loss", "target_var", "pred_var"),
+        meta={
+            "objective": objective.name,
+            "model_config": json.loads(config.to_json_string()),
+            "settings": R.resume_settings(cfg, ("crop",)),
+        },
+    )
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         R.save_settings(run_dir / "pretrain_config.json", cfg)
@@ -228,6 +270,11 @@ def export(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
     if is_scanned({"encoder": teacher}):
         teacher = unstack_layers({"encoder": teacher})["encoder"]
     save_hf(run_dir / "hf", config, params["model"], overwrite=True)
-    save_flax(run_dir / "flax", config, params["model"], aux={"final_proj": params["final_proj"], "ema": teacher},
-              overwrite=True)
+    save_flax(
+        run_dir / "flax",
+        config,
+        params["model"],
+        aux={"final_proj": params["final_proj"], "ema": teacher},
+        overwrite=True,
+    )
     log(f"wrote {run_dir / 'hf'} (transformers Data2VecAudioModel) and {run_dir / 'flax'} (with teacher, final_proj)")

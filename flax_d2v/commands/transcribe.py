@@ -18,44 +18,88 @@ from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, DEFA
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, Ogg, ...)")
-    parser.add_argument("--model", required=True, metavar="M",
-                        help="CTC checkpoint: flax-d2v or transformers directory (with vocab.json), or hub id")
-    parser.add_argument("--json", action="store_true",
-                        help='print JSON lines {"path", "text", "seconds"} instead of path<TAB>text')
-    parser.add_argument("--timestamps", action="store_true",
-                        help='add "words": [{"word", "start", "end"}] in seconds, from CTC frame offsets '
-                             "(implies --json)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="chunks per forward pass (default: %(default)s)")
-    parser.add_argument("--chunk-length-s", type=float, default=DEFAULT_CHUNK_LENGTH_S,
-                        help="recordings longer than this many seconds are cut into overlapping chunks; 0 = never "
-                             "(default: %(default)s)")
-    parser.add_argument("--stride-length-s", type=float, default=None,
-                        help="overlap on each side of a chunk whose logits are dropped "
-                             "(default: chunk length / 6, as transformers' ASR pipeline)")
-    parser.add_argument("--beam-width", type=int, default=0, metavar="N",
-                        help="0 or 1: greedy decoding (= Wav2Vec2CTCTokenizer.decode) unless an LM is used; > 1: "
-                             "beam search (flashlight-text: pip install 'flax-d2v[lm]'; default with an LM: 100)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="M",
+        help="CTC checkpoint: flax-d2v or transformers directory (with vocab.json), or hub id",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help='print JSON lines {"path", "text", "seconds"} instead of path<TAB>text'
+    )
+    parser.add_argument(
+        "--timestamps",
+        action="store_true",
+        help='add "words": [{"word", "start", "end"}] in seconds, from CTC frame offsets (implies --json)',
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="chunks per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--chunk-length-s",
+        type=float,
+        default=DEFAULT_CHUNK_LENGTH_S,
+        help="recordings longer than this many seconds are cut into overlapping chunks; 0 = never "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stride-length-s",
+        type=float,
+        default=None,
+        help="overlap on each side of a chunk whose logits are dropped "
+        "(default: chunk length / 6, as transformers' ASR pipeline)",
+    )
+    parser.add_argument(
+        "--beam-width",
+        type=int,
+        default=0,
+        metavar="N",
+        help="0 or 1: greedy decoding (= Wav2Vec2CTCTokenizer.decode) unless an LM is used; > 1: "
+        "beam search (flashlight-text: pip install 'flax-d2v[lm]'; default with an LM: 100)",
+    )
     lm = parser.add_argument_group("n-gram language model (pip install 'flax-d2v[lm]')")
-    lm.add_argument("--lm", default=None, metavar="LM",
-                    help="KenLM n-gram (.arpa, .arpa.gz or KenLM .bin) fused word by word into the beam search "
-                         "(default: the model directory's language_model/, as transformers' Wav2Vec2ProcessorWithLM)")
+    lm.add_argument(
+        "--lm",
+        default=None,
+        metavar="LM",
+        help="KenLM n-gram (.arpa, .arpa.gz or KenLM .bin) fused word by word into the beam search "
+        "(default: the model directory's language_model/, as transformers' Wav2Vec2ProcessorWithLM)",
+    )
     lm.add_argument("--no-lm", action="store_true", help="ignore the model directory's language_model/")
-    lm.add_argument("--lexicon", default=None, metavar="FILE",
-                    help="words the beams may spell, one per line (default: the LM's unigrams)")
-    lm.add_argument("--lexicon-free", action="store_true", default=None,
-                    help="the LM is over the model's characters ('|' = word break), not words "
-                         "(detected automatically for an ARPA file)")
-    lm.add_argument("--lm-weight", type=float, default=None, metavar="A",
-                    help="score = CTC log-prob + A * log10 LM prob + B per word "
-                         "(default A=2, or a model's alpha x ln 10)")
-    lm.add_argument("--word-score", type=float, default=None, metavar="B",
-                    help="B above (default -1, or a model's beta)")
-    parser.add_argument("--strict-audio", action="store_true",
-                        help="refuse files that are not 16 kHz mono instead of resampling / averaging them")
-    parser.add_argument("--skip-special-tokens", action="store_true",
-                        help="drop <s>, </s>, <unk> like decode(skip_special_tokens=True) (this also drops the "
-                             "blank before repeats merge, as transformers does)")
+    lm.add_argument(
+        "--lexicon",
+        default=None,
+        metavar="FILE",
+        help="words the beams may spell, one per line (default: the LM's unigrams)",
+    )
+    lm.add_argument(
+        "--lexicon-free",
+        action="store_true",
+        default=None,
+        help="the LM is over the model's characters ('|' = word break), not words "
+        "(detected automatically for an ARPA file)",
+    )
+    lm.add_argument(
+        "--lm-weight",
+        type=float,
+        default=None,
+        metavar="A",
+        help="score = CTC log-prob + A * log10 LM prob + B per word (default A=2, or a model's alpha x ln 10)",
+    )
+    lm.add_argument(
+        "--word-score", type=float, default=None, metavar="B", help="B above (default -1, or a model's beta)"
+    )
+    parser.add_argument(
+        "--strict-audio",
+        action="store_true",
+        help="refuse files that are not 16 kHz mono instead of resampling / averaging them",
+    )
+    parser.add_argument(
+        "--skip-special-tokens",
+        action="store_true",
+        help="drop <s>, </s>, <unk> like decode(skip_special_tokens=True) (this also drops the "
+        "blank before repeats merge, as transformers does)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or throughput line on stderr")
     add_precision_argument(parser, DEFAULT_PRECISION, "TF32 on GPU; CTC argmax does not move with it")
 
@@ -67,11 +111,21 @@ def run(args: argparse.Namespace) -> int:
     as_json = args.json or args.timestamps
     if args.no_lm and args.lm:
         raise D2VError("--lm and --no-lm: give one or the other")
-    runner = Transcriber(args.model, batch_size=args.batch_size, chunk_length_s=args.chunk_length_s,
-                         stride_length_s=args.stride_length_s, beam_width=args.beam_width,
-                         lm=False if args.no_lm else args.lm, skip_special_tokens=args.skip_special_tokens,
-                         lexicon=args.lexicon, lexicon_free=args.lexicon_free, lm_weight=args.lm_weight,
-                         word_score=args.word_score, warn=warn, precision=args.precision)
+    runner = Transcriber(
+        args.model,
+        batch_size=args.batch_size,
+        chunk_length_s=args.chunk_length_s,
+        stride_length_s=args.stride_length_s,
+        beam_width=args.beam_width,
+        lm=False if args.no_lm else args.lm,
+        skip_special_tokens=args.skip_special_tokens,
+        lexicon=args.lexicon,
+        lexicon_free=args.lexicon_free,
+        lm_weight=args.lm_weight,
+        word_score=args.word_score,
+        warn=warn,
+        precision=args.precision,
+    )
     failed = 0
     for result in runner.iter(args.files, strict_audio=args.strict_audio, warn=warn, progress=not args.no_progress):
         if result.error is not None:
