@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh             # on a CUDA machine: base size, ~8 minutes
 #   bash bench/gpu_check.sh --dry-run   # anywhere (CPU): the same stages at tiny size, a few seconds each
 #   STAGES="train demo" bash bench/gpu_check.sh      # a subset, in that order: demo verify infer train profile
-#                                                      # loader transcribe (ABLATE="" skips the ablations)
+#                                                      # loader transcribe variants (ABLATE="" skips the ablations;
+#                                                      # TRAIN_ABLATE= adds ablations to the big train step)
 #   OUT=/tmp/gpu bash bench/gpu_check.sh
 #
 # Needs only the repository and the wheels it names: JAX with CUDA, PyTorch with CUDA and transformers
@@ -50,7 +51,7 @@ else
   SIZE=base; CASES=1x10,8x10,32x10; REPEATS="${REPEATS:-10}"; TB=64; TS=10; SB=16; SS=5; LB=60; ASR=120; PEAK=4096,8192; LIMIT=240
   WORKERS="1,4,$(nproc)"
 fi
-ABLATE="${ABLATE-ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder}"
+ABLATE="${ABLATE-cudnn_pos_conv,ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder}"
 
 stage() {  # stage NAME LIMIT_S CMD...: run one stage with its log under $OUT
   local name=$1 limit=$2; shift 2
@@ -97,10 +98,17 @@ run_infer() {
 }
 run_train() {
   stage train-big $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS --scan-layers \
-    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/train-bf16-b$TB.json"
+    --repeats $REPEATS --warmup 2 --peak-sizes $PEAK ${TRAIN_ABLATE:+--ablate "$TRAIN_ABLATE"} \
+    --json "$OUT/train-bf16-b$TB.json"
   stage train-small $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $SB --seconds $SS \
     --scan-layers --repeats $REPEATS --warmup 2 --peak-sizes $PEAK ${ABLATE:+--ablate "$ABLATE"} \
     --json "$OUT/train-bf16-b$SB.json"
+}
+run_variants() {  # layouts and PRNGs to choose defaults by (Flax alone; the train stage has PyTorch beside it)
+  stage train-noscan $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS \
+    --no-scan-layers --no-torch --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/train-bf16-b$TB-noscan.json"
+  stage train-rbg $LIMIT "$PY" bench/train.py --size $SIZE --dtype bfloat16 --batch $SB --seconds $SS --scan-layers \
+    --prng rbg --no-torch --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --json "$OUT/train-bf16-b$SB-rbg.json"
 }
 run_profile() {
   stage profile $LIMIT "$PY" bench/profile_step.py --size $SIZE --dtype bfloat16 --batch $TB --seconds $TS \

@@ -74,7 +74,10 @@ def rows(out: Path) -> list[list[str]]:
             fig += f"; PT eager {1000 * t['median_s']:.0f} ms ({r['speedup_flax_over_pytorch']:.2f}x)"
         big = r["batch"] >= 64
         target = (">= 45% MFU" if big else ">= 25% MFU") + ", compile < 10 s"
-        table.append([f"train step {r['batch']} x {r['seconds']:g} s {r['dtype']}", fig, target])
+        layout = "scan" if f.get("scan_layers") else "unrolled layers"
+        prng = r.get("prng") or "threefry2x32"
+        label = f"train step {r['batch']} x {r['seconds']:g} s {r['dtype']} ({layout}, {prng})"
+        table.append([label, fig, target])
         for a in r.get("ablations", []):
             table.append(
                 [

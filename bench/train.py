@@ -76,6 +76,7 @@ ABLATIONS = {
     "no_dropout": "dropout, attention dropout and SpecAugment off (deterministic forward)",
     "no_optimizer": "gradients computed, AdamW update skipped",
     "xla_attention": "explicit XLA attention instead of cuDNN's fused kernel",
+    "cudnn_pos_conv": "positional conv as XLA's grouped convolution instead of im2col + matmul",
     "no_feature_encoder": "conv feature encoder skipped (its output precomputed outside the step)",
     "no_attention": "attention replaced by its value projection (no scores, no softmax)",
 }
@@ -198,6 +199,9 @@ def flax_side(
     step = make_train_step(module, tx, ablate)
     rng = jax.random.PRNGKey(seed)
     saved = flax_d2v.modeling.fused_attention
+    saved_pos_conv = flax_d2v.modeling.POS_CONV_MATMUL_BACKENDS
+    if "cudnn_pos_conv" in ablate:
+        flax_d2v.modeling.POS_CONV_MATMUL_BACKENDS = ()
     if "xla_attention" in ablate:
         flax_d2v.modeling.fused_attention = lambda *a: None
     if "no_attention" in ablate:
@@ -206,6 +210,7 @@ def flax_side(
         lowered, lower_s = C.timed(lambda: step.lower(state["params"], state["opt_state"], xj, lj, rng))
     finally:
         flax_d2v.modeling.fused_attention = saved
+        flax_d2v.modeling.POS_CONV_MATMUL_BACKENDS = saved_pos_conv
     compiled, compile_s = C.timed(lowered.compile)
 
     def call():
@@ -284,6 +289,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         **RECIPES[args.recipe],
     }
     result["recipe"] = args.recipe
+    result["prng"] = args.prng or str(jax.config.jax_default_prng_impl)
     with C.hf_checkpoint(args.size, ctc=True, model_dir=args.model, **overrides) as path:
         config = flax_d2v.pretrained.load_any(path)[0] if args.model else C.SIZES[args.size]().replace(**overrides)
         frames = int(flax_d2v.modeling.feat_extract_output_lengths(config, x.shape[1]))
@@ -431,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ablate", default=None, help="comma list of parts to remove one at a time: " + ", ".join(ABLATIONS)
     )
+    p.add_argument(
+        "--prng",
+        choices=["threefry2x32", "rbg", "unsafe_rbg"],
+        default=None,
+        help="JAX's PRNG implementation for the run (dropout bits: rbg is cheaper on accelerators)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON ('-' for stdout)")
     return p
 
@@ -451,6 +463,8 @@ def format_ablations(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.prng:
+        jax.config.update("jax_default_prng_impl", args.prng)
     bad = [a for a in (args.ablate or "").split(",") if a and a not in ABLATIONS]
     if bad:
         print(
