@@ -39,7 +39,7 @@ def test_matmul_conv_equals_xla_conv(monkeypatch, kernel, groups):
     out_mm, grads_mm = run((jax.default_backend(),))
     assert out_mm.shape == out_conv.shape == x.shape
     np.testing.assert_allclose(out_mm, out_conv, rtol=RTOL, atol=RTOL)
-    for a, b in zip(jax.tree.leaves(grads_mm), jax.tree.leaves(grads_conv)):
+    for a, b in zip(jax.tree.leaves(grads_mm), jax.tree.leaves(grads_conv), strict=True):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * float(jnp.abs(b).max()))
 
 
