@@ -51,7 +51,7 @@ else
   SIZE=base; CASES=1x10,8x10,32x10; REPEATS="${REPEATS:-10}"; TB=64; TS=10; SB=16; SS=5; LB=60; ASR=120; PEAK=4096,8192; LIMIT=240
   WORKERS="1,4,$(nproc)"
 fi
-ABLATE="${ABLATE-cudnn_pos_conv,ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder}"
+ABLATE="${ABLATE-ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder}"
 
 stage() {  # stage NAME LIMIT_S CMD...: run one stage with its log under $OUT
   local name=$1 limit=$2; shift 2

@@ -76,7 +76,6 @@ ABLATIONS = {
     "no_dropout": "dropout, attention dropout and SpecAugment off (deterministic forward)",
     "no_optimizer": "gradients computed, AdamW update skipped",
     "xla_attention": "explicit XLA attention instead of cuDNN's fused kernel",
-    "cudnn_pos_conv": "positional conv as XLA's grouped convolution instead of im2col + matmul",
     "no_feature_encoder": "conv feature encoder skipped (its output precomputed outside the step)",
     "no_attention": "attention replaced by its value projection (no scores, no softmax)",
 }
@@ -199,9 +198,6 @@ def flax_side(
     step = make_train_step(module, tx, ablate)
     rng = jax.random.PRNGKey(seed)
     saved = flax_d2v.modeling.fused_attention
-    saved_pos_conv = flax_d2v.modeling.POS_CONV_MATMUL_BACKENDS
-    if "cudnn_pos_conv" in ablate:
-        flax_d2v.modeling.POS_CONV_MATMUL_BACKENDS = ()
     if "xla_attention" in ablate:
         flax_d2v.modeling.fused_attention = lambda *a: None
     if "no_attention" in ablate:
@@ -210,7 +206,6 @@ def flax_side(
         lowered, lower_s = C.timed(lambda: step.lower(state["params"], state["opt_state"], xj, lj, rng))
     finally:
         flax_d2v.modeling.fused_attention = saved
-        flax_d2v.modeling.POS_CONV_MATMUL_BACKENDS = saved_pos_conv
     compiled, compile_s = C.timed(lowered.compile)
 
     def call():

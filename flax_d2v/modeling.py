@@ -175,47 +175,6 @@ class FeatureProjection(nn.Module):
         return h, normed
 
 
-# Backends on which the positional conv runs as im2col + one batched matmul per group instead of
-# cuDNN's grouped convolution (bench/train.py's `cudnn_pos_conv` ablation empties it to compare).
-POS_CONV_MATMUL_BACKENDS: tuple[str, ...] = ("gpu",)
-
-
-def grouped_conv_matmul(
-    lhs: Array,
-    rhs: Array,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    precision: Any = None,
-) -> Array:
-    """`lax.conv_general_dilated` for a stride-1 grouped 1-D conv (NWC input, WIO kernel) as im2col
-    plus one dot_general batched over the groups.
-
-    Why: the positional conv (kernel 128 or 19, 16 groups of 48 or 64 channels) is a poor fit for
-    cuDNN's grouped kernels: on an H100 its weight gradient ran at under 1 TFLOP/s, five layers of it
-    a tenth of a 64 x 10 s training step. As a matmul of (batch * time, kernel * channels/group)
-    by (kernel * channels/group, channels/group) per group, it runs on the tensor cores; the price
-    is the unfolded input (kernel x the activations) held for the backward pass. Same sums, same
-    parameters (`flax.linen.Conv` passes its kernel here unchanged).
-    """
-    del dimension_numbers  # flax's 1-D default: NWC x WIO -> NWC
-    if tuple(window_strides) != (1,) or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation)):
-        raise ValueError("grouped_conv_matmul: stride and dilation must be 1")
-    ((lo, hi),) = padding
-    b, t, c_in = lhs.shape
-    k, c_in_group, c_out = rhs.shape
-    g = feature_group_count
-    x = jnp.pad(lhs, ((0, 0), (lo, hi), (0, 0))).reshape(b, t + lo + hi, g, c_in_group)
-    t_out = t + lo + hi - k + 1
-    cols = jnp.stack([x[:, i : i + t_out] for i in range(k)], axis=2)  # (b, t_out, k, g, c/g)
-    w = rhs.reshape(k, c_in_group, g, c_out // g)
-    y = jnp.einsum("btkgc,kcgo->btgo", cols, w, precision=precision)
-    return y.reshape(b, t_out, c_out)
-
-
 class PositionalConvLayer(nn.Module):
     """`encoder.pos_conv_embed.layers.N`: grouped Conv1d ("same" length), affine-free LayerNorm, GELU."""
 
@@ -235,7 +194,6 @@ class PositionalConvLayer(nn.Module):
             dtype=self.dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            conv_general_dilated=grouped_conv_matmul if jax.default_backend() in POS_CONV_MATMUL_BACKENDS else None,
             name="conv",
         )(x)
         x = x[:, :length]  # an even kernel makes one frame too many (transformers' PadLayer)
