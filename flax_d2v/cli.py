@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from flax_d2v import compile_cache
 from flax_d2v.errors import D2VError
 
 # name -> (module under flax_d2v.commands, one-line help)
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    compile_cache.enable()  # a second run reads its compiled programs back (flax_d2v/compile_cache.py)
     try:
         return int(args._run(args) or 0)
     except D2VError as e:

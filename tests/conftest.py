@@ -9,6 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Commands run in-process turn on JAX's persistent compilation cache (flax_d2v/compile_cache.py);
+# the suite keeps its compiles in memory and writes nothing under the user's home.
+os.environ.setdefault("D2V_COMPILATION_CACHE", "off")
+
 
 def find_speech_dir() -> Path | None:
     """$D2V_SHARED_SPEECH when set (and then only it), else ../shared/speech beside the checkout."""
