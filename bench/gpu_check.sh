@@ -118,7 +118,13 @@ run_loader() {
   stage loader $LIMIT "$PY" bench/loader.py --workers "$WORKERS" --batches $LB --target 9000 --json "$OUT/loader.json"
 }
 run_transcribe() {
-  stage transcribe $LIMIT "$PY" bench/transcribe.py --seconds $ASR --json "$OUT/transcribe.json"
+  # twice with one persistent compilation cache (as `d2v` keeps it): a first and a second invocation
+  rm -rf "$OUT/jax-cache"
+  stage transcribe $LIMIT "$PY" bench/transcribe.py --seconds $ASR --compilation-cache "$OUT/jax-cache" \
+    --json "$OUT/transcribe.json"
+  stage transcribe-cached $LIMIT "$PY" bench/transcribe.py --seconds $ASR --compilation-cache "$OUT/jax-cache" \
+    --json "$OUT/transcribe-cached.json"
+  rm -rf "$OUT/jax-cache"
 }
 for s in $STAGES; do
   if declare -F "run_$s" >/dev/null; then "run_$s"; else echo "gpu_check: unknown stage $s" >&2; fi

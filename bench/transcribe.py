@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="default", help="flax-d2v precision policy (d2v transcribe's default)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument(
+        "--compilation-cache",
+        default=None,
+        metavar="DIR",
+        help="JAX's persistent compilation cache as `d2v` uses it: run twice with one DIR to time a second invocation",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -51,12 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     from flax_d2v.pretrained import load_any
     from flax_d2v.transcribe import Transcriber
 
+    cache_entries = None
+    if args.compilation_cache:
+        from flax_d2v import compile_cache
+
+        cache = Path(args.compilation_cache)
+        cache_entries = sum(1 for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else 0
+        compile_cache.enable(cache)
     result: dict[str, Any] = {
         "benchmark": "transcribe",
         "machine": C.machine_info(),
         "seconds": args.seconds,
         "flax_precision": args.precision,
         "backend": jax.default_backend(),
+        # None: no persistent cache; 0: a first invocation filling it; > 0: a later one reading it
+        "compilation_cache_entries_at_start": cache_entries,
     }
     with tempfile.TemporaryDirectory(prefix="d2v-bench-asr-") as tmp:
         hf_dir = build_base_checkpoint(Path(tmp) / "hf", seed=0)
