@@ -47,6 +47,7 @@ arguments, never on the process or on how far a previous run got, which makes `r
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import math
@@ -581,16 +582,40 @@ class BatchLoader:
         return batch
 
     # -- iteration
+    def _jobs(self, epoch: int, start: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(epoch, batch number, bucket, positions) in plan order from (epoch, start) on."""
+        while True:
+            for b, (bucket, positions) in enumerate(self.plan(epoch)[start:], start=start):
+                yield epoch, b, bucket, positions
+            if not self.repeat:
+                return
+            epoch, start = epoch + 1, 0
+
     def _produce(self, epoch: int, start: int, stop: threading.Event) -> Iterator[tuple[int, int, dict]]:
+        """Batches in plan order, assembled `num_workers` at a time.
+
+        Why whole batches per worker: decoding inside one batch in parallel left the padding and
+        normalisation on this one thread, and the loader stopped scaling at ~5,000 audio s/s
+        whatever the worker count (an H100 at 45% MFU eats ~9,000). A worker now decodes, pads and
+        normalises a whole batch (libsndfile and numpy release the GIL), `num_workers` batches are
+        in flight, and they are handed out in order, so the position (`state()`) is unchanged.
+        """
+        window: collections.deque = collections.deque()
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-            while not stop.is_set():
-                for b, (bucket, positions) in enumerate(self.plan(epoch)[start:], start=start):
+            try:
+                for e, b, bucket, positions in self._jobs(epoch, start):
                     if stop.is_set():
                         return
-                    yield epoch, b, self.make_batch(bucket, positions, pool)
-                if not self.repeat:
-                    return
-                epoch, start = epoch + 1, 0
+                    window.append((e, b, pool.submit(self.make_batch, bucket, positions)))
+                    if len(window) > self.num_workers:
+                        e0, b0, done = window.popleft()
+                        yield e0, b0, done.result()
+                while window and not stop.is_set():
+                    e0, b0, done = window.popleft()
+                    yield e0, b0, done.result()
+            finally:
+                for _, _, pending in window:
+                    pending.cancel()
 
     @staticmethod
     def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
