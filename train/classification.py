@@ -33,7 +33,7 @@ from flax_d2v.modeling import apply_padding_invariant
 from flax_d2v.train import sharding
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
-from flax_d2v.train.manifests import read_lines
+from flax_d2v.train.manifests import read_lines, tsv_rows
 from flax_d2v.train.objective import Batch, NoExtra, train_forward
 
 PyTree = Any
@@ -55,12 +55,7 @@ def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
         )
     col = header.index(column)
     out = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise D2VError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(fields)}")
+    for lineno, fields in tsv_rows(path, lines):
         if not fields[col].strip():
             raise D2VError(f"{path}:{lineno}: column {column!r} is empty")
         out.append(fields[col].strip())

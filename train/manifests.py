@@ -181,12 +181,7 @@ def read_tsv_manifest(path: str | os.PathLike) -> Manifest:
     paths: list[str] = []
     texts: list[str] | None = [] if "text" in col else None
     lengths: list[int] | None = [] if "num_samples" in col else None
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise D2VError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(fields)}")
+    for lineno, fields in tsv_rows(path, lines):
         if not fields[col["path"]].strip():
             raise D2VError(f"{path}:{lineno}: column 'path' is empty")
         paths.append(_resolve(path.parent, fields[col["path"]].strip()))
@@ -197,6 +192,19 @@ def read_tsv_manifest(path: str | os.PathLike) -> Manifest:
     if not paths:
         raise D2VError(f"{path}: manifest lists no clips")
     return Manifest(str(path), paths, texts, lengths)
+
+
+def tsv_rows(path: Path, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line after the header `lines[0]`; fields are split on
+    tabs only, and a line with another number of columns than the header fails in one line."""
+    width = len(lines[0].split("\t"))
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != width:
+            raise D2VError(f"{path}:{lineno}: expected {width} tab-separated columns, found {len(fields)}")
+        yield lineno, fields
 
 
 def _parse_count(value: str, where: str) -> int:
