@@ -5,6 +5,8 @@ run stopped after 3 updates and resumed from its checkpoint (the source's `state
 `restore` at the start) logs the unbroken run's losses for every later update. On the old loop
 (`next(loader)` on the object itself, nothing saved unless `data_state=` was passed) a source whose
 `__iter__` is a generator did not run and a resumed run restarted the data from the beginning.
+The loader pads whatever target ids the objective's `LabelEncoder` gives; CTC's comes from
+`CTCObjective.label_encoder` and gives the batches `vocab=` always gave.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import PartitionSpec
 from synth_speech import write_corpus
 
+from flax_d2v.errors import D2VError
 from flax_d2v.train import sharding
-from flax_d2v.train.loader import BatchLoader
+from flax_d2v.train.ctc import CTCObjective
+from flax_d2v.train.loader import LABEL_PAD, BatchLoader
 from flax_d2v.train.loop import LoopConfig, Trainer
 from flax_d2v.train.manifests import read_manifest
 from flax_d2v.train.objective import NoExtra
 from flax_d2v.train.pretrain import CroppedBatches
-from flax_d2v.train.source import DataSource
+from flax_d2v.train.source import DataSource, LabelEncoder
+from flax_d2v.train.vocab import build_vocab
 
 # Same program on the same batches after an exact restore (as tests/test_resume.py): the logged
 # float may differ in nothing but the last ulp.
@@ -125,3 +131,31 @@ def test_the_project_loaders_are_data_sources(tmp_path):
     assert isinstance(loader, DataSource) and isinstance(CroppedBatches(loader, 0), DataSource)
     assert isinstance(ListSource(_batches()), DataSource)
     assert not isinstance(iter(_batches()), DataSource)  # a bare iterator has no position to save
+
+
+def test_the_loader_pads_whatever_ids_the_objectives_encoder_gives(tmp_path):
+    """Labels are the objective's business: any `LabelEncoder` goes through the same padding."""
+    manifest = read_manifest(write_corpus(tmp_path, 4), require_text=True)
+
+    def word_lengths(text: str) -> tuple[list[int], int]:  # not CTC: one id per word, its length
+        return [len(w) for w in text.split()], sum(len(w) > 5 for w in text.split())
+
+    assert isinstance(word_lengths, LabelEncoder)
+    loader = BatchLoader(manifest, batch_size=2, labels=word_lengths, shuffle=False, prefetch=0, num_workers=1)
+    for batch in [next(loader) for _ in range(loader.batches_per_epoch)]:
+        for row, i in enumerate(batch["index"]):
+            ids, unknown = word_lengths(manifest.texts[i])
+            assert batch["labels"][row, : len(ids)].tolist() == ids
+            assert np.all(batch["labels"][row, len(ids) :] == LABEL_PAD)
+            assert (batch["label_lengths"][row], batch["num_unknown"][row]) == (len(ids), unknown)
+
+    # CTC's encoder comes from its objective; `vocab=` is shorthand for it: the same batches
+    vocab = build_vocab(manifest.texts)
+    kw = dict(batch_size=2, seed=1, prefetch=0, num_workers=1)
+    from_objective = BatchLoader(manifest, labels=CTCObjective(None, vocab=vocab).label_encoder, **kw)
+    from_vocab = BatchLoader(manifest, vocab=vocab, **kw)
+    for a, b in zip([next(from_objective) for _ in range(3)], [next(from_vocab) for _ in range(3)], strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert "labels" not in next(BatchLoader(manifest, **kw))  # no encoder (pretraining): no labels
+    with pytest.raises(D2VError, match="not both"):
+        BatchLoader(manifest, vocab=vocab, labels=word_lengths, **kw)

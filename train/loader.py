@@ -114,9 +114,9 @@ class BatchLoader:
         self._unknown = np.zeros(len(self.positions), np.int32)
         self.label_widths = np.zeros(len(self.bucket_samples), np.int64)
         if self.label_encoder is not None:
-            texts = manifest.texts
+            texts = manifest.texts or [None] * len(manifest)
             for j, p in enumerate(self.positions):
-                ids, self._unknown[j] = self.label_encoder((texts[p] if texts is not None else None) or "")
+                ids, self._unknown[j] = self.label_encoder(texts[p] or "")
                 self._labels.append(np.asarray(ids, np.int32))
             longest = np.zeros(len(self.bucket_samples), np.int64)
             np.maximum.at(longest, self._bucket_of, [len(x) for x in self._labels])
