@@ -3,7 +3,7 @@
     python bench/loader.py                          # workers 1 and all cores, 30 s of timing each
     python bench/loader.py --workers 1,4,16 --batches 200 --json results/loader.json
 
-The real training loader (`flax_d2v.train.data.BatchLoader`, the one `d2v finetune` runs) over
+The real training loader (`flax_d2v.train.loader.BatchLoader`, the one `d2v finetune` runs) over
 `../shared/speech/transcripts.tsv` repeated to a long epoch (all 17 files: 16 kHz, 11.025 kHz and
 8 kHz, mono and stereo, so decoding and resampling are both in the figure), with CTC labels. The
 loader's file cache is not involved: every batch reads its files again (the page cache keeps them
@@ -24,20 +24,21 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-from flax_d2v.train import data as D  # noqa: E402
 from flax_d2v.train import vocab as V  # noqa: E402
+from flax_d2v.train.loader import BatchLoader  # noqa: E402
+from flax_d2v.train.manifests import Manifest, read_manifest  # noqa: E402
 
 
-def repeated_manifest(copies: int) -> D.Manifest:
-    m = D.read_manifest(str(C.find_speech_dir() / "transcripts.tsv"))
+def repeated_manifest(copies: int) -> Manifest:
+    m = read_manifest(str(C.find_speech_dir() / "transcripts.tsv"))
     m.lengths()
     texts = None if m.texts is None else [t or "" for t in m.texts] * copies
-    return D.Manifest(m.source + f" x{copies}", list(m.paths) * copies, texts, np.tile(m.num_samples, copies))
+    return Manifest(m.source + f" x{copies}", list(m.paths) * copies, texts, np.tile(m.num_samples, copies))
 
 
-def measure(manifest: D.Manifest, workers: int, batch_size: int, batches: int, warmup: int) -> dict[str, Any]:
+def measure(manifest: Manifest, workers: int, batch_size: int, batches: int, warmup: int) -> dict[str, Any]:
     vocab = V.build_vocab([t for t in manifest.texts if t])
-    loader = D.BatchLoader(
+    loader = BatchLoader(
         manifest, batch_size=batch_size, vocab=vocab, seed=0, num_workers=workers, max_seconds=20.0, prefetch=4
     )
     it = iter(loader)

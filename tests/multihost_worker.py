@@ -29,13 +29,14 @@ DROPOUT = 0.2
 def build(manifest: str, process_index: int = 0, process_count: int = 1, dropout: float = DROPOUT):
     from flax_d2v.config import tiny_config
     from flax_d2v.modeling import Data2VecAudioForCTC, init_params, logical_axes
-    from flax_d2v.train import data as D
     from flax_d2v.train import vocab as V
     from flax_d2v.train.ctc import CTCObjective
+    from flax_d2v.train.loader import BatchLoader
+    from flax_d2v.train.manifests import read_manifest
     from flax_d2v.train.schedules import constant
     from flax_d2v.train.state import make_optimizer
 
-    m = D.read_manifest(manifest, require_text=True)
+    m = read_manifest(manifest, require_text=True)
     vocab = V.build_vocab(m.texts)
     # SpecAugment masks, dropout and LayerDrop on: drawn from (seed, step, example index), they must agree on
     # every layout.
@@ -57,7 +58,7 @@ def build(manifest: str, process_index: int = 0, process_count: int = 1, dropout
     sched = constant(1e-3)
     tx = make_optimizer(params, sched, clip_norm=1.0)
     objective = CTCObjective(module)  # SpecAugment settings from the config above
-    loader = D.BatchLoader(
+    loader = BatchLoader(
         m, batch_size=8, vocab=vocab, seed=0, prefetch=0, process_index=process_index, process_count=process_count
     )
     batches = [next(loader) for _ in range(STEPS)]

@@ -9,8 +9,9 @@ import pytest
 
 from flax_d2v.audio import load_audio
 from flax_d2v.errors import D2VError
-from flax_d2v.train import data
+from flax_d2v.train import manifests, planning
 from flax_d2v.train import vocab as V
+from flax_d2v.train.loader import LABEL_PAD, BatchLoader
 
 NORM_TOL = 1e-5  # float32 normalisation of ~1e5 samples against a float64 reference
 HF_PARITY_ATOL = 1e-6  # our padding/normalisation vs Wav2Vec2FeatureExtractor, both float32
@@ -18,7 +19,7 @@ HF_PARITY_ATOL = 1e-6  # our padding/normalisation vs Wav2Vec2FeatureExtractor, 
 
 @pytest.fixture(scope="module")
 def manifest(speech_dir):
-    return data.read_manifest(speech_dir / "transcripts.tsv", require_text=True)
+    return manifests.read_manifest(speech_dir / "transcripts.tsv", require_text=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def loader(m, **kw):
     kw.setdefault("batch_size", 4)
     kw.setdefault("prefetch", 0)
     kw.setdefault("num_workers", 2)
-    return data.BatchLoader(m, **kw)
+    return BatchLoader(m, **kw)
 
 
 def take(it, n):
@@ -57,13 +58,13 @@ def test_tsv_relative_absolute_and_optional_columns(tmp_path, speech_dir):
     shutil.copy(speech_dir / "16k/cards_001.wav", clips / "a.wav")
     absolute = speech_dir / "16k/goforward.wav"
     (tmp_path / "pre.tsv").write_text(f"path\tspeaker\nclips/a.wav\tx\n{absolute}\ty\n\n")
-    m = data.read_manifest(tmp_path / "pre.tsv")
+    m = manifests.read_manifest(tmp_path / "pre.tsv")
     assert m.paths == [str(clips / "a.wav"), str(absolute)] and m.texts is None  # pretraining: path only
     assert [e["text"] for e in m] == [None, None]
     with pytest.raises(D2VError, match="pre.tsv: no transcripts"):
-        data.read_manifest(tmp_path / "pre.tsv", require_text=True)
+        manifests.read_manifest(tmp_path / "pre.tsv", require_text=True)
     (tmp_path / "n.tsv").write_text("num_samples\tpath\ttext\n123\tnowhere.wav\thi\n")
-    m = data.read_manifest(tmp_path / "n.tsv")
+    m = manifests.read_manifest(tmp_path / "n.tsv")
     assert m.lengths().tolist() == [123] and m.texts == ["hi"]  # given lengths: no file is opened
 
 
@@ -80,15 +81,15 @@ def test_tsv_relative_absolute_and_optional_columns(tmp_path, speech_dir):
 def test_bad_tsv_manifests(tmp_path, content, message):
     (tmp_path / "bad.tsv").write_text(content)
     with pytest.raises(D2VError, match=message):
-        data.read_manifest(tmp_path / "bad.tsv")
+        manifests.read_manifest(tmp_path / "bad.tsv")
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(D2VError, match="nope.tsv: no such manifest file"):
-        data.read_manifest(tmp_path / "nope.tsv")
+        manifests.read_manifest(tmp_path / "nope.tsv")
     (tmp_path / "m.tsv").write_text("path\nmissing.wav\n")
     with pytest.raises(D2VError, match="missing.wav: no such file"):
-        data.read_manifest(tmp_path / "m.tsv").lengths()
+        manifests.read_manifest(tmp_path / "m.tsv").lengths()
 
 
 def write_fairseq(tmp_path, speech_dir, names, root=None):
@@ -99,30 +100,30 @@ def write_fairseq(tmp_path, speech_dir, names, root=None):
 
 def test_fairseq_manifest_with_ltr_and_wrd(tmp_path, speech_dir):
     write_fairseq(tmp_path, speech_dir, ["cards_001", "goforward"])
-    m = data.read_manifest(tmp_path / "train.tsv")
+    m = manifests.read_manifest(tmp_path / "train.tsv")
     assert m.texts is None and m.paths[1] == str(speech_dir / "16k/goforward.wav")
     assert m.lengths().tolist() == [17526, 44580]
     (tmp_path / "train.wrd").write_text("TEN OF CLUBS\nGO FORWARD TEN METERS\n")
-    assert data.read_manifest(tmp_path / "train.tsv").texts == ["TEN OF CLUBS", "GO FORWARD TEN METERS"]
+    assert manifests.read_manifest(tmp_path / "train.tsv").texts == ["TEN OF CLUBS", "GO FORWARD TEN METERS"]
     (tmp_path / "train.ltr").write_text("T E N | O F | C L U B S |\nG O | F O R W A R D | T E N | M E T E R S |\n")
-    m = data.read_manifest(tmp_path / "train.tsv", require_text=True)  # .ltr preferred
+    m = manifests.read_manifest(tmp_path / "train.tsv", require_text=True)  # .ltr preferred
     assert m.texts == ["TEN OF CLUBS", "GO FORWARD TEN METERS"]
-    assert data.read_manifest(tmp_path / "train.tsv", labels="none").texts is None
+    assert manifests.read_manifest(tmp_path / "train.tsv", labels="none").texts is None
     (tmp_path / "train.ltr").write_text("T E N |\n")
     with pytest.raises(D2VError, match=r"train.ltr: 1 lines but .*train.tsv lists 2 clips"):
-        data.read_manifest(tmp_path / "train.tsv")
+        manifests.read_manifest(tmp_path / "train.tsv")
     (tmp_path / "train.wrd").unlink()
     with pytest.raises(D2VError, match="train.wrd: no such label file"):
-        data.read_manifest(tmp_path / "train.tsv", labels="wrd")
+        manifests.read_manifest(tmp_path / "train.tsv", labels="wrd")
 
 
 def test_fairseq_relative_root_and_bad_rows(tmp_path, speech_dir):
     (tmp_path / "audio").symlink_to(speech_dir / "16k")
     write_fairseq(tmp_path, speech_dir, ["cards_003"], root="audio")
-    assert data.read_manifest(tmp_path / "train.tsv").paths == [str(tmp_path / "audio/cards_003.wav")]
+    assert manifests.read_manifest(tmp_path / "train.tsv").paths == [str(tmp_path / "audio/cards_003.wav")]
     (tmp_path / "train.tsv").write_text("/root\nclip.wav\n")
     with pytest.raises(D2VError, match=r"train.tsv:2: expected 'relative_path<TAB>num_samples'"):
-        data.read_manifest(tmp_path / "train.tsv")
+        manifests.read_manifest(tmp_path / "train.tsv")
 
 
 # ------------------------------------------------------------------------------------------ tfds
@@ -144,7 +145,7 @@ class _FakeLibriSpeech:
 def test_tfds_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=3):  # tfds' own mock of the librispeech features
-        m = data.read_manifest("tfds:librispeech/train_clean100", require_text=True)
+        m = manifests.read_manifest("tfds:librispeech/train_clean100", require_text=True)
         assert len(m) == 3 and m[1]["path"] == "tfds:librispeech/train_clean100[1]"
         assert all(isinstance(t, str) for t in m.texts)
         x = m.load(2)
@@ -152,7 +153,7 @@ def test_tfds_mock_data(tmp_path):
     lengths = [16000, 20000, 8000, 30000, 12000, 24000]
     cache = tmp_path / "lengths.json"
     with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: _FakeLibriSpeech(lengths)):
-        m = data.read_manifest("tfds:librispeech/train_clean100", require_text=True, length_cache=cache)
+        m = manifests.read_manifest("tfds:librispeech/train_clean100", require_text=True, length_cache=cache)
         assert m.lengths().tolist() == lengths and m.texts[4] == "word number 4"
         batches = take(iter(loader(m, vocab=V.build_vocab(m.texts), seed=1, batch_size=2)), 3)
     assert sorted(np.concatenate([b["index"] for b in batches]).tolist()) == list(range(6))
@@ -163,57 +164,57 @@ def test_tfds_mock_data(tmp_path):
     np.testing.assert_allclose(b["input_values"][0, : lengths[i]], expected, rtol=NORM_TOL, atol=NORM_TOL)
     # The scan is cached: a second open reads lengths and texts from the cache, not the records.
     with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: _FakeLibriSpeech(lengths)):
-        m2 = data.read_tfds("tfds:librispeech/train_clean100", length_cache=cache)
+        m2 = manifests.read_tfds("tfds:librispeech/train_clean100", length_cache=cache)
     assert m2.lengths().tolist() == lengths and m2.texts == m.texts
 
 
 def test_tfds_offline_message(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(D2VError, match=r"tfds:librispeech/dev_clean: cannot open the prepared dataset.*tfds build"):
-        data.read_manifest("tfds:librispeech/dev_clean", data_dir=str(tmp_path))
+        manifests.read_manifest("tfds:librispeech/dev_clean", data_dir=str(tmp_path))
     with pytest.raises(D2VError, match="expected tfds:NAME/SPLIT"):
-        data.read_manifest("tfds:librispeech")
+        manifests.read_manifest("tfds:librispeech")
 
 
 # ------------------------------------------------------------------------------------------ filters and plans
 def test_duration_filters(manifest):
-    keep, dropped = data.select_examples(manifest, min_seconds=1.5, max_seconds=6.5, require_text=True)
+    keep, dropped = planning.select_examples(manifest, min_seconds=1.5, max_seconds=6.5, require_text=True)
     secs = manifest.lengths()[keep] / 16000
     assert secs.min() >= 1.5 and secs.max() <= 6.5
     # cards_001 (1.1 s) too short; librivox_0870 (7.1 s) and the three untranscribed clips are > 6.5 s.
     assert dropped == {"too_short": 1, "too_long": 4, "no_text": 0}
     assert len(keep) == 17 - 5
-    _, dropped = data.select_examples(manifest, require_text=True)
+    _, dropped = planning.select_examples(manifest, require_text=True)
     assert dropped == {"too_short": 0, "too_long": 0, "no_text": 3}
 
 
 def test_bucket_ladder():
-    ladder = data.bucket_ladder(17526, 113600)
+    ladder = planning.bucket_ladder(17526, 113600)
     assert ladder[0] >= 17526 and ladder[-1] >= 113600 and ladder[-2] < 113600
-    assert np.all(ladder % data.BUCKET_MULTIPLE == 0) and np.all(np.diff(ladder) > 0)
+    assert np.all(ladder % planning.BUCKET_MULTIPLE == 0) and np.all(np.diff(ladder) > 0)
     assert np.all(ladder[1:] <= np.ceil(ladder[:-1] * 1.25 / 1600) * 1600)
     with pytest.raises(D2VError, match="bucket_growth"):
-        data.bucket_ladder(1, 10, growth=1.0)
+        planning.bucket_ladder(1, 10, growth=1.0)
 
 
 @pytest.mark.parametrize("n, batch_size", [(14, 4), (37, 8), (16, 4)])
 def test_plan_epoch_partitions_and_is_deterministic(n, batch_size):
     buckets = np.random.default_rng(0).integers(0, 5, size=n)
-    plan = data.plan_epoch(buckets, batch_size, seed=3, epoch=0)
-    again = data.plan_epoch(buckets, batch_size, 3, 0)
+    plan = planning.plan_epoch(buckets, batch_size, seed=3, epoch=0)
+    again = planning.plan_epoch(buckets, batch_size, 3, 0)
     assert [(k, r.tolist()) for k, r in plan] == [(k, r.tolist()) for k, r in again]
     rows = np.concatenate([r for _, r in plan])
     assert len(plan) == n // batch_size and len(set(rows.tolist())) == len(rows)  # no example twice
     for k, r in plan:
         assert r.size == batch_size and np.all(buckets[r] <= k)  # every clip fits its batch's padded length
     dropped = [
-        set(range(n)) - set(np.concatenate([r for _, r in data.plan_epoch(buckets, batch_size, 3, e)]).tolist())
+        set(range(n)) - set(np.concatenate([r for _, r in planning.plan_epoch(buckets, batch_size, 3, e)]).tolist())
         for e in range(6)
     ]
     if n % batch_size:
         assert len({frozenset(d) for d in dropped}) > 1  # a different remainder sits out each epoch
-    assert data.plan_epoch(buckets, batch_size, 3, 1)[0][1].tolist() != plan[0][1].tolist() or n == batch_size
-    full = data.plan_epoch(buckets, batch_size, 3, 0, shuffle=False, drop_remainder=False)
+    assert planning.plan_epoch(buckets, batch_size, 3, 1)[0][1].tolist() != plan[0][1].tolist() or n == batch_size
+    full = planning.plan_epoch(buckets, batch_size, 3, 0, shuffle=False, drop_remainder=False)
     rows = np.concatenate([r for _, r in full])
     assert sorted(rows[rows >= 0].tolist()) == list(range(n))  # evaluation: every clip exactly once
     assert np.all(rows[:n] >= 0) and np.all(rows[n:] == -1) and len(rows) - n == (-n) % batch_size  # filler trails
@@ -237,7 +238,7 @@ def test_batch_contents(manifest, vocab):
             expected = (w - w.mean()) / np.sqrt(w.var() + 1e-7)  # HF's rule, in float64
             np.testing.assert_allclose(x[: lengths[r]], expected, rtol=NORM_TOL, atol=NORM_TOL)
             n = b["label_lengths"][r]
-            assert np.all(b["labels"][r, n:] == data.LABEL_PAD) and np.all(b["labels"][r, :n] >= 0)
+            assert np.all(b["labels"][r, n:] == LABEL_PAD) and np.all(b["labels"][r, :n] >= 0)
             assert V.decode(b["labels"][r, :n], vocab, group_tokens=False) == V.normalize_transcript(manifest.texts[i])
         assert np.all(b["num_unknown"] == 0)
 
@@ -331,7 +332,7 @@ def test_eval_pass_covers_everything_once(manifest, vocab):
     last = full[-1]
     filler = last["index"] < 0
     assert filler.sum() == 2 and np.all(last["attention_mask"][filler] == 0)
-    assert np.all(last["labels"][filler] == data.LABEL_PAD) and np.all(last["label_lengths"][filler] == 0)
+    assert np.all(last["labels"][filler] == LABEL_PAD) and np.all(last["label_lengths"][filler] == 0)
     with pytest.raises(StopIteration):
         next(it)
 
@@ -341,13 +342,13 @@ def test_errors_in_the_prefetch_thread_reach_the_caller(tmp_path, speech_dir):
     broken.write_bytes(b"RIFF1234WAVEnot really audio")
     good = speech_dir / "16k/cards_001.wav"
     (tmp_path / "m.tsv").write_text(f"path\tnum_samples\n{good}\t17526\n{broken}\t17000\n")
-    it = loader(data.read_manifest(tmp_path / "m.tsv"), batch_size=2, prefetch=2)
+    it = loader(manifests.read_manifest(tmp_path / "m.tsv"), batch_size=2, prefetch=2)
     with pytest.raises(D2VError, match="broken.wav"):
         next(it)
     it.close()
     (tmp_path / "m.tsv").write_text(f"path\tnum_samples\n{good}\t8000\n")
     with pytest.raises(D2VError, match="cards_001.wav: decoded to 17526 samples, more than the 8000"):
-        next(loader(data.read_manifest(tmp_path / "m.tsv"), batch_size=1))
+        next(loader(manifests.read_manifest(tmp_path / "m.tsv"), batch_size=1))
 
 
 def test_matches_transformers_feature_extractor(manifest, tmp_path):

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flax_d2v.train import data
-from flax_d2v.train import vocab as V
+from flax_d2v.train.loader import BatchLoader
+from flax_d2v.train.manifests import read_manifest
+from flax_d2v.train.vocab import build_vocab
 
 
 @pytest.fixture(scope="module")
 def manifest(speech_dir):
-    return data.read_manifest(speech_dir / "transcripts.tsv", require_text=True)
+    return read_manifest(speech_dir / "transcripts.tsv", require_text=True)
 
 
 def batches(manifest, n, state=None, **kw):
-    loader = data.BatchLoader(manifest, batch_size=3, vocab=V.build_vocab(manifest.texts), seed=5, **kw)
+    loader = BatchLoader(manifest, batch_size=3, vocab=build_vocab(manifest.texts), seed=5, **kw)
     if state is not None:
         loader.restore(state)
     out = []

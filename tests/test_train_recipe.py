@@ -189,9 +189,9 @@ def test_eval_transcripts_are_d2v_transcribes_for_long_clips_too(tmp_path):
     from flax_d2v.commands.finetune import make_eval_fn
     from flax_d2v.config import tiny_config
     from flax_d2v.modeling import Data2VecAudioForCTC, init_params
-    from flax_d2v.train import data as D
     from flax_d2v.train import vocab as V
     from flax_d2v.train.ctc import CTCObjective
+    from flax_d2v.train.manifests import read_manifest
     from flax_d2v.train.state import TrainState
 
     short = write_corpus(tmp_path / "data", 3, seconds=2.0)
@@ -201,7 +201,7 @@ def test_eval_transcripts_are_d2v_transcribes_for_long_clips_too(tmp_path):
     sf.write(tmp_path / "long.wav", long_wave, 16000, subtype="FLOAT")
     manifest_path = tmp_path / "eval.tsv"
     manifest_path.write_text(short.read_text() + f"{tmp_path / 'long.wav'}\tgo forward ten meters\n")
-    manifest = D.read_manifest(manifest_path, require_text=True)
+    manifest = read_manifest(manifest_path, require_text=True)
     vocab = V.build_vocab(manifest.texts)
     module = Data2VecAudioForCTC(tiny_config(vocab_size=len(vocab)))
     params = init_params(module, 0)
@@ -304,7 +304,7 @@ def test_pretraining_crops_to_the_shortest_clip_and_drops_clips_under_2s():
     import argparse
 
     from flax_d2v.commands import pretrain as P
-    from flax_d2v.train.data import bucket_ladder
+    from flax_d2v.train.planning import bucket_ladder
     from flax_d2v.train.pretrain import crop_width
 
     ladder = bucket_ladder(32000, 250000)

@@ -17,8 +17,9 @@ Everything else (meshes, resume, bf16, schedules, checkpoints) is the same loop 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,10 @@ import optax
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
+from flax_d2v.train import sharding
+from flax_d2v.train.ctc import CTCObjective
+from flax_d2v.train.loader import BatchLoader
+from flax_d2v.train.manifests import read_lines, tsv_rows
 from flax_d2v.train.objective import Batch, NoExtra, train_forward
 
 PyTree = Any
@@ -38,12 +43,10 @@ TASKS = {s.objective: s.architecture for s in REGISTRY.values() if s.objective i
 
 def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
     """The `column` of a TSV manifest, one entry per clip in manifest order (as `read_tsv_manifest` reads it)."""
-    from flax_d2v.train.data import _read_lines
-
     path = Path(manifest_path)
     if not path.is_file():
         raise D2VError(f"{path}: no such manifest file")
-    lines = _read_lines(path)
+    lines = read_lines(path)
     header = lines[0].split("\t") if lines else []
     if column not in header:
         raise D2VError(
@@ -52,12 +55,7 @@ def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
         )
     col = header.index(column)
     out = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise D2VError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(fields)}")
+    for lineno, fields in tsv_rows(path, lines):
         if not fields[col].strip():
             raise D2VError(f"{path}:{lineno}: column {column!r} is empty")
         out.append(fields[col].strip())
@@ -79,17 +77,17 @@ class ClassificationObjective(NoExtra):
     """Cross-entropy (sequence classification) or AM-softmax (x-vectors) on one label per clip.
 
     `labels[i]` is the class id of manifest position i; a batch's rows find theirs by `batch["index"]`
-    (filler rows, index -1, are left out), so the data loader needs no change.
+    (filler rows, index -1, are left out), so the data loader carries no labels for it.
     """
 
     module: nn.Module
     labels: np.ndarray
     am_softmax: bool = False
     name: str = "classification"
+    # No labels travel through the data loader: `labels` is looked up by `batch["index"]` in `loss`.
+    label_encoder: ClassVar[None] = None
 
     def masks(self, batch: Batch, rng: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
-        from flax_d2v.train.ctc import CTCObjective
-
         return CTCObjective.masks(self, batch, rng)  # SpecAugment from the module config, per example
 
     def _scores(self, params: PyTree, logits: jax.Array, y: jax.Array, margin: bool) -> jax.Array:
@@ -122,17 +120,18 @@ class ClassificationObjective(NoExtra):
         return jnp.argmax(self._scores(params, out.logits, zeros, False), -1).astype(jnp.int32)
 
 
-def make_accuracy_eval_fn(objective: ClassificationObjective, trainer: Any, loader: Any, eval_labels: np.ndarray):
+def make_accuracy_eval_fn(
+    objective: ClassificationObjective, trainer: Any, loader: BatchLoader, eval_labels: np.ndarray
+) -> Callable[[Any], dict[str, float]]:
     """eval_fn(state) -> {"accuracy", "eval_clips"} over the whole eval manifest."""
-    from flax_d2v.train import sharding as S
 
     def predict(params, batch):
         return objective.predict(params, batch), batch["index"]
 
     jitted = jax.jit(
         predict,
-        in_shardings=(trainer.state_shardings.params, S.batch_sharding(trainer.mesh)),
-        out_shardings=S.replicated(trainer.mesh),
+        in_shardings=(trainer.state_shardings.params, sharding.batch_sharding(trainer.mesh)),
+        out_shardings=sharding.replicated(trainer.mesh),
     )
 
     def eval_fn(state: Any) -> dict[str, float]:
@@ -141,7 +140,7 @@ def make_accuracy_eval_fn(objective: ClassificationObjective, trainer: Any, load
         for batch in loader:
             arrays = {k: np.asarray(batch[k]) for k in ("input_values", "attention_mask", "index")}
             arrays["index"] = arrays["index"].astype(np.int32)
-            ids, index = (np.asarray(a) for a in jitted(state.params, S.shard_batch(arrays, trainer.mesh)))
+            ids, index = (np.asarray(a) for a in jitted(state.params, sharding.shard_batch(arrays, trainer.mesh)))
             for i, p in zip(index, ids, strict=True):
                 if i >= 0:
                     preds[int(i)] = int(p)

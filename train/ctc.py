@@ -29,6 +29,7 @@ fraction of such examples is logged as `ctc_impossible`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,9 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_d2v.ctc_decode import CTCTokenizer
 from flax_d2v.masking import per_example_mask_indices
 from flax_d2v.modeling import apply_padding_invariant, feat_extract_output_lengths
 from flax_d2v.train.objective import Batch, NoExtra, example_keys, train_forward
+from flax_d2v.train.vocab import TranscriptLabels
 
 PyTree = Any
 REDUCTIONS = ("mean", "sum", "token", "sentence")
@@ -148,16 +151,26 @@ class CTCObjective(NoExtra):
     `mask_time_min_masks`, `mask_feature_*`, the one place those facts live), drawn with
     `per_example_mask_indices` from `fold_in(step_key, index)`, and are passed to the model, so
     they do not depend on the device layout.
+
+    `vocab` (the run's character vocabulary) gives `label_encoder`, what the data loader encodes
+    transcripts with (`BatchLoader(labels=objective.label_encoder)`); the loss reads the result
+    from `batch["labels"]`.
     """
 
     module: nn.Module
     reduction: str = "mean"
     zero_infinity: bool = True
     name: str = "ctc"
+    vocab: Mapping[str, int] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown CTC reduction {self.reduction!r}; choose one of {REDUCTIONS}")
+
+    @property
+    def label_encoder(self) -> TranscriptLabels | None:
+        """Transcript -> character ids of `vocab` (a `source.LabelEncoder`); None without a vocabulary."""
+        return None if self.vocab is None else TranscriptLabels(self.vocab)
 
     @property
     def blank_id(self) -> int:
@@ -218,7 +231,5 @@ def greedy_decode(ids: np.ndarray, lengths: np.ndarray, vocab: dict[str, int]) -
     Through `flax_d2v.ctc_decode.CTCTokenizer` (transformers' `Wav2Vec2CTCTokenizer.decode` rules), the
     decoder `d2v transcribe` uses, so eval WER is computed on exactly what users will get.
     """
-    from flax_d2v.ctc_decode import CTCTokenizer
-
     tokenizer = CTCTokenizer.from_vocab(vocab)
     return [tokenizer.decode(row[: int(n)]) for row, n in zip(np.asarray(ids), np.asarray(lengths), strict=True)]

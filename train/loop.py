@@ -3,8 +3,11 @@
     trainer = Trainer(objective, tx, schedule, mesh, params_axes, LoopConfig(out_dir=..., steps=...))
     state, data_state, start = trainer.start(params, seed)  # or the latest checkpoint in out_dir/checkpoints
     loader.restore(data_state) if data_state else None        # the data position saved with it
-    result = trainer.fit(state, loader, start, eval_fn=..., data_state=loader.state)  # a FitResult
+    result = trainer.fit(state, loader, start, eval_fn=...)   # a FitResult; saves loader.state() with checkpoints
     trainer.finish()                                          # until cfg.steps, SIGTERM, or an error
+
+`loader` is any `source.DataSource` (the contract that makes resume exact is written there):
+`loader.BatchLoader`, pretraining's `CroppedBatches`, or another pipeline.
 
 The step is a pure function `train_step(state, batch) -> (state, metrics)` built by
 `make_train_step`: the step key is `fold_in(state.rng, state.step)` (the objective draws masks and
@@ -30,7 +33,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -45,6 +48,7 @@ from flax_d2v.train import sharding as S
 from flax_d2v.train.checkpoint import Checkpointer, abstract_like
 from flax_d2v.train.metrics import MetricsWriter, plot_history, read_metrics
 from flax_d2v.train.objective import Objective
+from flax_d2v.train.source import DataSource, HostBatch
 from flax_d2v.train.state import TrainState
 
 PyTree = Any
@@ -393,13 +397,20 @@ class Trainer:
     def fit(
         self,
         state: TrainState,
-        loader: Iterator[Batch],
+        loader: DataSource | Iterable[HostBatch],
         start_step: int,
         eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
-        data_state: Callable[[], dict] = dict,
+        data_state: Callable[[], dict] | None = None,
     ) -> FitResult:
-        """Train from `start_step` to `cfg.steps`. `data_state()` is saved with each checkpoint."""
+        """Train from `start_step` to `cfg.steps` on the batches of `loader`.
+
+        `data_state()` (default: `loader.state` for a `DataSource`) is saved with each checkpoint;
+        a plain iterable of batches also trains, but its checkpoints record no data position.
+        """
         cfg = self.cfg
+        if data_state is None:
+            data_state = loader.state if isinstance(loader, DataSource) else dict
+        batches = iter(loader)
         if cfg.use_pmap:
             state = self.to_pmap(state)
             step_fn = self._pmapped_step()
@@ -416,7 +427,7 @@ class Trainer:
         try:
             with _StopFlag() as stop, self._context():
                 while step < cfg.steps:
-                    batch = next(loader)
+                    batch = next(batches)
                     audio_seconds += float(np.sum(batch.get("seconds", 0.0))) * jax.process_count()
                     state, metrics = step_fn(state, self.device_batch(batch))
                     pending.append(metrics)

@@ -25,6 +25,10 @@ The contract, and why it looks like this:
 - `extra` is objective state that is not optimised by gradient (data2vec's EMA teacher; `{}`
   for CTC). It lives in `TrainState`, is checkpointed with it and sharded by
   `extra_logical_axes`; `update_extra` runs after every optimizer update, inside the jitted step.
+- Batches come from the loop's other interface, a `flax_d2v.train.source.DataSource`. An objective
+  whose loss reads per-example targets from the batch (CTC's `batch["labels"]`) says how to make
+  them: its `label_encoder` (a `source.LabelEncoder`) is what the loader is given
+  (`BatchLoader(labels=objective.label_encoder)`), so the loader knows nothing of CTC.
 """
 
 from __future__ import annotations

@@ -508,8 +508,8 @@ def crop_batch(batch: dict[str, np.ndarray], width: int, seed: int, position: tu
 class CroppedBatches:
     """A `BatchLoader` whose batches are cropped to their shortest clip (fairseq's pretraining
     default, `enable_padding: false`). The width comes from the *global* batch's declared
-    lengths (the loader's plan), so every process crops to the same shape. Delegates
-    `state`/`restore`/`close` so checkpoints record the loader's position as usual."""
+    lengths (the loader's plan), so every process crops to the same shape. A `source.DataSource`:
+    delegates `state`/`restore`/`close` so checkpoints record the loader's position as usual."""
 
     def __init__(self, loader: Any, seed: int) -> None:
         self.loader, self.seed = loader, seed

@@ -233,10 +233,10 @@ def train_loader(cfg: Mapping[str, Any], manifest: Any, vocab: dict[str, int] | 
     """The shuffled, repeating training `BatchLoader` of this process (its share of the global batch)."""
     import jax
 
-    from flax_d2v.train import data as D
+    from flax_d2v.train.loader import BatchLoader
     from flax_d2v.train.loop import log
 
-    loader = D.BatchLoader(
+    loader = BatchLoader(
         manifest,
         batch_size=int(cfg["batch_size"]),
         vocab=vocab,

@@ -105,6 +105,20 @@ def encode(text: str, vocab: Mapping[str, int], normalize: bool = True) -> tuple
     return ids, n_unknown
 
 
+class TranscriptLabels:
+    """CTC's targets for the data loader (a `source.LabelEncoder`): `encode(text, vocab)`.
+
+    What `CTCObjective.label_encoder` hands to `BatchLoader(labels=...)`; the vocabulary is
+    checked (`validate_vocab`) when the encoder is made, before any example is encoded.
+    """
+
+    def __init__(self, vocab: Mapping[str, int]) -> None:
+        self.vocab = validate_vocab(vocab)
+
+    def __call__(self, text: str) -> tuple[list[int], int]:
+        return encode(text, self.vocab)
+
+
 def decode(ids: Sequence[int], vocab: Mapping[str, int], group_tokens: bool = True) -> str:
     """Text of label ids or of greedy CTC frame predictions (argmax per frame).
 

@@ -289,8 +289,8 @@ def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_siz
     import jax
 
     from flax_d2v.train import vocab as V
-    from flax_d2v.train.data import select_examples
     from flax_d2v.train.metrics import error_rates
+    from flax_d2v.train.planning import select_examples
     from flax_d2v.transcribe import Transcriber
 
     positions = [int(i) for i in select_examples(manifest, None, None, True)[0]]
@@ -388,15 +388,15 @@ def finetune(cfg: dict) -> Any:
     import jax
 
     from flax_d2v.modeling import init_params, logical_axes
-    from flax_d2v.train import data as D
     from flax_d2v.train import vocab as V
     from flax_d2v.train.ctc import CTCObjective
     from flax_d2v.train.loop import Trainer, log
+    from flax_d2v.train.manifests import read_manifest
 
     run_dir = Path(cfg["out"])
     mesh, _ = R.make_mesh(cfg)
 
-    manifest = D.read_manifest(cfg["train"], require_text=True)
+    manifest = read_manifest(cfg["train"], require_text=True)
     base_config, loaded, init_dir = load_init(cfg)
     vocab, vocab_source = choose_vocab(cfg, manifest.texts, init_dir, run_dir)
     config = training_config(base_config, cfg, vocab)
@@ -419,7 +419,7 @@ def finetune(cfg: dict) -> Any:
     eval_manifest = None
     eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
     if cfg["eval"]:
-        eval_manifest = D.read_manifest(cfg["eval"], require_text=True)
+        eval_manifest = read_manifest(cfg["eval"], require_text=True)
         if eval_bs < 1:
             raise D2VError(f"--eval-batch-size: must be >= 1, got {eval_bs}")
 
@@ -471,16 +471,17 @@ def finetune_classifier(cfg: dict) -> Any:
     from flax_d2v.heads import REGISTRY, with_labels
     from flax_d2v.modeling import init_params, logical_axes
     from flax_d2v.train import classification as C
-    from flax_d2v.train import data as D
     from flax_d2v.train import vocab as V
+    from flax_d2v.train.loader import BatchLoader
     from flax_d2v.train.loop import Trainer, log
+    from flax_d2v.train.manifests import read_manifest
 
     task = cfg["task"]
     if task not in C.TASKS:
         raise D2VError(f"--task: {task!r} is not a classification task; choose one of {sorted(C.TASKS)}")
     run_dir = Path(cfg["out"])
     mesh, dp = R.make_mesh(cfg)
-    manifest = D.read_manifest(cfg["train"])
+    manifest = read_manifest(cfg["train"])
     names = C.read_label_column(cfg["train"], cfg["label_column"])
     labels = sorted(set(names))
     if len(labels) < 2:
@@ -515,12 +516,12 @@ def finetune_classifier(cfg: dict) -> Any:
     loader = R.train_loader(cfg, manifest, None)
     eval_loader = eval_fn = None
     if cfg["eval"]:
-        eval_manifest = D.read_manifest(cfg["eval"])
+        eval_manifest = read_manifest(cfg["eval"])
         eval_ids = C.label_ids(C.read_label_column(cfg["eval"], cfg["label_column"]), label2id, str(cfg["eval"]))
         eval_bs = int(cfg["eval_batch_size"] or cfg["batch_size"])
         if eval_bs % dp:
             raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
-        eval_loader = D.BatchLoader(
+        eval_loader = BatchLoader(
             eval_manifest,
             batch_size=eval_bs,
             vocab=None,

@@ -197,8 +197,8 @@ def pretrain(cfg: dict) -> Any:
     import numpy as np
 
     from flax_d2v.modeling import Data2VecAudioModel, init_params, logical_axes
-    from flax_d2v.train import data as D
     from flax_d2v.train.loop import PMAP_AXIS, Trainer, log
+    from flax_d2v.train.manifests import read_manifest
     from flax_d2v.train.pretrain import CroppedBatches, Data2VecObjective
 
     run_dir = Path(cfg["out"])
@@ -220,7 +220,7 @@ def pretrain(cfg: dict) -> Any:
     params = objective.init_params(model_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1), final_proj)
     log(f"init: {source}" + (f"; new tensors: {', '.join(new_keys)}" if loaded is not None and new_keys else ""))
 
-    loader = R.train_loader(cfg, D.read_manifest(cfg["train"], require_text=False), None)
+    loader = R.train_loader(cfg, read_manifest(cfg["train"], require_text=False), None)
     batches = CroppedBatches(loader, seed) if cfg["crop"] else loader
 
     schedule, tx = R.make_schedule_and_optimizer(cfg, params)

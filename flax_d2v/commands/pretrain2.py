@@ -100,8 +100,8 @@ def pretrain_v2(cfg: dict) -> Any:
     from flax_d2v.commands.pretrain import regularisation
     from flax_d2v.data2vec2 import Data2Vec2Model
     from flax_d2v.modeling import init_params, logical_axes
-    from flax_d2v.train import data as D
     from flax_d2v.train.loop import PMAP_AXIS, Trainer, log
+    from flax_d2v.train.manifests import read_manifest
     from flax_d2v.train.pretrain import CroppedBatches
     from flax_d2v.train.pretrain2 import Data2Vec2Objective
 
@@ -118,7 +118,7 @@ def pretrain_v2(cfg: dict) -> Any:
     model_params, new_keys, _ = R.graft(init_params(module, seed), loaded)
     params = objective.init_params(model_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1), aux.get("decoder"))
     log(f"init: {source}" + (f"; new tensors: {', '.join(new_keys)}" if loaded is not None and new_keys else ""))
-    loader = R.train_loader(cfg, D.read_manifest(cfg["train"], require_text=False), None)
+    loader = R.train_loader(cfg, read_manifest(cfg["train"], require_text=False), None)
     batches = CroppedBatches(loader, seed)
     schedule, tx = R.make_schedule_and_optimizer(cfg, params)
     loop_cfg = R.loop_config(
