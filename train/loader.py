@@ -24,8 +24,9 @@ Batches (numpy, on each process only its rows `[p*B/P, (p+1)*B/P)` of the global
   int32 padded with -100 (HF), `label_lengths` (b,) int32, `num_unknown` (b,) int32 characters
   the encoder had no id for. The loader does not know what the ids mean.
 
-Shapes: S is one of `loader.bucket_samples` (`planning.bucket_ladder`) and L is fixed per bucket,
-so XLA compiles one program per bucket.
+Shapes: S is one of `loader.bucket_samples` and L is fixed per bucket, so XLA compiles one
+program per bucket. By default the buckets are at most `num_buckets` (4) lengths that pad the
+kept clips least (`planning.bucket_edges`); `bucket_growth=` asks for a geometric ladder instead.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 from flax_d2v.audio import HF_NORM_EPS, SAMPLE_RATE, pad_batch
 from flax_d2v.errors import D2VError
 from flax_d2v.train.manifests import Manifest
-from flax_d2v.train.planning import bucket_ladder, plan_epoch, select_examples
+from flax_d2v.train.planning import DEFAULT_NUM_BUCKETS, bucket_edges, bucket_ladder, plan_epoch, select_examples
 from flax_d2v.train.source import HostBatch, LabelEncoder
 from flax_d2v.train.vocab import TranscriptLabels
 
@@ -77,7 +78,8 @@ class BatchLoader:
         max_seconds: float | None = None,
         require_text: bool | None = None,
         bucket_samples: Sequence[int] | None = None,
-        bucket_growth: float = 1.25,
+        num_buckets: int = DEFAULT_NUM_BUCKETS,
+        bucket_growth: float | None = None,
         normalize: bool = True,
         process_index: int = 0,
         process_count: int = 1,
@@ -101,8 +103,10 @@ class BatchLoader:
         if self.positions.size == 0:
             raise D2VError(f"{manifest.source}: no clips left after the filters (dropped: {self.dropped})")
         lengths = manifest.num_samples[self.positions]
-        if bucket_samples is None:
+        if bucket_samples is None and bucket_growth is not None:
             self.bucket_samples = bucket_ladder(int(lengths.min()), int(lengths.max()), bucket_growth)
+        elif bucket_samples is None:
+            self.bucket_samples = bucket_edges(lengths, num_buckets)
         else:
             self.bucket_samples = np.asarray(sorted(int(b) for b in bucket_samples), np.int64)
             if lengths.max() > self.bucket_samples[-1]:
