@@ -19,21 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from flax_d2v.checkpoint import PROCESSOR_FILES, copy_processor_files, read_safetensors
+from flax_d2v.checkpoint import read_safetensors
 from flax_d2v.config import Data2VecAudioConfig
-from flax_d2v.convert.keys import (
-    CTC_PREFIX_HF,
-    flatten,
-    flax_to_hf_key,
-    hf_to_flax_key,
-    is_scanned,
-    to_flax_array,
-    to_hf_array,
-    unflatten,
-    unstack_layers,
-)
+from flax_d2v.convert.keys import CTC_PREFIX_HF, flax_to_hf_key, hf_to_flax_key, to_flax_array, to_hf_array
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_dir
+from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
+from flax_d2v.processor import PROCESSOR_FILES, copy_processor_files, save_preprocessor_config
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -239,8 +231,6 @@ def save_hf(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if not (tmp / "preprocessor_config.json").exists():
-            from flax_d2v.train.vocab import save_preprocessor_config
-
             save_preprocessor_config(tmp)
     return Path(dst)
 
