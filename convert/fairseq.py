@@ -266,7 +266,6 @@ def _ema_tree(
     ema: Mapping[str, Any], student_encoder: Mapping[str, Any], source: str, notes: list[str]
 ) -> dict[str, Any] | None:
     """fairseq's `_ema` (keys of `TransformerEncoder.state_dict()`) as a Flax tree shaped like `encoder`."""
-
     if any(k.startswith(("encoder.", "feature_extractor.")) for k in ema):
         notes.append(
             f"{source}: the EMA teacher covers the whole model (ema_transformer_only=False); "
@@ -301,7 +300,6 @@ def _ema_tree(
 
 def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = None) -> FairseqCheckpoint:
     """Read a fairseq data2vec-audio `.pt` (pretrained or CTC fine-tuned) without running its code."""
-
     source = os.fspath(path)
     ckpt = read_fairseq_file(path)
 
@@ -415,7 +413,6 @@ def convert_fairseq(
     EMA teacher, pretrained checkpoints), preprocessor_config.json, fairseq_cfg.json and, for CTC
     checkpoints with a dictionary, vocab.json/tokenizer_config.json/special_tokens_map.json.
     """
-
     ck = load_fairseq(pt_path, dict_path)
     with tempfile.TemporaryDirectory(prefix="d2v-fairseq-") as staging:
         if ck.vocab is not None:
@@ -437,7 +434,6 @@ def convert_fairseq(
 
 def aux_note(model_dir: str | os.PathLike) -> str | None:
     """The line to print when a transformers export leaves a directory's pretraining state behind."""
-
     if not (Path(model_dir) / FLAX_AUX).is_file():
         return None
     names = sorted(load_flax_aux(model_dir) or {})

@@ -235,7 +235,6 @@ def is_data2vec2(ckpt: Mapping[str, Any]) -> bool:
 
 def config_from_model_cfg(arch: Mapping[str, Any], train: Mapping[str, Any] | None, source: str, where: str):
     """Data2Vec2Config of a `data2vec_multi` cfg.model; `train` the fine-tune's own cfg.model (CTC), else None."""
-
     s = model_settings(arch)
     audio = dict((arch.get("modalities") or {}).get("audio") or {})
     for key, bad, why in (
@@ -321,7 +320,6 @@ def config_from_model_cfg(arch: Mapping[str, Any], train: Mapping[str, Any] | No
 # ------------------------------------------------------------------------------------ reading
 def load_fairseq2(path: str | os.PathLike, ckpt: Mapping[str, Any], dict_path: str | os.PathLike | None = None):
     """A `FairseqCheckpoint` (see `convert.fairseq`) of a data2vec 2.0 audio `.pt` already read safely."""
-
     source = os.fspath(path)
     state = dict(ckpt["model"])
     cfg = _plain(ckpt.get("cfg"))
