@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from flax_d2v.checkpoint import is_flax_dir, load_flax
@@ -38,7 +39,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.txt", "language_model/*"]
 
 
-def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwargs: Any):
+def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwargs: Any) -> nn.Module:
     """The module of `head` (a `HeadSpec` or a transformers architecture name) for `config`."""
     spec = get_spec(head)
     if isinstance(config, Data2Vec2Config):
@@ -109,7 +110,7 @@ def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]
 class LoadedModel(NamedTuple):
     """A model ready to run and where it came from: what `load_model` returns."""
 
-    module: Any
+    module: nn.Module
     params: PyTree
     where: str  # the resolved local directory or file (a hub id's snapshot), or "model" for (module, params)
     model_dir: Path | None  # the directory holding its processor files; None for a (module, params) tuple
@@ -145,7 +146,7 @@ def from_pretrained(
     freeze_feature_encoder: bool = False,
     teacher: bool = False,
     **head_kwargs: Any,
-):
+) -> tuple[nn.Module, PyTree]:
     """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
 
     `precision` is a `flax_d2v.precision` policy: "highest" (the default: float32 with HIGHEST
