@@ -28,6 +28,7 @@ from flax_d2v.heads import BASE, detect
 from flax_d2v.modeling import param_shapes
 from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
 from flax_d2v.processor import PROCESSOR_FILES, copy_processor_files, save_preprocessor_config
+from flax_d2v.types import PyTree
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -174,7 +175,7 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[Data2VecAudioConfig, Any, dic
     return config, spec, params
 
 
-def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
+def flax_to_state_dict(params: PyTree) -> dict[str, np.ndarray]:
     """HF state dict (numpy, HF layouts) from Flax params (scanned or not)."""
     params = jax_to_numpy(params)
     if is_scanned(params):
@@ -198,7 +199,7 @@ def hf_config_dict(config: Data2VecAudioConfig, architecture: str) -> dict[str, 
 def save_hf(
     dst: str | os.PathLike,
     config: Data2VecAudioConfig,
-    params: Any,
+    params: PyTree,
     *,
     files_from: str | os.PathLike | None = None,
     extra_files: dict[str, str] | None = None,

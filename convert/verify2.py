@@ -123,7 +123,7 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
     """Rows and facts as `convert.verify.verify` returns them, for a data2vec 2.0 model.
 
     `precision` is the Flax side's policy (`flax_d2v.precision`), judged against
-    `convert.verify.TOLERANCES`; the reference runs in fp32 with TF32 off.
+    `convert.parity.TOLERANCES`; the reference runs in fp32 with TF32 off.
     """
     try:
         import torch

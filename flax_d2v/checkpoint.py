@@ -28,13 +28,14 @@ from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_dir
 from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
 from flax_d2v.processor import copy_processor_files
+from flax_d2v.types import PyTree
 
 FLAX_WEIGHTS = "flax_model.safetensors"
 FLAX_AUX = "flax_aux.safetensors"
 CONFIG = "config.json"
 
 
-def write_safetensors(path: Path, tree: Any) -> None:
+def write_safetensors(path: Path, tree: PyTree) -> None:
     from safetensors.numpy import save_file
 
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(tree).items()}
@@ -60,7 +61,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_flax(
     dst: str | os.PathLike,
     config: Data2VecAudioConfig,
-    params: Any,
+    params: PyTree,
     *,
     aux: dict[str, Any] | None = None,
     files_from: str | os.PathLike | None = None,
@@ -101,7 +102,7 @@ def is_flax_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / FLAX_WEIGHTS).is_file()
 
 
-def jax_to_numpy(tree: Any) -> Any:
+def jax_to_numpy(tree: PyTree) -> PyTree:
     """Host copies of a (possibly sharded) parameter tree, as nested dicts of numpy arrays."""
     import jax
 

@@ -41,6 +41,7 @@ from flax_d2v.heads import (
 from flax_d2v.modeling import apply_padding_invariant
 from flax_d2v.pretrained import load_model
 from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length, load_input
+from flax_d2v.types import PyTree
 
 CLASSIFIERS = (
     Data2VecAudioForSequenceClassification,
@@ -98,7 +99,7 @@ class Classification:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _forward(
-    module: Any, params: Any, input_values: jax.Array, attention_mask: jax.Array
+    module: Any, params: PyTree, input_values: jax.Array, attention_mask: jax.Array
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     out = apply_padding_invariant(module, params, input_values, attention_mask)
     logits = out.logits

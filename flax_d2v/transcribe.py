@@ -46,6 +46,7 @@ from flax_d2v.errors import D2VError
 from flax_d2v.lm_decode import decoder_for
 from flax_d2v.modeling import Data2VecAudioForCTC, apply_padding_invariant, feat_extract_output_lengths
 from flax_d2v.pretrained import load_model
+from flax_d2v.types import PyTree
 
 DEFAULT_BATCH_SIZE = 4  # x 20 s chunks: base-size activations ~1.7 GB on CPU (8 would need ~3.4 GB)
 DEFAULT_CHUNK_LENGTH_S = 20.0  # ample context per chunk; memory per batch grows with batch_size x chunk length
@@ -189,7 +190,7 @@ def batch_rows(n: int, batch_size: int) -> int:
 # ---------------------------------------------------------------------------------------- the model
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _ctc_forward(
-    module: Data2VecAudioForCTC, params: Any, input_values: jax.Array, attention_mask: jax.Array, log_probs: bool
+    module: Data2VecAudioForCTC, params: PyTree, input_values: jax.Array, attention_mask: jax.Array, log_probs: bool
 ) -> jax.Array:
     """Per-frame argmax ids (greedy) or log-probabilities (beam search); one program per shape."""
     logits = apply_padding_invariant(module, params, input_values, attention_mask).logits
