@@ -60,6 +60,7 @@ from flax_d2v.convert.fairseq_common import (
     FairseqCheckpoint,
     _find_symbols,
     _jsonable,
+    _plain,
     hf_vocab,
     parse_conv_layers,
     read_dictionary,
@@ -164,16 +165,6 @@ W2V2_DEFAULTS: dict[str, Any] = {
     "mask_channel_prob": 0.0,
     "mask_channel_length": 10,
 }
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, argparse.Namespace):
-        return dict(vars(obj))
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise D2VError(f"config: expected a dict or argparse.Namespace, found {type(obj).__name__}")
 
 
 def _sections(cfg_or_args: Any, is_args: bool) -> tuple[dict[str, Any], dict[str, Any]]:

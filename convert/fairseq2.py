@@ -20,7 +20,6 @@ The one table is `key_rows(config)`: (fairseq key, Flax path, transform) for eve
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from flax_d2v.convert.fairseq_common import (
     FairseqCheckpoint,
     _find_symbols,
     _jsonable,
+    _plain,
     hf_vocab,
     parse_conv_layers,
 )
@@ -212,16 +212,6 @@ def model_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "input_dropout": float(dec.get("input_dropout", 0.1)),
         },
     }
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, argparse.Namespace):
-        return dict(vars(obj))
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise D2VError(f"config: expected a dict, found {type(obj).__name__}")
 
 
 def is_data2vec2(ckpt: Mapping[str, Any]) -> bool:

@@ -109,6 +109,17 @@ def parse_conv_layers(spec: str, source: str = "conv_feature_layers") -> list[tu
     return layers
 
 
+def _plain(obj: Any) -> dict[str, Any]:
+    """A cfg section (a dict, an old checkpoint's `argparse.Namespace`, or None) as a plain dict."""
+    if obj is None:
+        return {}
+    if isinstance(obj, argparse.Namespace):
+        return dict(vars(obj))
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise D2VError(f"config: expected a dict or argparse.Namespace, found {type(obj).__name__}")
+
+
 # ------------------------------------------------------------------------------------ vocabulary
 def read_dictionary(path: str | os.PathLike) -> list[str]:
     """Symbols of a fairseq `dict.*.txt` in fairseq's order: `<s> <pad> </s> <unk>`, then the file's lines."""
