@@ -10,6 +10,10 @@ when offline). The module is the checkpoint's head, looked up in `flax_d2v.heads
 `...ForXVector`). Module options (`dtype`, `scan_layers`, `remat_policy`,
 `freeze_feature_encoder`, and `freeze_base_model` for the classification heads) are passed through;
 with `scan_layers=True` the params come stacked.
+
+`load_model` is the same loading for `Transcriber` and `Classifier`: a path or a `(module, params)` tuple,
+with the model directory and its `preprocessor_config.json` settings that inference needs beside them.
+This module is the api layer (ARCHITECTURE.md): it reads every format, so it sits above `convert`.
 """
 
 from __future__ import annotations
