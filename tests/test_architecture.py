@@ -2,9 +2,9 @@
 
 The layer of every module is the package map table in ARCHITECTURE.md (one place; this test reads it).
 Every module's imports are parsed with `ast`, at the top and inside functions alike, so a deferred
-import cannot hide an arrow that runs the wrong way. Core, convert and api modules also keep their
-project imports at the top, and import the optional dependencies (torch, transformers, TensorFlow,
-flashlight, ...) only inside functions, so that `import flax_d2v` works without them.
+import cannot hide an arrow that runs the wrong way. Every module also keeps its project imports at
+the top, and imports the optional dependencies (torch, transformers, TensorFlow, flashlight, ...) only
+inside functions, so that `import flax_d2v` and `d2v` work without them (ARCHITECTURE.md, "Deferred imports").
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "convert", "api", "train", "commands")
 # The installed package name of each source directory (convert/ and train/ install inside flax_d2v).
-PACKAGES = {"flax_d2v": "flax_d2v", "flax_d2v/commands": "flax_d2v.commands", "convert": "flax_d2v.convert"}
-PACKAGES["train"] = "flax_d2v.train"
+PACKAGES = {
+    "flax_d2v": "flax_d2v",
+    "flax_d2v/commands": "flax_d2v.commands",
+    "convert": "flax_d2v.convert",
+    "train": "flax_d2v.train",
+}
 # Optional third-party dependencies (the extras in pyproject.toml): never imported at the top of a
 # module, so the package imports without them.
 OPTIONAL = {"torch", "transformers", "tensorflow", "tensorflow_datasets", "flashlight", "huggingface_hub", "fairseq"}
