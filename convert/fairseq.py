@@ -40,7 +40,6 @@ uses eps 1e-7, so the file also records `"normalize_eps": 1e-05` (transformers i
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -51,13 +50,30 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flax_d2v.checkpoint import FLAX_AUX, load_flax_aux, save_flax
 from flax_d2v.config import Data2VecAudioConfig
-from flax_d2v.convert.hf import load_torch_file, state_dict_to_flax, tensor_to_numpy
+from flax_d2v.convert.fairseq2 import is_data2vec2, load_fairseq2
+from flax_d2v.convert.fairseq_common import (
+    FAIRSEQ_CFG_FILE,
+    FAIRSEQ_NORMALIZE_EPS,
+    DictionaryState,
+    FairseqCheckpoint,
+    _find_symbols,
+    _jsonable,
+    _plain,
+    hf_vocab,
+    parse_conv_layers,
+    read_dictionary,
+    read_fairseq_file,
+)
+from flax_d2v.convert.hf import state_dict_to_flax, tensor_to_numpy
+from flax_d2v.convert.keys import flax_to_hf_key, hf_to_flax_key, to_flax_array, to_hf_array
 from flax_d2v.errors import D2VError
+from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel, param_shapes
+from flax_d2v.params import flatten, unflatten
+from flax_d2v.processor import preprocessor_config, save_tokenizer_files
 
 CTC_PREFIX_FAIRSEQ = "w2v_encoder.w2v_model."
-FAIRSEQ_NORMALIZE_EPS = 1e-5  # torch.nn.functional.layer_norm's default, used by fairseq's audio datasets
-FAIRSEQ_CFG_FILE = "fairseq_cfg.json"  # the checkpoint's cfg (and update count) as JSON, for provenance/resuming
 
 # (fairseq template, transformers template). `{n}` a layer index, `{proj}` q/k/v/out, `{p}` weight/bias.
 # The feature extractor's conv block is Sequential(conv, Dropout, Sequential(TransposeLast, LayerNorm,
@@ -123,47 +139,6 @@ def hf_to_fairseq_key(key: str) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------ safe reading
-class DictionaryState:
-    """Inert stand-in for a pickled `fairseq.data.dictionary.Dictionary`: only its attributes.
-
-    The unpickler creates it with `object.__new__` and fills `__dict__` (symbols, indices,
-    bos/pad/eos/unk words and indices); none of fairseq's code exists or runs.
-    """
-
-    symbols: list[str]
-
-
-def _allowed_globals() -> list[Any]:
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core -> numpy._core
-    scalar, reconstruct = core.multiarray.scalar, core.multiarray._reconstruct
-    allowed: list[Any] = [
-        argparse.Namespace,
-        (DictionaryState, "fairseq.data.dictionary.Dictionary"),
-        np.ndarray,
-        np.dtype,
-    ]
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickles from numpy 1.x and 2.x
-        allowed += [(scalar, f"{mod}.scalar"), (reconstruct, f"{mod}._reconstruct")]
-    allowed += [
-        (type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
-        for t in ("f2", "f4", "f8", "i4", "i8", "u1", "b1")
-    ]
-    return allowed
-
-
-def read_fairseq_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict of a fairseq `.pt`, unpickled with `weights_only=True` and the allow-list."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise D2VError(f"{path}: reading a fairseq .pt needs PyTorch (pip install 'flax-d2v[torch]')") from None
-    ckpt = load_torch_file(path, _allowed_globals())
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
-        raise D2VError(f"{path}: not a fairseq checkpoint (expected a dict with a 'model' state dict)")
-    return ckpt
-
-
 # ------------------------------------------------------------------------------------ architecture
 # fairseq's Wav2Vec2Config defaults, for keys an (older) checkpoint does not spell out.
 W2V2_DEFAULTS: dict[str, Any] = {
@@ -190,56 +165,6 @@ W2V2_DEFAULTS: dict[str, Any] = {
     "mask_channel_prob": 0.0,
     "mask_channel_length": 10,
 }
-MAX_CONV_LAYERS = 64
-
-
-def parse_conv_layers(spec: str, source: str = "conv_feature_layers") -> list[tuple[int, int, int]]:
-    """fairseq's `conv_feature_layers` string, e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4", without eval.
-
-    Only literal ints, lists and tuples, `+` and `*` are accepted, so the string can never run code.
-    """
-
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            items = [ev(e) for e in node.elts]
-            return items if isinstance(node, ast.List) else tuple(items)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            a, b = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Add) and type(a) is type(b):
-                return a + b
-            if isinstance(node.op, ast.Mult):
-                seq, n = (a, b) if isinstance(b, int) else (b, a)
-                if isinstance(n, int) and (isinstance(seq, int) or 0 <= n <= MAX_CONV_LAYERS):
-                    return seq * n
-        raise D2VError(f"{source}: {spec!r} is not a literal list of (dim, kernel, stride) tuples")
-
-    try:
-        tree = ast.parse(str(spec).strip(), mode="eval")
-    except SyntaxError:
-        raise D2VError(f"{source}: {spec!r} is not a literal list of (dim, kernel, stride) tuples") from None
-    layers = ev(tree)
-    ok = (
-        isinstance(layers, list)
-        and 0 < len(layers) <= MAX_CONV_LAYERS
-        and all(isinstance(t, tuple) and len(t) == 3 and all(isinstance(v, int) and v > 0 for v in t) for t in layers)
-    )
-    if not ok:
-        raise D2VError(f"{source}: {spec!r} must be a list of (dim, kernel, stride) tuples of positive ints")
-    return layers
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, argparse.Namespace):
-        return dict(vars(obj))
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise D2VError(f"config: expected a dict or argparse.Namespace, found {type(obj).__name__}")
 
 
 def _sections(cfg_or_args: Any, is_args: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -327,94 +252,11 @@ def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str) -> t
     return Data2VecAudioConfig(**fields), bool(normalize)
 
 
-# ------------------------------------------------------------------------------------ vocabulary
-def read_dictionary(path: str | os.PathLike) -> list[str]:
-    """Symbols of a fairseq `dict.*.txt` in fairseq's order: `<s> <pad> </s> <unk>`, then the file's lines."""
-    symbols = ["<s>", "<pad>", "</s>", "<unk>"]
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise D2VError(f"{path}: cannot read the dictionary ({e})") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.rstrip().rsplit(" ", 1)
-        overwrite = len(parts) == 2 and parts[1] == "#fairseq:overwrite"
-        if overwrite:
-            parts = parts[0].rsplit(" ", 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise D2VError(f"{path}:{i}: expected 'SYMBOL COUNT', found {line!r}")
-        if parts[0] in symbols and not overwrite:
-            raise D2VError(f"{path}:{i}: duplicate symbol {parts[0]!r}")
-        if parts[0] not in symbols:
-            symbols.append(parts[0])
-    return symbols
-
-
-def hf_vocab(symbols: list[str], source: str) -> dict[str, int]:
-    """transformers' vocab.json from fairseq symbols: `<s>` and `<pad>` swap ids, rows stay where they are.
-
-    fairseq's CTC blank is `<s>` (row 0 of `w2v_encoder.proj`); transformers' is `pad_token_id`. Like
-    transformers' wav2vec2/data2vec converters, the labels are swapped and the head's rows are not.
-    """
-    vocab = {s: i for i, s in enumerate(symbols)}
-    if len(vocab) != len(symbols):
-        raise D2VError(f"{source}: the dictionary has duplicate symbols")
-    if "<s>" not in vocab or "<pad>" not in vocab:
-        raise D2VError(f"{source}: the dictionary has no '<s>'/'<pad>' symbols")
-    vocab["<s>"], vocab["<pad>"] = vocab["<pad>"], vocab["<s>"]
-    return dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-
-
-def _find_symbols(
-    pt_path: Path, dict_path: str | os.PathLike | None, ckpt: Mapping[str, Any]
-) -> tuple[list[str] | None, str]:
-    if dict_path is not None:
-        return read_dictionary(dict_path), str(dict_path)
-    beside = pt_path.parent / "dict.ltr.txt"
-    if beside.is_file():
-        return read_dictionary(beside), str(beside)
-    state = ckpt.get("task_state")
-    d = state.get("target_dictionary") if isinstance(state, Mapping) else None
-    if isinstance(d, DictionaryState) and isinstance(getattr(d, "symbols", None), list):
-        return [str(s) for s in d.symbols], f"{pt_path}: task_state.target_dictionary"
-    return None, ""
-
-
 # ------------------------------------------------------------------------------------ conversion
-class FairseqCheckpoint(NamedTuple):
-    """What a fairseq `.pt` holds, in flax-d2v terms. `[:3]` is `(config, is_ctc, params)`."""
-
-    config: Data2VecAudioConfig
-    is_ctc: bool
-    params: dict[str, Any]
-    aux: dict[str, Any]  # {"final_proj": {"kernel", "bias"}, "ema": <encoder subtree>} (pretrained only)
-    preprocessor: dict[str, Any]  # preprocessor_config.json
-    vocab: dict[str, int] | None  # HF vocab.json (CTC with a dictionary), else None
-    notes: list[str]  # one line each: what was dropped or filled in
-    cfg: dict[str, Any]  # the checkpoint's cfg/args and update count, JSON-safe (fairseq_cfg.json)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return repr(obj)
-
-
 def _ema_tree(
     ema: Mapping[str, Any], student_encoder: Mapping[str, Any], source: str, notes: list[str]
 ) -> dict[str, Any] | None:
     """fairseq's `_ema` (keys of `TransformerEncoder.state_dict()`) as a Flax tree shaped like `encoder`."""
-    from flax_d2v.convert.keys import flatten, hf_to_flax_key, to_flax_array, to_hf_array, unflatten
-
     if any(k.startswith(("encoder.", "feature_extractor.")) for k in ema):
         notes.append(
             f"{source}: the EMA teacher covers the whole model (ema_transformer_only=False); "
@@ -449,12 +291,8 @@ def _ema_tree(
 
 def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = None) -> FairseqCheckpoint:
     """Read a fairseq data2vec-audio `.pt` (pretrained or CTC fine-tuned) without running its code."""
-    from flax_d2v.convert.keys import flatten, flax_to_hf_key, to_hf_array
-    from flax_d2v.modeling import Data2VecAudioForCTC, Data2VecAudioModel, param_shapes
-
     source = os.fspath(path)
     ckpt = read_fairseq_file(path)
-    from flax_d2v.convert.fairseq2 import is_data2vec2, load_fairseq2
 
     if is_data2vec2(ckpt):  # data2vec 2.0 (data2vec_multi) has its own key table
         return load_fairseq2(path, ckpt, dict_path)
@@ -538,8 +376,6 @@ def load_fairseq(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
                 eos_token_id=vocab.get("</s>", config.eos_token_id),
             )
 
-    from flax_d2v.train.vocab import preprocessor_config
-
     preprocessor = {**preprocessor_config(do_normalize=normalize), "normalize_eps": FAIRSEQ_NORMALIZE_EPS}
     history = ckpt.get("optimizer_history") or []
     updates = history[-1].get("num_updates") if history and isinstance(history[-1], Mapping) else None
@@ -568,9 +404,6 @@ def convert_fairseq(
     EMA teacher, pretrained checkpoints), preprocessor_config.json, fairseq_cfg.json and, for CTC
     checkpoints with a dictionary, vocab.json/tokenizer_config.json/special_tokens_map.json.
     """
-    from flax_d2v.checkpoint import save_flax
-    from flax_d2v.train.vocab import save_tokenizer_files
-
     ck = load_fairseq(pt_path, dict_path)
     with tempfile.TemporaryDirectory(prefix="d2v-fairseq-") as staging:
         if ck.vocab is not None:
@@ -592,8 +425,6 @@ def convert_fairseq(
 
 def aux_note(model_dir: str | os.PathLike) -> str | None:
     """The line to print when a transformers export leaves a directory's pretraining state behind."""
-    from flax_d2v.checkpoint import FLAX_AUX, load_flax_aux
-
     if not (Path(model_dir) / FLAX_AUX).is_file():
         return None
     names = sorted(load_flax_aux(model_dir) or {})

@@ -20,7 +20,6 @@ The one table is `key_rows(config)`: (fairseq key, Flax path, transform) for eve
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,9 +27,25 @@ from typing import Any
 
 import numpy as np
 
+from flax_d2v.checkpoint import load_flax, load_flax_aux
+from flax_d2v.convert.fairseq_common import (
+    FAIRSEQ_CFG_FILE,
+    FAIRSEQ_NORMALIZE_EPS,
+    FairseqCheckpoint,
+    _find_symbols,
+    _jsonable,
+    _plain,
+    hf_vocab,
+    parse_conv_layers,
+)
 from flax_d2v.convert.hf import tensor_to_numpy
-from flax_d2v.convert.keys import flatten, to_flax_array, to_hf_array, unflatten
+from flax_d2v.convert.keys import to_flax_array, to_hf_array
+from flax_d2v.data2vec2 import Data2Vec2Config, Data2Vec2ForCTC, Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import atomic_write_bytes, read_json_object
+from flax_d2v.modeling import param_shapes
+from flax_d2v.params import flatten, unflatten
+from flax_d2v.processor import preprocessor_config
 
 AUDIO = "modality_encoders.AUDIO."
 CTC_PREFIX = "w2v_encoder.w2v_model."
@@ -199,16 +214,6 @@ def model_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _plain(obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, argparse.Namespace):
-        return dict(vars(obj))
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise D2VError(f"config: expected a dict, found {type(obj).__name__}")
-
-
 def is_data2vec2(ckpt: Mapping[str, Any]) -> bool:
     cfg = _plain(ckpt.get("cfg"))
     model = _plain(cfg.get("model"))
@@ -220,9 +225,6 @@ def is_data2vec2(ckpt: Mapping[str, Any]) -> bool:
 
 def config_from_model_cfg(arch: Mapping[str, Any], train: Mapping[str, Any] | None, source: str, where: str):
     """Data2Vec2Config of a `data2vec_multi` cfg.model; `train` the fine-tune's own cfg.model (CTC), else None."""
-    from flax_d2v.convert.fairseq import parse_conv_layers
-    from flax_d2v.data2vec2 import Data2Vec2Config
-
     s = model_settings(arch)
     audio = dict((arch.get("modalities") or {}).get("audio") or {})
     for key, bad, why in (
@@ -308,17 +310,6 @@ def config_from_model_cfg(arch: Mapping[str, Any], train: Mapping[str, Any] | No
 # ------------------------------------------------------------------------------------ reading
 def load_fairseq2(path: str | os.PathLike, ckpt: Mapping[str, Any], dict_path: str | os.PathLike | None = None):
     """A `FairseqCheckpoint` (see `convert.fairseq`) of a data2vec 2.0 audio `.pt` already read safely."""
-    from flax_d2v.convert.fairseq import (
-        FAIRSEQ_NORMALIZE_EPS,
-        FairseqCheckpoint,
-        _find_symbols,
-        _jsonable,
-        hf_vocab,
-    )
-    from flax_d2v.data2vec2 import Data2Vec2ForCTC, Data2Vec2Model
-    from flax_d2v.modeling import param_shapes
-    from flax_d2v.train.vocab import preprocessor_config
-
     source = os.fspath(path)
     state = dict(ckpt["model"])
     cfg = _plain(ckpt.get("cfg"))
@@ -398,8 +389,6 @@ def init_decoder_shapes(config: Any) -> Any:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-
-    from flax_d2v.data2vec2 import Decoder1d
 
     boxed = jax.eval_shape(
         lambda r: Decoder1d(config).init(r, jnp.zeros((1, 16, config.hidden_size)))["params"], jax.random.PRNGKey(0)
@@ -528,11 +517,6 @@ def export_fairseq2(src: str | os.PathLike, dst: str | os.PathLike, overwrite: b
 
     import torch
 
-    from flax_d2v.checkpoint import load_flax, load_flax_aux
-    from flax_d2v.convert.fairseq import FAIRSEQ_CFG_FILE
-    from flax_d2v.data2vec2 import Data2Vec2Config
-    from flax_d2v.fileio import atomic_write_bytes
-
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise D2VError(f"{dst}: exists (pass --overwrite to replace it)")
@@ -599,8 +583,6 @@ def export_fairseq2(src: str | os.PathLike, dst: str | os.PathLike, overwrite: b
     }
     vocab_file = src / "vocab.json"
     if is_ctc and vocab_file.is_file():
-        from flax_d2v.fileio import read_json_object
-
         vocab = read_json_object(vocab_file)
         symbols = [s for s, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
         if "<s>" in vocab and "<pad>" in vocab:  # undo hf_vocab's swap: fairseq's blank <s> is row 0

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flax_d2v.convert.fairseq2 import model_settings
+from flax_d2v.convert.fairseq_common import parse_conv_layers  # the literal-only parser (fairseq uses eval)
 
 
 class TransposeLast(nn.Module):
@@ -54,8 +55,6 @@ class Fp32LayerNorm(nn.LayerNorm):
 
 
 def parse_spec(spec: str) -> list[tuple[int, int, int]]:
-    from flax_d2v.convert.fairseq import parse_conv_layers  # the literal-only parser (fairseq uses eval)
-
     return parse_conv_layers(spec)
 
 

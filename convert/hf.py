@@ -19,21 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from flax_d2v.checkpoint import PROCESSOR_FILES, copy_processor_files, read_safetensors
+from flax_d2v.checkpoint import jax_to_numpy, read_safetensors
 from flax_d2v.config import Data2VecAudioConfig
-from flax_d2v.convert.keys import (
-    CTC_PREFIX_HF,
-    flatten,
-    flax_to_hf_key,
-    hf_to_flax_key,
-    is_scanned,
-    to_flax_array,
-    to_hf_array,
-    unflatten,
-    unstack_layers,
-)
+from flax_d2v.convert.keys import CTC_PREFIX_HF, flax_to_hf_key, hf_to_flax_key, to_flax_array, to_hf_array
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_dir
+from flax_d2v.heads import BASE, detect
+from flax_d2v.modeling import param_shapes
+from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
+from flax_d2v.processor import PROCESSOR_FILES, copy_processor_files, save_preprocessor_config
+from flax_d2v.types import PyTree
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -135,9 +130,6 @@ def state_dict_to_flax(
     The head is told by the keys (`flax_d2v.heads.detect`): `lm_head` is CTC, `tdnn.0` x-vectors,
     `projector` + `classifier` sequence classification, `classifier` alone frame classification.
     """
-    from flax_d2v.heads import BASE, detect
-    from flax_d2v.modeling import param_shapes
-
     top = {p.split("/")[0] for p in (m[0] for m in map(hf_to_flax_key, state) if m is not None)}
     spec = detect(top)
     if spec is BASE and state and all(k.startswith(CTC_PREFIX_HF) for k in state):
@@ -183,10 +175,8 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[Data2VecAudioConfig, Any, dic
     return config, spec, params
 
 
-def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
+def flax_to_state_dict(params: PyTree) -> dict[str, np.ndarray]:
     """HF state dict (numpy, HF layouts) from Flax params (scanned or not)."""
-    from flax_d2v.checkpoint import jax_to_numpy
-
     params = jax_to_numpy(params)
     if is_scanned(params):
         params = unstack_layers(params)
@@ -209,7 +199,7 @@ def hf_config_dict(config: Data2VecAudioConfig, architecture: str) -> dict[str, 
 def save_hf(
     dst: str | os.PathLike,
     config: Data2VecAudioConfig,
-    params: Any,
+    params: PyTree,
     *,
     files_from: str | os.PathLike | None = None,
     extra_files: dict[str, str] | None = None,
@@ -221,8 +211,6 @@ def save_hf(
     `preprocessor_config.json` (HF normalisation on) is written when none is given.
     """
     from safetensors.numpy import save_file
-
-    from flax_d2v.heads import detect
 
     state = flax_to_state_dict(params)
     architecture = detect(params).architecture  # the top-level names tell the head
@@ -239,8 +227,6 @@ def save_hf(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if not (tmp / "preprocessor_config.json").exists():
-            from flax_d2v.train.vocab import save_preprocessor_config
-
             save_preprocessor_config(tmp)
     return Path(dst)
 

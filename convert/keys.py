@@ -17,10 +17,14 @@ come from the head registry (`flax_d2v.heads.REGISTRY`) and match only at the to
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
+
+from flax_d2v.heads import head_key_rows
+
+# The param-tree helpers live in `flax_d2v.params` (core); re-exported here only because existing tests
+# reach them as `keys.flatten(...)`, `keys.stack_layers(...)`. New code imports them from flax_d2v.params.
+from flax_d2v.params import flatten, is_scanned, stack_layers, unflatten, unstack_layers  # noqa: F401
 
 CTC_PREFIX_HF = "data2vec_audio."
 CTC_PREFIX_FLAX = "data2vec_audio/"
@@ -83,13 +87,7 @@ def _compile(template: str) -> re.Pattern[str]:
     return re.compile(f"^{regex}$")
 
 
-def _head_table() -> tuple[tuple[str, str, str], ...]:
-    from flax_d2v.heads import head_key_rows
-
-    return head_key_rows()
-
-
-HEAD_KEY_TABLE: tuple[tuple[str, str, str], ...] = _head_table()
+HEAD_KEY_TABLE: tuple[tuple[str, str, str], ...] = head_key_rows()
 # (compiled template, other side's template, transform, is a head row)
 _HF_RULES = [
     (_compile(hf), flax, kind, head)
@@ -138,66 +136,3 @@ def to_flax_array(value: np.ndarray, kind: str) -> np.ndarray:
 def to_hf_array(value: np.ndarray, kind: str) -> np.ndarray:
     # Both permutations are their own inverse.
     return to_flax_array(value, kind)
-
-
-# ---------------------------------------------------------------- tree helpers
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": x}} -> {"a/b": x}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"a/b": x} -> {"a": {"b": x}}."""
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-# ---------------------------------------------------------------- scanned layout
-_LAYER_RE = re.compile(r"^(?P<pre>(?:data2vec_audio/)?encoder/)layers_(?P<n>\d+)/(?P<rest>.*)$")
-_SCANNED_RE = re.compile(r"^(?P<pre>(?:data2vec_audio/)?encoder/)layers/layer/(?P<rest>.*)$")
-
-
-def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Unscanned (`encoder/layers_N/...`) -> scanned (`encoder/layers/layer/...`, leading axis N)."""
-    flat = flatten(params)
-    out: dict[str, Any] = {}
-    groups: dict[str, dict[int, Any]] = {}
-    for path, v in flat.items():
-        m = _LAYER_RE.match(path)
-        if m:
-            groups.setdefault(f"{m['pre']}layers/layer/{m['rest']}", {})[int(m["n"])] = v
-        else:
-            out[path] = v
-    for path, by_index in groups.items():
-        out[path] = np.stack([np.asarray(by_index[i]) for i in range(len(by_index))])
-    return unflatten(out)
-
-
-def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Scanned -> unscanned (inverse of `stack_layers`)."""
-    out: dict[str, Any] = {}
-    for path, v in flatten(params).items():
-        m = _SCANNED_RE.match(path)
-        if m:
-            for i in range(v.shape[0]):
-                out[f"{m['pre']}layers_{i}/{m['rest']}"] = np.asarray(v[i])
-        else:
-            out[path] = v
-    return unflatten(out)
-
-
-def is_scanned(params: Mapping[str, Any]) -> bool:
-    return any(_SCANNED_RE.match(p) for p in flatten(params))

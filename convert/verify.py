@@ -12,7 +12,6 @@ their values are not defined by either model.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
@@ -20,92 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
+from flax_d2v.audio import load_audio, pad_batch
+from flax_d2v.convert.hf import is_hf_dir, save_hf
+from flax_d2v.convert.parity import (
+    PARITY_RTOL,
+    TOLERANCES,
+    StageError,
+    compare,
+    default_clip,
+    full_precision_torch,
+    parity_cases,
+    torch_device,
+)
+from flax_d2v.convert.verify2 import is_v2_source, verify_v2
 from flax_d2v.errors import D2VError
-
-# Relative tolerance: max |flax - torch| / max |torch|. fp32 against fp64 PyTorch differs by about
-# 1.5e-6 at base size on real speech, so 1e-4 leaves room only for reduction order, not for a bug
-# (a tanh GELU or a missing LayerNorm shows up as 1e-3 .. 1e-1).
-PARITY_RTOL = 1e-4
-# The Flax side at a faster policy (`flax_d2v.precision`) is compared with the same full-precision
-# reference, against what that policy honestly computes:
-# - default: TF32 matmuls/convs on Ampere/Hopper GPUs; an independent check on an H100 (base, 10 s
-#   of real speech, against fp64; reported in the GPU precision issue) measured 1.1e-3 .. 1.8e-3 per
-#   stage, so 5e-3 leaves ~3x. On CPU this is fp32 (about 1e-6).
-# - bf16: measured on the 2-core CPU (base, the demo's checkpoint, the bundled clip and its padded
-#   batch) up to 2.0e-2 per stage; the same check on an H100 reported 3.0e-2. 8e-2 leaves ~3x, while
-#   a real bug (tanh GELU, a missing LayerNorm) is 1e-1 or more.
-TOLERANCES = {"highest": PARITY_RTOL, "default": 5e-3, "bf16": 8e-2}
-
-
-@dataclasses.dataclass
-class StageError:
-    case: str
-    stage: str
-    max_abs: float
-    mean_abs: float
-    ref_max: float
-    rel: float
-    cosine: float
-    tolerance: float = PARITY_RTOL
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.rel) and self.rel <= self.tolerance)
-
-
-def compare(
-    case: str,
-    stage: str,
-    got: np.ndarray,
-    ref: np.ndarray,
-    frame_mask: np.ndarray | None,
-    tolerance: float = PARITY_RTOL,
-) -> StageError:
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if got.shape != ref.shape:
-        raise D2VError(f"{stage}: shape {got.shape} (Flax) differs from {ref.shape} (PyTorch)")
-    if frame_mask is not None:
-        got, ref = got[frame_mask], ref[frame_mask]
-    diff = np.abs(got - ref)
-    ref_max = float(np.abs(ref).max())
-    cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-30))
-    return StageError(
-        case,
-        stage,
-        float(diff.max()),
-        float(diff.mean()),
-        ref_max,
-        float(diff.max() / max(ref_max, 1e-30)),
-        cos,
-        tolerance,
-    )
-
-
-def torch_device() -> str:
-    """Where the PyTorch reference runs: the GPU when torch sees one (the machine the user trains on)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def full_precision_torch() -> None:
-    """No TF32 in the reference: cuBLAS matmuls and cuDNN convolutions in true fp32.
-
-    PyTorch allows TF32 in cuDNN convolutions by default, so an unset flag gives a reference that
-    is itself 1e-3 off (measured on an H100) and a parity check that proves nothing.
-    """
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+from flax_d2v.precision import resolve
+from flax_d2v.pretrained import from_pretrained, load_any
+from flax_d2v.processor import read_preprocessor_config
 
 
 def _torch_model(hf_dir: str, dtype: str):
     import transformers
-
-    from flax_d2v.pretrained import load_any
 
     spec = load_any(hf_dir)[1]  # the head its keys say, as `from_pretrained` builds on the Flax side
     cls = getattr(transformers, spec.architecture)
@@ -202,22 +136,8 @@ def _stage_mask(stage: str, value: np.ndarray, masks: dict) -> np.ndarray | None
     return None
 
 
-def parity_cases(files: Sequence[str], waves: Sequence[np.ndarray], batch: bool) -> list[tuple[str, list[np.ndarray]]]:
-    """The cases a parity report runs (1.0 and 2.0 alike): the first clip alone, and with `batch` a
-    right-padded batch of all the clips (one clip: a batch of it and two shorter crops of it)."""
-    cases = [(f"single: {Path(files[0]).name}", [waves[0]])]
-    if batch:
-        n = len(waves[0])
-        group = list(waves) if len(waves) > 1 else [waves[0], waves[0][: int(n * 0.75)], waves[0][: int(n * 0.5)]]
-        cases.append((f"padded batch of {len(group)}", group))
-    return cases
-
-
 def _hf_dir_for(src: str, tmp: str) -> str:
     """A directory transformers can load with the same weights as `src`."""
-    from flax_d2v.convert.hf import is_hf_dir, save_hf
-    from flax_d2v.pretrained import load_any
-
     if Path(src).is_dir() and is_hf_dir(src):
         return src
     config, _, params, _ = load_any(src)
@@ -239,8 +159,6 @@ def verify(
     at full precision (TF32 off) in `reference_dtype`, on the GPU when torch has one, and each
     stage is judged against `TOLERANCES[precision]`.
     """
-    from flax_d2v.convert.verify2 import is_v2_source, verify_v2
-
     if is_v2_source(src):  # data2vec 2.0: fairseq, or its PyTorch rendering (no transformers class)
         return verify_v2(src, audio, batch, precision=precision)
     try:
@@ -249,10 +167,6 @@ def verify(
     except ImportError:
         raise D2VError("d2v verify needs PyTorch and transformers: pip install 'flax-d2v[torch]'") from None
     import jax
-
-    from flax_d2v.audio import load_audio, pad_batch, read_preprocessor_config
-    from flax_d2v.precision import resolve
-    from flax_d2v.pretrained import from_pretrained
 
     policy = resolve(precision)
     tolerance = TOLERANCES[policy.name]
@@ -291,12 +205,6 @@ def verify(
         "hidden_size": module.config.hidden_size,
     }
     return rows, facts
-
-
-def default_clip() -> str:
-    from importlib import resources
-
-    return str(resources.files("flax_d2v.assets") / "librivox_0880.wav")
 
 
 def format_table(rows: Sequence[StageError]) -> str:

@@ -18,13 +18,23 @@ from typing import Any
 
 import numpy as np
 
+from flax_d2v.audio import load_audio, pad_batch
+from flax_d2v.checkpoint import load_flax
+from flax_d2v.convert.fairseq import convert_fairseq
+from flax_d2v.convert.fairseq2 import CTC_PREFIX, default_cfg, export_fairseq2, fairseq_state, is_data2vec2
+from flax_d2v.convert.fairseq_common import read_fairseq_file
+from flax_d2v.convert.parity import TOLERANCES, compare, default_clip, full_precision_torch, parity_cases
+from flax_d2v.data2vec2 import MODEL_TYPE_V2
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import read_json_object
+from flax_d2v.precision import resolve
+from flax_d2v.pretrained import from_pretrained
+from flax_d2v.processor import read_preprocessor_config
 
 
 def _flax_dir(src: str, tmp: str) -> str:
     if Path(src).is_dir():
         return src
-    from flax_d2v.convert.fairseq import convert_fairseq
 
     out = os.path.join(tmp, "flax")
     convert_fairseq(src, out)
@@ -103,14 +113,8 @@ def is_v2_source(src: str) -> bool:
     """Whether `src` (a flax-d2v directory or a fairseq `.pt`) holds a data2vec 2.0 model."""
     p = Path(src)
     if p.is_dir() and (p / "config.json").is_file():
-        from flax_d2v.data2vec2 import MODEL_TYPE_V2
-        from flax_d2v.fileio import read_json_object
-
         return read_json_object(p / "config.json").get("model_type") == MODEL_TYPE_V2
     if p.is_file() and p.suffix == ".pt":
-        from flax_d2v.convert.fairseq import read_fairseq_file
-        from flax_d2v.convert.fairseq2 import is_data2vec2
-
         return is_data2vec2(read_fairseq_file(p))
     return False
 
@@ -119,20 +123,13 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
     """Rows and facts as `convert.verify.verify` returns them, for a data2vec 2.0 model.
 
     `precision` is the Flax side's policy (`flax_d2v.precision`), judged against
-    `convert.verify.TOLERANCES`; the reference runs in fp32 with TF32 off.
+    `convert.parity.TOLERANCES`; the reference runs in fp32 with TF32 off.
     """
     try:
         import torch
     except ImportError:
         raise D2VError("d2v verify needs PyTorch: pip install 'flax-d2v[torch]'") from None
     import jax
-
-    from flax_d2v.audio import load_audio, pad_batch, read_preprocessor_config
-    from flax_d2v.checkpoint import load_flax
-    from flax_d2v.convert.fairseq2 import export_fairseq2, fairseq_state
-    from flax_d2v.convert.verify import TOLERANCES, compare, default_clip, full_precision_torch, parity_cases
-    from flax_d2v.precision import resolve
-    from flax_d2v.pretrained import from_pretrained
 
     policy = resolve(precision)
     tolerance = TOLERANCES[policy.name]
@@ -153,9 +150,8 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
             reference = "fairseq (its own Data2VecMultiModel, fp32)"
             run_ref = lambda v, m: _run_fairseq(fs_model, v, m)  # noqa: E731
         else:
+            # deferred: a PyTorch rendering of fairseq's model, importable only with torch installed
             from flax_d2v.convert import fairseq2_reference as R
-            from flax_d2v.convert.fairseq import read_fairseq_file
-            from flax_d2v.convert.fairseq2 import CTC_PREFIX, default_cfg
 
             ckpt = read_fairseq_file(pt)
             cfg = ckpt["cfg"]["model"]

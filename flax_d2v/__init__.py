@@ -7,8 +7,6 @@ out = module.apply({"params": params}, input_values, attention_mask=None, output
 
 from __future__ import annotations
 
-from typing import Any
-
 from flax_d2v.config import Data2VecAudioConfig, base_config, large_config, preset, tiny_config
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import (
@@ -23,6 +21,7 @@ from flax_d2v.modeling import (
     feat_extract_output_lengths,
     init_params,
 )
+from flax_d2v.pretrained import from_pretrained
 
 __version__ = "0.1.0"
 
@@ -45,13 +44,6 @@ __all__ = [
     "tiny_config",
     "transcribe",
 ]
-
-
-def from_pretrained(path: str, **kwargs: Any):
-    """(module, params) from an HF dir, a flax-d2v dir, a fairseq `.pt`, or a hub id."""
-    from flax_d2v.pretrained import from_pretrained as _from_pretrained
-
-    return _from_pretrained(path, **kwargs)
 
 
 # Bound last and eagerly: the submodule `flax_d2v.transcribe` shares the name, and an eager import

@@ -15,12 +15,10 @@ Normalisation mirrors the two references exactly:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -175,38 +173,6 @@ def normalize(x: np.ndarray, eps: float = HF_NORM_EPS) -> np.ndarray:
     """
     x = np.asarray(x, np.float32)
     return (x - x.mean()) / np.sqrt(x.var() + np.float32(eps))
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessorConfig:
-    """The fields of an HF `preprocessor_config.json` that change what the model is fed."""
-
-    do_normalize: bool = True
-    return_attention_mask: bool = True
-    sampling_rate: int = SAMPLE_RATE
-    padding_value: float = 0.0
-    # not a transformers key: `d2v convert x.pt` records fairseq's eps (1e-5) here; absent, transformers' 1e-7
-    normalize_eps: float = HF_NORM_EPS
-
-
-def read_preprocessor_config(model_dir: str | os.PathLike) -> PreprocessorConfig:
-    """`model_dir/preprocessor_config.json` if present, else the data2vec-audio defaults."""
-    path = Path(model_dir) / "preprocessor_config.json"
-    if not path.is_file():
-        return PreprocessorConfig()
-    from flax_d2v.fileio import read_json_object
-
-    data = read_json_object(path)
-    cfg = PreprocessorConfig(
-        do_normalize=bool(data.get("do_normalize", True)),
-        return_attention_mask=bool(data.get("return_attention_mask", True)),
-        sampling_rate=int(data.get("sampling_rate", SAMPLE_RATE)),
-        padding_value=float(data.get("padding_value", 0.0)),
-        normalize_eps=float(data.get("normalize_eps", HF_NORM_EPS)),
-    )
-    if cfg.sampling_rate != SAMPLE_RATE:
-        raise D2VError(f"{path}: sampling_rate {cfg.sampling_rate} is not supported (data2vec-audio is 16 kHz)")
-    return cfg
 
 
 def pad_batch(

@@ -17,44 +17,25 @@ by key, and the reader needs no Python object deserialisation.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flax_d2v.config import Data2VecAudioConfig
+from flax_d2v.data2vec2 import read_config  # a 1.0 or a 2.0 (model_type "data2vec2-audio") config
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_dir
+from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
+from flax_d2v.processor import copy_processor_files
+from flax_d2v.types import PyTree
 
 FLAX_WEIGHTS = "flax_model.safetensors"
 FLAX_AUX = "flax_aux.safetensors"
 CONFIG = "config.json"
-PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "vocab.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "processor_config.json",
-    "alphabet.json",
-)
-PROCESSOR_DIRS = ("language_model",)  # transformers' Wav2Vec2ProcessorWithLM: attrs.json, unigrams.txt, KenLM file
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    from flax_d2v.convert.keys import flatten as _flatten
-
-    return _flatten(tree, prefix)
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    from flax_d2v.convert.keys import unflatten as _unflatten
-
-    return _unflatten(flat)
-
-
-def write_safetensors(path: Path, tree: Any) -> None:
+def write_safetensors(path: Path, tree: PyTree) -> None:
     from safetensors.numpy import save_file
 
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(tree).items()}
@@ -77,25 +58,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise D2VError(f"{path}: unsupported tensor dtype for NumPy: {e}") from None
 
 
-def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    copied = []
-    for name in PROCESSOR_FILES:
-        p = Path(src) / name
-        if p.is_file():
-            shutil.copyfile(p, Path(dst) / name)
-            copied.append(name)
-    for name in PROCESSOR_DIRS:
-        p = Path(src) / name
-        if p.is_dir():
-            shutil.copytree(p, Path(dst) / name, dirs_exist_ok=True)
-            copied.append(name + "/")
-    return copied
-
-
 def save_flax(
     dst: str | os.PathLike,
     config: Data2VecAudioConfig,
-    params: Any,
+    params: PyTree,
     *,
     aux: dict[str, Any] | None = None,
     files_from: str | os.PathLike | None = None,
@@ -103,8 +69,6 @@ def save_flax(
     overwrite: bool = False,
 ) -> Path:
     """Write a flax-d2v checkpoint directory atomically (temporary dir, then rename)."""
-    from flax_d2v.convert.keys import is_scanned, unstack_layers
-
     params = jax_to_numpy(params)
     if is_scanned(params):
         params = unstack_layers(params)
@@ -123,8 +87,6 @@ def save_flax(
 def load_flax(src: str | os.PathLike) -> tuple[Data2VecAudioConfig, dict[str, Any]]:
     """(config, params) of a flax-d2v checkpoint directory."""
     src = Path(src)
-    from flax_d2v.data2vec2 import read_config  # a 1.0 or a 2.0 (model_type "data2vec2-audio") config
-
     config = read_config(src / CONFIG)
     params = unflatten(read_safetensors(src / FLAX_WEIGHTS))
     return config, params
@@ -140,7 +102,7 @@ def is_flax_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / FLAX_WEIGHTS).is_file()
 
 
-def jax_to_numpy(tree: Any) -> Any:
+def jax_to_numpy(tree: PyTree) -> PyTree:
     """Host copies of a (possibly sharded) parameter tree, as nested dicts of numpy arrays."""
     import jax
 

@@ -23,14 +23,13 @@ import dataclasses
 import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_d2v.audio import SAMPLE_RATE, PreprocessorConfig, Warn, pad_batch, print_note
+from flax_d2v.audio import SAMPLE_RATE, Warn, pad_batch, print_note
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import (
     Data2VecAudioForAudioFrameClassification,
@@ -40,7 +39,9 @@ from flax_d2v.heads import (
     id2label,
 )
 from flax_d2v.modeling import apply_padding_invariant
+from flax_d2v.pretrained import load_model
 from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length, load_input
+from flax_d2v.types import PyTree
 
 CLASSIFIERS = (
     Data2VecAudioForSequenceClassification,
@@ -98,7 +99,7 @@ class Classification:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _forward(
-    module: Any, params: Any, input_values: jax.Array, attention_mask: jax.Array
+    module: Any, params: PyTree, input_values: jax.Array, attention_mask: jax.Array
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     out = apply_padding_invariant(module, params, input_values, attention_mask)
     logits = out.logits
@@ -128,20 +129,7 @@ class Classifier:
     def __init__(
         self, model_or_path: Any, do_normalize: bool | None = None, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int = 1
     ):
-        preprocessor = PreprocessorConfig()
-        if isinstance(model_or_path, (str, os.PathLike)):
-            from flax_d2v.audio import read_preprocessor_config
-            from flax_d2v.pretrained import build_module, load_any
-
-            config, spec, params, where = load_any(model_or_path)
-            module = build_module(config, spec)
-            preprocessor = read_preprocessor_config(Path(where) if Path(where).is_dir() else Path(where).parent)
-        else:
-            where = "model"
-            try:
-                module, params = model_or_path
-            except (TypeError, ValueError):
-                raise D2VError("model: expected a path or a (module, params) tuple") from None
+        module, params, where, _, preprocessor = load_model(model_or_path)
         if not isinstance(module, CLASSIFIERS):
             raise D2VError(
                 f"{where}: a {type(module).__name__} has no classification or x-vector head "

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import read_json_object
 
 MODEL_TYPE = "data2vec-audio"
 
@@ -143,8 +144,6 @@ class Data2VecAudioConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise D2VError(f"{path}: file not found (a model directory needs config.json)")
-        from flax_d2v.fileio import read_json_object
-
         data = read_json_object(path)
         try:
             return cls.from_dict(data)

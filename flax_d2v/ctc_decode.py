@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from flax_d2v.errors import D2VError
-from flax_d2v.fileio import read_json, read_json_object
+from flax_d2v.processor import read_tokenizer_files
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _DEFAULT_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -81,25 +81,7 @@ class CTCTokenizer:
         tokenizer_config: str | os.PathLike | None = None,
         special_tokens_map: str | os.PathLike | None = None,
     ) -> CTCTokenizer:
-        vocab_path = Path(vocab_path)
-        if not vocab_path.is_file():
-            raise D2VError(f"{vocab_path}: no such vocab file")
-        vocab = read_json(vocab_path)
-        cfg: dict[str, Any] = {}
-        for p in (tokenizer_config, special_tokens_map):
-            if p is not None and Path(p).is_file():
-                data = read_json_object(p)
-                cfg.update({k: v for k, v in data.items() if v is not None})
-        if isinstance(vocab, dict) and vocab and all(isinstance(v, dict) for v in vocab.values()):
-            lang = cfg.get("target_lang")
-            if lang not in vocab:
-                raise D2VError(
-                    f"{vocab_path}: a multi-lingual vocab needs target_lang in tokenizer_config.json "
-                    f"(one of {sorted(vocab)[:5]}...), got {lang!r}"
-                )
-            vocab = vocab[lang]
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-            raise D2VError(f"{vocab_path}: expected a JSON object mapping tokens to integer ids")
+        vocab, cfg = read_tokenizer_files(vocab_path, tokenizer_config, special_tokens_map)
         return cls.from_vocab(vocab, **cfg)
 
     @classmethod

@@ -37,6 +37,7 @@ import numpy as np
 
 from flax_d2v.config import Data2VecAudioConfig
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import read_json_object
 from flax_d2v.masking import compute_mask_indices
 from flax_d2v.modeling import (
     REMAT_POLICIES,
@@ -125,8 +126,6 @@ class Data2Vec2Config(Data2VecAudioConfig):
 
     @classmethod
     def from_json_file(cls, path: Any) -> Data2Vec2Config:
-        from flax_d2v.fileio import read_json_object
-
         try:
             return cls.from_dict(read_json_object(path))
         except TypeError as e:
@@ -175,8 +174,6 @@ PRESETS_V2 = {"base": Data2Vec2Config, "large": large_config_v2, "tiny": tiny_co
 def read_config(path: Any) -> Data2VecAudioConfig:
     """config.json of a flax-d2v directory: `Data2Vec2Config` for model_type "data2vec2-audio", else 1.0's."""
     import os
-
-    from flax_d2v.fileio import read_json_object
 
     if os.path.isfile(path) and read_json_object(path).get("model_type") == MODEL_TYPE_V2:
         return Data2Vec2Config.from_json_file(path)

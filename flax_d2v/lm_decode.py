@@ -55,6 +55,7 @@ import numpy as np
 from flax_d2v.ctc_decode import CTCTokenizer, WordOffset
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import read_json_object
+from flax_d2v.processor import processor_class
 
 DEFAULT_LM_WEIGHT = 2.0  # fairseq wav2vec 2.0 / data2vec README, LibriSpeech 4-gram (log10 LM units)
 DEFAULT_WORD_SCORE = -1.0  # ditto
@@ -162,22 +163,6 @@ class HFLanguageModel:
     @property
     def word_score(self) -> float:
         return self.beta
-
-
-def processor_class(model_dir: str | os.PathLike) -> str | None:
-    """`processor_class` as transformers saves it (processor_config.json, else the feature extractor's,
-    else the tokenizer's config)."""
-    d = Path(model_dir)
-    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        p = d / name
-        if p.is_file():
-            data = read_json_object(p)
-            value = data.get("processor_class")
-            if value is None and isinstance(data.get("feature_extractor"), dict):
-                value = data["feature_extractor"].get("processor_class")
-            if value:
-                return str(value)
-    return None
 
 
 def find_hf_language_model(model_dir: str | os.PathLike) -> HFLanguageModel | None:

@@ -10,6 +10,10 @@ when offline). The module is the checkpoint's head, looked up in `flax_d2v.heads
 `...ForXVector`). Module options (`dtype`, `scan_layers`, `remat_policy`,
 `freeze_feature_encoder`, and `freeze_base_model` for the classification heads) are passed through;
 with `scan_layers=True` the params come stacked.
+
+`load_model` is the same loading for `Transcriber` and `Classifier`: a path or a `(module, params)` tuple,
+with the model directory and its `preprocessor_config.json` settings that inference needs beside them.
+This module is the api layer (ARCHITECTURE.md): it reads every format, so it sits above `convert`.
 """
 
 from __future__ import annotations
@@ -17,23 +21,30 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from flax_d2v.checkpoint import is_flax_dir, load_flax
 from flax_d2v.config import Data2VecAudioConfig
+from flax_d2v.convert import fairseq
+from flax_d2v.convert.hf import is_hf_dir, load_hf
+from flax_d2v.data2vec2 import Data2Vec2Config, build_module_v2
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, HeadSpec, detect, get_spec
+from flax_d2v.params import stack_layers
+from flax_d2v.precision import resolve
+from flax_d2v.processor import PreprocessorConfig, read_preprocessor_config
+from flax_d2v.teacher import teacher_params
+from flax_d2v.types import PyTree
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["config.json", "*.safetensors", "*.json", "pytorch_model.bin", "*.txt", "language_model/*"]
 
 
-def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwargs: Any):
+def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwargs: Any) -> nn.Module:
     """The module of `head` (a `HeadSpec` or a transformers architecture name) for `config`."""
-    from flax_d2v.data2vec2 import Data2Vec2Config, build_module_v2
-
     spec = get_spec(head)
     if isinstance(config, Data2Vec2Config):
         return build_module_v2(config, spec.architecture == "Data2VecAudioForCTC", **module_kwargs)
@@ -47,8 +58,6 @@ def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, HeadSpec, di
         if is_flax_dir(p):
             config, params = load_flax(p)
             return config, detect(params), params, str(p)
-        from flax_d2v.convert.hf import is_hf_dir, load_hf
-
         if is_hf_dir(p):
             config, spec, params = load_hf(p)
             return config, spec, params, str(p)
@@ -59,10 +68,6 @@ def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, HeadSpec, di
         )
     if p.is_file():
         if p.suffix == ".pt":
-            try:
-                from flax_d2v.convert import fairseq
-            except ImportError:
-                raise D2VError(f"{p}: fairseq checkpoints are not supported by this version") from None
             config, is_ctc, params = fairseq.load_fairseq(p)[:3]
             return config, REGISTRY["Data2VecAudioForCTC" if is_ctc else "Data2VecAudioModel"], params, str(p)
         raise D2VError(f"{p}: expected a model directory or a fairseq .pt file")
@@ -95,8 +100,6 @@ def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]
     `precision=None` keeps the older `dtype=` spelling working: bfloat16 means the `bf16` policy,
     anything else `highest`. A policy and a contradicting dtype together are refused.
     """
-    from flax_d2v.precision import resolve
-
     if precision is None:
         precision = "bf16" if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 else "highest"
     policy = resolve(precision)
@@ -106,6 +109,35 @@ def precision_kwargs(precision: str | None, dtype: Any = None) -> dict[str, Any]
             f"(which computes in {jnp.dtype(policy.dtype).name}); pass one of them"
         )
     return policy.module_kwargs()
+
+
+class LoadedModel(NamedTuple):
+    """A model ready to run and where it came from: what `load_model` returns."""
+
+    module: nn.Module
+    params: PyTree
+    where: str  # the resolved local directory or file (a hub id's snapshot), or "model" for (module, params)
+    model_dir: Path | None  # the directory holding its processor files; None for a (module, params) tuple
+    preprocessor: PreprocessorConfig  # its preprocessor_config.json, or the defaults
+
+
+def load_model(model_or_path: Any, precision: str | None = None) -> LoadedModel:
+    """The model of `d2v transcribe`/`classify` (`Transcriber`, `Classifier`): a path (any format
+    `load_any` reads, or a hub id) or an already built `(module, params)` tuple.
+
+    `precision` is a `flax_d2v.precision` policy for a loaded module; None leaves the module's defaults.
+    A tuple comes back as it is, with no model directory and the default preprocessor settings.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        config, spec, params, where = load_any(model_or_path)
+        module = build_module(config, spec, **(precision_kwargs(precision) if precision is not None else {}))
+        model_dir = Path(where) if Path(where).is_dir() else Path(where).parent
+        return LoadedModel(module, params, where, model_dir, read_preprocessor_config(model_dir))
+    try:
+        module, params = model_or_path
+    except (TypeError, ValueError):
+        raise D2VError("model: expected a path or a (module, params) tuple") from None
+    return LoadedModel(module, params, "model", None, PreprocessorConfig())
 
 
 def from_pretrained(
@@ -118,7 +150,7 @@ def from_pretrained(
     freeze_feature_encoder: bool = False,
     teacher: bool = False,
     **head_kwargs: Any,
-):
+) -> tuple[nn.Module, PyTree]:
     """(module, params) ready for `module.apply({"params": params}, input_values, ...)`.
 
     `precision` is a `flax_d2v.precision` policy: "highest" (the default: float32 with HIGHEST
@@ -132,8 +164,6 @@ def from_pretrained(
     """
     config, spec, params, resolved = load_any(path)
     if teacher:
-        from flax_d2v.teacher import teacher_params
-
         params = teacher_params(config, spec.architecture == "Data2VecAudioForCTC", params, resolved)
     module = build_module(
         config,
@@ -145,7 +175,5 @@ def from_pretrained(
         **head_kwargs,
     )
     if scan_layers:
-        from flax_d2v.convert.keys import stack_layers
-
         params = stack_layers(params)
     return module, params

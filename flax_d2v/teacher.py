@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flax_d2v.checkpoint import load_flax_aux
+from flax_d2v.convert.fairseq import load_fairseq
+from flax_d2v.data2vec2 import Data2Vec2Config
 from flax_d2v.errors import D2VError
 
 
@@ -18,19 +21,13 @@ def load_aux(resolved: str) -> dict[str, Any]:
     """The pretraining extras (`ema`, `final_proj`, `decoder`) of a flax-d2v directory or a fairseq `.pt`."""
     p = Path(resolved)
     if p.is_dir():
-        from flax_d2v.checkpoint import load_flax_aux
-
         return load_flax_aux(p) or {}
     if p.suffix == ".pt":
-        from flax_d2v.convert.fairseq import load_fairseq
-
         return dict(load_fairseq(p).aux or {})
     return {}
 
 
 def teacher_params(config: Any, is_ctc: bool, params: dict[str, Any], resolved: str) -> dict[str, Any]:
-    from flax_d2v.data2vec2 import Data2Vec2Config
-
     if is_ctc:
         raise D2VError(f"{resolved}: a fine-tuned (CTC) checkpoint has no EMA teacher; pass a pretraining checkpoint")
     ema = load_aux(resolved).get("ema")

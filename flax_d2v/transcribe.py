@@ -39,19 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_d2v.audio import (
-    SAMPLE_RATE,
-    PreprocessorConfig,
-    Warn,
-    load_audio,
-    pad_batch,
-    prepare_audio,
-    print_note,
-    read_preprocessor_config,
-)
+from flax_d2v.audio import SAMPLE_RATE, Warn, load_audio, pad_batch, prepare_audio, print_note
 from flax_d2v.ctc_decode import CTCTokenizer
+from flax_d2v.data2vec2 import Data2Vec2ForCTC
 from flax_d2v.errors import D2VError
+from flax_d2v.lm_decode import decoder_for
 from flax_d2v.modeling import Data2VecAudioForCTC, apply_padding_invariant, feat_extract_output_lengths
+from flax_d2v.pretrained import load_model
+from flax_d2v.types import PyTree
 
 DEFAULT_BATCH_SIZE = 4  # x 20 s chunks: base-size activations ~1.7 GB on CPU (8 would need ~3.4 GB)
 DEFAULT_CHUNK_LENGTH_S = 20.0  # ample context per chunk; memory per batch grows with batch_size x chunk length
@@ -195,7 +190,7 @@ def batch_rows(n: int, batch_size: int) -> int:
 # ---------------------------------------------------------------------------------------- the model
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _ctc_forward(
-    module: Data2VecAudioForCTC, params: Any, input_values: jax.Array, attention_mask: jax.Array, log_probs: bool
+    module: Data2VecAudioForCTC, params: PyTree, input_values: jax.Array, attention_mask: jax.Array, log_probs: bool
 ) -> jax.Array:
     """Per-frame argmax ids (greedy) or log-probabilities (beam search); one program per shape."""
     logits = apply_padding_invariant(module, params, input_values, attention_mask).logits
@@ -262,26 +257,12 @@ class Transcriber:
         warn: Warn = print_note,
         precision: str = DEFAULT_PRECISION,
     ):
-        preprocessor = PreprocessorConfig()
-        model_dir = None
-        if isinstance(model_or_path, (str, os.PathLike)):
-            from flax_d2v.pretrained import build_module, load_any, precision_kwargs
-
-            # `where` is the local directory or file (a hub id's snapshot holds vocab.json too)
-            config, spec, params, where = load_any(model_or_path)
-            module = build_module(config, spec, **precision_kwargs(precision))
-            model_dir = Path(where) if Path(where).is_dir() else Path(where).parent
-            tokenizer = _tokenizer_from(vocab, where) if vocab is not None else CTCTokenizer.from_dir(model_dir)
-            preprocessor = read_preprocessor_config(model_dir)
+        # `where` is the local directory or file (a hub id's snapshot holds vocab.json too)
+        module, params, where, model_dir, preprocessor = load_model(model_or_path, precision=precision)
+        if vocab is None and model_dir is not None:
+            tokenizer = CTCTokenizer.from_dir(model_dir)
         else:
-            where = "model"
-            try:
-                module, params = model_or_path
-            except (TypeError, ValueError):
-                raise D2VError("model: expected a path or a (module, params) tuple") from None
             tokenizer = _tokenizer_from(vocab, where)
-        from flax_d2v.data2vec2 import Data2Vec2ForCTC
-
         if not isinstance(module, (Data2VecAudioForCTC, Data2Vec2ForCTC)):
             raise D2VError(f"{where}: not a CTC model (no lm_head); transcription needs a fine-tuned checkpoint")
         if module.config.add_adapter:  # chunk seams and frame times assume the conv encoder's 320-sample hop
@@ -295,8 +276,6 @@ class Transcriber:
         self.normalize_eps = preprocessor.normalize_eps  # 1e-5 for a model converted from fairseq
         self.batch_size = int(batch_size)
         self.plan = ChunkPlan.from_seconds(chunk_length_s, stride_length_s, self.config.inputs_to_logits_ratio)
-        from flax_d2v.lm_decode import decoder_for
-
         self.beam = decoder_for(
             tokenizer,
             self.config.vocab_size,

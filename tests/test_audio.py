@@ -15,9 +15,9 @@ from flax_d2v.audio import (
     normalize,
     pad_batch,
     prepare_audio,
-    read_preprocessor_config,
 )
 from flax_d2v.errors import D2VError
+from flax_d2v.processor import read_preprocessor_config
 
 SR = 16000
 TONE_HZ = 440.0

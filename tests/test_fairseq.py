@@ -138,7 +138,7 @@ def test_pretrained_fairseq_flax_hf_bit_identical(tmp_path, capsys, style):
 
 
 def jax_tree_structure(tree):
-    from flax_d2v.convert.keys import flatten
+    from flax_d2v.params import flatten
 
     return {k: np.shape(v) for k, v in flatten(tree).items()}
 

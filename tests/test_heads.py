@@ -128,9 +128,9 @@ def test_freeze_base_model_stops_gradients_into_the_encoder():
     import jax.numpy as jnp
 
     import flax_d2v
-    from flax_d2v.convert.keys import flatten
     from flax_d2v.heads import Data2VecAudioForSequenceClassification
     from flax_d2v.modeling import init_params
+    from flax_d2v.params import flatten
 
     config = flax_d2v.tiny_config()
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8000))

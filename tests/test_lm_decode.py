@@ -269,7 +269,7 @@ def tiny_ctc_with_words(seed: int = 0):
 def hf_with_lm_dir(root: Path, model, arpa: Path, unigrams: list[str], alpha: float, beta: float) -> Path:
     """A transformers Wav2Vec2ProcessorWithLM directory: model, processor files, language_model/."""
     from flax_d2v.convert.hf import save_hf
-    from flax_d2v.train.vocab import save_preprocessor_config, save_tokenizer_files
+    from flax_d2v.processor import save_preprocessor_config, save_tokenizer_files
 
     files = root / "files"
     files.mkdir()

@@ -242,7 +242,7 @@ def test_d2v_pretrain_data2vec2_resumes_a_fairseq_pt_with_its_teacher(speech_dir
     from flax_d2v.checkpoint import load_flax, load_flax_aux
     from flax_d2v.cli import main
     from flax_d2v.convert.fairseq import load_fairseq
-    from flax_d2v.convert.keys import flatten
+    from flax_d2v.params import flatten
 
     ckpt = F2.pretrained_checkpoint("base")[0]
     pt = save_checkpoint(ckpt, tmp_path / "base_libri.pt")

@@ -232,8 +232,9 @@ def test_fairseq_normalize_eps_is_read_by_transcribe(tmp_path, monkeypatch):
 
     import fairseq_fixtures as F
 
-    from flax_d2v.audio import FAIRSEQ_NORM_EPS, HF_NORM_EPS, read_preprocessor_config
+    from flax_d2v.audio import FAIRSEQ_NORM_EPS, HF_NORM_EPS
     from flax_d2v.convert import fairseq as fs
+    from flax_d2v.processor import read_preprocessor_config
 
     pt = F.save_checkpoint(F.checkpoint(F.hf_model(True), True, task_dictionary=True), tmp_path / "ft.pt")
     fs.convert_fairseq(pt, tmp_path / "conv")

@@ -50,9 +50,8 @@ from flax_d2v.train.metrics import MetricsWriter, plot_history, read_metrics
 from flax_d2v.train.objective import Objective
 from flax_d2v.train.source import DataSource, HostBatch
 from flax_d2v.train.state import TrainState
+from flax_d2v.types import Batch, PyTree
 
-PyTree = Any
-Batch = dict[str, Any]
 PMAP_AXIS = "batch"
 
 

@@ -38,8 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 
-PyTree = Any
-Batch = dict[str, jax.Array]
+from flax_d2v.types import Batch, PyTree
 
 
 @runtime_checkable

@@ -351,7 +351,7 @@ def graft(fresh: dict, loaded: dict | None) -> tuple[dict, list[str], list[str]]
     """`fresh` with every entry of `loaded` whose path and shape match; (params, new keys, dropped keys)."""
     import numpy as np
 
-    from flax_d2v.convert.keys import flatten, unflatten
+    from flax_d2v.params import flatten, unflatten
 
     f = flatten(fresh)
     if loaded is None:
@@ -372,7 +372,7 @@ def stacked(cfg: Mapping[str, Any], tree: dict | None) -> dict | None:
     """Per-layer params (as checkpoints hold them) in the layout of the model: stacked under --scan-layers."""
     if tree is None or not cfg["scan_layers"]:
         return tree
-    from flax_d2v.convert.keys import stack_layers
+    from flax_d2v.params import stack_layers
 
     return stack_layers(tree)
 

@@ -4,8 +4,9 @@
     vocab = V.build_vocab(texts)                  # or V.load_vocab("vocab.json")
     ids, n_unknown = V.encode("Hello, world!", vocab)
     V.decode(ids, vocab)                           # -> "HELLO WORLD"
-    V.save_tokenizer_files(out_dir, vocab)         # vocab.json, tokenizer_config.json, special_tokens_map.json
-    V.save_preprocessor_config(out_dir)            # preprocessor_config.json (Wav2Vec2FeatureExtractor)
+
+The files themselves (vocab.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json)
+are read and written by `flax_d2v.processor` (`save_tokenizer_files`, `load_vocab`, `save_preprocessor_config`).
 
 Transcript normalisation rule (`normalize_transcript`), applied to every transcript before the
 vocabulary is built and before a transcript is encoded, so training targets, the saved vocabulary
@@ -32,24 +33,29 @@ give the same ids.
 
 from __future__ import annotations
 
-import json
-import os
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
-from flax_d2v.errors import D2VError
-from flax_d2v.fileio import atomic_write_text, read_json
+from flax_d2v.ctc_decode import CTCTokenizer
 
-PAD = "<pad>"
-BOS = "<s>"
-EOS = "</s>"
-UNK = "<unk>"
-WORD_DELIMITER = "|"
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, WORD_DELIMITER)
-PAD_ID = 0  # also the CTC blank: HF's Data2VecAudioForCTC uses config.pad_token_id as the blank.
-SAMPLING_RATE = 16000
+# The vocabulary layout and the processor files' readers and writers live in `flax_d2v.processor`
+# (core: the converters write them too). Besides the names used here, they are re-exported because
+# training code, benches and tests call them as `V.load_vocab(...)`, `V.save_tokenizer_files(...)`, `V.PAD_ID`.
+from flax_d2v.processor import (  # noqa: F401
+    BOS,
+    EOS,
+    PAD,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    UNK,
+    WORD_DELIMITER,
+    load_vocab,
+    preprocessor_config,
+    save_preprocessor_config,
+    save_tokenizer_files,
+    validate_vocab,
+)
 
 _APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'", "\u2032": "'"}
 _APOSTROPHE_TABLE = str.maketrans(_APOSTROPHES)
@@ -129,80 +135,4 @@ def decode(ids: Sequence[int], vocab: Mapping[str, int], group_tokens: bool = Tr
     to emit) stay literal, and a doubled delimiter gives two spaces, as in transformers; WER/CER
     tools split on whitespace anyway.
     """
-    from flax_d2v.ctc_decode import CTCTokenizer  # the one decoder (d2v transcribe and eval use it too)
-
     return CTCTokenizer.from_vocab(dict(vocab)).decode(ids, group_tokens=group_tokens)
-
-
-def validate_vocab(vocab: Mapping[str, int], source: str = "vocab") -> dict[str, int]:
-    """Check the layout that CTC training relies on; returns a plain dict."""
-    if not isinstance(vocab, Mapping) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
-        raise D2VError(f"{source}: must be a JSON object mapping tokens to integer ids")
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-    if missing:
-        raise D2VError(f"{source}: missing special token(s) {', '.join(missing)}")
-    if vocab[PAD] != PAD_ID:
-        raise D2VError(f"{source}: '{PAD}' must have id {PAD_ID} (it is the CTC blank), found {vocab[PAD]}")
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise D2VError(f"{source}: ids must be 0..{len(vocab) - 1} without gaps or duplicates")
-    return dict(vocab)
-
-
-def load_vocab(path: str | os.PathLike) -> dict[str, int]:
-    """Read an HF `vocab.json` (a file, or a directory holding one) and check its layout."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "vocab.json"
-    return validate_vocab(read_json(path), str(path))
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def save_tokenizer_files(directory: str | os.PathLike, vocab: Mapping[str, int]) -> list[str]:
-    """Write vocab.json, tokenizer_config.json and special_tokens_map.json (each atomically).
-
-    The files are what `transformers.Wav2Vec2CTCTokenizer.from_pretrained(directory)` reads; they
-    are written here without importing transformers. Returns the file names written.
-    """
-    vocab = validate_vocab(vocab)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
-    config = {
-        **special,
-        "do_lower_case": False,
-        "word_delimiter_token": WORD_DELIMITER,
-        "replace_word_delimiter_char": " ",
-        "tokenizer_class": "Wav2Vec2CTCTokenizer",
-        "processor_class": "Wav2Vec2Processor",
-    }
-    _write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda kv: kv[1])))
-    _write_json(directory / "tokenizer_config.json", config)
-    _write_json(directory / "special_tokens_map.json", special)
-    return ["vocab.json", "tokenizer_config.json", "special_tokens_map.json"]
-
-
-def preprocessor_config(do_normalize: bool = True, return_attention_mask: bool = True) -> dict:
-    """The `Wav2Vec2FeatureExtractor` settings that match our input pipeline (16 kHz, right padding with 0)."""
-    return {
-        "do_normalize": bool(do_normalize),
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-        "feature_size": 1,
-        "padding_side": "right",
-        "padding_value": 0.0,
-        "processor_class": "Wav2Vec2Processor",
-        "return_attention_mask": bool(return_attention_mask),
-        "sampling_rate": SAMPLING_RATE,
-    }
-
-
-def save_preprocessor_config(
-    directory: str | os.PathLike, do_normalize: bool = True, return_attention_mask: bool = True
-) -> str:
-    """Write preprocessor_config.json (atomically); returns its file name."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_json(directory / "preprocessor_config.json", preprocessor_config(do_normalize, return_attention_mask))
-    return "preprocessor_config.json"

@@ -71,7 +71,7 @@ def build_base_checkpoint(dst: Path, seed: int) -> Path:
     from transformers import Data2VecAudioConfig, Data2VecAudioForCTC
 
     from flax_d2v.fileio import atomic_dir
-    from flax_d2v.train.vocab import save_preprocessor_config, save_tokenizer_files
+    from flax_d2v.processor import save_preprocessor_config, save_tokenizer_files
 
     torch.manual_seed(seed)
     model = Data2VecAudioForCTC(Data2VecAudioConfig(vocab_size=len(BASE_960H_VOCAB))).eval()

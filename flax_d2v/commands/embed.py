@@ -88,9 +88,10 @@ def run_xvector(args: argparse.Namespace, out: Path, several: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.audio import load_audio, read_preprocessor_config
+    from flax_d2v.audio import load_audio
     from flax_d2v.fileio import atomic_write_bytes
     from flax_d2v.pretrained import build_module, load_any, precision_kwargs
+    from flax_d2v.processor import read_preprocessor_config
 
     out = Path(args.out)
     several = len(args.files) > 1

@@ -261,7 +261,7 @@ def export(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
 
     from flax_d2v.checkpoint import save_flax
     from flax_d2v.convert.hf import save_hf
-    from flax_d2v.convert.keys import is_scanned, unstack_layers
+    from flax_d2v.params import is_scanned, unstack_layers
     from flax_d2v.train.loop import log
 
     if jax.process_index() != 0:

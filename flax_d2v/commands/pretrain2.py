@@ -152,8 +152,8 @@ def export(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
     import jax
 
     from flax_d2v.checkpoint import save_flax
+    from flax_d2v.processor import preprocessor_config
     from flax_d2v.train.loop import log
-    from flax_d2v.train.vocab import preprocessor_config
 
     if jax.process_index() != 0:
         return
