@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from flax_d2v.heads import BASE_PREFIX
+
 PyTree = Any
 
 # Path prefixes (joined with "/") of the feature encoder and of the head, in both the CTC
@@ -43,8 +45,6 @@ FEATURE_ENCODER_KEYS = ("feature_extractor",)
 
 def is_head_path(path: tuple[str, ...], has_head: bool) -> bool:
     """Whether a parameter belongs to the head, not the encoder (a bare encoder's tree has no head)."""
-    from flax_d2v.heads import BASE_PREFIX
-
     return has_head and bool(path) and path[0] != BASE_PREFIX
 
 
@@ -63,8 +63,6 @@ def param_labels(
     params: PyTree, freeze_feature_encoder: bool, freeze_transformer_steps: int, freeze_base_model: bool = False
 ) -> PyTree:
     """The optimizer group of every parameter: 'frozen', 'delayed' or 'trainable'."""
-    from flax_d2v.heads import BASE_PREFIX
-
     flat = traverse_util.flatten_dict(params)
     has_head = BASE_PREFIX in params
 
