@@ -4,12 +4,13 @@
 Per step, for a batch of B clips cropped to one length (fairseq pretrains unpadded):
 
 1. Local features once: conv extractor + `project_features` (N = B * clone_batch rows share them).
-2. Masks: `clone_batch` per clip, each fairseq's `compute_block_mask_1d` (what the dataset precomputes
-   with `precompute_mask_config`): span centres drawn uniformly (`int(T * (p + mask_prob_adjust) /
-   mask_length * (1 + mask_dropout))` of them), spans of `mask_length` frames around them clipped to the
-   clip, then exactly `int(T * p)` masked frames (masked frames dropped, or frames added, uniformly at
-   random); `inverse_mask` flips it (p = 1 - mask_prob then). The masked count, hence the kept count K,
-   depends on T only: shapes are static under `jit`.
+2. Masks: `clone_batch` per clip, each fairseq's `compute_block_mask_1d` (`flax_d2v.masking.block_mask_1d`;
+   what the dataset precomputes with `precompute_mask_config`): span centres drawn uniformly
+   (`int(T * (p + mask_prob_adjust) / mask_length * (1 + mask_dropout))` of them), spans of
+   `mask_length` frames around them clipped to the clip, then exactly `int(T * p)` masked frames
+   (masked frames dropped, or frames added, uniformly at random); `inverse_mask` flips it
+   (p = 1 - mask_prob then). The masked count, hence the kept count K, depends on T only: shapes
+   are static under `jit`.
 3. Student (dropout, LayerDrop on): the clone-repeated local features with masked frames zeroed go
    through the positional conv; only the K kept frames (features + positions) go through the context
    encoder and the blocks, with the ALiBi bias of their positions (MAE-style).
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 
 from flax_d2v.data2vec2 import Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
+from flax_d2v.masking import block_mask_1d
 from flax_d2v.modeling import feat_extract_output_lengths
 from flax_d2v.precision import matmul_precision
 from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
@@ -97,48 +99,17 @@ class Data2Vec2PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- masks
-def block_mask_1d(
-    key: jax.Array,
-    num_frames: int,
-    mask_prob: float,
-    mask_length: int,
-    mask_prob_adjust: float = 0.0,
-    inverse_mask: bool = False,
-    mask_dropout: float = 0.0,
-) -> jax.Array:
-    """One row of fairseq's `compute_block_mask_1d` (non_overlapping and expand_adjcent off,
-    require_same_masks on): (T,) bool, True = masked."""
-    p = 1.0 - mask_prob if inverse_mask else mask_prob
-    n_centres = int(num_frames * ((p + mask_prob_adjust) / mask_length) * (1 + mask_dropout))
-    target = int(num_frames * p)
-    k_centres, k_adjust = jax.random.split(key)
-    mask = jnp.zeros((num_frames,), bool)
-    if n_centres > 0:
-        centres = jax.random.randint(k_centres, (n_centres,), 0, num_frames)
-        offsets = jnp.arange(mask_length) - mask_length // 2
-        idx = jnp.clip(centres[:, None] + offsets[None, :], 0, num_frames - 1).reshape(-1)
-        mask = mask.at[idx].set(True)
-    # exactly `target` masked: the masked frames first (random order among them), then random unmasked ones
-    u = jax.random.uniform(k_adjust, (num_frames,))
-    _, chosen = jax.lax.top_k(jnp.where(mask, 1.0 + u, u), target) if target > 0 else (None, jnp.zeros((0,), int))
-    final = jnp.zeros((num_frames,), bool).at[chosen].set(True)
-    return ~final if inverse_mask else final
-
-
 def clone_masks(keys: jax.Array, num_frames: int, config: Data2Vec2PretrainConfig) -> jax.Array:
     """(B * clone_batch, T) masks: `clone_batch` rows per example key, clones of one clip adjacent
     (fairseq's `repeat_interleave` order)."""
     c = config
     clone_keys = jax.vmap(lambda k: jax.random.split(k, c.clone_batch))(keys).reshape(-1, *keys.shape[1:])
-    fn = lambda k: block_mask_1d(
-        k,
-        num_frames,
-        c.mask_prob,
-        c.mask_length,
-        c.mask_prob_adjust,  # noqa: E731
-        c.inverse_mask,
-        c.mask_dropout,
-    )
+
+    def fn(k: jax.Array) -> jax.Array:
+        return block_mask_1d(
+            k, num_frames, c.mask_prob, c.mask_length, c.mask_prob_adjust, c.inverse_mask, c.mask_dropout
+        )
+
     return jax.vmap(fn)(clone_keys)
 
 
