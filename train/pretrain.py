@@ -53,7 +53,6 @@ from flax_d2v.audio import SAMPLE_RATE
 from flax_d2v.errors import D2VError
 from flax_d2v.masking import data2vec_mask_indices
 from flax_d2v.modeling import Data2VecAudioModel, feat_extract_output_lengths
-from flax_d2v.precision import matmul_precision
 from flax_d2v.train.objective import Batch, PyTree, apply_per_example, example_keys
 
 # `F.instance_norm`'s default eps.
@@ -181,7 +180,7 @@ def ema_update(
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward passes through the model's own submodules (one feature extractor run for both)
+# Forward passes through the model's public steps (one feature extractor run for both)
 
 
 def _student_forward(
@@ -190,38 +189,20 @@ def _student_forward(
     attention_mask: jax.Array | None,
     mask_time_indices: jax.Array,
     deterministic: bool,
-) -> tuple[jax.Array, jax.Array, Any]:
-    """What `Data2VecAudioModel.__call__` does with `mask_time_indices`, also returning the
-    unmasked, pre-dropout projected features (the teacher's input) and the frame mask."""
-    with matmul_precision(m.precision):
-        return _student_forward_body(m, input_values, attention_mask, mask_time_indices, deterministic)
-
-
-def _student_forward_body(
-    m: Data2VecAudioModel,
-    input_values: jax.Array,
-    attention_mask: jax.Array | None,
-    mask_time_indices: jax.Array,
-    deterministic: bool,
-) -> tuple[jax.Array, jax.Array, Any]:
-    features = m.feature_extractor(input_values)
-    if m.freeze_feature_encoder:
-        features = jax.lax.stop_gradient(features)
-    frame_mask = m.frame_mask(attention_mask, features.shape[1])
-    h, _ = m.feature_projection(features, deterministic)
-    clean = h if deterministic or m.config.feat_proj_dropout == 0.0 else m.feature_projection(features, True)[0]
-    no_channel_mask = jnp.zeros((h.shape[0], h.shape[-1]), bool)  # fairseq pretrains without channel masks
-    h, _ = m._spec_augment(h, frame_mask, mask_time_indices, no_channel_mask, deterministic)
-    x, _, _ = m.encoder(h, frame_mask, deterministic, False, False)
-    return x, clean, frame_mask
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`Data2VecAudioModel.__call__` with `mask_time_indices` and no channel masks (fairseq
+    pretrains without them), composed of the same public steps, also returning the unmasked,
+    pre-dropout projected features (the teacher's input) and the frame mask."""
+    features = m.encode_features(input_values, attention_mask, deterministic=deterministic)
+    h = m.apply_time_mask(features.hidden_states, mask_time_indices)
+    out = m.encode(h, features.frame_mask, deterministic=deterministic)
+    return out.last_hidden_state, features.projected, features.frame_mask
 
 
 def _teacher_layer_results(
     m: Data2VecAudioModel, features: jax.Array, frame_mask: jax.Array | None
 ) -> tuple[jax.Array, ...]:
-    with matmul_precision(m.precision):
-        _, _, results = m.encoder(features, frame_mask, True, False, True)
-    return results
+    return m.encode(features, frame_mask, output_layer_results=True).layer_results
 
 
 def init_final_proj(rng: jax.Array, hidden_size: int) -> dict[str, jax.Array]:
