@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import os
+from typing import Any, Unpack
 
 import flax.linen as nn
 import flax.struct
@@ -37,11 +38,13 @@ import numpy as np
 
 from flax_d2v.config import Data2VecAudioConfig
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import read_json_object
 from flax_d2v.masking import compute_mask_indices
 from flax_d2v.modeling import (
     REMAT_POLICIES,
     TORCH_LAYER_NORM_EPS,
     FeatureEncoder,
+    ForwardOptions,
     PositionalConvEmbedding,
     _dense,
     _layer_norm,
@@ -125,8 +128,6 @@ class Data2Vec2Config(Data2VecAudioConfig):
 
     @classmethod
     def from_json_file(cls, path: Any) -> Data2Vec2Config:
-        from flax_d2v.fileio import read_json_object
-
         try:
             return cls.from_dict(read_json_object(path))
         except TypeError as e:
@@ -174,10 +175,6 @@ PRESETS_V2 = {"base": Data2Vec2Config, "large": large_config_v2, "tiny": tiny_co
 
 def read_config(path: Any) -> Data2VecAudioConfig:
     """config.json of a flax-d2v directory: `Data2Vec2Config` for model_type "data2vec2-audio", else 1.0's."""
-    import os
-
-    from flax_d2v.fileio import read_json_object
-
     if os.path.isfile(path) and read_json_object(path).get("model_type") == MODEL_TYPE_V2:
         return Data2Vec2Config.from_json_file(path)
     return Data2VecAudioConfig.from_json_file(path)
@@ -340,8 +337,10 @@ class Data2Vec2Model(nn.Module):
     """The data2vec 2.0 audio encoder (fairseq's `extract_features`; no pretraining modules).
 
     Call: `module.apply({"params": p}, input_values, attention_mask=None, output_hidden_states=False)`,
-    as the 1.0 model. Methods `local_features` and `contextualize` are the two halves fairseq's
-    pretraining calls separately (the teacher re-uses the student's local features).
+    as the 1.0 model, with its keyword options and `padding_invariant`. `__call__` is the public steps
+    `local_features`, `mask_hidden_states` and `contextualize`; pretraining calls `local_features` once
+    and shares it between the student (`encode_masked`) and the teacher (`contextualize`). The entry
+    points trace at the module's matmul precision.
     """
 
     config: Data2Vec2Config
@@ -380,10 +379,11 @@ class Data2Vec2Model(nn.Module):
 
     def local_features(self, input_values: Array) -> Array:
         """Conv feature extractor and `project_features` (fairseq's `local_features`)."""
-        features = self.feature_extractor(input_values)
-        if self.freeze_feature_encoder:
-            features = jax.lax.stop_gradient(features)
-        return self.project_features(features)
+        with matmul_precision(self.precision):
+            features = self.feature_extractor(input_values)
+            if self.freeze_feature_encoder:
+                features = jax.lax.stop_gradient(features)
+            return self.project_features(features)
 
     def biases(self, num_frames: int, keep: Array | None = None, frame_mask: Array | None = None) -> list[Array | None]:
         """One attention bias per block (prenet first): scaled ALiBi, gathered to `keep`, plus key padding."""
@@ -431,29 +431,34 @@ class Data2Vec2Model(nn.Module):
         the blocks, on clone-batched local features (N, T, D). The masked frames are zeroed for the positional
         conv (`apply_mask`, encoder_zero_mask); only the kept frames `keep` (N, K) go through the blocks, with
         the ALiBi bias of their original positions."""
-        pos = self.relative_positional_encoder(jnp.where(mask[..., None], jnp.zeros((), local.dtype), local))
-        take = lambda a: jnp.take_along_axis(a, keep[..., None], axis=1)  # noqa: E731
-        x = take(local) + take(pos)
-        return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
+        with matmul_precision(self.precision):
+            pos = self.relative_positional_encoder(jnp.where(mask[..., None], jnp.zeros((), local.dtype), local))
+            take = lambda a: jnp.take_along_axis(a, keep[..., None], axis=1)  # noqa: E731
+            x = take(local) + take(pos)
+            return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
 
     def contextualize(
         self, x: Array, frame_mask: Array | None = None, deterministic: bool = True, padding_invariant: bool = False
     ) -> tuple[Array, list[Array], list[Array], list[Array]]:
         """fairseq's `contextualized_features(mask=False)` and the blocks (the teacher's whole forward)."""
-        x = x + self.positions(x, frame_mask, padding_invariant)
-        return self.encode(x, self.biases(x.shape[1], None, frame_mask), deterministic)
+        with matmul_precision(self.precision):
+            x = x + self.positions(x, frame_mask, padding_invariant)
+            return self.encode(x, self.biases(x.shape[1], None, frame_mask), deterministic)
 
-    def _mask(
+    def mask_hidden_states(
         self,
-        h: Array,
-        frame_mask: Array | None,
-        mask_time_indices: Array | None,
-        mask_feature_indices: Array | None,
-        deterministic: bool,
+        hidden_states: Array,
+        frame_mask: Array | None = None,
+        *,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        deterministic: bool = True,
     ) -> tuple[Array, Array | None]:
-        """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): noise in masked frames,
-        zeroed channels."""
+        """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): N(0, mask_noise_std) noise
+        in masked frames, zeroed channels; (masked states, the time mask used). As 1.0's method of the
+        name: masks passed in are applied, missing ones drawn when training (transformers' counting rule)."""
         c = self.config
+        h = hidden_states
         b, t, d = h.shape
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
@@ -486,7 +491,13 @@ class Data2Vec2Model(nn.Module):
         with matmul_precision(self.precision):
             local = self.local_features(input_values)
             frame_mask = self.frame_mask(attention_mask, local.shape[1])
-            h, mask_time_indices = self._mask(local, frame_mask, mask_time_indices, mask_feature_indices, deterministic)
+            h, mask_time_indices = self.mask_hidden_states(
+                local,
+                frame_mask,
+                mask_time_indices=mask_time_indices,
+                mask_feature_indices=mask_feature_indices,
+                deterministic=deterministic,
+            )
             x, hidden, results, prenet = self.contextualize(h, frame_mask, deterministic, padding_invariant)
         return Data2Vec2Output(
             last_hidden_state=x,
@@ -499,8 +510,17 @@ class Data2Vec2Model(nn.Module):
         )
 
 
+class ForwardOptionsV2(ForwardOptions, total=False):
+    """`Data2Vec2Model.__call__`'s keyword-only options: 1.0's and `padding_invariant`."""
+
+    padding_invariant: bool
+
+
 class Data2Vec2ForCTC(nn.Module):
-    """The encoder (`data2vec_audio`, fairseq's `w2v_encoder.w2v_model`) and `lm_head` (`w2v_encoder.proj`)."""
+    """The encoder (`data2vec_audio`, fairseq's `w2v_encoder.w2v_model`) and `lm_head` (`w2v_encoder.proj`).
+
+    Called as `Data2Vec2Model` (same positional arguments and keyword options, `ForwardOptionsV2`).
+    """
 
     config: Data2Vec2Config
     dtype: Dtype = jnp.float32
@@ -517,12 +537,7 @@ class Data2Vec2ForCTC(nn.Module):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
-        *,
-        deterministic: bool = True,
-        mask_time_indices: Array | None = None,
-        mask_feature_indices: Array | None = None,
-        output_layer_results: bool = False,
-        padding_invariant: bool = False,
+        **options: Unpack[ForwardOptionsV2],
     ) -> Data2Vec2Output:
         c = self.config
         with matmul_precision(self.precision):
@@ -534,16 +549,8 @@ class Data2Vec2ForCTC(nn.Module):
                 self.freeze_feature_encoder,
                 self.precision,
                 name="data2vec_audio",
-            )(
-                input_values,
-                attention_mask,
-                output_hidden_states,
-                deterministic=deterministic,
-                mask_time_indices=mask_time_indices,
-                mask_feature_indices=mask_feature_indices,
-                output_layer_results=output_layer_results,
-                padding_invariant=padding_invariant,
-            )
+            )(input_values, attention_mask, output_hidden_states, **options)
+            deterministic = options.get("deterministic", True)
             h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
             logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
         return out.replace(logits=logits.astype(jnp.float32))

@@ -40,6 +40,7 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -114,14 +115,6 @@ def clone_masks(keys: jax.Array, num_frames: int, config: Data2Vec2PretrainConfi
 
 
 # ---------------------------------------------------------------------------------------------- model pieces
-def _local(m: Data2Vec2Model, input_values: jax.Array) -> jax.Array:
-    return m.local_features(input_values)
-
-
-def _student(m: Data2Vec2Model, local: jax.Array, mask: jax.Array, keep: jax.Array, deterministic: bool) -> jax.Array:
-    return m.encode_masked(local, mask, keep, deterministic)
-
-
 def _teacher(m: Data2Vec2Model, local: jax.Array) -> list[jax.Array]:
     return m.contextualize(local, None, True)[2]
 
@@ -149,16 +142,12 @@ class Data2Vec2Objective:
 
     # -- state -------------------------------------------------------------------------------
     def init_params(self, model_params: PyTree, rng: jax.Array, decoder: PyTree | None = None) -> PyTree:
-        import flax.linen as nn
-
         if decoder is None:
             x = jnp.zeros((1, 16, self.module.config.hidden_size), jnp.float32)
             decoder = nn.meta.unbox(self.decoder.init(rng, x)["params"])
         return {"model": model_params, "decoder": decoder}
 
     def decoder_logical_axes(self) -> PyTree:
-        import flax.linen as nn
-
         boxed = jax.eval_shape(
             lambda r: self.decoder.init(r, jnp.zeros((1, 16, self.module.config.hidden_size)))["params"],
             jax.random.PRNGKey(0),
@@ -222,7 +211,7 @@ class Data2Vec2Objective:
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
         valid = jnp.ones(input_values.shape[:1], bool) if am is None else jnp.asarray(am).sum(-1) > 0
-        local = self.module.apply({"params": params["model"]}, input_values, method=_local)
+        local = self.module.apply({"params": params["model"]}, input_values, method=Data2Vec2Model.local_features)
         b, t, d = local.shape
         if mask is None:
             mask = self.masks(batch, rng)
@@ -235,7 +224,13 @@ class Data2Vec2Objective:
         rngs = {} if deterministic else {"dropout": drop_key}
         local_n = jnp.repeat(local, c.clone_batch, axis=0)
         x = self.module.apply(
-            {"params": params["model"]}, local_n, mask, keep, deterministic, method=_student, rngs=rngs
+            {"params": params["model"]},
+            local_n,
+            mask,
+            keep,
+            deterministic,
+            method=Data2Vec2Model.encode_masked,
+            rngs=rngs,
         )
         if not deterministic and mc.decoder_input_dropout > 0:
             x = _dropout(jax.random.fold_in(drop_key, 1), x, mc.decoder_input_dropout)
