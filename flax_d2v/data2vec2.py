@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Unpack
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -43,6 +43,7 @@ from flax_d2v.masking import compute_mask_indices
 from flax_d2v.modeling import (
     REMAT_POLICIES,
     TORCH_LAYER_NORM_EPS,
+    Data2VecAudioForCTC,
     FeatureEncoder,
     ForwardOptions,
     PositionalConvEmbedding,
@@ -516,44 +517,12 @@ class ForwardOptionsV2(ForwardOptions, total=False):
     padding_invariant: bool
 
 
-class Data2Vec2ForCTC(nn.Module):
-    """The encoder (`data2vec_audio`, fairseq's `w2v_encoder.w2v_model`) and `lm_head` (`w2v_encoder.proj`).
+class Data2Vec2ForCTC(Data2VecAudioForCTC):
+    """The encoder (`data2vec_audio`, fairseq's `w2v_encoder.w2v_model`) and `lm_head` (`w2v_encoder.proj`):
+    1.0's CTC model around `Data2Vec2Model` (called as it, keyword options `ForwardOptionsV2`)."""
 
-    Called as `Data2Vec2Model` (same positional arguments and keyword options, `ForwardOptionsV2`).
-    """
-
-    config: Data2Vec2Config
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = False
-    freeze_feature_encoder: bool = False
-    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
-
+    base_model: ClassVar[type[nn.Module]] = Data2Vec2Model
     is_data2vec2 = True
-
-    @nn.compact
-    def __call__(
-        self,
-        input_values: Array,
-        attention_mask: Array | None = None,
-        output_hidden_states: bool = False,
-        **options: Unpack[ForwardOptionsV2],
-    ) -> Data2Vec2Output:
-        c = self.config
-        with matmul_precision(self.precision):
-            out = Data2Vec2Model(
-                c,
-                self.dtype,
-                self.remat_policy,
-                self.scan_layers,
-                self.freeze_feature_encoder,
-                self.precision,
-                name="data2vec_audio",
-            )(input_values, attention_mask, output_hidden_states, **options)
-            deterministic = options.get("deterministic", True)
-            h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
-            logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
-        return out.replace(logits=logits.astype(jnp.float32))
 
 
 class Decoder1d(nn.Module):

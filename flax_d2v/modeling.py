@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypedDict, Unpack
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import flax.linen as nn
 import flax.struct
@@ -677,7 +677,8 @@ class Data2VecAudioModel(nn.Module):
 class Data2VecAudioForCTC(nn.Module):
     """The encoder with `lm_head` for CTC (transformers' `Data2VecAudioForCTC`); adds `logits`.
 
-    Call as `Data2VecAudioModel` (same positional arguments and keyword options, `ForwardOptions`).
+    Called as its `base_model` (same positional arguments and keyword options, `ForwardOptions`),
+    which it nests as `data2vec_audio`; data2vec 2.0's CTC model is this class with 2.0's encoder.
     """
 
     config: Data2VecAudioConfig
@@ -686,6 +687,8 @@ class Data2VecAudioForCTC(nn.Module):
     scan_layers: bool = False
     freeze_feature_encoder: bool = False
     precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
+
+    base_model: ClassVar[type[nn.Module]] = Data2VecAudioModel
 
     @nn.compact
     def __call__(
@@ -697,7 +700,7 @@ class Data2VecAudioForCTC(nn.Module):
     ) -> Data2VecAudioOutput:
         c = self.config
         with matmul_precision(self.precision):
-            out = Data2VecAudioModel(
+            out = self.base_model(
                 c,
                 self.dtype,
                 self.remat_policy,

@@ -192,7 +192,9 @@ def _student_forward(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """`Data2VecAudioModel.__call__` with `mask_time_indices` and no channel masks (fairseq
     pretrains without them), composed of the same public steps, also returning the unmasked,
-    pre-dropout projected features (the teacher's input) and the frame mask."""
+    pre-dropout projected features (the teacher's input) and the frame mask. The time mask is
+    always applied (`apply_time_mask`): `config.apply_spec_augment` switches fine-tuning's
+    SpecAugment, not pretraining's masks."""
     features = m.encode_features(input_values, attention_mask, deterministic=deterministic)
     h = m.apply_time_mask(features.hidden_states, mask_time_indices)
     out = m.encode(h, features.frame_mask, deterministic=deterministic)
