@@ -50,7 +50,14 @@ from flax_d2v.masking import block_mask_1d
 from flax_d2v.modeling import feat_extract_output_lengths
 from flax_d2v.precision import matmul_precision
 from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
-from flax_d2v.train.pretrain import check_collapse, ema_decay_at, ema_update, instance_norm_time, masked_std
+from flax_d2v.train.pretrain import (
+    check_collapse,
+    ema_decay_at,
+    ema_update,
+    instance_norm_time,
+    masked_std,
+    regression_loss,
+)
 
 MASK_STREAM, DROPOUT_STREAM, NOISE_STREAM = 0, 1, 2
 LOCAL_KEYS = ("feature_extractor", "project_features")  # the student's, shared by the teacher
@@ -243,15 +250,9 @@ class Data2Vec2Objective:
         pred = self.decoder.apply({"params": params["decoder"]}, full).astype(jnp.float32)
         y = jnp.repeat(self.targets(params, extra, local), c.clone_batch, axis=0)
         scale = c.loss_scale if c.loss_scale is not None else 1.0 / math.sqrt(d)
-        diff = pred - y
-        if c.loss_beta == 0:
-            per = jnp.square(diff)
-        else:
-            a = jnp.abs(diff)
-            per = jnp.where(a < c.loss_beta, 0.5 * jnp.square(diff) / c.loss_beta, a - 0.5 * c.loss_beta)
         counted = mask & jnp.repeat(valid, c.clone_batch)[:, None]
         w = counted.astype(jnp.float32)
-        loss_sum = (per.sum(-1) * scale * w).sum()
+        loss_sum = (regression_loss(pred, y, c.loss_beta) * scale * w).sum()
         weight = w.sum()
         metrics = {
             "target_var": masked_std(y, counted, self.axis_name),
