@@ -539,6 +539,13 @@ class Data2VecAudioModel(nn.Module):
         lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1))
         return jnp.arange(num_frames)[None, :] < lengths[:, None]
 
+    def conv_features(self, input_values: Array) -> Array:
+        """The conv `feature_extractor`: (batch, samples) audio to (batch, frames, conv_dim[-1]);
+        no gradient flows back through it with `freeze_feature_encoder`."""
+        with matmul_precision(self.precision):
+            features = self.feature_extractor(input_values)
+        return jax.lax.stop_gradient(features) if self.freeze_feature_encoder else features
+
     def project_features(
         self, features: Array, frame_mask: Array | None = None, *, deterministic: bool = True
     ) -> FeatureEncoding:
@@ -546,13 +553,6 @@ class Data2VecAudioModel(nn.Module):
         with matmul_precision(self.precision):
             h, normed, projected = self.feature_projection(features, deterministic)
         return FeatureEncoding(hidden_states=h, projected=projected, extract_features=normed, frame_mask=frame_mask)
-
-    def conv_features(self, input_values: Array) -> Array:
-        """The conv `feature_extractor`: (batch, samples) audio to (batch, frames, conv_dim[-1]);
-        no gradient flows back through it with `freeze_feature_encoder`."""
-        with matmul_precision(self.precision):
-            features = self.feature_extractor(input_values)
-        return jax.lax.stop_gradient(features) if self.freeze_feature_encoder else features
 
     def encode_features(
         self, input_values: Array, attention_mask: Array | None = None, *, deterministic: bool = True
