@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 import flax_d2v  # noqa: E402
+from flax_d2v.precision import matmul_precision  # noqa: E402
 from flax_d2v.train import ctc as CTC  # noqa: E402
 from flax_d2v.train import vocab as V  # noqa: E402
 
@@ -111,17 +112,13 @@ def ctc_loss(
 
 def _from_features(module: Any, params: PyTree, features: jax.Array, deterministic: bool, rngs: Any) -> jax.Array:
     """`Data2VecAudioForCTC` logits from the conv features on (the `no_feature_encoder` ablation)."""
-    from flax_d2v.precision import matmul_precision
-
     enc = flax_d2v.modeling.Data2VecAudioModel(
         module.config, module.dtype, module.remat_policy, module.scan_layers, True, module.precision
     )
 
     def body(m, feats):
-        with matmul_precision(m.precision):
-            h, _ = m.feature_projection(feats, deterministic)
-            h, _, _ = m.encoder(h, None, deterministic, False, False)
-        return h
+        h = m.project_features(feats, deterministic=deterministic).hidden_states
+        return m.encode(h, deterministic=deterministic).last_hidden_state
 
     h = enc.apply({"params": params["data2vec_audio"]}, features, method=body, rngs=rngs)
     with matmul_precision(module.precision):
@@ -189,9 +186,7 @@ def flax_side(
     xj, lj = jnp.asarray(x), jnp.asarray(labels)
     if "no_feature_encoder" in ablate:
         enc = flax_d2v.modeling.Data2VecAudioModel(module.config, module.dtype, precision=module.precision)
-        xj = jax.jit(lambda p, v: enc.apply({"params": p}, v, method=lambda m, v: m.feature_extractor(v)))(
-            params["data2vec_audio"], xj
-        )
+        xj = jax.jit(lambda p, v: enc.apply({"params": p}, v, method="conv_features"))(params["data2vec_audio"], xj)
     eval_loss = float(jax.jit(lambda p: ctc_loss(module, p, xj, lj, None, ablate))(params))
     tx = make_optimizer(params)
     state = {"params": jax.device_put(params), "opt_state": jax.jit(tx.init)(params)}

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import os
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -42,7 +43,9 @@ from flax_d2v.masking import compute_mask_indices
 from flax_d2v.modeling import (
     REMAT_POLICIES,
     TORCH_LAYER_NORM_EPS,
+    Data2VecAudioForCTC,
     FeatureEncoder,
+    ForwardOptions,
     PositionalConvEmbedding,
     _dense,
     _layer_norm,
@@ -173,8 +176,6 @@ PRESETS_V2 = {"base": Data2Vec2Config, "large": large_config_v2, "tiny": tiny_co
 
 def read_config(path: Any) -> Data2VecAudioConfig:
     """config.json of a flax-d2v directory: `Data2Vec2Config` for model_type "data2vec2-audio", else 1.0's."""
-    import os
-
     if os.path.isfile(path) and read_json_object(path).get("model_type") == MODEL_TYPE_V2:
         return Data2Vec2Config.from_json_file(path)
     return Data2VecAudioConfig.from_json_file(path)
@@ -337,8 +338,10 @@ class Data2Vec2Model(nn.Module):
     """The data2vec 2.0 audio encoder (fairseq's `extract_features`; no pretraining modules).
 
     Call: `module.apply({"params": p}, input_values, attention_mask=None, output_hidden_states=False)`,
-    as the 1.0 model. Methods `local_features` and `contextualize` are the two halves fairseq's
-    pretraining calls separately (the teacher re-uses the student's local features).
+    as the 1.0 model, with its keyword options and `padding_invariant`. `__call__` is the public steps
+    `local_features`, `mask_hidden_states` and `contextualize`; pretraining calls `local_features` once
+    and shares it between the student (`encode_masked`) and the teacher (`contextualize`). The entry
+    points trace at the module's matmul precision.
     """
 
     config: Data2Vec2Config
@@ -377,10 +380,11 @@ class Data2Vec2Model(nn.Module):
 
     def local_features(self, input_values: Array) -> Array:
         """Conv feature extractor and `project_features` (fairseq's `local_features`)."""
-        features = self.feature_extractor(input_values)
-        if self.freeze_feature_encoder:
-            features = jax.lax.stop_gradient(features)
-        return self.project_features(features)
+        with matmul_precision(self.precision):
+            features = self.feature_extractor(input_values)
+            if self.freeze_feature_encoder:
+                features = jax.lax.stop_gradient(features)
+            return self.project_features(features)
 
     def biases(self, num_frames: int, keep: Array | None = None, frame_mask: Array | None = None) -> list[Array | None]:
         """One attention bias per block (prenet first): scaled ALiBi, gathered to `keep`, plus key padding."""
@@ -428,29 +432,34 @@ class Data2Vec2Model(nn.Module):
         the blocks, on clone-batched local features (N, T, D). The masked frames are zeroed for the positional
         conv (`apply_mask`, encoder_zero_mask); only the kept frames `keep` (N, K) go through the blocks, with
         the ALiBi bias of their original positions."""
-        pos = self.relative_positional_encoder(jnp.where(mask[..., None], jnp.zeros((), local.dtype), local))
-        take = lambda a: jnp.take_along_axis(a, keep[..., None], axis=1)  # noqa: E731
-        x = take(local) + take(pos)
-        return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
+        with matmul_precision(self.precision):
+            pos = self.relative_positional_encoder(jnp.where(mask[..., None], jnp.zeros((), local.dtype), local))
+            take = lambda a: jnp.take_along_axis(a, keep[..., None], axis=1)  # noqa: E731
+            x = take(local) + take(pos)
+            return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
 
     def contextualize(
         self, x: Array, frame_mask: Array | None = None, deterministic: bool = True, padding_invariant: bool = False
     ) -> tuple[Array, list[Array], list[Array], list[Array]]:
         """fairseq's `contextualized_features(mask=False)` and the blocks (the teacher's whole forward)."""
-        x = x + self.positions(x, frame_mask, padding_invariant)
-        return self.encode(x, self.biases(x.shape[1], None, frame_mask), deterministic)
+        with matmul_precision(self.precision):
+            x = x + self.positions(x, frame_mask, padding_invariant)
+            return self.encode(x, self.biases(x.shape[1], None, frame_mask), deterministic)
 
-    def _mask(
+    def mask_hidden_states(
         self,
-        h: Array,
-        frame_mask: Array | None,
-        mask_time_indices: Array | None,
-        mask_feature_indices: Array | None,
-        deterministic: bool,
+        hidden_states: Array,
+        frame_mask: Array | None = None,
+        *,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        deterministic: bool = True,
     ) -> tuple[Array, Array | None]:
-        """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): noise in masked frames,
-        zeroed channels."""
+        """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): N(0, mask_noise_std) noise
+        in masked frames, zeroed channels; (masked states, the time mask used). As 1.0's method of the
+        name: masks passed in are applied, missing ones drawn when training (transformers' counting rule)."""
         c = self.config
+        h = hidden_states
         b, t, d = h.shape
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
@@ -483,7 +492,13 @@ class Data2Vec2Model(nn.Module):
         with matmul_precision(self.precision):
             local = self.local_features(input_values)
             frame_mask = self.frame_mask(attention_mask, local.shape[1])
-            h, mask_time_indices = self._mask(local, frame_mask, mask_time_indices, mask_feature_indices, deterministic)
+            h, mask_time_indices = self.mask_hidden_states(
+                local,
+                frame_mask,
+                mask_time_indices=mask_time_indices,
+                mask_feature_indices=mask_feature_indices,
+                deterministic=deterministic,
+            )
             x, hidden, results, prenet = self.contextualize(h, frame_mask, deterministic, padding_invariant)
         return Data2Vec2Output(
             last_hidden_state=x,
@@ -496,54 +511,18 @@ class Data2Vec2Model(nn.Module):
         )
 
 
-class Data2Vec2ForCTC(nn.Module):
-    """The encoder (`data2vec_audio`, fairseq's `w2v_encoder.w2v_model`) and `lm_head` (`w2v_encoder.proj`)."""
+class ForwardOptionsV2(ForwardOptions, total=False):
+    """`Data2Vec2Model.__call__`'s keyword-only options: 1.0's and `padding_invariant`."""
 
-    config: Data2Vec2Config
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = False
-    freeze_feature_encoder: bool = False
-    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
+    padding_invariant: bool
 
+
+class Data2Vec2ForCTC(Data2VecAudioForCTC):
+    """The encoder (`data2vec_audio`, fairseq's `w2v_encoder.w2v_model`) and `lm_head` (`w2v_encoder.proj`):
+    1.0's CTC model around `Data2Vec2Model` (called as it, keyword options `ForwardOptionsV2`)."""
+
+    base_model: ClassVar[type[nn.Module]] = Data2Vec2Model
     is_data2vec2 = True
-
-    @nn.compact
-    def __call__(
-        self,
-        input_values: Array,
-        attention_mask: Array | None = None,
-        output_hidden_states: bool = False,
-        *,
-        deterministic: bool = True,
-        mask_time_indices: Array | None = None,
-        mask_feature_indices: Array | None = None,
-        output_layer_results: bool = False,
-        padding_invariant: bool = False,
-    ) -> Data2Vec2Output:
-        c = self.config
-        with matmul_precision(self.precision):
-            out = Data2Vec2Model(
-                c,
-                self.dtype,
-                self.remat_policy,
-                self.scan_layers,
-                self.freeze_feature_encoder,
-                self.precision,
-                name="data2vec_audio",
-            )(
-                input_values,
-                attention_mask,
-                output_hidden_states,
-                deterministic=deterministic,
-                mask_time_indices=mask_time_indices,
-                mask_feature_indices=mask_feature_indices,
-                output_layer_results=output_layer_results,
-                padding_invariant=padding_invariant,
-            )
-            h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
-            logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)
-        return out.replace(logits=logits.astype(jnp.float32))
 
 
 class Decoder1d(nn.Module):

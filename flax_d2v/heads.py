@@ -16,8 +16,10 @@ encoder is nested under `data2vec_audio` as there):
 - `Data2VecAudioForCTC` and `Data2VecAudioModel` live in `flax_d2v.modeling`; the adapter
   (`add_adapter`) is part of `Data2VecAudioModel`, so it serves the bare model, CTC and x-vectors.
 
-All heads take `freeze_base_model` (transformers' `freeze_base_model()`): no gradient reaches the
-encoder (and the optimizer freezes its parameters, see `flax_d2v.train.state`).
+All heads are called as `Data2VecAudioModel` (input values, attention mask, output_hidden_states, and
+the keyword options `flax_d2v.modeling.ForwardOptions`, forwarded to the encoder) and take
+`freeze_base_model` (transformers' `freeze_base_model()`): no gradient reaches the encoder (and the
+optimizer freezes its parameters, see `flax_d2v.train.state`).
 
 `REGISTRY` maps transformers' `architectures` names to a `HeadSpec`: the module class, the
 head's rows of the key table (`flax_d2v.convert.keys` adds them to the encoder's rows), its
@@ -30,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Unpack
 
 import flax.linen as nn
 import jax
@@ -43,6 +45,7 @@ from flax_d2v.modeling import (
     Data2VecAudioModel,
     Data2VecAudioOutput,
     Dtype,
+    ForwardOptions,
     _dense,
     feat_extract_output_lengths,
 )
@@ -108,22 +111,11 @@ def _run_base(
     input_values: Array,
     attention_mask: Array | None,
     output_hidden_states: bool,
-    deterministic: bool,
-    mask_time_indices: Array | None,
-    mask_feature_indices: Array | None,
-    output_layer_results: bool,
+    options: ForwardOptions,
 ) -> tuple[Data2VecAudioOutput, Array]:
     """The encoder's output and the hidden state the head reads (weighted layer sum or the last)."""
     c = module.config
-    out = _base(module)(
-        input_values,
-        attention_mask,
-        output_hidden_states or c.use_weighted_layer_sum,
-        deterministic=deterministic,
-        mask_time_indices=mask_time_indices,
-        mask_feature_indices=mask_feature_indices,
-        output_layer_results=output_layer_results,
-    )
+    out = _base(module)(input_values, attention_mask, output_hidden_states or c.use_weighted_layer_sum, **options)
     if c.use_weighted_layer_sum:
         n = c.num_hidden_layers + 1  # transformer layers + the encoder input
         weights = module.param(
@@ -167,24 +159,11 @@ class Data2VecAudioForSequenceClassification(_Head):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
-        *,
-        deterministic: bool = True,
-        mask_time_indices: Array | None = None,
-        mask_feature_indices: Array | None = None,
-        output_layer_results: bool = False,
+        **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
         _no_adapter(c, "Data2VecAudioForSequenceClassification")
-        out, h = _run_base(
-            self,
-            input_values,
-            attention_mask,
-            output_hidden_states,
-            deterministic,
-            mask_time_indices,
-            mask_feature_indices,
-            output_layer_results,
-        )
+        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options)
         h = _dense(c.classifier_proj_size, ("embed", "vocab"), self.dtype, "projector")(h).astype(jnp.float32)
         if out.frame_mask is None:
             pooled = h.mean(axis=1)
@@ -205,24 +184,11 @@ class Data2VecAudioForAudioFrameClassification(_Head):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
-        *,
-        deterministic: bool = True,
-        mask_time_indices: Array | None = None,
-        mask_feature_indices: Array | None = None,
-        output_layer_results: bool = False,
+        **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
         _no_adapter(c, "Data2VecAudioForAudioFrameClassification")
-        out, h = _run_base(
-            self,
-            input_values,
-            attention_mask,
-            output_hidden_states,
-            deterministic,
-            mask_time_indices,
-            mask_feature_indices,
-            output_layer_results,
-        )
+        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options)
         logits = _dense(num_labels(c), ("embed", "vocab"), self.dtype, "classifier")(h)
         return out.replace(logits=logits.astype(jnp.float32))
 
@@ -299,23 +265,10 @@ class Data2VecAudioForXVector(_Head):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
-        *,
-        deterministic: bool = True,
-        mask_time_indices: Array | None = None,
-        mask_feature_indices: Array | None = None,
-        output_layer_results: bool = False,
+        **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
-        out, h = _run_base(
-            self,
-            input_values,
-            attention_mask,
-            output_hidden_states,
-            deterministic,
-            mask_time_indices,
-            mask_feature_indices,
-            output_layer_results,
-        )
+        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options)
         h = _dense(c.tdnn_dim[0], ("embed", "vocab"), self.dtype, "projector")(h)
         for i in range(len(c.tdnn_dim)):
             h = TDNNLayer(c, i, self.dtype, name=f"tdnn_{i}")(h)

@@ -1,15 +1,24 @@
-"""Span masks (SpecAugment time/channel masking) as pure, jittable functions of an rng.
+"""Span masks (SpecAugment, data2vec's time masks, data2vec 2.0's block masks) as pure, jittable
+functions of an rng.
 
-transformers computes these masks with NumPy's global random state on the host; here they are a
-function of a `jax.random` key, so a training step stays a pure function of `(state, batch, rng)`
-and the same key gives the same mask on any device layout. `per_example_mask_indices` draws each
-row from its own key (e.g. `fold_in(step_key, global_example_index)`), which is what makes masks
-independent of how a batch is split over devices.
+transformers and fairseq compute these masks with NumPy's global random state on the host; here they
+are a function of a `jax.random` key, so a training step stays a pure function of `(state, batch, rng)`
+and the same key gives the same mask on any device layout. `per_example_mask_indices` and
+`data2vec_mask_indices` draw each row from its own key (e.g. `fold_in(step_key, global_example_index)`),
+which is what makes masks independent of how a batch is split over devices.
 
-Semantics follow transformers' `_compute_mask_indices`: the number of spans of a row of length L
-is ``int(mask_prob * L / mask_length + u)`` with one ``u ~ U[0, 1)`` per call, at least
-``min_masks``, at most what fits; span starts are drawn without replacement from
-``[0, L - mask_length]``; spans may overlap.
+Both span-counting rules in use share one row routine (`row_span_mask`); they differ only in how many
+spans a row of length L gets and where a span may start (`span_count`):
+
+- `TRANSFORMERS` (transformers' `_compute_mask_indices`, fine-tuning's SpecAugment): ``int(mask_prob *
+  L / mask_length + u)`` spans with one ``u ~ U[0, 1)`` per call, at least ``min_masks``, at most what
+  fits (``sequence_length // mask_length`` and ``L - mask_length + 1``); starts in ``[0, L - mask_length]``.
+- `FAIRSEQ` (fairseq's `compute_mask_indices` as data2vec pretraining calls it: static spans, no
+  overlap prevention, `idc_select_ver=1`, `num_mask_ver=2`): the same count with one ``u`` per row
+  and no upper bound; starts in ``[0, L - mask_length)`` (the last frame is never a start's cover), or
+  in ``[0, num]`` when the row is too short; spans clipped to the row.
+
+Either way span starts are drawn without replacement and spans may overlap.
 """
 
 from __future__ import annotations
@@ -17,25 +26,54 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _num_spans(
-    length: jax.Array, mask_prob: float, mask_length: int, min_masks: int, u: jax.Array, sequence_length: int
-) -> jax.Array:
-    n = jnp.floor(mask_prob * length / mask_length + u).astype(jnp.int32)
-    n = jnp.maximum(n, min_masks)
-    n = jnp.minimum(n, sequence_length // mask_length)
-    n = jnp.minimum(n, jnp.maximum(length - (mask_length - 1), 0))
-    return n
+TRANSFORMERS = "transformers"
+FAIRSEQ = "fairseq"
+RULES = (TRANSFORMERS, FAIRSEQ)
 
 
-def _max_spans(sequence_length: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
-    """Static upper bound on the number of spans (u < 1, so the floor adds at most 1)."""
+def span_count(
+    rule: str,
+    length: jax.Array,
+    u: jax.Array,
+    sequence_length: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(number of spans, number of allowed start positions) of a row of `length` frames under `rule`.
+
+    The starts allowed are ``[0, num_starts)``; `u` is the U[0, 1) draw that rounds the expected count.
+    """
+    num = jnp.floor(mask_prob * length / mask_length + u).astype(jnp.int32)
+    num = jnp.maximum(num, min_masks)
+    if rule == TRANSFORMERS:
+        num = jnp.minimum(num, sequence_length // mask_length)
+        num = jnp.minimum(num, jnp.maximum(length - (mask_length - 1), 0))
+        return num, length - mask_length + 1
+    if rule == FAIRSEQ:
+        min_len = jnp.where(length - mask_length <= num, length - num - 1, mask_length)
+        return num, length - min_len
+    raise ValueError(f"unknown span-counting rule {rule!r}; choose one of {RULES}")
+
+
+def max_spans(rule: str, sequence_length: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
+    """Static upper bound on a row's number of spans under `rule` (u < 1, so the floor adds at most 1)."""
     n = max(int(mask_prob * sequence_length / mask_length + 1.0), min_masks)
-    n = min(n, sequence_length // mask_length, max(sequence_length - (mask_length - 1), 0))
-    return n
+    if rule == TRANSFORMERS:
+        return min(n, sequence_length // mask_length, max(sequence_length - (mask_length - 1), 0))
+    return max(1, min(n, sequence_length))
 
 
-def _row_mask(
+def cover(starts: jax.Array, used: jax.Array, mask_length: int, sequence_length: int) -> jax.Array:
+    """(sequence_length,) bool: the frames covered by the `used` spans of `mask_length` frames at
+    `starts` (any integers), clipped to [0, sequence_length)."""
+    positions = jnp.arange(sequence_length)
+    covered = (positions[None, :] >= starts[:, None]) & (positions[None, :] < starts[:, None] + mask_length)
+    return jnp.any(covered & used[:, None], axis=0)
+
+
+def row_span_mask(
+    rule: str,
     key: jax.Array,
     length: jax.Array,
     u: jax.Array,
@@ -43,18 +81,19 @@ def _row_mask(
     mask_prob: float,
     mask_length: int,
     min_masks: int,
-    max_spans: int,
+    num_spans_bound: int,
 ) -> jax.Array:
-    num = _num_spans(length, mask_prob, mask_length, min_masks, u, sequence_length)
+    """One row's (sequence_length,) span mask under `rule` (see the module docstring); frames at or
+    past `length` (right padding) are never masked. `key` draws the starts, `u` rounds the count;
+    `num_spans_bound` is `max_spans(...)`, the static number of starts drawn."""
+    num, num_starts = span_count(rule, length, u, sequence_length, mask_prob, mask_length, min_masks)
     positions = jnp.arange(sequence_length)
-    # Sampling starts without replacement = taking the top-`num` of i.i.d. uniform scores over
-    # the valid start positions.
-    scores = jax.random.uniform(key, (sequence_length,))
-    scores = jnp.where(positions <= length - mask_length, scores, -1.0)
-    _, starts = jax.lax.top_k(scores, max_spans)
-    used = jnp.arange(max_spans) < num
-    covered = (positions[None, :] >= starts[:, None]) & (positions[None, :] < starts[:, None] + mask_length)
-    return jnp.any(covered & used[:, None], axis=0)
+    # Sampling starts without replacement = taking the top-`num` of i.i.d. uniform scores over the
+    # allowed start positions.
+    scores = jnp.where(positions < num_starts, jax.random.uniform(key, (sequence_length,)), -1.0)
+    _, starts = jax.lax.top_k(scores, num_spans_bound)
+    used = jnp.arange(num_spans_bound) < num
+    return cover(starts, used, mask_length, sequence_length) & (positions < length)
 
 
 def compute_mask_indices(
@@ -65,7 +104,8 @@ def compute_mask_indices(
     min_masks: int = 0,
     lengths: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean (batch, sequence_length) span mask; `lengths` excludes right padding from masking."""
+    """transformers' `_compute_mask_indices`: boolean (batch, sequence_length) span mask, one `u` for
+    the batch; `lengths` excludes right padding from masking."""
     batch, sequence_length = shape
     if mask_length < 1:
         raise ValueError("mask_length has to be at least 1")
@@ -73,16 +113,19 @@ def compute_mask_indices(
         return jnp.zeros(shape, bool)
     if mask_length > sequence_length:
         raise ValueError(f"mask_length {mask_length} is longer than the sequence ({sequence_length} frames)")
-    max_spans = _max_spans(sequence_length, mask_prob, mask_length, min_masks)
-    if max_spans == 0:
+    bound = max_spans(TRANSFORMERS, sequence_length, mask_prob, mask_length, min_masks)
+    if bound == 0:
         return jnp.zeros(shape, bool)
     if lengths is None:
         lengths = jnp.full((batch,), sequence_length, jnp.int32)
     u_key, row_key = jax.random.split(rng)
     u = jax.random.uniform(u_key, ())
     keys = jax.random.split(row_key, batch)
-    fn = lambda k, n: _row_mask(k, n, u, sequence_length, mask_prob, mask_length, min_masks, max_spans)  # noqa: E731
-    return jax.vmap(fn)(keys, lengths.astype(jnp.int32))
+
+    def row(k: jax.Array, n: jax.Array) -> jax.Array:
+        return row_span_mask(TRANSFORMERS, k, n, u, sequence_length, mask_prob, mask_length, min_masks, bound)
+
+    return jax.vmap(row)(keys, lengths.astype(jnp.int32))
 
 
 def per_example_mask_indices(
@@ -98,7 +141,82 @@ def per_example_mask_indices(
     if lengths is None:
         lengths = jnp.full((batch,), sequence_length, jnp.int32)
 
-    def one(key, length):
+    def one(key: jax.Array, length: jax.Array) -> jax.Array:
         return compute_mask_indices(key, (1, sequence_length), mask_prob, mask_length, min_masks, length[None])[0]
 
     return jax.vmap(one)(keys, lengths)
+
+
+def data2vec_mask_indices(
+    keys: jax.Array,
+    lengths: jax.Array,
+    sequence_length: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 1,
+    require_same_masks: bool = True,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """fairseq's `compute_mask_indices` as data2vec pretraining calls it: (B, T) bool span masks, row i
+    a function of `keys[i]` and `lengths[i]` (and, with `require_same_masks`, of the smallest count in
+    the batch, which every row is trimmed to by dropping masked frames uniformly at random, as fairseq
+    does). Rows of length 0 (all padding) get no mask and do not count for the minimum. Jittable;
+    `axis_name` takes the minimum over a `pmap` axis too.
+    """
+    bound = max_spans(FAIRSEQ, sequence_length, mask_prob, mask_length, min_masks)
+    lengths = lengths.astype(jnp.int32)
+    pairs = jax.vmap(jax.random.split)(keys)  # (B, 2, ...): one key for the spans, one for the trimming
+    span_keys, trim_keys = pairs[:, 0], pairs[:, 1]
+
+    def row(key: jax.Array, n: jax.Array) -> jax.Array:
+        u_key, start_key = jax.random.split(key)  # fairseq draws the rounding `u` per row
+        u = jax.random.uniform(u_key, ())
+        return row_span_mask(FAIRSEQ, start_key, n, u, sequence_length, mask_prob, mask_length, min_masks, bound)
+
+    masks = jax.vmap(row)(span_keys, lengths) & (lengths[:, None] > 0)
+    if not require_same_masks:
+        return masks
+    counts = masks.sum(-1)
+    big = jnp.iinfo(jnp.int32).max
+    target = jnp.min(jnp.where(lengths > 0, counts, big))
+    if axis_name is not None:
+        target = jax.lax.pmin(target, axis_name)
+
+    def trim(key: jax.Array, mask: jax.Array) -> jax.Array:
+        scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
+        rank = jnp.argsort(jnp.argsort(-scores))  # 0 for the highest score
+        return mask & (rank < target)
+
+    return jax.vmap(trim)(trim_keys, masks)
+
+
+def block_mask_1d(
+    key: jax.Array,
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    inverse_mask: bool = False,
+    mask_dropout: float = 0.0,
+) -> jax.Array:
+    """One row of fairseq's `compute_block_mask_1d` (data2vec 2.0's pretraining masks; non_overlapping
+    and expand_adjcent off, require_same_masks on): (T,) bool, True = masked.
+
+    Spans of `mask_length` frames around centres drawn uniformly *with* replacement (the span rules
+    above draw starts without), clipped to the row, then exactly ``int(T * p)`` masked frames: masked
+    frames dropped, or unmasked ones added, uniformly at random. `inverse_mask` flips it (p = 1 - mask_prob).
+    """
+    p = 1.0 - mask_prob if inverse_mask else mask_prob
+    n_centres = int(num_frames * ((p + mask_prob_adjust) / mask_length) * (1 + mask_dropout))
+    target = int(num_frames * p)
+    k_centres, k_adjust = jax.random.split(key)
+    mask = jnp.zeros((num_frames,), bool)
+    if n_centres > 0:
+        centres = jax.random.randint(k_centres, (n_centres,), 0, num_frames)
+        # fairseq clamps each covered index into [0, T - 1]; a span always overlaps the row, so that is `cover`'s clip
+        mask = cover(centres - mask_length // 2, jnp.ones((n_centres,), bool), mask_length, num_frames)
+    # exactly `target` masked: the masked frames first (random order among them), then random unmasked ones
+    u = jax.random.uniform(k_adjust, (num_frames,))
+    _, chosen = jax.lax.top_k(jnp.where(mask, 1.0 + u, u), target) if target > 0 else (None, jnp.zeros((0,), int))
+    final = jnp.zeros((num_frames,), bool).at[chosen].set(True)
+    return ~final if inverse_mask else final

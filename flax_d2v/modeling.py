@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import flax.linen as nn
 import flax.struct
@@ -161,18 +161,21 @@ class FeatureEncoder(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    """`feature_projection`: LayerNorm, Linear to hidden_size, dropout."""
+    """`feature_projection`: LayerNorm, Linear to hidden_size, dropout.
+
+    Returns (projection after dropout, the LayerNorm's output, projection before dropout).
+    """
 
     config: Data2VecAudioConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, Array]:
+    def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, Array, Array]:
         c = self.config
         normed = _layer_norm(c.layer_norm_eps, "conv_dim", self.dtype, "layer_norm")(x)
-        h = _dense(c.hidden_size, ("conv_dim", "embed"), self.dtype, "projection")(normed)
-        h = nn.Dropout(c.feat_proj_dropout)(h, deterministic=deterministic)
-        return h, normed
+        projected = _dense(c.hidden_size, ("conv_dim", "embed"), self.dtype, "projection")(normed)
+        h = nn.Dropout(c.feat_proj_dropout)(projected, deterministic=deterministic)
+        return h, normed, projected
 
 
 class PositionalConvLayer(nn.Module):
@@ -374,7 +377,8 @@ class Encoder(nn.Module):
     def __call__(
         self,
         x: Array,
-        frame_mask: Array | None,
+        frame_mask: Array | None = None,
+        *,
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_layer_results: bool = False,
@@ -471,6 +475,26 @@ class Adapter(nn.Module):
         return x
 
 
+class ForwardOptions(TypedDict, total=False):
+    """The keyword-only options of `Data2VecAudioModel.__call__` (defaults there), which every model
+    wrapping it (CTC, the heads, data2vec 2.0) takes too and forwards: written once here."""
+
+    deterministic: bool
+    mask_time_indices: Array | None
+    mask_feature_indices: Array | None
+    output_layer_results: bool
+
+
+@flax.struct.dataclass
+class FeatureEncoding:
+    """What `Data2VecAudioModel.encode_features` / `project_features` return."""
+
+    hidden_states: Array  # projected features after `feat_proj_dropout`: the input of masking and the encoder
+    projected: Array  # the same before dropout (fairseq's `pre_encoder_features`, data2vec's teacher input)
+    extract_features: Array  # the conv features after `feature_projection.layer_norm` (transformers' name)
+    frame_mask: Array | None = None  # (batch, frames): True on real frames; None without an attention mask
+
+
 class Data2VecAudioModel(nn.Module):
     """The bare encoder (transformers' `Data2VecAudioModel`).
 
@@ -479,6 +503,12 @@ class Data2VecAudioModel(nn.Module):
     real samples (1) against right padding (0). Deterministic unless `deterministic=False` and a
     `"dropout"` rng is given; then dropout, LayerDrop and SpecAugment (unless masks are passed in)
     are on.
+
+    `__call__` is these public steps in order, each callable alone with `apply(..., method=...)`
+    (data2vec pretraining runs them separately to share one feature-extractor run between student
+    and teacher): `encode_features` (`conv_features`, then `project_features`), `mask_hidden_states`
+    (SpecAugment; its time mask is `apply_time_mask`, the learned `masked_spec_embed`), `encode`
+    (the transformer encoder), then the adapter when configured. Each traces at the module's matmul precision.
     """
 
     config: Data2VecAudioConfig
@@ -503,22 +533,66 @@ class Data2VecAudioModel(nn.Module):
             self.adapter = Adapter(c, self.dtype)
 
     def frame_mask(self, attention_mask: Array | None, num_frames: int) -> Array | None:
+        """(batch, num_frames) True on the frames made from real samples; None without a mask."""
         if attention_mask is None:
             return None
         lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1))
         return jnp.arange(num_frames)[None, :] < lengths[:, None]
 
-    def _spec_augment(
+    def conv_features(self, input_values: Array) -> Array:
+        """The conv `feature_extractor`: (batch, samples) audio to (batch, frames, conv_dim[-1]);
+        no gradient flows back through it with `freeze_feature_encoder`."""
+        with matmul_precision(self.precision):
+            features = self.feature_extractor(input_values)
+        return jax.lax.stop_gradient(features) if self.freeze_feature_encoder else features
+
+    def project_features(
+        self, features: Array, frame_mask: Array | None = None, *, deterministic: bool = True
+    ) -> FeatureEncoding:
+        """`feature_projection` on conv features (batch, frames, conv_dim[-1]); `frame_mask` is passed through."""
+        with matmul_precision(self.precision):
+            h, normed, projected = self.feature_projection(features, deterministic)
+        return FeatureEncoding(hidden_states=h, projected=projected, extract_features=normed, frame_mask=frame_mask)
+
+    def encode_features(
+        self, input_values: Array, attention_mask: Array | None = None, *, deterministic: bool = True
+    ) -> FeatureEncoding:
+        """`conv_features`, the frame mask and `project_features`: the encoder's input."""
+        features = self.conv_features(input_values)
+        frame_mask = self.frame_mask(attention_mask, features.shape[1])
+        return self.project_features(features, frame_mask, deterministic=deterministic)
+
+    def apply_time_mask(self, hidden_states: Array, mask_time_indices: Array) -> Array:
+        """Frames where `mask_time_indices` (batch, frames) is True replaced by `masked_spec_embed`
+        (fairseq's `mask_emb`), unconditionally: data2vec pretraining's masking."""
+        if not self.config.has_masked_spec_embed:
+            raise ValueError(
+                "mask_time_indices given but the config has no masked_spec_embed "
+                "(mask_time_prob and mask_feature_prob are both 0)"
+            )
+        embed = self.masked_spec_embed.astype(hidden_states.dtype)
+        return jnp.where(mask_time_indices[..., None], embed, hidden_states)
+
+    def mask_hidden_states(
         self,
-        h: Array,
-        frame_mask: Array | None,
-        mask_time_indices: Array | None,
-        mask_feature_indices: Array | None,
-        deterministic: bool,
+        hidden_states: Array,
+        frame_mask: Array | None = None,
+        *,
+        mask_time_indices: Array | None = None,
+        mask_feature_indices: Array | None = None,
+        deterministic: bool = True,
     ) -> tuple[Array, Array | None]:
+        """SpecAugment, as transformers' `_mask_hidden_states`: (masked states, the time mask used).
+
+        Nothing at all when `config.apply_spec_augment` is off, even for masks passed in. Masks
+        passed in are applied; when training (`deterministic=False`) the missing ones are drawn with
+        the `"dropout"` rng (transformers' counting rule, `flax_d2v.masking.compute_mask_indices`)
+        when their probability is > 0. Time-masked frames get `masked_spec_embed`, masked channels 0.
+        """
         c = self.config
+        h = hidden_states
         b, t, d = h.shape
-        if not c.apply_spec_augment:  # transformers' `_mask_hidden_states`: off, even for masks passed in
+        if not c.apply_spec_augment:
             return h, None
         if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
             lengths = None if frame_mask is None else frame_mask.sum(-1)
@@ -526,12 +600,7 @@ class Data2VecAudioModel(nn.Module):
                 self.make_rng("dropout"), (b, t), c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks, lengths
             )
         if mask_time_indices is not None:
-            if not c.has_masked_spec_embed:
-                raise ValueError(
-                    "mask_time_indices given but the config has no masked_spec_embed "
-                    "(mask_time_prob and mask_feature_prob are both 0)"
-                )
-            h = jnp.where(mask_time_indices[..., None], self.masked_spec_embed.astype(h.dtype), h)
+            h = self.apply_time_mask(h, mask_time_indices)
         if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
             mask_feature_indices = compute_mask_indices(
                 self.make_rng("dropout"), (b, d), c.mask_feature_prob, c.mask_feature_length, c.mask_feature_min_masks
@@ -540,6 +609,30 @@ class Data2VecAudioModel(nn.Module):
             h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
         return h, mask_time_indices
 
+    def encode(
+        self,
+        hidden_states: Array,
+        frame_mask: Array | None = None,
+        *,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_layer_results: bool = False,
+    ) -> Data2VecAudioOutput:
+        """The transformer `encoder` on projected (and masked) features: padded frames zeroed,
+        positional conv, LayerNorm, dropout, the layers. Fills `last_hidden_state`, `frame_mask` and
+        what was asked for of `hidden_states` / `layer_results` (no adapter: that is `__call__`'s)."""
+        with matmul_precision(self.precision):
+            last, hidden_states, layer_results = self.encoder(
+                hidden_states,
+                frame_mask,
+                deterministic=deterministic,
+                output_hidden_states=output_hidden_states,
+                output_layer_results=output_layer_results,
+            )
+        return Data2VecAudioOutput(
+            last_hidden_state=last, hidden_states=hidden_states, layer_results=layer_results, frame_mask=frame_mask
+        )
+
     def __call__(
         self,
         input_values: Array,
@@ -552,54 +645,41 @@ class Data2VecAudioModel(nn.Module):
         output_layer_results: bool = False,
     ) -> Data2VecAudioOutput:
         with matmul_precision(self.precision):
-            return self._forward(
-                input_values,
-                attention_mask,
-                output_hidden_states,
-                deterministic,
-                mask_time_indices,
-                mask_feature_indices,
-                output_layer_results,
+            features = self.encode_features(input_values, attention_mask, deterministic=deterministic)
+            h, mask_time_indices = self.mask_hidden_states(
+                features.hidden_states,
+                features.frame_mask,
+                mask_time_indices=mask_time_indices,
+                mask_feature_indices=mask_feature_indices,
+                deterministic=deterministic,
             )
-
-    def _forward(
-        self,
-        input_values: Array,
-        attention_mask: Array | None,
-        output_hidden_states: bool,
-        deterministic: bool,
-        mask_time_indices: Array | None,
-        mask_feature_indices: Array | None,
-        output_layer_results: bool,
-    ) -> Data2VecAudioOutput:
-        features = self.feature_extractor(input_values)
-        if self.freeze_feature_encoder:
-            features = jax.lax.stop_gradient(features)
-        frame_mask = self.frame_mask(attention_mask, features.shape[1])
-        h, extract_features = self.feature_projection(features, deterministic)
-        h, mask_time_indices = self._spec_augment(h, frame_mask, mask_time_indices, mask_feature_indices, deterministic)
-        last, hidden_states, layer_results = self.encoder(
-            h, frame_mask, deterministic, output_hidden_states, output_layer_results
-        )
-        output_frame_mask = None
-        if self.config.add_adapter:
-            last = self.adapter(last, deterministic)
-            if attention_mask is not None:
-                lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1), True)
-                output_frame_mask = jnp.arange(last.shape[1])[None, :] < lengths[:, None]
-        return Data2VecAudioOutput(
+            out = self.encode(
+                h,
+                features.frame_mask,
+                deterministic=deterministic,
+                output_hidden_states=output_hidden_states,
+                output_layer_results=output_layer_results,
+            )
+            last, output_frame_mask = out.last_hidden_state, None
+            if self.config.add_adapter:
+                last = self.adapter(last, deterministic)
+                if attention_mask is not None:
+                    lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1), True)
+                    output_frame_mask = jnp.arange(last.shape[1])[None, :] < lengths[:, None]
+        return out.replace(
             last_hidden_state=last,
-            extract_features=extract_features,
-            hidden_states=hidden_states,
-            layer_results=layer_results,
-            frame_mask=frame_mask,
+            extract_features=features.extract_features,
             mask_time_indices=mask_time_indices,
             output_frame_mask=output_frame_mask,
         )
 
 
 class Data2VecAudioForCTC(nn.Module):
-    """The encoder with `lm_head` for CTC (transformers' `Data2VecAudioForCTC`); adds `logits`."""
+    """The encoder with `lm_head` for CTC (transformers' `Data2VecAudioForCTC`); adds `logits`.
+
+    Called as its `base_model` (same positional arguments and keyword options, `ForwardOptions`),
+    which it nests as `data2vec_audio`; data2vec 2.0's CTC model is this class with 2.0's encoder.
+    """
 
     config: Data2VecAudioConfig
     dtype: Dtype = jnp.float32
@@ -608,21 +688,19 @@ class Data2VecAudioForCTC(nn.Module):
     freeze_feature_encoder: bool = False
     precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
+    base_model: ClassVar[type[nn.Module]] = Data2VecAudioModel
+
     @nn.compact
     def __call__(
         self,
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
-        *,
-        deterministic: bool = True,
-        mask_time_indices: Array | None = None,
-        mask_feature_indices: Array | None = None,
-        output_layer_results: bool = False,
+        **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
         with matmul_precision(self.precision):
-            out = Data2VecAudioModel(
+            out = self.base_model(
                 c,
                 self.dtype,
                 self.remat_policy,
@@ -630,15 +708,8 @@ class Data2VecAudioForCTC(nn.Module):
                 self.freeze_feature_encoder,
                 self.precision,
                 name="data2vec_audio",
-            )(
-                input_values,
-                attention_mask,
-                output_hidden_states,
-                deterministic=deterministic,
-                mask_time_indices=mask_time_indices,
-                mask_feature_indices=mask_feature_indices,
-                output_layer_results=output_layer_results,
-            )
+            )(input_values, attention_mask, output_hidden_states, **options)
+            deterministic = options.get("deterministic", True)
             h = nn.Dropout(c.final_dropout)(out.last_hidden_state, deterministic=deterministic)
             logits = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, "lm_head")(h)  # width: output_hidden_size
         return out.replace(logits=logits.astype(jnp.float32))

@@ -209,3 +209,40 @@ def test_data2vec2_forward_is_highest_and_verify_bf16_honest(tmp_path, speech_di
     assert facts["tolerance"] == TOLERANCES["bf16"] and "precision=bf16" in facts["flax"]
     assert all(r.passed for r in rows), [(r.stage, r.rel) for r in rows if not r.passed]
     assert max(r.rel for r in rows) > PARITY_RTOL
+
+
+def test_public_model_steps_keep_the_policy():
+    """Every public step of the models (what pretraining and benchmarks call alone with
+    `apply(..., method=...)`, outside `__call__`) traces at the module's precision under a lower
+    global flag, as `__call__` does."""
+    from flax_d2v.data2vec2 import Data2Vec2Model, tiny_config_v2
+    from flax_d2v.train.pretrain import _student_forward
+
+    def all_at(text: str, level: str) -> None:
+        ops = op_precisions(text)
+        assert ops, "no dot_general or convolution in the lowered program"
+        bad = [(op, p) for op, p in ops if p.count(level) != 2]
+        assert not bad, f"{len(bad)}/{len(ops)} ops not at {level}: {bad[:5]}"
+
+    x, am = jnp.zeros((2, 8000)), jnp.ones((2, 8000), jnp.int32)
+    module = flax_d2v.Data2VecAudioModel(flax_d2v.tiny_config(mask_time_prob=0.05), precision="highest")
+    params = flax_d2v.init_params(module, 0, 8000)
+    frames = int(flax_d2v.feat_extract_output_lengths(module.config, 8000))
+    feats, h = jnp.zeros((2, frames, 32)), jnp.zeros((2, frames, 64))
+    mask = jnp.zeros((2, frames), bool)
+    calls = {
+        "conv_features": (x,),
+        "project_features": (feats,),
+        "encode_features": (x, am),
+        "encode": (h, mask),
+        lambda m, *a: _student_forward(m, *a, True): (x, am, mask),
+    }
+    v2 = Data2Vec2Model(tiny_config_v2(), precision="highest")
+    params2 = flax_d2v.init_params(v2, 0, 8000)
+    keep = jnp.tile(jnp.arange(frames // 2)[None], (2, 1))
+    calls2 = {"local_features": (x,), "contextualize": (h,), "encode_masked": (h, mask, keep)}
+    with jax.default_matmul_precision("bfloat16"):
+        for mod, p, table in ((module, params, calls), (v2, params2, calls2)):
+            for method, args in table.items():
+                fn = jax.jit(lambda p, *a, m=method, mod=mod: mod.apply({"params": p}, *a, method=m))
+                all_at(fn.lower(p, *args).as_text(), "HIGHEST")

@@ -231,6 +231,35 @@ def test_student_path_is_the_models_forward(setup):
     assert float(jnp.abs(grads[0]["model"]["masked_spec_embed"]).max()) > 0.0
 
 
+@pytest.mark.parametrize("remat_policy, scan_layers", [("none", False), ("nothing_saveable", True)])
+def test_student_forward_with_dropout_is_the_models_call(setup, remat_policy, scan_layers):
+    """Guard against drift between pretraining's student pass (the model's public steps, composed in
+    `_student_forward`) and `Data2VecAudioModel.__call__`: in training mode, with every dropout and
+    LayerDrop on, the same rng and the same time mask, both give the same output bit for bit, on the
+    plain, remat and scanned layer paths; the teacher's input is the projection before dropout."""
+    from flax_d2v.train.pretrain import _student_forward
+
+    *_, wav, am = setup
+    dropouts = dict(feat_proj_dropout=0.1, hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+    config = tiny_config(layerdrop=0.3, **dropouts)
+    module = Data2VecAudioModel(config, remat_policy=remat_policy, scan_layers=scan_layers)
+    model_params = init_params(module, 4)
+    objective = Data2VecObjective(module, Data2VecPretrainConfig(average_top_k_layers=2))
+    mask = objective.masks(_batch(wav, am), jax.random.PRNGKey(3))
+    rngs = {"dropout": jax.random.PRNGKey(11)}
+    v = {"params": model_params}
+    x, clean, frame_mask = module.apply(v, wav, am, mask, False, method=_student_forward, rngs=rngs)
+    ref = module.apply(v, wav, am, deterministic=False, mask_time_indices=mask, rngs=rngs)
+    np.testing.assert_array_equal(np.asarray(frame_mask), np.asarray(ref.frame_mask))
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(ref.last_hidden_state))
+    # not vacuous: dropout changed the output
+    eval_out = module.apply(v, wav, am, mask_time_indices=mask)
+    assert not np.allclose(np.asarray(x), np.asarray(eval_out.last_hidden_state), atol=1e-3)
+    # the teacher's input: the unmasked projection without feat_proj_dropout (fairseq's pre_encoder_features)
+    projected = module.apply(v, wav, am, method="encode_features").hidden_states
+    np.testing.assert_array_equal(np.asarray(clean), np.asarray(projected))
+
+
 # ------------------------------------------------------------------------------------------------
 # EMA teacher
 

@@ -4,8 +4,8 @@ This is fairseq's `examples/data2vec/models/data2vec_audio.py` (commit 3d262bb) 
 for the one training loop (`flax_d2v.train.objective`). What it computes, per step:
 
 1. Span masks over the frames (fairseq's `compute_mask_indices`, static spans, no overlap
-   prevention, `min_masks=1`, `require_same_masks`), drawn per example from
-   `fold_in(step_key, example_index)` so they do not depend on how the batch is laid out.
+   prevention, `min_masks=1`, `require_same_masks`: `flax_d2v.masking.data2vec_mask_indices`), drawn
+   per example from `fold_in(step_key, example_index)` so they do not depend on how the batch is laid out.
 2. Student: the model with dropout and LayerDrop, the masked frames of the projected features
    replaced by `masked_spec_embed` (fairseq's `mask_emb`), last hidden state through
    `final_proj` (a hidden->hidden Dense beside the model's params).
@@ -51,8 +51,8 @@ from jax.sharding import PartitionSpec
 
 from flax_d2v.audio import SAMPLE_RATE
 from flax_d2v.errors import D2VError
+from flax_d2v.masking import data2vec_mask_indices
 from flax_d2v.modeling import Data2VecAudioModel, feat_extract_output_lengths
-from flax_d2v.precision import matmul_precision
 from flax_d2v.train.objective import Batch, PyTree, apply_per_example, example_keys
 
 # `F.instance_norm`'s default eps.
@@ -107,78 +107,6 @@ class Data2VecPretrainConfig:
             raise D2VError(f"--ema-start-update: {self.ema_start_update} must be >= 0")
         if self.loss_beta < 0:
             raise D2VError(f"--loss-beta: {self.loss_beta} must be >= 0")
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks
-
-
-def _row_spans(
-    key: jax.Array,
-    length: jax.Array,
-    sequence_length: int,
-    mask_prob: float,
-    mask_length: int,
-    min_masks: int,
-    max_spans: int,
-) -> jax.Array:
-    """One row of fairseq's `compute_mask_indices` (static spans, `idc_select_ver=1`, `num_mask_ver=2`).
-
-    num = max(min_masks, int(mask_prob * len / mask_length + U)); starts drawn without replacement
-    from [0, len - mask_length) (so the last frame is never masked, as in fairseq), or from
-    [0, num + 1) when the row is too short; spans of `mask_length` frames, clipped to the row.
-    """
-    u_key, start_key = jax.random.split(key)
-    num = jnp.floor(mask_prob * length / mask_length + jax.random.uniform(u_key, ())).astype(jnp.int32)
-    num = jnp.maximum(num, min_masks)
-    min_len = jnp.where(length - mask_length <= num, length - num - 1, mask_length)
-    num_starts = length - min_len
-    positions = jnp.arange(sequence_length)
-    # choice without replacement = the top-`num` of i.i.d. uniform scores over the allowed starts
-    scores = jnp.where(positions < num_starts, jax.random.uniform(start_key, (sequence_length,)), -1.0)
-    _, starts = jax.lax.top_k(scores, max_spans)
-    used = jnp.arange(max_spans) < num
-    covered = (positions[None, :] >= starts[:, None]) & (positions[None, :] < starts[:, None] + mask_length)
-    return jnp.any(covered & used[:, None], axis=0) & (positions < length)
-
-
-def data2vec_mask_indices(
-    keys: jax.Array,
-    lengths: jax.Array,
-    sequence_length: int,
-    mask_prob: float,
-    mask_length: int,
-    min_masks: int = 1,
-    require_same_masks: bool = True,
-    axis_name: str | None = None,
-) -> jax.Array:
-    """(B, T) bool span masks, row i a function of `keys[i]` and `lengths[i]` (and, with
-    `require_same_masks`, of the smallest count in the batch, which every row is trimmed to by
-    dropping masked frames uniformly at random, as fairseq does). Rows of length 0 (all padding)
-    get no mask and do not count for the minimum. Jittable; `axis_name` takes the minimum over a
-    `pmap` axis too.
-    """
-    max_spans = max(int(mask_prob * sequence_length / mask_length + 1.0), min_masks)
-    max_spans = max(1, min(max_spans, sequence_length))
-    lengths = lengths.astype(jnp.int32)
-    pairs = jax.vmap(jax.random.split)(keys)  # (B, 2, ...): one key for the spans, one for the trimming
-    span_keys, trim_keys = pairs[:, 0], pairs[:, 1]
-    fn = lambda k, n: _row_spans(k, n, sequence_length, mask_prob, mask_length, min_masks, max_spans)
-    masks = jax.vmap(fn)(span_keys, lengths) & (lengths[:, None] > 0)
-    if not require_same_masks:
-        return masks
-    counts = masks.sum(-1)
-    big = jnp.iinfo(jnp.int32).max
-    target = jnp.min(jnp.where(lengths > 0, counts, big))
-    if axis_name is not None:
-        target = jax.lax.pmin(target, axis_name)
-
-    def trim(key: jax.Array, mask: jax.Array) -> jax.Array:
-        scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
-        rank = jnp.argsort(jnp.argsort(-scores))  # 0 for the highest score
-        return mask & (rank < target)
-
-    return jax.vmap(trim)(trim_keys, masks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +180,7 @@ def ema_update(
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward passes through the model's own submodules (one feature extractor run for both)
+# Forward passes through the model's public steps (one feature extractor run for both)
 
 
 def _student_forward(
@@ -261,38 +189,22 @@ def _student_forward(
     attention_mask: jax.Array | None,
     mask_time_indices: jax.Array,
     deterministic: bool,
-) -> tuple[jax.Array, jax.Array, Any]:
-    """What `Data2VecAudioModel.__call__` does with `mask_time_indices`, also returning the
-    unmasked, pre-dropout projected features (the teacher's input) and the frame mask."""
-    with matmul_precision(m.precision):
-        return _student_forward_body(m, input_values, attention_mask, mask_time_indices, deterministic)
-
-
-def _student_forward_body(
-    m: Data2VecAudioModel,
-    input_values: jax.Array,
-    attention_mask: jax.Array | None,
-    mask_time_indices: jax.Array,
-    deterministic: bool,
-) -> tuple[jax.Array, jax.Array, Any]:
-    features = m.feature_extractor(input_values)
-    if m.freeze_feature_encoder:
-        features = jax.lax.stop_gradient(features)
-    frame_mask = m.frame_mask(attention_mask, features.shape[1])
-    h, _ = m.feature_projection(features, deterministic)
-    clean = h if deterministic or m.config.feat_proj_dropout == 0.0 else m.feature_projection(features, True)[0]
-    no_channel_mask = jnp.zeros((h.shape[0], h.shape[-1]), bool)  # fairseq pretrains without channel masks
-    h, _ = m._spec_augment(h, frame_mask, mask_time_indices, no_channel_mask, deterministic)
-    x, _, _ = m.encoder(h, frame_mask, deterministic, False, False)
-    return x, clean, frame_mask
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`Data2VecAudioModel.__call__` with `mask_time_indices` and no channel masks (fairseq
+    pretrains without them), composed of the same public steps, also returning the unmasked,
+    pre-dropout projected features (the teacher's input) and the frame mask. The time mask is
+    always applied (`apply_time_mask`): `config.apply_spec_augment` switches fine-tuning's
+    SpecAugment, not pretraining's masks."""
+    features = m.encode_features(input_values, attention_mask, deterministic=deterministic)
+    h = m.apply_time_mask(features.hidden_states, mask_time_indices)
+    out = m.encode(h, features.frame_mask, deterministic=deterministic)
+    return out.last_hidden_state, features.projected, features.frame_mask
 
 
 def _teacher_layer_results(
     m: Data2VecAudioModel, features: jax.Array, frame_mask: jax.Array | None
 ) -> tuple[jax.Array, ...]:
-    with matmul_precision(m.precision):
-        _, _, results = m.encoder(features, frame_mask, True, False, True)
-    return results
+    return m.encode(features, frame_mask, output_layer_results=True).layer_results
 
 
 def init_final_proj(rng: jax.Array, hidden_size: int) -> dict[str, jax.Array]:

@@ -4,12 +4,13 @@
 Per step, for a batch of B clips cropped to one length (fairseq pretrains unpadded):
 
 1. Local features once: conv extractor + `project_features` (N = B * clone_batch rows share them).
-2. Masks: `clone_batch` per clip, each fairseq's `compute_block_mask_1d` (what the dataset precomputes
-   with `precompute_mask_config`): span centres drawn uniformly (`int(T * (p + mask_prob_adjust) /
-   mask_length * (1 + mask_dropout))` of them), spans of `mask_length` frames around them clipped to the
-   clip, then exactly `int(T * p)` masked frames (masked frames dropped, or frames added, uniformly at
-   random); `inverse_mask` flips it (p = 1 - mask_prob then). The masked count, hence the kept count K,
-   depends on T only: shapes are static under `jit`.
+2. Masks: `clone_batch` per clip, each fairseq's `compute_block_mask_1d` (`flax_d2v.masking.block_mask_1d`;
+   what the dataset precomputes with `precompute_mask_config`): span centres drawn uniformly
+   (`int(T * (p + mask_prob_adjust) / mask_length * (1 + mask_dropout))` of them), spans of
+   `mask_length` frames around them clipped to the clip, then exactly `int(T * p)` masked frames
+   (masked frames dropped, or frames added, uniformly at random); `inverse_mask` flips it
+   (p = 1 - mask_prob then). The masked count, hence the kept count K, depends on T only: shapes
+   are static under `jit`.
 3. Student (dropout, LayerDrop on): the clone-repeated local features with masked frames zeroed go
    through the positional conv; only the K kept frames (features + positions) go through the context
    encoder and the blocks, with the ALiBi bias of their positions (MAE-style).
@@ -39,15 +40,24 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_d2v.data2vec2 import Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
+from flax_d2v.masking import block_mask_1d
 from flax_d2v.modeling import feat_extract_output_lengths
 from flax_d2v.precision import matmul_precision
 from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
-from flax_d2v.train.pretrain import check_collapse, ema_decay_at, ema_update, instance_norm_time, masked_std
+from flax_d2v.train.pretrain import (
+    check_collapse,
+    ema_decay_at,
+    ema_update,
+    instance_norm_time,
+    masked_std,
+    regression_loss,
+)
 
 MASK_STREAM, DROPOUT_STREAM, NOISE_STREAM = 0, 1, 2
 LOCAL_KEYS = ("feature_extractor", "project_features")  # the student's, shared by the teacher
@@ -97,60 +107,21 @@ class Data2Vec2PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- masks
-def block_mask_1d(
-    key: jax.Array,
-    num_frames: int,
-    mask_prob: float,
-    mask_length: int,
-    mask_prob_adjust: float = 0.0,
-    inverse_mask: bool = False,
-    mask_dropout: float = 0.0,
-) -> jax.Array:
-    """One row of fairseq's `compute_block_mask_1d` (non_overlapping and expand_adjcent off,
-    require_same_masks on): (T,) bool, True = masked."""
-    p = 1.0 - mask_prob if inverse_mask else mask_prob
-    n_centres = int(num_frames * ((p + mask_prob_adjust) / mask_length) * (1 + mask_dropout))
-    target = int(num_frames * p)
-    k_centres, k_adjust = jax.random.split(key)
-    mask = jnp.zeros((num_frames,), bool)
-    if n_centres > 0:
-        centres = jax.random.randint(k_centres, (n_centres,), 0, num_frames)
-        offsets = jnp.arange(mask_length) - mask_length // 2
-        idx = jnp.clip(centres[:, None] + offsets[None, :], 0, num_frames - 1).reshape(-1)
-        mask = mask.at[idx].set(True)
-    # exactly `target` masked: the masked frames first (random order among them), then random unmasked ones
-    u = jax.random.uniform(k_adjust, (num_frames,))
-    _, chosen = jax.lax.top_k(jnp.where(mask, 1.0 + u, u), target) if target > 0 else (None, jnp.zeros((0,), int))
-    final = jnp.zeros((num_frames,), bool).at[chosen].set(True)
-    return ~final if inverse_mask else final
-
-
 def clone_masks(keys: jax.Array, num_frames: int, config: Data2Vec2PretrainConfig) -> jax.Array:
     """(B * clone_batch, T) masks: `clone_batch` rows per example key, clones of one clip adjacent
     (fairseq's `repeat_interleave` order)."""
     c = config
     clone_keys = jax.vmap(lambda k: jax.random.split(k, c.clone_batch))(keys).reshape(-1, *keys.shape[1:])
-    fn = lambda k: block_mask_1d(
-        k,
-        num_frames,
-        c.mask_prob,
-        c.mask_length,
-        c.mask_prob_adjust,  # noqa: E731
-        c.inverse_mask,
-        c.mask_dropout,
-    )
+
+    def fn(k: jax.Array) -> jax.Array:
+        return block_mask_1d(
+            k, num_frames, c.mask_prob, c.mask_length, c.mask_prob_adjust, c.inverse_mask, c.mask_dropout
+        )
+
     return jax.vmap(fn)(clone_keys)
 
 
 # ---------------------------------------------------------------------------------------------- model pieces
-def _local(m: Data2Vec2Model, input_values: jax.Array) -> jax.Array:
-    return m.local_features(input_values)
-
-
-def _student(m: Data2Vec2Model, local: jax.Array, mask: jax.Array, keep: jax.Array, deterministic: bool) -> jax.Array:
-    return m.encode_masked(local, mask, keep, deterministic)
-
-
 def _teacher(m: Data2Vec2Model, local: jax.Array) -> list[jax.Array]:
     return m.contextualize(local, None, True)[2]
 
@@ -178,16 +149,12 @@ class Data2Vec2Objective:
 
     # -- state -------------------------------------------------------------------------------
     def init_params(self, model_params: PyTree, rng: jax.Array, decoder: PyTree | None = None) -> PyTree:
-        import flax.linen as nn
-
         if decoder is None:
             x = jnp.zeros((1, 16, self.module.config.hidden_size), jnp.float32)
             decoder = nn.meta.unbox(self.decoder.init(rng, x)["params"])
         return {"model": model_params, "decoder": decoder}
 
     def decoder_logical_axes(self) -> PyTree:
-        import flax.linen as nn
-
         boxed = jax.eval_shape(
             lambda r: self.decoder.init(r, jnp.zeros((1, 16, self.module.config.hidden_size)))["params"],
             jax.random.PRNGKey(0),
@@ -251,7 +218,7 @@ class Data2Vec2Objective:
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
         valid = jnp.ones(input_values.shape[:1], bool) if am is None else jnp.asarray(am).sum(-1) > 0
-        local = self.module.apply({"params": params["model"]}, input_values, method=_local)
+        local = self.module.apply({"params": params["model"]}, input_values, method=Data2Vec2Model.local_features)
         b, t, d = local.shape
         if mask is None:
             mask = self.masks(batch, rng)
@@ -264,7 +231,13 @@ class Data2Vec2Objective:
         rngs = {} if deterministic else {"dropout": drop_key}
         local_n = jnp.repeat(local, c.clone_batch, axis=0)
         x = self.module.apply(
-            {"params": params["model"]}, local_n, mask, keep, deterministic, method=_student, rngs=rngs
+            {"params": params["model"]},
+            local_n,
+            mask,
+            keep,
+            deterministic,
+            method=Data2Vec2Model.encode_masked,
+            rngs=rngs,
         )
         if not deterministic and mc.decoder_input_dropout > 0:
             x = _dropout(jax.random.fold_in(drop_key, 1), x, mc.decoder_input_dropout)
@@ -277,15 +250,9 @@ class Data2Vec2Objective:
         pred = self.decoder.apply({"params": params["decoder"]}, full).astype(jnp.float32)
         y = jnp.repeat(self.targets(params, extra, local), c.clone_batch, axis=0)
         scale = c.loss_scale if c.loss_scale is not None else 1.0 / math.sqrt(d)
-        diff = pred - y
-        if c.loss_beta == 0:
-            per = jnp.square(diff)
-        else:
-            a = jnp.abs(diff)
-            per = jnp.where(a < c.loss_beta, 0.5 * jnp.square(diff) / c.loss_beta, a - 0.5 * c.loss_beta)
         counted = mask & jnp.repeat(valid, c.clone_batch)[:, None]
         w = counted.astype(jnp.float32)
-        loss_sum = (per.sum(-1) * scale * w).sum()
+        loss_sum = (regression_loss(pred, y, c.loss_beta) * scale * w).sum()
         weight = w.sum()
         metrics = {
             "target_var": masked_std(y, counted, self.axis_name),
