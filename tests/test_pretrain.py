@@ -518,7 +518,7 @@ def test_ema_schedule_continues_from_a_fairseq_checkpoints_update_count(setup, t
     pytest.importorskip("torch")
     import fairseq_fixtures as F
 
-    from flax_d2v.commands.pretrain import load_init
+    from flax_d2v.train.pretrain_run import load_init
 
     _, module, _, _, _, _ = setup
     cfg = Data2VecPretrainConfig(

@@ -214,7 +214,8 @@ def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
     assert set(aux) == {"ema", "decoder"}
     assert main(["convert", str(run / "flax"), str(tmp_path / "v2.pt"), "--to", "fairseq"]) == 0
 
-    from flax_d2v.commands.finetune import finetune, resolve
+    from flax_d2v.commands.finetune import resolve
+    from flax_d2v.train import finetune
 
     ft = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
     result = finetune(
