@@ -163,3 +163,32 @@ def test_train_finetune_runs_a_finetune_config(tmp_path):
     # the run's settings file is a run.json: the same run again (resumes, nothing left to do)
     again = finetune_command.resolve({"config": str(tmp_path / "run" / "finetune_config.json")})
     assert again == cfg
+
+
+def test_train_pretrain_runs_a_pretrain_config(tmp_path):
+    from synth_speech import write_corpus
+
+    from flax_d2v import train
+    from flax_d2v.train.metrics import read_metrics
+
+    manifest = write_corpus(tmp_path / "data", 2)
+    cfg = train.PretrainConfig(
+        train=str(manifest),
+        preset="tiny",
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch_size=2,
+        min_seconds=None,
+        average_top_k_layers=2,
+        log_every=1,
+        progress=False,
+        num_workers=1,
+        async_checkpoint=False,
+        export_hf=False,
+    )
+    result = train.pretrain(cfg)
+    assert result.step == 2
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "run" / "pretrain_config.json").read_text())
+    assert (saved["learning_rate"], saved["lr_schedule"], saved["mask_length"]) == (5e-4, "tri_stage", 10)
