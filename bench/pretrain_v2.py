@@ -7,9 +7,9 @@ One update of each objective as the training loop runs it (`flax_d2v.train.objec
 and gradient of `loss_sum / weight`, AdamW (fairseq's betas, eps 1e-6, weight decay 0.01), then the
 EMA teacher update, as one jitted function with params, optimizer state and teacher donated.
 
-- 1.0: `train.pretrain.Data2VecObjective` with `base_librispeech.yaml` defaults (mask_prob 0.65,
+- 1.0: `train.data2vec_objective.Data2VecObjective` with `base_librispeech.yaml` defaults (mask_prob 0.65,
   mask_length 10; the student runs all frames, masked ones replaced by `mask_emb`; `final_proj`).
-- 2.0: `train.pretrain2.Data2Vec2Objective` with `base_audio_only_task.yaml` defaults (clone_batch 8,
+- 2.0: `train.data2vec2_objective.Data2Vec2Objective` with `base_audio_only_task.yaml` defaults (clone_batch 8,
   block masks of 5 with mask_prob 0.5; the student runs the kept half of each of the 8 copies; Decoder1d).
 
 Encoder size: 1.0's base (`flax_d2v.base_config`, 12 post-LN layers, 768 wide) against 2.0's base
@@ -38,8 +38,8 @@ import common as C  # noqa: E402
 from flax_d2v import base_config, tiny_config  # noqa: E402
 from flax_d2v.data2vec2 import Data2Vec2Config, Data2Vec2Model, tiny_config_v2  # noqa: E402
 from flax_d2v.modeling import Data2VecAudioModel, init_params  # noqa: E402
-from flax_d2v.train.pretrain import Data2VecObjective, Data2VecPretrainConfig  # noqa: E402
-from flax_d2v.train.pretrain2 import Data2Vec2Objective, Data2Vec2PretrainConfig  # noqa: E402
+from flax_d2v.train.data2vec2_objective import Data2Vec2Objective, Data2Vec2PretrainConfig  # noqa: E402
+from flax_d2v.train.data2vec_objective import Data2VecObjective, Data2VecPretrainConfig  # noqa: E402
 
 
 def make_step(objective: Any, tx: optax.GradientTransformation):

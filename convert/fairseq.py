@@ -9,7 +9,7 @@ Two kinds of checkpoint are read:
   resume, kept in the checkpoint's `flax_aux.safetensors`: `final_proj` (the student's regression
   head) and `_ema` (the EMA teacher's fp32 encoder, stored by fairseq's `EMAModule.fp32_params` as
   a nested dict keyed like `TransformerEncoder.state_dict()`). The teacher comes out in the layout of
-  the student's `encoder` subtree, which is what `flax_d2v.train.pretrain` keeps as its teacher;
+  the student's `encoder` subtree, which is what `flax_d2v.train.data2vec_objective` keeps as its teacher;
 - fine-tuned CTC (`cfg.model._name == "wav2vec_ctc"`): the same encoder under
   `w2v_encoder.w2v_model.`, the head `w2v_encoder.proj` (-> `lm_head`), the pretraining
   architecture in `cfg.model.w2v_args`. Its vocabulary is fairseq's `Dictionary` (`--dict`, else a
@@ -236,7 +236,7 @@ def config_from_fairseq(ckpt: Mapping[str, Any], is_ctc: bool, source: str) -> t
     )
     if is_ctc:
         # A fine-tune's mask_prob/mask_channel_prob are its SpecAugment: transformers' mask_time_*/mask_feature_*.
-        # (A pretrained model's mask_prob is the data2vec objective's mask, which flax_d2v.train.pretrain
+        # (A pretrained model's mask_prob is the data2vec objective's mask, which flax_d2v.train.data2vec_objective
         # configures itself; its config keeps transformers' SpecAugment defaults, as the hub's data2vec-audio-base.)
         on = bool(t.get("apply_mask", True))
         fields.update(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from flax_d2v import compile_cache
@@ -28,17 +29,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `d2v` parser; only the subcommand named in `argv` imports its module (and its flags), so
+    `d2v --help` and each command start without loading the others (the training stack included)."""
+    words = sys.argv[1:] if argv is None else argv
+    chosen = next((w for w in words if not w.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec-audio in JAX/Flax")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"flax_d2v.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"flax_d2v.commands.{module_name}":
-                raise
+        if importlib.util.find_spec(f"flax_d2v.commands.{module_name}") is None:
             continue  # subcommand not built in this version
+        if name != chosen:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
+        module = importlib.import_module(f"flax_d2v.commands.{module_name}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().split("\n")[0])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     compile_cache.enable()  # a second run reads its compiled programs back (flax_d2v/compile_cache.py)
     try:

@@ -31,7 +31,8 @@ def speaker_manifest(speech_dir: Path, path: Path) -> tuple[Path, list[str], lis
 
 
 def train(task: str, speech_dir: Path, tmp: Path):
-    from flax_d2v.commands.finetune import finetune_classifier, resolve
+    from flax_d2v.commands.finetune import resolve
+    from flax_d2v.train.finetune_run import finetune_classifier
 
     manifest, files, speakers = speaker_manifest(speech_dir, tmp / "speakers.tsv")
     config = flax_d2v.tiny_config(

@@ -258,7 +258,8 @@ def test_finetune_2_0_from_fairseq_pt(tmp_path, speech_dir):
     import jax
     from test_finetune import OVERFIT_CLIPS, write_manifest
 
-    from flax_d2v.commands.finetune import finetune, resolve
+    from flax_d2v.commands.finetune import resolve
+    from flax_d2v.train import finetune
 
     pt = save_checkpoint(F2.pretrained_checkpoint("base")[0], tmp_path / "base_libri.pt")
     manifest = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_d2v.commands.finetune import finetune, resolve
+from flax_d2v.commands.finetune import resolve
 from flax_d2v.errors import D2VError
+from flax_d2v.train import finetune
 from flax_d2v.train.metrics import read_metrics
 
 OVERFIT_CLIPS = ("cards_001", "goforward", "cards_003", "forever")

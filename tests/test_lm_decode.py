@@ -470,7 +470,8 @@ def test_lm_extra_installs_next_to_numpy_2():
 
 # ---------------------------------------------------------------------------------------- fine-tuning eval
 def test_finetune_eval_lm_reports_wer_beside_greedy(speech_dir, word_lm, tmp_path):
-    from flax_d2v.commands.finetune import finetune, resolve
+    from flax_d2v.commands.finetune import resolve
+    from flax_d2v.train import finetune
     from flax_d2v.train.metrics import read_metrics
 
     rows = {}

@@ -216,7 +216,7 @@ def test_public_model_steps_keep_the_policy():
     `apply(..., method=...)`, outside `__call__`) traces at the module's precision under a lower
     global flag, as `__call__` does."""
     from flax_d2v.data2vec2 import Data2Vec2Model, tiny_config_v2
-    from flax_d2v.train.pretrain import _student_forward
+    from flax_d2v.train.data2vec_objective import _student_forward
 
     def all_at(text: str, level: str) -> None:
         ops = op_precisions(text)

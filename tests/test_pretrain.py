@@ -1,4 +1,4 @@
-"""data2vec pretraining objective (train/pretrain.py) against fairseq's formulas.
+"""data2vec pretraining objective (train/data2vec_objective.py) against fairseq's formulas.
 
 The loss reference below is written from fairseq's `examples/data2vec/models/data2vec_audio.py`
 (forward, `compute_var`) and `fairseq/modules/ema_module.py`, in PyTorch on transformers' model,
@@ -20,7 +20,7 @@ import pytest
 from flax_d2v.config import tiny_config
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import Data2VecAudioModel, feat_extract_output_lengths, init_params
-from flax_d2v.train.pretrain import (
+from flax_d2v.train.data2vec_objective import (
     Data2VecObjective,
     Data2VecPretrainConfig,
     data2vec_mask_indices,
@@ -213,7 +213,7 @@ def test_loss_matches_fairseq_verbatim_over_padding(setup):
 def test_student_path_is_the_models_forward(setup):
     """The objective's student pass (one feature-extractor run shared with the teacher) is
     `Data2VecAudioModel.__call__` with the same masks, and no gradient reaches the teacher."""
-    from flax_d2v.train.pretrain import _student_forward
+    from flax_d2v.train.data2vec_objective import _student_forward
 
     config, module, params, teacher, wav, am = setup
     objective = Data2VecObjective(module, Data2VecPretrainConfig(average_top_k_layers=2))
@@ -237,7 +237,7 @@ def test_student_forward_with_dropout_is_the_models_call(setup, remat_policy, sc
     `_student_forward`) and `Data2VecAudioModel.__call__`: in training mode, with every dropout and
     LayerDrop on, the same rng and the same time mask, both give the same output bit for bit, on the
     plain, remat and scanned layer paths; the teacher's input is the projection before dropout."""
-    from flax_d2v.train.pretrain import _student_forward
+    from flax_d2v.train.data2vec_objective import _student_forward
 
     *_, wav, am = setup
     dropouts = dict(feat_proj_dropout=0.1, hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
@@ -547,7 +547,7 @@ def test_ema_schedule_continues_from_a_fairseq_checkpoints_update_count(setup, t
     pytest.importorskip("torch")
     import fairseq_fixtures as F
 
-    from flax_d2v.commands.pretrain import load_init
+    from flax_d2v.train.pretrain_run import load_init
 
     _, module, _, _, _, _ = setup
     cfg = Data2VecPretrainConfig(

@@ -69,7 +69,7 @@ def _runs(mask):
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_block_mask_statistics_match_fairseq(inverse):
-    from flax_d2v.train.pretrain2 import Data2Vec2PretrainConfig, clone_masks
+    from flax_d2v.train.data2vec2_objective import Data2Vec2PretrainConfig, clone_masks
 
     T, rows = 249, 4000
     cfg = Data2Vec2PretrainConfig(clone_batch=8, inverse_mask=inverse, mask_prob=0.5 if not inverse else 0.65)
@@ -96,7 +96,7 @@ def test_loss_matches_pytorch_d2v_loss(tmp_path, speech_dir):
     from flax_d2v.convert import fairseq2_reference as R
     from flax_d2v.convert.fairseq import load_fairseq
     from flax_d2v.data2vec2 import Data2Vec2Model
-    from flax_d2v.train.pretrain2 import Data2Vec2Objective, Data2Vec2PretrainConfig
+    from flax_d2v.train.data2vec2_objective import Data2Vec2Objective, Data2Vec2PretrainConfig
 
     ckpt, student, teacher = F2.pretrained_checkpoint("large")
     ck = load_fairseq(save_checkpoint(ckpt, tmp_path / "m.pt"))
@@ -135,7 +135,7 @@ def test_loss_matches_pytorch_d2v_loss(tmp_path, speech_dir):
 def test_ema_decay_and_teacher_update():
     from flax_d2v.data2vec2 import Data2Vec2Model, tiny_config_v2
     from flax_d2v.modeling import init_params
-    from flax_d2v.train.pretrain2 import Data2Vec2Objective, Data2Vec2PretrainConfig
+    from flax_d2v.train.data2vec2_objective import Data2Vec2Objective, Data2Vec2PretrainConfig
 
     m = Data2Vec2Model(tiny_config_v2())
     obj = Data2Vec2Objective(m, Data2Vec2PretrainConfig(average_top_k_layers=2))
@@ -214,7 +214,8 @@ def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
     assert set(aux) == {"ema", "decoder"}
     assert main(["convert", str(run / "flax"), str(tmp_path / "v2.pt"), "--to", "fairseq"]) == 0
 
-    from flax_d2v.commands.finetune import finetune, resolve
+    from flax_d2v.commands.finetune import resolve
+    from flax_d2v.train import finetune
 
     ft = write_manifest(speech_dir, OVERFIT_CLIPS, tmp_path / "four.tsv")
     result = finetune(

@@ -77,7 +77,8 @@ def test_tensorboard_writes_the_logged_metrics(tmp_path):
     tf = pytest.importorskip("tensorflow")
     from synth_speech import write_corpus
 
-    from flax_d2v.commands.finetune import finetune, resolve
+    from flax_d2v.commands.finetune import resolve
+    from flax_d2v.train import finetune
 
     manifest = write_corpus(tmp_path / "data", 2)
     run = tmp_path / "run"

@@ -27,11 +27,11 @@ from synth_speech import write_corpus
 from flax_d2v.errors import D2VError
 from flax_d2v.train import sharding
 from flax_d2v.train.ctc import CTCObjective
+from flax_d2v.train.data2vec_objective import CroppedBatches
 from flax_d2v.train.loader import LABEL_PAD, BatchLoader
 from flax_d2v.train.loop import LoopConfig, Trainer
 from flax_d2v.train.manifests import read_manifest
 from flax_d2v.train.objective import NoExtra
-from flax_d2v.train.pretrain import CroppedBatches
 from flax_d2v.train.source import DataSource, LabelEncoder
 from flax_d2v.train.vocab import build_vocab
 

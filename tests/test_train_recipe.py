@@ -56,8 +56,9 @@ def test_delayed_transformer_follows_the_global_schedule():
 def test_finetune_dropout_flag_sets_layerdrop_too():
     """`--dropout P` "sets all of the dropouts below", LayerDrop included (tiny and base keep 0.1 otherwise);
     a specific flag given with it still wins."""
-    from flax_d2v.commands.finetune import resolve, training_config
+    from flax_d2v.commands.finetune import resolve
     from flax_d2v.config import preset
+    from flax_d2v.train.finetune_run import training_config
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5}
     base = dict(train="a.tsv", model="tiny", out="o", steps=1, batch_size=1, learning_rate=1e-4)
@@ -136,8 +137,8 @@ def test_resume_with_other_shape_or_order_settings_is_refused_in_one_line(tmp_pa
     from synth_speech import write_corpus
 
     from flax_d2v.cli import main
-    from flax_d2v.commands.finetune import finetune
     from flax_d2v.errors import D2VError
+    from flax_d2v.train import finetune
 
     manifest = write_corpus(tmp_path / "data", 4)
     run = tmp_path / "run"
@@ -186,11 +187,11 @@ def test_eval_transcripts_are_d2v_transcribes_for_long_clips_too(tmp_path):
     from synth_speech import write_corpus
 
     import flax_d2v
-    from flax_d2v.commands.finetune import make_eval_fn
     from flax_d2v.config import tiny_config
     from flax_d2v.modeling import Data2VecAudioForCTC, init_params
     from flax_d2v.train import vocab as V
     from flax_d2v.train.ctc import CTCObjective
+    from flax_d2v.train.finetune_run import make_eval_fn
     from flax_d2v.train.manifests import read_manifest
     from flax_d2v.train.state import TrainState
 
@@ -256,10 +257,11 @@ def test_apply_spec_augment_false_turns_masking_off(tmp_path):
     mask rates and `masked_spec_embed` are there; a mask rate given to `d2v finetune` turns it back on."""
     import json
 
-    from flax_d2v.commands.finetune import resolve, training_config
+    from flax_d2v.commands.finetune import resolve
     from flax_d2v.config import Data2VecAudioConfig, tiny_config
     from flax_d2v.modeling import Data2VecAudioForCTC, init_params
     from flax_d2v.train.ctc import CTCObjective
+    from flax_d2v.train.finetune_run import training_config
 
     path = tmp_path / "config.json"
     off = dict(
@@ -305,8 +307,8 @@ def test_pretraining_crops_to_the_shortest_clip_and_drops_clips_under_2s():
     import argparse
 
     from flax_d2v.commands import pretrain as P
+    from flax_d2v.train.data2vec_objective import crop_width
     from flax_d2v.train.planning import bucket_ladder
-    from flax_d2v.train.pretrain import crop_width
 
     ladder = bucket_ladder(32000, 250000)
     for shortest in (32000, 39999, 41000, 123457, 249999):
@@ -323,6 +325,6 @@ def test_pretraining_crops_to_the_shortest_clip_and_drops_clips_under_2s():
         ["--train", "x.tsv", "--out", "o", "--steps", "1", "--batch-size", "1", "--config", "tiny"]
     )
     assert args.min_seconds == 2.0
-    from flax_d2v.commands.finetune import DEFAULTS
+    from flax_d2v.train.recipes import FINETUNE_DEFAULTS as DEFAULTS
 
     assert DEFAULTS["min_seconds"] is None  # fine-tuning keeps every clip, as fairseq's fine-tuning

@@ -1,7 +1,7 @@
 """The one interface between the training loop and what is being trained.
 
 `flax_d2v.train.loop` runs any `Objective`: CTC fine-tuning (`flax_d2v.train.ctc.CTCObjective`)
-and data2vec pretraining (`flax_d2v.train.pretrain`) are two objectives on one loop, so
+and data2vec pretraining (`flax_d2v.train.data2vec_objective`) are two objectives on one loop, so
 checkpoints, sharding, gradient accumulation, logging and resume are written once.
 
 The contract, and why it looks like this:

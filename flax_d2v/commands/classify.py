@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from flax_d2v.classify import Classifier
 from flax_d2v.errors import D2VError
 from flax_d2v.transcribe import DEFAULT_BATCH_SIZE
 
@@ -47,8 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.classify import Classifier
-
     def warn(message: str) -> None:
         print(f"d2v classify: {message}", file=sys.stderr, flush=True)
 

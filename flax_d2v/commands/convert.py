@@ -11,7 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from flax_d2v.checkpoint import is_flax_dir, load_flax, save_flax
+from flax_d2v.convert.fairseq import aux_note, convert_fairseq
+from flax_d2v.convert.fairseq2 import export_fairseq2
+from flax_d2v.convert.hf import is_hf_dir, load_hf, save_hf
 from flax_d2v.errors import D2VError
+from flax_d2v.heads import detect
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,16 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.checkpoint import is_flax_dir, load_flax, save_flax
-    from flax_d2v.convert.hf import is_hf_dir, load_hf, save_hf
-
     src = Path(args.src)
     if not src.exists():
         raise D2VError(f"{src}: no such file or directory")
     if args.to == "flax":
         if src.is_file() and src.suffix == ".pt":
-            from flax_d2v.convert.fairseq import convert_fairseq
-
             result = convert_fairseq(src, args.dst, dict_path=args.dict_path, overwrite=args.overwrite)
             for note in result.notes:
                 print(note, file=sys.stderr)
@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{src}: not a transformers model directory or fairseq .pt "
                 "(expected config.json with model.safetensors or pytorch_model.bin)"
             )
-        from flax_d2v.heads import detect
 
         config, params = load_flax(args.dst)
         kind = detect(params).architecture
@@ -67,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     if not (src.is_dir() and is_flax_dir(src)):
         raise D2VError(f"{src}: --to {args.to} needs a flax-d2v directory (with flax_model.safetensors)")
     if args.to == "fairseq":
-        from flax_d2v.convert.fairseq2 import export_fairseq2
-
         for note in export_fairseq2(src, args.dst, overwrite=args.overwrite):
             print(note, file=sys.stderr)
         print(f"wrote fairseq checkpoint to {args.dst}")
@@ -77,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     if type(config).__name__ == "Data2Vec2Config":
         raise D2VError(f"{src}: data2vec 2.0 has no transformers class; export it with --to fairseq")
     save_hf(args.dst, config, params, files_from=src, overwrite=args.overwrite)
-    from flax_d2v.convert.fairseq import aux_note
 
     note = aux_note(src)
     if note:

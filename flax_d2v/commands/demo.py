@@ -14,7 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
+from flax_d2v.checkpoint import save_flax
+from flax_d2v.convert.verify import default_clip, format_table, markdown_report, plot_errors, verify
+from flax_d2v.fileio import atomic_dir, atomic_write_text
 from flax_d2v.precision import add_argument as add_precision_argument
+from flax_d2v.pretrained import load_any
+from flax_d2v.processor import save_preprocessor_config, save_tokenizer_files
+from flax_d2v.transcribe import transcribe
 
 # facebook/data2vec-audio-base-960h's vocab.json (character CTC vocabulary, <pad> = blank = 0).
 BASE_960H_VOCAB = [
@@ -70,9 +76,6 @@ def build_base_checkpoint(dst: Path, seed: int) -> Path:
     import torch
     from transformers import Data2VecAudioConfig, Data2VecAudioForCTC
 
-    from flax_d2v.fileio import atomic_dir
-    from flax_d2v.processor import save_preprocessor_config, save_tokenizer_files
-
     torch.manual_seed(seed)
     model = Data2VecAudioForCTC(Data2VecAudioConfig(vocab_size=len(BASE_960H_VOCAB))).eval()
     with atomic_dir(dst, overwrite=True) as tmp:
@@ -83,11 +86,6 @@ def build_base_checkpoint(dst: Path, seed: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.checkpoint import save_flax
-    from flax_d2v.convert.verify import default_clip, format_table, markdown_report, plot_errors, verify
-    from flax_d2v.fileio import atomic_write_text
-    from flax_d2v.pretrained import load_any
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clip = args.audio or default_clip()
@@ -120,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
 
     if spec.architecture == "Data2VecAudioForCTC" and (flax_dir / "vocab.json").is_file():
         print("[4/4] transcribing the clip with the Flax model ...")
-        from flax_d2v.transcribe import transcribe
 
         result = transcribe(str(flax_dir), [clip], precision=args.precision)
         text = result[0].text if hasattr(result[0], "text") else result[0]["text"]

@@ -16,10 +16,16 @@ import io
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
+from flax_d2v.audio import HF_NORM_EPS, load_audio, pad_batch
+from flax_d2v.classify import Classifier
 from flax_d2v.errors import D2VError
+from flax_d2v.fileio import atomic_write_bytes
 from flax_d2v.precision import add_argument as add_precision_argument
+from flax_d2v.pretrained import build_module, load_any, precision_kwargs
+from flax_d2v.processor import read_preprocessor_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,26 +59,18 @@ def parse_layer(spec: str, num_layers: int) -> list[int]:
 def embed_arrays(
     module, params, wave: np.ndarray, layers: list[int], do_normalize: bool, eps: float | None = None
 ) -> dict[str, np.ndarray]:
-    import jax.numpy as jnp
-
-    from flax_d2v.audio import HF_NORM_EPS, pad_batch
-
     values, _ = pad_batch([wave], do_normalize=do_normalize, eps=HF_NORM_EPS if eps is None else eps)
     out = module.apply({"params": params}, jnp.asarray(values), output_hidden_states=True)
     return {f"layer_{i}": np.asarray(out.hidden_states[i][0], np.float32) for i in layers}
 
 
 def _save_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
-    from flax_d2v.fileio import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(target, buf.getvalue())
 
 
 def run_xvector(args: argparse.Namespace, out: Path, several: bool) -> int:
-    from flax_d2v.classify import Classifier
-
     def warn(message: str) -> None:
         print(f"d2v embed: {message}", file=sys.stderr, flush=True)
 
@@ -88,11 +86,6 @@ def run_xvector(args: argparse.Namespace, out: Path, several: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.audio import load_audio
-    from flax_d2v.fileio import atomic_write_bytes
-    from flax_d2v.pretrained import build_module, load_any, precision_kwargs
-    from flax_d2v.processor import read_preprocessor_config
-
     out = Path(args.out)
     several = len(args.files) > 1
     if several and out.suffix == ".npz":

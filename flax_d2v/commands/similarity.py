@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from flax_d2v.classify import Classifier, cosine
 from flax_d2v.errors import D2VError
 
 
@@ -19,8 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.classify import Classifier, cosine
-
     errors: list[str] = []
     # one clip per batch: each embedding is the clip's alone
     a, b = Classifier(args.model, batch_size=1).embed(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
+from flax_d2v.fileio import atomic_write_text
 from flax_d2v.precision import add_argument as add_precision_argument
 
 
@@ -42,9 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
-    from flax_d2v.fileio import atomic_write_text
-
     rows, facts = verify(args.src, args.audio, args.reference_dtype, batch=not args.no_batch, precision=args.precision)
     ok = all(r.passed for r in rows)
     print(format_table(rows))

@@ -49,8 +49,7 @@ from flax_d2v.errors import D2VError
 from flax_d2v.masking import block_mask_1d
 from flax_d2v.modeling import feat_extract_output_lengths
 from flax_d2v.precision import matmul_precision
-from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
-from flax_d2v.train.pretrain import (
+from flax_d2v.train.data2vec_objective import (
     check_collapse,
     ema_decay_at,
     ema_update,
@@ -58,6 +57,7 @@ from flax_d2v.train.pretrain import (
     masked_std,
     regression_loss,
 )
+from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
 
 MASK_STREAM, DROPOUT_STREAM, NOISE_STREAM = 0, 1, 2
 LOCAL_KEYS = ("feature_extractor", "project_features")  # the student's, shared by the teacher
