@@ -184,26 +184,17 @@ def eval_lm_decoder(cfg: FinetuneConfig, vocab: dict[str, int], num_logits: int)
     )
 
 
-def export_hf(run_dir: Path, config: Any, params: Any, vocab: dict[str, int]) -> Path | None:
-    """RUN/hf: transformers' Data2VecAudioForCTC + Wav2Vec2Processor files, written atomically."""
+def export_model(run_dir: Path, config: Any, params: Any, vocab: dict[str, int], to: str = "hf") -> Path | None:
+    """RUN/hf (transformers' Data2VecAudioForCTC, `to="hf"`) or RUN/flax (a flax-d2v directory: data2vec
+    2.0, which has no transformers class), with the Wav2Vec2Processor files, written atomically."""
+    save = {"hf": save_hf, "flax": save_flax}[to]
     host = common.host(params)
     if jax.process_index() != 0:
         return None
-    with tempfile.TemporaryDirectory(prefix=".hf-files-", dir=run_dir) as files:
+    with tempfile.TemporaryDirectory(prefix=f".{to}-files-", dir=run_dir) as files:
         processor.save_tokenizer_files(files, vocab)
         processor.save_preprocessor_config(files)
-        return save_hf(run_dir / "hf", config, host, files_from=files, overwrite=True)
-
-
-def export_flax(run_dir: Path, config: Any, params: Any, vocab: dict[str, int]) -> Path | None:
-    """RUN/flax: a flax-d2v directory with the tokenizer and preprocessor files (data2vec 2.0 models)."""
-    host = common.host(params)
-    if jax.process_index() != 0:
-        return None
-    with tempfile.TemporaryDirectory(prefix=".flax-files-", dir=run_dir) as files:
-        processor.save_tokenizer_files(files, vocab)
-        processor.save_preprocessor_config(files)
-        return save_flax(run_dir / "flax", config, host, files_from=files, overwrite=True)
+        return save(run_dir / to, config, host, files_from=files, overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -269,11 +260,11 @@ def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
         loader.close()
     trainer.finish(title=f"d2v finetune {run_dir.name}")
     if not result.stopped and cfg.export_hf and getattr(module, "is_data2vec2", False):
-        where = export_flax(run_dir, config, result.state.params, vocab)  # no transformers class for 2.0
+        where = export_model(run_dir, config, result.state.params, vocab, to="flax")  # no transformers class for 2.0
         if where is not None:
             log(f"wrote {where} (flax-d2v data2vec 2.0 CTC; `d2v convert {where} out.pt --to fairseq` for fairseq)")
     elif not result.stopped and cfg.export_hf:
-        where = export_hf(run_dir, config, result.state.params, vocab)
+        where = export_model(run_dir, config, result.state.params, vocab, to="hf")
         if where is not None:
             log(f"wrote {where} (transformers Data2VecAudioForCTC + Wav2Vec2Processor)")
     return result
