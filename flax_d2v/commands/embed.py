@@ -24,8 +24,7 @@ from flax_d2v.classify import Classifier
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes
 from flax_d2v.precision import add_argument as add_precision_argument
-from flax_d2v.pretrained import build_module, load_any, precision_kwargs
-from flax_d2v.processor import read_preprocessor_config
+from flax_d2v.pretrained import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise D2VError(f"--out {out}: with several files --out must be a directory")
     if args.xvector:
         return run_xvector(args, out, several)
-    config, spec, params, resolved = load_any(args.model)
-    module = build_module(config, spec, **precision_kwargs(args.precision))
-    pre = read_preprocessor_config(resolved if Path(resolved).is_dir() else Path(resolved).parent)
+    loaded = load_model(args.model, precision=args.precision)
+    module, params, pre = loaded.module, loaded.params, loaded.preprocessor
     layers = parse_layer(args.layer, module.config.num_hidden_layers)
     failures = 0
     for f in args.files:
