@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flax_d2v
+from flax_d2v.data2vec2 import Data2Vec2Model, ForwardOptionsV2
 from flax_d2v.masking import compute_mask_indices, per_example_mask_indices
+from flax_d2v.modeling import ForwardOptions
 
 X = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12000)), jnp.float32)
 MASK = jnp.asarray(np.r_[np.ones(12000), np.r_[np.ones(9000), np.zeros(3000)]].reshape(2, 12000), jnp.int32)
@@ -106,3 +110,15 @@ def test_mask_indices_semantics():
     full = np.asarray(per_example_mask_indices(keys, 100, 0.3, 5))
     half = np.asarray(per_example_mask_indices(keys[2:], 100, 0.3, 5))
     np.testing.assert_array_equal(full[2:], half)  # a row depends on its own key only
+
+
+def test_forward_options_are_the_models_keywords():
+    """`ForwardOptions` (what CTC and the heads forward) lists exactly the models' keyword-only
+    options: an option added to a model's `__call__` but not there fails here."""
+
+    def keyword_only(cls):
+        params = inspect.signature(cls.__call__).parameters.values()
+        return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    assert ForwardOptions.__optional_keys__ == keyword_only(flax_d2v.Data2VecAudioModel)
+    assert ForwardOptionsV2.__optional_keys__ == keyword_only(Data2Vec2Model)
