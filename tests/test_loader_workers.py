@@ -6,11 +6,14 @@ default buckets keep a run to at most four train-step programs (issue 12).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from flax_d2v.errors import D2VError
 from flax_d2v.train.loader import BatchLoader
+from flax_d2v.train.loop import Trainer
 from flax_d2v.train.manifests import Manifest, read_manifest
 from flax_d2v.train.planning import BUCKET_MULTIPLE, DEFAULT_NUM_BUCKETS, bucket_edges
 from flax_d2v.train.vocab import build_vocab
@@ -110,3 +113,18 @@ def test_bucket_edges_pad_least():
         assert len(got) <= count and got[-1] == cand[-1]
         best = min(padding([*c, cand[-1]]) for c in itertools.combinations(cand[:-1], count - 1))
         assert padding(got) == best
+
+
+def test_resume_of_a_run_from_before_num_buckets_keeps_its_ladder():
+    """A checkpoint without `--bucket-growth` in its settings batched on the 1.25 ladder: resuming it
+    with the new default (4 buckets) would change the data order, so it is refused in one line."""
+    old = {"settings": {"--batch-size": 8, "--seed": 0}}
+
+    def check(growth):
+        settings = {"--batch-size": 8, "--seed": 0, "--num-buckets": 4, "--bucket-growth": growth}
+        fake = SimpleNamespace(cfg=SimpleNamespace(meta={"settings": settings}, out_dir="RUN"))
+        Trainer._check_meta(fake, old)
+
+    with pytest.raises(D2VError, match="--bucket-growth 1.25"):
+        check(None)
+    check(1.25)

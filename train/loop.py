@@ -44,7 +44,7 @@ import optax
 from jax.sharding import Mesh
 
 from flax_d2v.errors import D2VError
-from flax_d2v.train import sharding as S
+from flax_d2v.train import sharding
 from flax_d2v.train.checkpoint import Checkpointer, abstract_like
 from flax_d2v.train.metrics import MetricsWriter, plot_history, read_metrics
 from flax_d2v.train.objective import Objective
@@ -53,6 +53,9 @@ from flax_d2v.train.state import TrainState
 from flax_d2v.types import Batch, PyTree
 
 PMAP_AXIS = "batch"
+
+# The padded-length ladder every run used before `--num-buckets` existed (resume must keep it).
+LEGACY_BUCKET_GROWTH = 1.25
 
 
 def log(msg: str) -> None:
@@ -207,7 +210,7 @@ class Trainer:
         mesh: Mesh,
         params_axes: PyTree,
         cfg: LoopConfig,
-        rules: tuple[tuple[str, Any], ...] = S.LOGICAL_AXIS_RULES,
+        rules: tuple[tuple[str, Any], ...] = sharding.LOGICAL_AXIS_RULES,
     ) -> None:
         self.objective, self.tx, self.schedule, self.mesh, self.cfg = objective, tx, schedule, mesh, cfg
         self.params_axes, self.rules = params_axes, rules
@@ -236,14 +239,14 @@ class Trainer:
         extra_shapes = jax.eval_shape(self.objective.init_extra, params_shapes)
         mesh = self.mesh
         if self.cfg.use_pmap:  # pmap keeps everything replicated; checkpoints hold the global replicated state
-            rep = lambda tree: jax.tree.map(lambda _: S.replicated(mesh), tree)
+            rep = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
             p_sh, o_sh, e_sh = rep(params_shapes), rep(opt_shapes), rep(extra_shapes)
         else:
-            p_sh = S.logical_to_mesh(self.params_axes, params_shapes, mesh, self.rules)
-            opt_axes = S.opt_state_logical_axes(self.tx, opt_shapes, self.params_axes)
-            o_sh = S.logical_to_mesh(opt_axes, opt_shapes, mesh, self.rules)
+            p_sh = sharding.logical_to_mesh(self.params_axes, params_shapes, mesh, self.rules)
+            opt_axes = sharding.opt_state_logical_axes(self.tx, opt_shapes, self.params_axes)
+            o_sh = sharding.logical_to_mesh(opt_axes, opt_shapes, mesh, self.rules)
             extra_axes = self.objective.extra_logical_axes(self.params_axes)
-            e_sh = S.logical_to_mesh(extra_axes, extra_shapes, mesh, self.rules)
+            e_sh = sharding.logical_to_mesh(extra_axes, extra_shapes, mesh, self.rules)
         rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         shapes = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32),
@@ -253,7 +256,7 @@ class Trainer:
             rng=rng_shape,
         )
         self.state_shardings = TrainState(
-            step=S.replicated(mesh), params=p_sh, opt_state=o_sh, extra=e_sh, rng=S.replicated(mesh)
+            step=sharding.replicated(mesh), params=p_sh, opt_state=o_sh, extra=e_sh, rng=sharding.replicated(mesh)
         )
         return abstract_like(shapes, self.state_shardings)
 
@@ -323,6 +326,9 @@ class Trainer:
                     f"use a new --out or the same settings to resume"
                 )
         saved, now = meta.get("settings") or {}, self.cfg.meta.get("settings") or {}
+        if saved and "--bucket-growth" in now and "--bucket-growth" not in saved:
+            # Checkpoints from before --num-buckets batched on a geometric ladder of ratio 1.25.
+            saved = {**saved, "--bucket-growth": LEGACY_BUCKET_GROWTH}
         for flag in now:
             if flag not in saved:
                 continue
@@ -338,13 +344,13 @@ class Trainer:
                 )
 
     def _log_memory(self, state: TrainState) -> None:
-        per_dev = S.bytes_per_device((state.params, state.opt_state, state.extra))
+        per_dev = sharding.bytes_per_device((state.params, state.opt_state, state.extra))
         total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state, state.extra)))
         if per_dev:
             worst = max(per_dev.values())
             self.memory = {"per_device_bytes": worst, "total_bytes": int(total)}
             log(
-                f"{S.describe(self.mesh, self.state_shardings.params, state.params)}; params+opt+extra: "
+                f"{sharding.describe(self.mesh, self.state_shardings.params, state.params)}; params+opt+extra: "
                 f"{worst / 2**20:.2f} MiB per device of {total / 2**20:.2f} MiB in all ({worst / total:.3f})"
             )
 
@@ -354,8 +360,8 @@ class Trainer:
             step = make_train_step(self.objective, self.tx, self.schedule, self.cfg.grad_accum)
             self._jit_step = jax.jit(
                 step,
-                in_shardings=(self.state_shardings, S.batch_sharding(self.mesh)),
-                out_shardings=(self.state_shardings, S.replicated(self.mesh)),
+                in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
+                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                 donate_argnums=(0,),
             )
         return self._jit_step
@@ -379,7 +385,7 @@ class Trainer:
         if self.cfg.use_pmap:
             n = jax.local_device_count()
             return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in arrays.items()}
-        return S.shard_batch(arrays, self.mesh)
+        return sharding.shard_batch(arrays, self.mesh)
 
     def to_pmap(self, state: TrainState) -> TrainState:
         n = jax.local_device_count()
@@ -524,4 +530,4 @@ def _flag_value(v: Any) -> str:
 
 def params_bytes_report(state: TrainState) -> dict[str, int]:
     """Per-device bytes of params + optimizer state (+ extra), from the arrays' shardings."""
-    return S.bytes_per_device((state.params, state.opt_state, state.extra))
+    return sharding.bytes_per_device((state.params, state.opt_state, state.extra))

@@ -1,9 +1,9 @@
 """Character vocabulary for CTC fine-tuning, in the format of transformers' `Wav2Vec2CTCTokenizer`.
 
-    from flax_d2v.train import vocab as V
-    vocab = V.build_vocab(texts)                  # or V.load_vocab("vocab.json")
-    ids, n_unknown = V.encode("Hello, world!", vocab)
-    V.decode(ids, vocab)                           # -> "HELLO WORLD"
+    from flax_d2v.train.vocab import build_vocab, decode, encode
+    vocab = build_vocab(texts)                     # or flax_d2v.processor.load_vocab("vocab.json")
+    ids, n_unknown = encode("Hello, world!", vocab)
+    decode(ids, vocab)                             # -> "HELLO WORLD"
 
 The files themselves (vocab.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json)
 are read and written by `flax_d2v.processor` (`save_tokenizer_files`, `load_vocab`, `save_preprocessor_config`).
