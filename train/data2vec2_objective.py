@@ -50,9 +50,8 @@ from flax_d2v.masking import block_mask_1d
 from flax_d2v.modeling import feat_extract_output_lengths
 from flax_d2v.precision import matmul_precision
 from flax_d2v.train.data2vec_objective import (
+    EmaTeacher,
     check_collapse,
-    ema_decay_at,
-    ema_update,
     instance_norm_time,
     masked_std,
     regression_loss,
@@ -130,7 +129,7 @@ def teacher_subtree(model_params: PyTree) -> PyTree:
     return {k: v for k, v in model_params.items() if k not in LOCAL_KEYS}
 
 
-class Data2Vec2Objective:
+class Data2Vec2Objective(EmaTeacher):
     """data2vec 2.0 pretraining (see the module docstring). `module`: the bare `Data2Vec2Model`."""
 
     name = "data2vec2"
@@ -164,19 +163,10 @@ class Data2Vec2Objective:
     def params_logical_axes(self, model_axes: PyTree) -> PyTree:
         return {"model": model_axes, "decoder": self.decoder_logical_axes()}
 
-    def init_extra(self, params: PyTree) -> PyTree:
-        """The teacher starts as a copy of the student (fairseq's `make_ema_teacher`), in fp32."""
-        return {"teacher": jax.tree.map(lambda x: jnp.array(x, jnp.float32), teacher_subtree(params["model"]))}
+    teacher_key = "teacher"  # extra = {"teacher": the student without its local encoder}
 
-    def extra_logical_axes(self, params_axes: PyTree) -> PyTree:
-        return {"teacher": teacher_subtree(params_axes["model"])}
-
-    def ema_decay(self, num_updates: jax.Array | int) -> jax.Array:
-        return ema_decay_at(self.config, jnp.asarray(num_updates) + self.config.ema_start_update)
-
-    def update_extra(self, extra: PyTree, new_params: PyTree, step: jax.Array) -> PyTree:
-        decay = self.ema_decay(jnp.asarray(step) + 1)
-        return {"teacher": ema_update(extra["teacher"], teacher_subtree(new_params["model"]), decay, ())}
+    def teacher_of(self, model: PyTree) -> PyTree:
+        return teacher_subtree(model)
 
     # -- the loss ----------------------------------------------------------------------------
     def masks(self, batch: Batch, rng: jax.Array) -> jax.Array:

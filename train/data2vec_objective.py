@@ -221,7 +221,44 @@ def final_proj_logical_axes() -> dict[str, PartitionSpec]:
     return {"kernel": PartitionSpec("embed", None), "bias": PartitionSpec(None)}
 
 
-class Data2VecObjective:
+class EmaTeacher:
+    """The EMA teacher both data2vec objectives keep in `TrainState.extra`: `{teacher_key: an fp32
+    copy of teacher_of(student)}`, moved towards the student after every update with the decay
+    `ema_decay_at` gives (offset by `ema_start_update`, so a resumed fairseq run continues its curve).
+
+    A subclass names `teacher_key` and `teacher_of` (which subtree of the student the teacher
+    mirrors) and may keep some entries copied instead of averaged (`ema_copy_keys`).
+    """
+
+    teacher_key: str
+    config: Any
+
+    def teacher_of(self, model: PyTree) -> PyTree:
+        raise NotImplementedError
+
+    def ema_copy_keys(self) -> tuple[str, ...]:
+        return ()
+
+    def init_extra(self, params: PyTree) -> PyTree:
+        """The teacher starts as a copy of the student's subtree (fairseq's `make_ema_teacher`), in fp32."""
+        teacher = jax.tree.map(lambda x: jnp.array(x, jnp.float32), self.teacher_of(params["model"]))
+        return {self.teacher_key: teacher}
+
+    def extra_logical_axes(self, params_axes: PyTree) -> PyTree:
+        return {self.teacher_key: self.teacher_of(params_axes["model"])}
+
+    def ema_decay(self, num_updates: jax.Array | int) -> jax.Array:
+        """The decay after `num_updates` updates of this run (offset by `ema_start_update`)."""
+        return ema_decay_at(self.config, jnp.asarray(num_updates) + self.config.ema_start_update)
+
+    def update_extra(self, extra: PyTree, new_params: PyTree, step: jax.Array) -> PyTree:
+        """EMA step after update number `step + 1` (`step` = updates done before it, `TrainState.step`)."""
+        decay = self.ema_decay(jnp.asarray(step) + 1)
+        k = self.teacher_key
+        return {k: ema_update(extra[k], self.teacher_of(new_params["model"]), decay, self.ema_copy_keys())}
+
+
+class Data2VecObjective(EmaTeacher):
     """data2vec-audio pretraining as an `Objective` (see the module docstring).
 
     `module` is the bare `Data2VecAudioModel` (any dtype / remat / scan setting); its config must
@@ -262,22 +299,14 @@ class Data2VecObjective:
     def params_logical_axes(self, model_axes: PyTree) -> PyTree:
         return {"model": model_axes, "final_proj": final_proj_logical_axes()}
 
-    def init_extra(self, params: PyTree) -> PyTree:
-        """The teacher starts as a copy of the student's encoder (fairseq's `make_ema_teacher`), in fp32."""
-        return {"encoder": jax.tree.map(lambda x: jnp.array(x, jnp.float32), params["model"]["encoder"])}
+    teacher_key = "encoder"  # extra = {"encoder": the teacher's encoder}, as fairseq's EMA holds it
 
-    def extra_logical_axes(self, params_axes: PyTree) -> PyTree:
-        return {"encoder": params_axes["model"]["encoder"]}
+    def teacher_of(self, model: PyTree) -> PyTree:
+        """The teacher is the student's `encoder` (the conv features are the student's own)."""
+        return model["encoder"]
 
-    def ema_decay(self, num_updates: jax.Array | int) -> jax.Array:
-        """The decay after `num_updates` updates of this run (offset by `ema_start_update`)."""
-        return ema_decay_at(self.config, jnp.asarray(num_updates) + self.config.ema_start_update)
-
-    def update_extra(self, extra: PyTree, new_params: PyTree, step: jax.Array) -> PyTree:
-        """EMA step after update number `step + 1` (`step` = updates done before it, `TrainState.step`)."""
-        decay = self.ema_decay(jnp.asarray(step) + 1)
-        copy = EMA_COPY_KEYS if self.config.ema_layers_only else ()
-        return {"encoder": ema_update(extra["encoder"], new_params["model"]["encoder"], decay, copy)}
+    def ema_copy_keys(self) -> tuple[str, ...]:
+        return EMA_COPY_KEYS if self.config.ema_layers_only else ()
 
     # -- the loss ----------------------------------------------------------------------------
 
