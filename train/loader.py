@@ -174,13 +174,12 @@ class BatchLoader:
         s = self.process_index * self.local_batch_size
         return positions[s : s + self.local_batch_size]
 
-    def make_batch(
-        self, bucket: int, positions: np.ndarray, pool: concurrent.futures.Executor | None = None
-    ) -> HostBatch:
-        """Load and pad this process's rows of the global batch `positions` (bucket `bucket`)."""
+    def make_batch(self, bucket: int, positions: np.ndarray) -> HostBatch:
+        """Load and pad this process's rows of the global batch `positions` (bucket `bucket`); one
+        loader worker runs a whole call (`_produce`)."""
         rows = self.local_rows(positions)
         real = [int(p) for p in rows if p >= 0]
-        waves = list(pool.map(self.manifest.load, real)) if pool is not None else [self.manifest.load(p) for p in real]
+        waves = [self.manifest.load(p) for p in real]
         width = int(self.bucket_samples[bucket])
         for p, w in zip(real, waves, strict=True):
             if len(w) > width:

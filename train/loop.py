@@ -54,8 +54,10 @@ from flax_d2v.types import Batch, PyTree
 
 PMAP_AXIS = "batch"
 
-# The padded-length ladder every run used before `--num-buckets` existed (resume must keep it).
-LEGACY_BUCKET_GROWTH = 1.25
+# Settings recorded in checkpoints only since some version, with the value every run had before:
+# a checkpoint without the flag resumes as if it had recorded that value. (`--bucket-growth`: runs
+# batched on a 1.25 geometric ladder before `--num-buckets` existed.)
+SETTINGS_BEFORE_RECORDED: dict[str, Any] = {"--bucket-growth": 1.25}
 
 
 def log(msg: str) -> None:
@@ -326,9 +328,8 @@ class Trainer:
                     f"use a new --out or the same settings to resume"
                 )
         saved, now = meta.get("settings") or {}, self.cfg.meta.get("settings") or {}
-        if saved and "--bucket-growth" in now and "--bucket-growth" not in saved:
-            # Checkpoints from before --num-buckets batched on a geometric ladder of ratio 1.25.
-            saved = {**saved, "--bucket-growth": LEGACY_BUCKET_GROWTH}
+        if saved:
+            saved = {**SETTINGS_BEFORE_RECORDED, **saved}
         for flag in now:
             if flag not in saved:
                 continue
