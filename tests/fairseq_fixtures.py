@@ -22,37 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flax_d2v.commands.demo import BASE_960H_VOCAB
+
 # LibriSpeech's dict.ltr.txt order (by frequency); with the 4 specials: 32 symbols = vocab_size.
-LTR_SYMBOLS = [
-    "|",
-    "E",
-    "T",
-    "A",
-    "O",
-    "N",
-    "I",
-    "H",
-    "S",
-    "R",
-    "D",
-    "L",
-    "U",
-    "M",
-    "W",
-    "C",
-    "F",
-    "G",
-    "Y",
-    "P",
-    "B",
-    "V",
-    "K",
-    "'",
-    "X",
-    "J",
-    "Q",
-    "Z",
-]
+LTR_SYMBOLS = BASE_960H_VOCAB[4:]  # base-960h's vocab.json without its 4 specials: the same order
 FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
