@@ -34,6 +34,22 @@ natural-log LM score, so a `language_model/attrs.json` alpha is used as lm_weigh
 its `beta` is a per-word bonus in the same units as word_score and is used as is. Hypotheses are
 merged by max (Viterbi), as in fairseq and torchaudio (`log_add=False`).
 
+pyctcdecode's two other settings (`attrs.json`, or the keyword arguments of the same names):
+
+- `score_boundary` (pyctcdecode's default true): the sentence is scored from KenLM's
+  begin-of-sentence state and its end with `</s>` (pyctcdecode's `BeginSentenceWrite` and final
+  `</s>` score), which is what flashlight does. False starts from KenLM's null context
+  (`NullContextWrite`) and scores no `</s>`: flashlight's KenLM is then wrapped in a Python `LM`
+  whose `start` ignores flashlight's begin-of-sentence request and whose `finish` adds nothing.
+- `unk_score_offset` (log10 LM units; pyctcdecode's default -10): a word outside the lexicon may
+  be written, scored as pyctcdecode scores it: lm_weight * (log10 P(<unk> | context) + offset) +
+  word_score. This is flashlight's unknown-word path (`unk_score` = lm_weight * offset +
+  word_score, since flashlight adds no word_score to it). flashlight only walks the lexicon's
+  trie, so the unknown words it can write are the beginnings of lexicon spellings that are not
+  words themselves (pyctcdecode can write any letter string). -inf (or None) writes no unknown
+  word, fairseq's and torchaudio's default. flashlight's lexicon-free decoder (a token LM) has
+  no unknown-word path, so a finite offset is refused there, in one line.
+
 The text comes from the best beam's frame-level token path through `CTCTokenizer.decode`, so
 case, clean-up and word offsets follow exactly the rules of greedy decoding.
 """
@@ -41,12 +57,10 @@ case, clean-up and word offsets follow exactly the rules of greedy decoding.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +68,21 @@ import numpy as np
 
 from flax_d2v.ctc_decode import CTCTokenizer, WordOffset
 from flax_d2v.errors import D2VError
-from flax_d2v.fileio import read_json_object
-from flax_d2v.processor import processor_class
+from flax_d2v.lm_files import (  # noqa: F401  (HFLanguageModel, read_word_list: this module's API since before lm_files)
+    ARPA_SPECIALS,
+    LN10,
+    HFLanguageModel,
+    find_hf_language_model,
+    is_kenlm_binary,
+    read_arpa_unigrams,
+    read_word_list,
+)
 
 DEFAULT_LM_WEIGHT = 2.0  # fairseq wav2vec 2.0 / data2vec README, LibriSpeech 4-gram (log10 LM units)
 DEFAULT_WORD_SCORE = -1.0  # ditto
 DEFAULT_LM_BEAM_WIDTH = 100  # beam width when an LM is used and none is given (pyctcdecode's / transformers')
 BEAM_THRESHOLD = 25.0  # fairseq infer.py --beam-threshold: hypotheses this far below the best are pruned
-HF_ALPHA, HF_BETA = 0.5, 1.5  # pyctcdecode's defaults when attrs.json lacks them
-LN10 = math.log(10.0)
 IMPOSSIBLE = -1e4  # log-prob for logit columns the vocabulary does not name (never chosen, never NaN)
-LM_DIR = "language_model"  # transformers' Wav2Vec2ProcessorWithLM layout
-LM_SUFFIXES = (".arpa", ".bin", ".binary")
-_KENLM_BINARY_MAGIC = b"mmap lm "
-_ARPA_SPECIALS = frozenset({"<s>", "</s>", "<unk>"})
 
 Warn = Callable[[str], None]
 
@@ -82,117 +97,6 @@ def require_flashlight(what: str) -> tuple[Any, Any]:
             "(pip install 'flax-d2v[lm]', or pip install flashlight-text)"
         ) from None
     return decoder, dictionary
-
-
-# ---------------------------------------------------------------------------------------- files
-def is_kenlm_binary(path: str | os.PathLike) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(_KENLM_BINARY_MAGIC)) == _KENLM_BINARY_MAGIC
-
-
-def _open_text(path: Path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
-
-
-def read_arpa_unigrams(path: str | os.PathLike) -> list[str]:
-    """The words of an ARPA file's `\\1-grams:` section (plain or gzipped), <s>/</s>/<unk> left out.
-
-    Reads only up to the 2-grams, so a multi-gigabyte 4-gram costs a few seconds, not a full parse.
-    """
-    path = Path(path)
-    words: list[str] = []
-    try:
-        with _open_text(path) as f:
-            first = next((line.strip() for line in f if line.strip()), "")
-            if first != "\\data\\":
-                raise D2VError(
-                    f"{path}: not an ARPA language model (first line {first[:40]!r}, expected \\data\\) "
-                    "nor a KenLM binary"
-                )
-            inside = False
-            for line in f:
-                line = line.strip()
-                if line == "\\1-grams:":
-                    inside = True
-                elif inside and (line.startswith("\\") or not line):
-                    if line.startswith("\\") or words:
-                        break
-                elif inside:
-                    parts = line.split()
-                    if len(parts) >= 2 and parts[1] not in _ARPA_SPECIALS:
-                        words.append(parts[1])
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise D2VError(f"{path}: not a readable ARPA language model ({type(e).__name__}: {e})") from None
-    if not inside:
-        raise D2VError(f"{path}: not a readable ARPA language model (no \\1-grams: section)")
-    return words
-
-
-def read_word_list(path: str | os.PathLike) -> list[tuple[str, list[str] | None]]:
-    """(word, spelling or None) per line: `WORD` or a wav2letter lexicon line `WORD W O R D |`."""
-    path = Path(path)
-    if not path.is_file():
-        raise D2VError(f"{path}: no such lexicon file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise D2VError(f"{path}: not a readable UTF-8 word list ({type(e).__name__})") from None
-    out = []
-    for line in lines:
-        parts = line.split()
-        if parts:
-            out.append((parts[0], parts[1:] or None))
-    return out
-
-
-@dataclass(frozen=True)
-class HFLanguageModel:
-    """The `language_model/` of a transformers `Wav2Vec2ProcessorWithLM` directory."""
-
-    path: Path  # the KenLM file
-    unigrams: Path | None
-    alpha: float
-    beta: float
-
-    @property
-    def lm_weight(self) -> float:
-        return self.alpha * LN10  # pyctcdecode: alpha * ln(10) * log10 p = alpha * ln p
-
-    @property
-    def word_score(self) -> float:
-        return self.beta
-
-
-def find_hf_language_model(model_dir: str | os.PathLike) -> HFLanguageModel | None:
-    """The LM a transformers ASR pipeline would decode this directory with, or None.
-
-    As transformers does, only a directory whose processor_class ends in `WithLM` has one; it is
-    then `language_model/` with `attrs.json` (alpha, beta), `unigrams.txt` and one KenLM file.
-    """
-    d = Path(model_dir)
-    cls = processor_class(d)
-    if not cls or not cls.endswith("WithLM"):
-        return None
-    lm_dir = d / LM_DIR
-    if not lm_dir.is_dir():
-        raise D2VError(
-            f"{d}: processor_class is {cls} but there is no {LM_DIR}/ directory "
-            "(pass --no-lm to decode without a language model)"
-        )
-    files = sorted(p for p in lm_dir.iterdir() if p.is_file() and p.suffix in LM_SUFFIXES)
-    if len(files) != 1:
-        raise D2VError(
-            f"{lm_dir}: expected one KenLM file (.arpa, .bin or .binary), found {[p.name for p in files] or 'none'}"
-        )
-    attrs = read_json_object(lm_dir / "attrs.json") if (lm_dir / "attrs.json").is_file() else {}
-    try:
-        alpha, beta = float(attrs.get("alpha", HF_ALPHA)), float(attrs.get("beta", HF_BETA))
-    except (TypeError, ValueError):
-        raise D2VError(f"{lm_dir / 'attrs.json'}: alpha and beta must be numbers") from None
-    unigrams = lm_dir / "unigrams.txt"
-    return HFLanguageModel(files[0], unigrams if unigrams.is_file() else None, alpha, beta)
 
 
 # ---------------------------------------------------------------------------------------- spelling
@@ -281,14 +185,39 @@ def load_kenlm(path: str | os.PathLike, dictionary: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- the decoder
+def without_sentence_boundary(fl: Any, kenlm: Any) -> Any:
+    """`kenlm` as pyctcdecode scores it with `score_boundary=false`: from KenLM's null context, no `</s>`.
+
+    flashlight's decoders start every sentence with `lm.start(False)` (KenLM's BeginSentenceWrite)
+    and end it with `lm.finish` (the `</s>` score). This Python `LM` answers the first with the
+    null context and the second with nothing; word scores pass through unchanged, and the states
+    are KenLM's own, so flashlight's state cache works as before.
+    """
+
+    class NullContextLM(fl.LM):
+        def start(self, start_with_nothing: bool) -> Any:
+            return kenlm.start(True)
+
+        def score(self, state: Any, token: int) -> tuple[Any, float]:
+            return kenlm.score(state, token)
+
+        def finish(self, state: Any) -> tuple[Any, float]:
+            return state, 0.0
+
+    return NullContextLM()
+
+
 class BeamSearchDecoder:
     """flashlight-text CTC beam search over a tokenizer's labels, with an optional KenLM n-gram.
 
     lm: a KenLM file (.arpa, .arpa.gz, .bin); None = no LM (lexicon-free, ZeroLM).
     lexicon: a word list (or a wav2letter lexicon); default the LM's unigrams (`unigrams` file,
-        e.g. transformers' `language_model/unigrams.txt`, else the ARPA 1-grams).
+        e.g. transformers' `language_model/unigrams.txt`, filtered by the LM's vocabulary as
+        pyctcdecode filters it; else the ARPA 1-grams).
     lexicon_free: an LM over the model's tokens; None = decide from the ARPA unigrams.
     lm_weight / word_score: fusion weights (module docstring); None = fairseq's 4-gram defaults.
+    unk_score_offset / score_boundary: pyctcdecode's settings (module docstring); None = no
+        unknown words. `settings` names where they came from, for error messages.
     """
 
     def __init__(
@@ -303,6 +232,9 @@ class BeamSearchDecoder:
         lexicon_free: bool | None = None,
         lm_weight: float | None = None,
         word_score: float | None = None,
+        unk_score_offset: float | None = None,
+        score_boundary: bool = True,
+        settings: str = "beam search",
         beam_threshold: float = BEAM_THRESHOLD,
         warn: Warn | None = None,
     ):
@@ -321,7 +253,12 @@ class BeamSearchDecoder:
         self.token_dict = fl_dict.Dictionary(labels)
         self.lm_weight = DEFAULT_LM_WEIGHT if lm_weight is None else float(lm_weight)
         self.word_score = DEFAULT_WORD_SCORE if word_score is None else float(word_score)
+        self.unk_score_offset = -math.inf if unk_score_offset is None else float(unk_score_offset)
+        if math.isnan(self.unk_score_offset) or self.unk_score_offset == math.inf:
+            raise D2VError(f"{settings}: unk_score_offset must be a number or -inf, got {unk_score_offset}")
+        self.score_boundary = bool(score_boundary)
         self.lexicon_mode = False
+        self.unk_word = -1
         self.lm_path = None if lm is None else Path(lm)
         if self.lm_path is None:
             if lexicon is not None:
@@ -333,18 +270,25 @@ class BeamSearchDecoder:
         binary = is_kenlm_binary(self.lm_path)
         arpa_words = None if binary else read_arpa_unigrams(self.lm_path)
         if lexicon_free is None:
-            tokens = set(labels) | _ARPA_SPECIALS
+            tokens = set(labels) | ARPA_SPECIALS
             lexicon_free = lexicon is None and arpa_words is not None and set(arpa_words) <= tokens
         if lexicon_free:
             if lexicon is not None:
                 raise D2VError(f"{lexicon}: a lexicon cannot be used with lexicon-free decoding")
-            kenlm = load_kenlm(self.lm_path, self.token_dict)
+            if self.unk_score_offset > -math.inf:
+                raise D2VError(
+                    f"{settings}: unk_score_offset {self.unk_score_offset:g} cannot be honoured with "
+                    f"{self.lm_path}, an LM over the model's tokens (flashlight's lexicon-free decoder has no "
+                    "unknown-word score); set it to -Infinity or null"
+                )
+            kenlm = self._scoring_lm(fl_decoder, load_kenlm(self.lm_path, self.token_dict))
             self._decoder = self._lexicon_free(fl_decoder, kenlm, beam_threshold, weight=self.lm_weight)
             return
         if lexicon is not None:
             words, source = read_word_list(lexicon), str(lexicon)
         elif unigrams is not None:
             words, source = read_word_list(unigrams), str(unigrams)
+            words = self._known_to_the_lm(words, arpa_words, source, warn)
         elif arpa_words is not None:
             words, source = [(w, None) for w in arpa_words], str(self.lm_path)
         else:
@@ -365,6 +309,33 @@ class BeamSearchDecoder:
         self.lexicon_mode = True
         self.words = frozenset(spelled)
 
+    def _known_to_the_lm(
+        self, words: list[tuple[str, list[str] | None]], arpa_words: list[str] | None, source: str, warn: Warn | None
+    ) -> list[tuple[str, list[str] | None]]:
+        """pyctcdecode's `_prepare_unigram_set`: only the unigrams the LM knows; how many were dropped is said."""
+        if arpa_words is None:
+            if warn is not None:
+                warn(
+                    f"{source}: not checked against {self.lm_path}, a KenLM binary, whose words flashlight does not "
+                    "list (pyctcdecode drops the words the LM does not know; here they are scored as its <unk>)"
+                )
+            return words
+        known = set(arpa_words)
+        kept = [(w, s) for w, s in words if w in known]
+        dropped = sorted({w for w, _ in words if w not in known})
+        if not kept:
+            raise D2VError(f"{source}: none of its {len(words)} words is in {self.lm_path} (is it this LM's list?)")
+        if dropped and warn is not None:
+            warn(
+                f"{source}: {len(dropped)} of {len({w for w, _ in words})} words are not in {self.lm_path} and are "
+                f"left out, as pyctcdecode leaves them out (e.g. {', '.join(repr(w) for w in dropped[:3])})"
+            )
+        return kept
+
+    def _scoring_lm(self, fl: Any, kenlm: Any) -> Any:
+        self._kenlm = kenlm  # the decoder holds a reference in C++; keep the Python objects alive too
+        return kenlm if self.score_boundary else without_sentence_boundary(fl, kenlm)
+
     def _lexicon_free(self, fl: Any, lm: Any, beam_threshold: float, weight: float) -> Any:
         options = fl.LexiconFreeDecoderOptions(
             beam_size=self.beam_width,
@@ -375,7 +346,7 @@ class BeamSearchDecoder:
             log_add=False,
             criterion_type=fl.CriterionType.CTC,
         )
-        self._lm = lm  # the decoder holds a reference in C++; keep the Python object alive too
+        self._lm = lm
         return fl.LexiconFreeDecoder(options, lm, self.sil, self.blank, [])
 
     def _lexicon_decoder(
@@ -384,40 +355,49 @@ class BeamSearchDecoder:
         unk = "<unk>"
         self.word_dict = fl_dict.Dictionary(sorted(lexicon) + ([unk] if unk not in lexicon else []))
         self.word_dict.set_default_index(self.word_dict.get_index(unk))
-        lm = load_kenlm(self.lm_path, self.word_dict)
+        lm = self._scoring_lm(fl, load_kenlm(self.lm_path, self.word_dict))
         trie = fl.Trie(len(self.unused), self.sil)
-        start = lm.start(False)
+        start = lm.start(False)  # as the decoder starts a sentence
         for word, spellings in lexicon.items():
             index = self.word_dict.get_index(word)
-            _, score = lm.score(start, index)  # the word's unigram score: the trie's look-ahead bound
+            _, score = lm.score(start, index)  # the word's first-word score: the trie's look-ahead bound
             for spelling in spellings:
                 trie.insert([self.token_dict.get_index(t) for t in spelling], index, score)
         trie.smear(fl.SmearingMode.MAX)
+        # flashlight adds lm_weight * log10 P(<unk> | context) + unk_score to an unknown word, and no word_score
+        unk_score = self.unk_score_offset
+        if unk_score > -math.inf:
+            unk_score = self.lm_weight * self.unk_score_offset + self.word_score
         options = fl.LexiconDecoderOptions(
             beam_size=self.beam_width,
             beam_size_token=len(self.unused),
             beam_threshold=beam_threshold,
             lm_weight=self.lm_weight,
             word_score=self.word_score,
-            unk_score=-math.inf,
+            unk_score=unk_score,
             sil_score=0.0,
             log_add=False,
             criterion_type=fl.CriterionType.CTC,
         )
         self._lm, self._trie = lm, trie
-        return fl.LexiconDecoder(options, trie, lm, self.sil, self.blank, self.word_dict.get_index(unk), [], False)
+        self.unk_word = self.word_dict.get_index(unk)
+        return fl.LexiconDecoder(options, trie, lm, self.sil, self.blank, self.unk_word, [], False)
 
     def best_path(self, log_probs: np.ndarray) -> np.ndarray:
         """The best beam's token id per frame (blanks and repeats included), for (frames, vocab) scores.
 
         `log_probs` are normalised here (log-softmax), so raw logits work too.
         """
+        return self._best(log_probs)[0]
+
+    def _best(self, log_probs: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """`best_path`, and the frames after which a word break is missing (an unknown word's end)."""
         x = np.asarray(log_probs, np.float32)
         if x.ndim != 2 or x.shape[1] != len(self.unused):
             raise D2VError(f"beam search: expected (frames, {len(self.unused)}) scores, got shape {x.shape}")
         n = len(x)
         if n == 0:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), []
         x = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
         if self.unused.any():
             x = np.where(self.unused[None, :], IMPOSSIBLE, x)
@@ -427,19 +407,40 @@ class BeamSearchDecoder:
             x = np.concatenate([x, end])
         x = np.ascontiguousarray(x, np.float32)
         results = self._decoder.decode(x.ctypes.data, x.shape[0], x.shape[1])
-        paths = [np.asarray(r.tokens, np.int64)[1:-1] for r in results]  # flashlight pads one token each side
+        # flashlight pads one frame each side
+        paths = [(np.asarray(r.tokens, np.int64)[1:-1], np.asarray(r.words, np.int64)[1:-1]) for r in results]
         if not self.lexicon_mode:
-            return paths[0]
+            return paths[0][0], []
         # The best hypothesis whose last word is finished (it took the appended delimiter). When the
         # whole beam is inside an unfinished word (noise can push every finished one past the beam
         # threshold), the best one's unfinished letters are dropped: they spell no lexicon word.
-        finished = [p for p in paths if p[n] == self.sil]
+        finished = [(p, w) for p, w in paths if p[n] == self.sil]
         if finished:
-            return self._one_break_between_words(finished[0][:n])
-        path = paths[0][:n].copy()
-        breaks = np.flatnonzero(path == self.sil)
-        path[breaks[-1] + 1 if len(breaks) else 0 :] = self.blank
-        return self._one_break_between_words(path)
+            path, words = finished[0][0][:n], finished[0][1][:n]
+        else:
+            path, words = paths[0][0][:n].copy(), paths[0][1][:n]
+            breaks = np.flatnonzero(path == self.sil)
+            path[breaks[-1] + 1 if len(breaks) else 0 :] = self.blank
+        path = self._one_break_between_words(path)
+        return path, self._missing_breaks(path, np.flatnonzero(words == self.unk_word))
+
+    def _missing_breaks(self, path: np.ndarray, unknown_ends: np.ndarray) -> list[int]:
+        """Frames after which an unknown word ends with no delimiter before the next word's letters.
+
+        flashlight ends an unknown word on one of its letters (a lexicon word ends on its
+        delimiter), and the next word may follow with no delimiter between; the text needs a break
+        there. A CTC repeat of the same letter in the next frame is the same letter, not a new word.
+        """
+        out = []
+        for t in unknown_ends:
+            later = np.flatnonzero(path[t + 1 :] != self.blank)
+            if not len(later):
+                continue
+            j = t + 1 + later[0]
+            if path[j] == self.sil or (j == t + 1 and path[j] == path[t]):
+                continue
+            out.append(int(t) + 1)
+        return out
 
     def _one_break_between_words(self, path: np.ndarray) -> np.ndarray:
         """Between two lexicon words the beam may say `|`, blank, `|`: one word break, not two spaces.
@@ -457,9 +458,23 @@ class BeamSearchDecoder:
         return out
 
     def decode(self, log_probs: np.ndarray, skip_special_tokens: bool = False) -> tuple[str, list[WordOffset]]:
-        """Best beam's text and word frame offsets, by the same rules as greedy decoding."""
-        text, words = self.tokenizer.decode(self.best_path(log_probs), skip_special_tokens, output_word_offsets=True)
-        return text, words
+        """Best beam's text and word frame offsets, by the same rules as greedy decoding.
+
+        A word break missing after an unknown word is put in as one extra delimiter frame; the
+        offsets are then given back in the frames of `log_probs`.
+        """
+        path, breaks = self._best(log_probs)
+        if not breaks:
+            return self.tokenizer.decode(path, skip_special_tokens, output_word_offsets=True)
+        text, words = self.tokenizer.decode(
+            np.insert(path, breaks, self.sil), skip_special_tokens, output_word_offsets=True
+        )
+        inserted = np.asarray(breaks) + np.arange(len(breaks))  # their frames in the lengthened path
+
+        def back(frame: int) -> int:
+            return frame - int(np.searchsorted(inserted, frame))
+
+        return text, [WordOffset(w.word, back(w.start_offset), back(w.end_offset)) for w in words]
 
 
 def decoder_for(
@@ -478,12 +493,12 @@ def decoder_for(
     """The decoder `d2v transcribe` and `flax_d2v.transcribe` use; None means greedy.
 
     lm: a KenLM file; None = the model directory's own (transformers' `language_model/`, with its
-        alpha/beta unless lm_weight/word_score are given), if it has one; False = no LM.
+        `attrs.json` settings; lm_weight/word_score override alpha/beta), if it has one; False = no LM.
     beam_width: 0 or 1 = greedy unless an LM is used (then `DEFAULT_LM_BEAM_WIDTH`).
     """
     if beam_width < 0:
         raise D2VError(f"--beam-width: must be >= 0, got {beam_width}")
-    unigrams = None
+    unigrams, pyctcdecode = None, {}
     if lm is None and model_dir is not None:
         hf = find_hf_language_model(model_dir)
         if hf is not None:
@@ -491,10 +506,16 @@ def decoder_for(
             lm, unigrams = hf.path, hf.unigrams
             lm_weight = hf.lm_weight if lm_weight is None else lm_weight
             word_score = hf.word_score if word_score is None else word_score
+            attrs = hf.path.parent / "attrs.json"
+            pyctcdecode = dict(
+                unk_score_offset=hf.unk_score_offset, score_boundary=hf.score_boundary, settings=str(attrs)
+            )
             if warn is not None:
                 warn(
                     f"decoding with the model's language model {hf.path} (lm_weight {lm_weight:.4g} = alpha "
-                    f"{hf.alpha:g} x ln 10, word_score {word_score:g} = beta); --no-lm decodes without it"
+                    f"{hf.alpha:g} x ln 10, word_score {word_score:g} = beta, unk_score_offset "
+                    f"{hf.unk_score_offset:g}, score_boundary {str(hf.score_boundary).lower()}); --no-lm decodes "
+                    "without it"
                 )
     if lm is False or lm is None:
         if lexicon is not None:
@@ -511,4 +532,5 @@ def decoder_for(
         lm_weight=lm_weight,
         word_score=word_score,
         warn=warn,
+        **pyctcdecode,
     )

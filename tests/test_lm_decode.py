@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import re
 import string
 import sys
 from collections import Counter
@@ -304,7 +305,13 @@ def test_hf_processor_with_lm_dir_decodes_with_its_lm_by_default(lm_model_dir, s
     files = [str(speech_dir / "16k" / n) for n in ("librivox_0880.wav", "cards_001.wav", "forever.wav")]
     notes: list[str] = []
     with_lm = flax_d2v.transcribe(str(model_dir), files, progress=False, warn=notes.append)
-    assert len(notes) == 1 and "language_model" in notes[0] and f"{0.5 * LN10:.4g}" in notes[0]
+    assert len(notes) == 2 and "language_model" in notes[0] and f"{0.5 * LN10:.4g}" in notes[0]
+    assert "unk_score_offset -10, score_boundary true" in notes[0]
+    assert notes[1].endswith(
+        "unigrams.txt: 1 of 14 words are not in "
+        + str(model_dir / "language_model" / "words.arpa")
+        + " and are left out, as pyctcdecode leaves them out (e.g. 'I')"
+    )
     greedy = flax_d2v.transcribe(str(model_dir), files, lm=False, progress=False)
     assert sum(len(r.text.split()) for r in with_lm) > 3
     for lm_r, greedy_r in zip(with_lm, greedy, strict=True):
@@ -516,3 +523,157 @@ def test_finetune_eval_lm_reports_wer_beside_greedy(speech_dir, word_lm, tmp_pat
                 )
             )
         )
+
+
+# ---------------------------------------------------------------------------------------- pyctcdecode's directory
+def lm_only_dir(root: Path, lm_file: str, lm_bytes: bytes, unigrams: list[str], attrs: dict | None) -> Path:
+    """A directory `find_hf_language_model` reads: processor_class ...WithLM and `language_model/`."""
+    root.mkdir()
+    (root / "preprocessor_config.json").write_text(json.dumps({"processor_class": "Wav2Vec2ProcessorWithLM"}))
+    lm_dir = root / "language_model"
+    lm_dir.mkdir()
+    if attrs is not None:
+        (lm_dir / "attrs.json").write_text(json.dumps(attrs))  # json writes -inf as -Infinity, as Python reads it
+    (lm_dir / "unigrams.txt").write_text("\n".join(unigrams) + "\n")
+    (lm_dir / lm_file).write_bytes(lm_bytes)
+    return root
+
+
+def hf_decode(model_dir: Path, x: np.ndarray, notes: list[str] | None = None) -> str:
+    from flax_d2v.lm_decode import decoder_for
+
+    decoder = decoder_for(TOK, len(VOCAB), model_dir=model_dir, warn=None if notes is None else notes.append)
+    return decoder.decode(x)[0]
+
+
+def test_score_boundary_scores_the_sentence_start(tmp_path):
+    """score_boundary true: the first word is scored after <s> (BeginSentenceWrite); false: from no context.
+
+    BAT starts every sentence it is in, CAT is the more frequent word: the acoustics lean to CAT
+    (0.5 against 0.45), the LM's sentence start to BAT, its unigrams to CAT.
+    """
+    arpa = tmp_path / "bat.arpa"
+    bigram_arpa([["BAT", "SAT"]] * 3 + [["THE", "CAT", "SAT"]] * 6, arpa)
+    x = emissions("BAT SAT", np.random.default_rng(5), ambiguous={0: {"B": 0.45, "C": 0.5}})
+    assert TOK.decode(x.argmax(-1)) == "CAT SAT"
+    out = {}
+    for boundary in (True, False):
+        attrs = {"alpha": 0.5, "beta": 0.0, "unk_score_offset": -10.0, "score_boundary": boundary}
+        d = lm_only_dir(tmp_path / f"b{boundary}", "bat.arpa", arpa.read_bytes(), ["BAT", "SAT", "THE", "CAT"], attrs)
+        out[boundary] = hf_decode(d, x)
+    assert out == {True: "BAT SAT", False: "CAT SAT"}
+
+
+def peaky(text: str, confidence: float = 0.9) -> np.ndarray:
+    """CTC log-probs as a fine-tuned model emits them: one frame per character, two blanks after each."""
+    letter = np.full(len(VOCAB), (1.0 - confidence) / (len(VOCAB) - 1))
+    blank = np.full(len(VOCAB), 0.05 / (len(VOCAB) - 1))
+    blank[VOCAB["<pad>"]] = 0.95
+    frames = []
+    for ch in text.replace(" ", "|"):
+        frames += [letter.copy(), blank, blank]
+        frames[-3][VOCAB[ch]] = confidence
+    return np.log(np.stack(frames)).astype(np.float32)
+
+
+def test_unk_score_offset_lets_an_unknown_word_through(word_lm, tmp_path):
+    """A finite offset writes a word outside the lexicon, at pyctcdecode's score; -inf (or null) never does.
+
+    DISPO is no word of the LM but begins DISPOSED (flashlight's unknown words follow the lexicon's trie).
+    """
+    arpa, _ = word_lm
+    x = peaky("HE WAS DISPO")
+    unigrams = ["HE", "WAS", "NOT", "DISPOSED", "YOUNG", "MAN"]
+    out = {}
+    for offset in (-10.0, -math.inf, None):
+        attrs = {"alpha": 0.5, "beta": 1.5, "unk_score_offset": offset, "score_boundary": True}
+        d = lm_only_dir(tmp_path / f"u{offset}", "words.arpa", arpa.read_bytes(), unigrams, attrs)
+        out[offset] = hf_decode(d, x)
+    assert out[-10.0] == "HE WAS DISPO"
+    assert out[-math.inf] == out[None] != "HE WAS DISPO"
+    assert set(out[None].split()) <= set(unigrams)
+
+
+def test_unknown_word_keeps_its_word_break_and_frames(word_lm):
+    """An unknown word ends on its last letter; a next word right after it is still a separate word."""
+    arpa, _ = word_lm
+    x = peaky("HE WAS DISPO MAN")
+    o = 3 * len("HE WAS DISP")  # the O of DISPO; M follows it at once, with no blank and no delimiter between
+    x = np.concatenate([x[: o + 1], x[o + 6 :]])  # its blanks, the |, and the |'s blanks
+    greedy_text, greedy_words = TOK.decode(x.argmax(-1), output_word_offsets=True)
+    assert greedy_text == "HE WAS DISPOMAN"
+    decoder = BeamSearchDecoder(TOK, len(VOCAB), 50, lm=arpa, lm_weight=1.0, word_score=1.5, unk_score_offset=-5.0)
+    text, words = decoder.decode(x)
+    assert text == "HE WAS DISPO MAN"
+    spans = [(w.start_offset, w.end_offset) for w in words]
+    assert spans[:2] == [(w.start_offset, w.end_offset) for w in greedy_words[:2]]
+    assert (spans[2][0], spans[3][1]) == (greedy_words[2].start_offset, greedy_words[2].end_offset)
+    assert spans[2][1] == spans[3][0] == o + 1  # the break sits between two frames: no frame is invented
+
+
+def test_attrs_settings_that_cannot_be_honoured_are_refused(word_lm, char_lm, tmp_path):
+    from flax_d2v.lm_decode import decoder_for
+
+    arpa = word_lm[0].read_bytes()
+    cases = {
+        "yes": ({"score_boundary": "yes"}, "score_boundary must be true or false, got 'yes'"),
+        "nan": ({"unk_score_offset": math.nan}, "unk_score_offset must be a finite number or -Infinity, got nan"),
+        "hot": ({"hotwords": ["HE"]}, "unknown key 'hotwords' (pyctcdecode's keys are alpha, beta, unk_score_offset"),
+    }
+    for name, (attrs, message) in cases.items():
+        d = lm_only_dir(tmp_path / name, "words.arpa", arpa, ["HE"], attrs)
+        with pytest.raises(D2VError, match=re.escape(f"{d / 'language_model' / 'attrs.json'}: {message}")):
+            decoder_for(TOK, len(VOCAB), model_dir=d)
+    # an LM over the model's characters (lexicon-free) has no unknown-word score: a finite offset is refused
+    d = lm_only_dir(tmp_path / "chars", "chars.arpa", char_lm.read_bytes(), ["H"], {"unk_score_offset": -10.0})
+    with pytest.raises(D2VError, match=r"attrs.json: unk_score_offset -10 cannot be honoured with .*chars.arpa"):
+        decoder_for(TOK, len(VOCAB), model_dir=d)
+    d = lm_only_dir(tmp_path / "chars-off", "chars.arpa", char_lm.read_bytes(), ["H"], {"unk_score_offset": None})
+    assert not decoder_for(TOK, len(VOCAB), model_dir=d).lexicon_mode
+
+
+def test_language_model_file_is_found_by_its_contents(word_lm, tmp_path):
+    """pyctcdecode's layout (hidden files ignored) with a gzipped ARPA file, which --lm reads too."""
+    import gzip
+
+    from flax_d2v.lm_decode import find_hf_language_model
+
+    arpa = word_lm[0]
+    x = emissions(
+        "HE WAS NOT AN ILL DISPOSED YOUNG MAN", np.random.default_rng(8), ambiguous={19: {"S": 0.4, "Z": 0.5}}
+    )
+    unigrams = sorted(read_arpa_unigrams(arpa))
+    attrs = {"alpha": 0.5, "beta": 0.0, "unk_score_offset": -10.0, "score_boundary": True}
+    d = lm_only_dir(tmp_path / "gz", "5gram.arpa.gz", gzip.compress(arpa.read_bytes()), unigrams, attrs)
+    (d / "language_model" / ".gitattributes").write_text("*.gz filter=lfs\n")
+    assert find_hf_language_model(d).path.name == "5gram.arpa.gz"
+    plain = BeamSearchDecoder(TOK, len(VOCAB), 100, lm=arpa, lm_weight=0.5 * LN10, word_score=0.0, unk_score_offset=-10)
+    assert hf_decode(d, x) == plain.decode(x)[0] == "HE WAS NOT AN ILL DISPOSED YOUNG MAN"
+    (d / "language_model" / "copy.arpa").write_bytes(arpa.read_bytes())
+    with pytest.raises(D2VError, match=r"expected one KenLM file .* found \['5gram.arpa.gz', 'copy.arpa'\]"):
+        find_hf_language_model(d)
+    for name in ("5gram.arpa.gz", "copy.arpa"):
+        (d / "language_model" / name).unlink()
+    (d / "language_model" / "README.md").write_text("a 5-gram\n")
+    with pytest.raises(D2VError, match=r"expected one KenLM file .* found none among \['README.md'\]"):
+        find_hf_language_model(d)
+
+
+def test_unigrams_are_filtered_by_the_lm_vocabulary(word_lm, tmp_path):
+    """As pyctcdecode's _prepare_unigram_set: unigrams.txt words the LM does not know are left out, and counted."""
+    arpa = word_lm[0]
+    unigrams = ["HE", "WAS", "ZYZZYVA", "MAN", "QUUX"]
+    d = lm_only_dir(tmp_path / "u", "words.arpa", arpa.read_bytes(), unigrams, {})
+    notes: list[str] = []
+    from flax_d2v.lm_decode import decoder_for
+
+    decoder = decoder_for(TOK, len(VOCAB), model_dir=d, warn=notes.append)
+    assert decoder.words == {"HE", "WAS", "MAN"}
+    unigrams_txt = d / "language_model" / "unigrams.txt"
+    assert notes[1] == (
+        f"{unigrams_txt}: 2 of 5 words are not in {d / 'language_model' / 'words.arpa'} and are left out, "
+        "as pyctcdecode leaves them out (e.g. 'QUUX', 'ZYZZYVA')"
+    )
+    d = lm_only_dir(tmp_path / "none", "words.arpa", arpa.read_bytes(), ["QUUX"], {})
+    with pytest.raises(D2VError, match=r"unigrams.txt: none of its 1 words is in .*words.arpa"):
+        decoder_for(TOK, len(VOCAB), model_dir=d)
