@@ -284,6 +284,71 @@ def ctc_train_flops(config: Data2VecAudioConfig, batch: int, num_samples: int) -
     return {"forward": fwd["total"], "backward": backward, "total": fwd["total"] + backward}
 
 
+def _transformer_flops(config: Any, frames: int) -> float:
+    """One clip's transformer layers over `frames` frames (forward_flops' attention and FFN terms)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    return layers * (
+        2.0 * frames * h * h * 4 + 2.0 * frames * frames * h * 2 + 2.0 * frames * h * config.intermediate_size * 2
+    )
+
+
+def _backward(trainable_forward: float, first_conv: float) -> float:
+    """Backward of trained parts: two forwards (input and weight gradients), except the first conv
+    layer, whose input (the waveform) needs no gradient: one."""
+    return 2.0 * (trainable_forward - first_conv) + first_conv
+
+
+def data2vec_pretrain_flops(config: Data2VecAudioConfig, batch: int, num_samples: int) -> dict[str, float]:
+    """Analytic FLOPs of one data2vec 1.0 update (`train/data2vec_objective.py`), counted as `ctc_train_flops`.
+
+    Student: the whole model on every frame (masked ones replaced by `mask_emb`) and `final_proj`,
+    forward and backward (nothing is frozen in pretraining). Teacher (EMA, no gradient): positional
+    conv and transformer on the student's unmasked projected features, forward only.
+    """
+    fwd = forward_flops(config, batch, num_samples)
+    t = int(feat_extract_output_lengths(config, num_samples))
+    first_conv = 2.0 * ((num_samples - config.conv_kernel[0]) // config.conv_stride[0] + 1) * config.conv_kernel[0]
+    first_conv *= config.conv_dim[0] * batch
+    student = fwd["total"] + 2.0 * t * config.hidden_size**2 * batch  # + final_proj
+    teacher = fwd["pos_conv"] + fwd["attention_proj"] + fwd["attention_scores"] + fwd["ffn"]
+    backward = _backward(student, first_conv)
+    return {"student": student, "backward": backward, "teacher": teacher, "total": student + backward + teacher}
+
+
+def data2vec2_pretrain_flops(
+    config: Any, batch: int, num_samples: int, clone_batch: int, kept: int
+) -> dict[str, float]:
+    """Analytic FLOPs of one data2vec 2.0 update (`train/data2vec2_objective.py`), counted as `ctc_train_flops`.
+
+    Local features (conv encoder + projection) once per clip; per clone (B x clone_batch rows): the
+    positional conv over all T frames, the transformer over the `kept` unmasked frames, the decoder
+    (grouped convs, then `proj`) over all T frames; all of it forward and backward. Teacher (EMA, no
+    gradient): positional conv and transformer over all T frames of each clip, forward only.
+    """
+    one = forward_flops(config, 1, num_samples)
+    t = int(feat_extract_output_lengths(config, num_samples))
+    n = batch * clone_batch
+    k, g, h = config.decoder_kernel, config.decoder_groups, config.hidden_size
+    decoder, width = 0.0, h
+    for _ in range(config.decoder_layers):
+        decoder += 2.0 * t * k * (width // g) * config.decoder_dim
+        width = config.decoder_dim
+    decoder += 2.0 * t * config.decoder_dim * h
+    first_conv = 2.0 * ((num_samples - config.conv_kernel[0]) // config.conv_stride[0] + 1) * config.conv_kernel[0]
+    first_conv *= config.conv_dim[0] * batch
+    local = batch * (one["feature_encoder"] + one["feature_projection"])
+    student = local + n * (one["pos_conv"] + _transformer_flops(config, kept) + decoder)
+    teacher = batch * (one["pos_conv"] + _transformer_flops(config, t))
+    backward = _backward(student, first_conv)
+    return {
+        "student": student,
+        "decoder": n * decoder,
+        "backward": backward,
+        "teacher": teacher,
+        "total": student + backward + teacher,
+    }
+
+
 # ----------------------------------------------------------------------------- data
 
 

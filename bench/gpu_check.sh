@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh             # on a CUDA machine: base size, ~8 minutes
 #   bash bench/gpu_check.sh --dry-run   # anywhere (CPU): the same stages at tiny size, a few seconds each
 #   STAGES="train demo" bash bench/gpu_check.sh      # a subset, in that order: demo verify infer train profile
-#                                                      # loader transcribe variants (ABLATE="" skips the ablations;
+#                                                      # loader transcribe pretrain variants (ABLATE="" skips the ablations;
 #                                                      # TRAIN_ABLATE= adds ablations to the big train step)
 #   OUT=/tmp/gpu bash bench/gpu_check.sh
 #
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT="${OUT:-bench/results-gpu}"
-STAGES="${STAGES:-demo verify infer train profile loader transcribe}"
+STAGES="${STAGES:-demo verify infer train profile loader transcribe pretrain}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -41,14 +41,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>/dev/null \
   || echo "name
 $backend (dry run)" > "$OUT/gpu.csv"
-"$PY" -c 'import jax, torch, transformers; print("jax", jax.__version__, "torch", torch.__version__,
-"transformers", transformers.__version__, "devices", jax.devices())' | tee "$OUT/versions.txt"
+"$PY" -c 'import importlib.metadata as m, jax, torch, transformers; print("jax", jax.__version__, "torch", torch.__version__,
+"transformers", transformers.__version__, *(f"{p} {m.version(p)}" for p in ("flax", "optax", "orbax-checkpoint")),
+"devices", jax.devices())' | tee "$OUT/versions.txt"
 
 if [[ $DRY == 1 ]]; then
   SIZE=tiny; CASES=1x2,2x2; REPEATS=2; TB=2; TS=2; SB=2; SS=2; LB=5; ASR=25; PEAK=256; LIMIT=300
+  PB=2; PS=1; CLONES=2; PTB=2; PTS=1  # PTB x PTS = PB x PS: the 1.0 step compiles once (cache below)
   WORKERS=1,2
 else
   SIZE=base; CASES=1x10,8x10,32x10; REPEATS="${REPEATS:-10}"; TB=64; TS=10; SB=16; SS=5; LB=60; ASR=120; PEAK=4096,8192; LIMIT=240
+  PTB=64; PTS=10; PB=16; PS=10; CLONES=8  # 2.0 against 1.0 on the same audio: 16 x 10 s (2.0's student sees 8 copies of each clip)
   WORKERS="1,4,$(nproc)"
 fi
 ABLATE="${ABLATE-ctc_sum,no_dropout,no_optimizer,xla_attention,no_attention,no_feature_encoder}"
@@ -125,6 +128,18 @@ run_transcribe() {
   stage transcribe-cached $LIMIT "$PY" bench/transcribe.py --seconds $ASR --compilation-cache "$OUT/jax-cache" \
     --json "$OUT/transcribe-cached.json"
   rm -rf "$OUT/jax-cache"
+}
+run_pretrain() {
+  # 1.0 alone at the CTC step's big batch (its MFU target), then 1.0 and 2.0 (clone 8, decoder) on the same audio.
+  # No PyTorch side: transformers has no data2vec pretraining objective and 2.0's is fairseq's only (the JSON says so).
+  rm -rf "$OUT/jax-cache-pretrain"
+  stage pretrain-v1 $LIMIT "$PY" bench/pretrain_v2.py --size $SIZE --dtype bfloat16 --archs data2vec --batch $PTB \
+    --seconds $PTS --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --compilation-cache "$OUT/jax-cache-pretrain" \
+    --json "$OUT/pretrain-v1-b$PTB.json"
+  stage pretrain-v2 $LIMIT "$PY" bench/pretrain_v2.py --size $SIZE --dtype bfloat16 --batch $PB --seconds $PS \
+    --clone-batch $CLONES --repeats $REPEATS --warmup 2 --peak-sizes $PEAK --compilation-cache "$OUT/jax-cache-pretrain" \
+    --json "$OUT/pretrain-v1-v2-b$PB.json"
+  rm -rf "$OUT/jax-cache-pretrain"
 }
 for s in $STAGES; do
   if declare -F "run_$s" >/dev/null; then "run_$s"; else echo "gpu_check: unknown stage $s" >&2; fi

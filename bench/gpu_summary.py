@@ -3,7 +3,7 @@
     python bench/gpu_summary.py OUT_DIR
 
 Reads the JSON files the benchmarks wrote (`infer-*.json`, `train-*.json`, `loader.json`,
-`transcribe.json`) and the logs of `d2v demo` / `d2v verify`, and prints one Markdown table with
+`transcribe.json`, `pretrain-*.json`) and the logs of `d2v demo` / `d2v verify`, and prints one Markdown table with
 the target beside each figure. Missing pieces (a stage that failed or was not run) show as such.
 """
 
@@ -35,6 +35,36 @@ def _log_result(path: Path) -> str:
         return "no result (see " + path.name + ")"
     verdict, ok, n, tol = m[-1]
     return f"{verdict} {ok}/{n} within {tol}"
+
+
+PRETRAIN_NAMES = {"data2vec": "data2vec 1.0 update (EMA teacher)", "data2vec2": "data2vec 2.0 update (clones, decoder)"}
+NO_PYTORCH = {"data2vec": "transformers has no 1.0 pretraining objective", "data2vec2": "2.0's objective is fairseq's only"}
+
+
+def pretrain_rows(r: dict[str, Any] | None) -> list[list[str]]:
+    """`bench/pretrain_v2.py`'s figures: each objective's update time and MFU, 2.0's time against 1.0's."""
+    if r is None:
+        return []
+    rows = []
+    peak = r["matmul_peak"]["gflops"] / 1000
+    for arch, c in r["cases"].items():
+        clones = f", clone {r['clone_batch']}" if arch == "data2vec2" else ""
+        fig = (
+            f"Flax {1000 * c['median_s']:.0f} ms, {100 * c['fraction_of_matmul_peak']:.0f}% MFU of {peak:.3g} TFLOP/s, "
+            f"compile {c['compile_s']:.1f} s; no PyTorch side ({NO_PYTORCH[arch]})"
+        )
+        target = ">= 35% MFU at 64 x 10 s" if arch == "data2vec" else "MFU reported; time against 1.0's"
+        label = f"{PRETRAIN_NAMES[arch]} {r['batch']} x {r['seconds']:g} s {r['dtype']}{clones}"
+        rows.append([label, fig, target])
+    if "v2_over_v1_time" in r:
+        rows.append(
+            [
+                f"data2vec 2.0 / 1.0 time per update, same audio ({r['batch']} x {r['seconds']:g} s)",
+                f"{r['v2_over_v1_time']:.2f}",
+                "reported",
+            ]
+        )
+    return rows
 
 
 def rows(out: Path) -> list[list[str]]:
@@ -86,6 +116,8 @@ def rows(out: Path) -> list[list[str]]:
                     "",
                 ]
             )
+    for path in sorted(out.glob("pretrain-*.json")):
+        table += pretrain_rows(_json(path))
     r = _json(out / "loader.json")
     if r is not None:
         best = max(r["rows"], key=lambda x: x["audio_s_per_s"])
