@@ -38,7 +38,10 @@ def _log_result(path: Path) -> str:
 
 
 PRETRAIN_NAMES = {"data2vec": "data2vec 1.0 update (EMA teacher)", "data2vec2": "data2vec 2.0 update (clones, decoder)"}
-NO_PYTORCH = {"data2vec": "transformers has no 1.0 pretraining objective", "data2vec2": "2.0's objective is fairseq's only"}
+NO_PYTORCH = {
+    "data2vec": "transformers has no 1.0 pretraining objective",
+    "data2vec2": "2.0's objective is fairseq's only",
+}
 
 
 def pretrain_rows(r: dict[str, Any] | None) -> list[list[str]]:
