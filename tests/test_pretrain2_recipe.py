@@ -82,7 +82,10 @@ LARGE_LIKE_AUDIO = dict(mask_prob=0.55, mask_prob_adjust=0.1, mask_length=4, mas
 
 
 def test_checkpoint_objective_is_the_default_and_a_flag_wins(real_v2, tmp_path, monkeypatch, capsys):
-    pt = _variant(real_v2, tmp_path / "v.pt", LARGE_LIKE, LARGE_LIKE_AUDIO)
+    from flax_d2v.train import run_common as common
+
+    composite = {"optimization": {"clip_norm": 1.0}, "optimizer": {"_name": "composite", "groups": {}}}
+    pt = _variant(real_v2, tmp_path / "v.pt", LARGE_LIKE, LARGE_LIKE_AUDIO, **composite)
     plan = _plan(monkeypatch, tmp_path, model=str(pt))
     c = plan.objective.config
     for k, v in {**LARGE_LIKE, **LARGE_LIKE_AUDIO}.items():
@@ -90,6 +93,12 @@ def test_checkpoint_objective_is_the_default_and_a_flag_wins(real_v2, tmp_path, 
             assert getattr(c, k) == v, k
     assert plan.config.layerdrop == 0.0  # the checkpoint's model dropouts, not 1.0's 0.05
     assert c.ema_start_update == 4  # the checkpoint's num_updates
+    # item 13: a large checkpoint's optimizer (composite: fairseq's no-decay groups; clip_norm 1) continues too
+    assert (plan.cfg.clip_norm, plan.cfg.weight_decay_exempt) == (1.0, True)
+    # item 12: a 2.0 run records what a resume must repeat, as 1.0
+    recorded = common.resume_settings(plan.cfg, plan.resume_keys)
+    for flag in ("--batch-size", "--seed", "--crop", "--ema-encoder-only", "--weight-decay-exempt"):
+        assert flag in recorded, flag
     err = capsys.readouterr().err
     line = next(s for s in err.splitlines() if "from the checkpoint" in s)
     assert "clone_batch 3" in line and "mask_prob 0.55" in line
@@ -149,10 +158,10 @@ def test_ema_encoder_only_teacher_is_the_ema_blocks_on_the_students_context_enco
     assert set(extra["teacher"]) == {"blocks_0", "blocks_1"}
     extra = {"teacher": {k: other[k] for k in extra["teacher"]}}
     local = jax.random.normal(jax.random.PRNGKey(2), (2, 40, config.hidden_size))
-    got = obj.targets({"model": student}, extra, local, deterministic=True)
+    got = jax.jit(lambda p, e, x: obj.targets({"model": p}, e, x, deterministic=True))(student, extra, local)
     merged = {**student, "blocks_0": other["blocks_0"], "blocks_1": other["blocks_1"]}
     full = Data2Vec2Objective(m, Data2Vec2PretrainConfig(average_top_k_layers=2))
-    want = full.targets({"model": merged}, {"teacher": {k: v for k, v in merged.items() if "feature" not in k}}, local)
+    want = jax.jit(lambda p, x: full.targets({"model": p}, full.init_extra({"model": p}), x))(merged, local)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     # the EMA step moves the blocks only
     moved = jax.tree.map(lambda x: x + 1.0, student)
@@ -213,15 +222,6 @@ def test_settings_of_the_other_architecture_are_refused(arch, argv, flag, tmp_pa
 
 
 # -------------------------------------------------- item 12: 2.0 resumes are checked
-def test_data2vec2_records_the_settings_a_resume_must_repeat(tmp_path, monkeypatch):
-    from flax_d2v.train import run_common as common
-
-    plan = _plan(monkeypatch, tmp_path, preset="tiny", average_top_k_layers=2)
-    recorded = common.resume_settings(plan.cfg, plan.resume_keys)
-    for flag in ("--batch-size", "--seed", "--crop", "--ema-encoder-only", "--weight-decay-exempt"):
-        assert flag in recorded, flag
-
-
 @pytest.mark.slow
 def test_data2vec2_resume_with_other_settings_is_refused(tmp_path):
     from synth_speech import write_corpus
@@ -273,7 +273,7 @@ def _groups(opt_state) -> dict[str, set[str]]:
     return out
 
 
-def test_large_recipe_is_fairseqs_no_decay_groups_and_clip_norm(real_v2, tmp_path, monkeypatch):
+def test_large_recipe_is_fairseqs_no_decay_groups_and_clip_norm():
     from flax_d2v.data2vec2 import Data2Vec2Model, large_config_v2, tiny_config_v2
     from flax_d2v.modeling import init_params
     from flax_d2v.params import flatten
@@ -326,9 +326,3 @@ def test_large_recipe_is_fairseqs_no_decay_groups_and_clip_norm(real_v2, tmp_pat
     # the base recipe decays everything (base_audio_only_task.yaml: plain adam)
     _, tx = common.make_schedule_and_optimizer(base, params)
     assert _groups(tx.init(params)) == {"trainable": set(flat)}
-    # a large checkpoint's cfg (composite optimizer, clip_norm 1) gives the same
-    pt = _variant(
-        real_v2, tmp_path / "v.pt", optimization={"clip_norm": 1.0}, optimizer={"_name": "composite", "groups": {}}
-    )
-    plan = _plan(monkeypatch, tmp_path, model=str(pt))
-    assert (plan.cfg.clip_norm, plan.cfg.weight_decay_exempt) == (1.0, True)
