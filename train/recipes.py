@@ -18,7 +18,9 @@ recipes (fairseq's `base_960h` vs `base_librispeech` configs) are the `@recipe(.
 
 Data2vec 2.0 pretraining (`arch="data2vec2"`) is part of `PretrainConfig`: its own section
 (`Data2Vec2Settings`) and `ARCH_DEFAULTS`, the settings whose default depends on the
-architecture (left None, they take the architecture's value in `PretrainConfig.resolved()`).
+architecture (left None, they take the architecture's value in `PretrainConfig.resolved()`; a
+2.0 run first takes its checkpoint's cfg and, for a large model, `V2_LARGE_DEFAULTS`). A setting
+of one architecture only is refused when given with the other (`PretrainConfig.validate`).
 
 The run entry points (`flax_d2v.train.finetune`, `flax_d2v.train.pretrain`) take these, or a plain
 mapping of settings (`from_settings`: names with `-` or `_`, an unknown key is one `D2VError`
@@ -364,9 +366,8 @@ class PretrainSettings(Settings):
     SECTION: ClassVar[str] = "data2vec objective (fairseq names)"
     arch: Literal["data2vec", "data2vec2"] = setting(
         "data2vec",
-        "data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0, v2/base_audio_only_task.yaml, "
-        "large_audio_only_task.yaml for a large model; from a fairseq checkpoint its cfg: settings left unset take "
-        "these)",
+        "data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0: settings left unset take the checkpoint's "
+        "fairseq cfg, then v2/large_audio_only_task.yaml for a large model, else v2/base_audio_only_task.yaml)",
     )
     crop: bool = setting(
         True, "crop each batch to its shortest clip, random offsets, no padding (fairseq's pretraining)"
