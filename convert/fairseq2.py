@@ -307,6 +307,130 @@ def config_from_model_cfg(arch: Mapping[str, Any], train: Mapping[str, Any] | No
         raise D2VError(f"{source}: bad {where} ({e})") from None
 
 
+# ------------------------------------------------------------------------------------ the pretraining objective
+# cfg.model keys (and cfg.model.modalities.audio keys) that `d2v pretrain --arch data2vec2` takes as settings
+# of the same name, with their type: a run from the checkpoint continues its objective.
+OBJECTIVE_KEYS: dict[str, type] = {
+    "clone_batch": int,
+    "average_top_k_layers": int,
+    "instance_norm_target_layer": bool,
+    "ema_decay": float,
+    "ema_end_decay": float,
+    "ema_anneal_end_step": int,
+    "ema_encoder_only": bool,
+    "loss_beta": float,
+    "loss_scale": float,
+}
+AUDIO_OBJECTIVE_KEYS: dict[str, type] = {
+    "mask_prob": float,
+    "mask_prob_adjust": float,
+    "mask_length": int,
+    "inverse_mask": bool,
+    "mask_dropout": float,
+}
+
+
+def _inactive(value: Any, ours: Any) -> bool:
+    return value is None or value == ours
+
+
+# (where, key, is the value one we implement?) for fairseq options with no setting here; each is checked only
+# when the cfg has the key. "model" is cfg.model, "audio" cfg.model.modalities.audio.
+UNSUPPORTED_OPTIONS: tuple[tuple[str, str, Any], ...] = (
+    *(
+        ("model", k, lambda v, _m, _a: not v)
+        for k in (
+            "layer_norm_target_layer",
+            "layer_norm_targets",
+            "instance_norm_targets",
+            "batch_norm_target_layer",
+            "end_of_block_targets",
+        )
+    ),
+    *(
+        (where, k, lambda v, _m, _a: not float(v or 0))
+        for where in ("model", "audio")
+        for k in ("start_drop_path_rate", "end_drop_path_rate")
+    ),
+    # fairseq's alibi_scale is a frozen buffer then; here it is always trained
+    ("audio", "learned_alibi_scale", lambda v, _m, a: bool(v) or not a.get("use_alibi_encoder", False)),
+    # fairseq draws each batch's mask_prob in [mask_prob_min, mask_prob) when 0 <= mask_prob_min < mask_prob
+    ("audio", "mask_prob_min", lambda v, _m, a: v is None or not 0 <= float(v) < float(a.get("mask_prob", 0.7))),
+    ("audio", "keep_masked_pct", lambda v, _m, _a: not float(v or 0)),
+    ("audio", "ema_local_encoder", lambda v, _m, _a: not v),
+    ("audio", "add_masks", lambda v, _m, _a: not v),
+    ("audio", "remove_masks", lambda v, _m, _a: not v),
+    ("audio", "encoder_zero_mask", lambda v, _m, _a: v is None or bool(v)),
+    ("audio", "mask_channel_prob", lambda v, _m, _a: not float(v or 0)),
+    ("audio", "local_grad_mult", lambda v, _m, _a: v is None or float(v) == 1.0),
+    ("model", "cls_loss", lambda v, _m, _a: not float(v or 0)),
+    ("model", "recon_loss", lambda v, _m, _a: not float(v or 0)),
+    ("model", "d2v_loss", lambda v, _m, _a: v is None or float(v) == 1.0),
+    ("model", "shared_decoder", lambda v, _m, _a: v is None),
+)
+
+
+def unsupported_options(model_cfg: Mapping[str, Any]) -> list[str]:
+    """["cfg.model.layer_norm_targets = True", ...]: the pretraining options of a data2vec_multi cfg.model
+    whose value `d2v pretrain --arch data2vec2` does not implement (fairseq's defaults are all implemented)."""
+    model = _plain(model_cfg)
+    audio = _plain(_plain(model.get("modalities")).get("audio"))
+    out = []
+    for where, key, ok in UNSUPPORTED_OPTIONS:
+        part = model if where == "model" else audio
+        if key in part and not ok(part[key], model, audio):
+            prefix = "cfg.model." if where == "model" else "cfg.model.modalities.audio."
+            out.append(f"{prefix}{key} = {part[key]!r}")
+    return out
+
+
+def pretraining_settings(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The `d2v pretrain` settings a 2.0 pretraining checkpoint's whole `cfg` gives: its objective
+    (`OBJECTIVE_KEYS`, `AUDIO_OBJECTIVE_KEYS`: keys the cfg has), `clip_norm` and, from a composite optimizer
+    (fairseq's `weight_decay_scale 0` groups), `weight_decay_exempt`. An option whose value is not implemented
+    here (`unsupported_options`) is one `D2VError` naming it."""
+    cfg = _plain(cfg)
+    model = _plain(cfg.get("model"))
+    audio = _plain(_plain(model.get("modalities")).get("audio"))
+    bad = unsupported_options(model)
+    if bad:
+        raise D2VError(
+            f"{source}: {bad[0]}: d2v pretrain --arch data2vec2 does not implement it, so the run would not "
+            "continue this checkpoint's objective (fine-tuning or converting it is fine)"
+        )
+    out: dict[str, Any] = {}
+    for part, keys, prefix in (
+        (model, OBJECTIVE_KEYS, "cfg.model."),
+        (audio, AUDIO_OBJECTIVE_KEYS, "cfg.model.modalities.audio."),
+    ):
+        for key, kind in keys.items():
+            value = part.get(key)
+            if value is None:
+                continue
+            if key == "ema_anneal_end_step" and isinstance(value, str):  # an unresolved ${optimization.max_update}
+                value = _plain(cfg.get("optimization")).get("max_update")
+                if value is None:
+                    continue
+            try:
+                out[key] = kind(value) if kind is not bool or isinstance(value, bool) else _bool(value)
+            except (TypeError, ValueError):
+                raise D2VError(f"{source}: {prefix}{key} is {value!r}, expected a {kind.__name__}") from None
+    optimization, optimizer = _plain(cfg.get("optimization")), _plain(cfg.get("optimizer"))
+    if optimization.get("clip_norm") is not None:
+        out["clip_norm"] = float(optimization["clip_norm"])
+    if optimizer.get("_name"):
+        out["weight_decay_exempt"] = optimizer["_name"] == "composite"
+    return out
+
+
+def _bool(value: Any) -> bool:
+    if str(value).lower() in ("true", "1"):
+        return True
+    if str(value).lower() in ("false", "0"):
+        return False
+    raise ValueError(value)
+
+
 # ------------------------------------------------------------------------------------ reading
 def load_fairseq2(path: str | os.PathLike, ckpt: Mapping[str, Any], dict_path: str | os.PathLike | None = None):
     """A `FairseqCheckpoint` (see `convert.fairseq`) of a data2vec 2.0 audio `.pt` already read safely."""
@@ -360,6 +484,12 @@ def load_fairseq2(path: str | os.PathLike, ckpt: Mapping[str, Any], dict_path: s
         else:
             notes.append(f"{source}: no decoder ({AUDIO}decoder.*): pretraining would start a new one")
         params = _read(state, key_rows(config), shapes, source)
+        bad = unsupported_options(arch)
+        if bad:
+            notes.append(
+                f"{source}: {', '.join(bad)}: not implemented by d2v pretrain, which refuses to continue "
+                "pretraining from this checkpoint (the model converts as fairseq computes it)"
+            )
         if ema is not None:
             aux["ema"] = _ema_tree(ema, params, config, shapes, source, notes)
         else:

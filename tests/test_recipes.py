@@ -38,7 +38,8 @@ def test_every_field_has_a_flag_and_every_flag_a_field(command):
     for name in fields:
         flag = "--" + name.replace("_", "-")
         assert dests[flag] == name, flag
-    bools = {f.name for f in dataclasses.fields(recipe) if f.default is True or f.default is False}
+    hints = recipe.field_types()
+    bools = {f.name for f in dataclasses.fields(recipe) if hints[f.name] in (bool, bool | None)}
     assert {d for f, d in dests.items() if f.startswith("--no-")} == bools
     # defaults in the namespace are the recipe's
     args = parser.parse_args([])
@@ -51,7 +52,7 @@ FLAGS = {
     + ["--learning-rate", "1e-4", "--mask-time-prob", "0.3", "--no-freeze-feature-encoder", "--bf16"]
     + ["--mesh", "data=1", "--eval-every", "2"],
     "pretrain": ["--train", "a.tsv", "--preset", "tiny", "--out", "o", "--steps", "5", "--batch-size", "2"]
-    + ["--arch", "data2vec2", "--clone-batch", "2", "--no-ema-layers-only", "--min-seconds", "1.5", "--dropout", "0.0"],
+    + ["--arch", "data2vec2", "--clone-batch", "2", "--no-inverse-mask", "--min-seconds", "1.5", "--dropout", "0.0"],
 }
 
 

@@ -22,7 +22,9 @@ Per step, for a batch of B clips cropped to one length (fairseq pretrains unpadd
 6. Loss on masked frames: squared error summed over channels times 1/sqrt(D) (`loss_beta` 0,
    `loss_scale` None); returned as (sum, number of masked frames) = fairseq's (loss, sample_size).
 7. After the optimizer step: EMA of the whole teacher (`ema_encoder_only: false`), decay annealed linearly
-   from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates.
+   from `ema_decay` to `ema_end_decay` over `ema_anneal_end_step` updates. With `ema_encoder_only: true`
+   (fairseq's default) the EMA covers the blocks only, and step 5 runs the student's positional conv,
+   alibi_scale and context encoder (in training mode, as fairseq) before the EMA blocks.
 
 One deliberate difference: fairseq's dataset draws each clip's masks at the clip's full length and the
 collater then crops them at an offset independent of the audio's crop, so a cropped row's masked count
@@ -78,6 +80,7 @@ class Data2Vec2PretrainConfig:
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 75000
     ema_start_update: int = 0
+    ema_encoder_only: bool = False  # fairseq's: EMA of the blocks only (see `_teacher_encoder_only`)
     loss_beta: float = 0.0
     loss_scale: float | None = None
     min_target_var: float = 0.1
@@ -125,8 +128,29 @@ def _teacher(m: Data2Vec2Model, local: jax.Array) -> list[jax.Array]:
     return m.contextualize(local, None, True)[2]
 
 
+def _teacher_encoder_only(m: Data2Vec2Model, local: jax.Array, deterministic: bool) -> list[jax.Array]:
+    """fairseq's teacher with `ema_encoder_only`: the *student's* `contextualized_features(mask=False)`
+    (positional conv, alibi_scale, context encoder, in training mode: its dropout and prenet LayerDrop act
+    unless `deterministic`) under no_grad, then the EMA blocks, deterministic; no `dropout_input`."""
+    c = m.config
+    with matmul_precision(m.precision):
+        x = local + m.positions(local, None, False)
+        biases = m.biases(x.shape[1])
+        x, _ = m.context_encoder(x, biases[: c.prenet_depth], deterministic)
+        results = []
+        for i, blk in enumerate(m.blocks):
+            x, t = blk(x, biases[c.prenet_depth + i], True)
+            results.append(t)
+        return results
+
+
 def teacher_subtree(model_params: PyTree) -> PyTree:
     return {k: v for k, v in model_params.items() if k not in LOCAL_KEYS}
+
+
+def block_subtree(model_params: PyTree) -> PyTree:
+    """What fairseq's EMA holds with `ema_encoder_only`: `model.blocks`."""
+    return {k: v for k, v in model_params.items() if k.startswith("blocks_")}
 
 
 class Data2Vec2Objective(EmaTeacher):
@@ -166,7 +190,7 @@ class Data2Vec2Objective(EmaTeacher):
     teacher_key = "teacher"  # extra = {"teacher": the student without its local encoder}
 
     def teacher_of(self, model: PyTree) -> PyTree:
-        return teacher_subtree(model)
+        return block_subtree(model) if self.config.ema_encoder_only else teacher_subtree(model)
 
     # -- the loss ----------------------------------------------------------------------------
     def masks(self, batch: Batch, rng: jax.Array) -> jax.Array:
@@ -174,12 +198,27 @@ class Data2Vec2Objective(EmaTeacher):
         keys = example_keys(jax.random.fold_in(rng, MASK_STREAM), jnp.asarray(batch["index"]))
         return clone_masks(keys, num_frames, self.config)
 
-    def targets(self, params: PyTree, extra: PyTree, local: jax.Array) -> jax.Array:
+    def targets(
+        self, params: PyTree, extra: PyTree, local: jax.Array, rng: jax.Array | None = None, deterministic: bool = False
+    ) -> jax.Array:
+        """The regression targets; with `ema_encoder_only` the teacher is the student with the EMA blocks, its
+        context encoder's dropout drawn from `rng` (none when `deterministic` or no `rng`)."""
         c = self.config
-        teacher = {**{k: params["model"][k] for k in LOCAL_KEYS}, **extra["teacher"]}
-        results = self.module.apply(
-            {"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local), method=_teacher
-        )
+        if c.ema_encoder_only:
+            teacher = {**params["model"], **extra["teacher"]}
+            quiet = deterministic or rng is None
+            results = self.module.apply(
+                {"params": jax.lax.stop_gradient(teacher)},
+                jax.lax.stop_gradient(local),
+                quiet,
+                method=_teacher_encoder_only,
+                rngs={} if quiet else {"dropout": rng},
+            )
+        else:
+            teacher = {**{k: params["model"][k] for k in LOCAL_KEYS}, **extra["teacher"]}
+            results = self.module.apply(
+                {"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local), method=_teacher
+            )
         layers = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers :]]
         if c.instance_norm_target_layer:
             layers = [instance_norm_time(t) for t in layers]
@@ -238,7 +277,8 @@ class Data2Vec2Objective(EmaTeacher):
             jnp.concatenate([x, mask_noise.astype(x.dtype)], axis=1), ids_restore[..., None], axis=1
         )
         pred = self.decoder.apply({"params": params["decoder"]}, full).astype(jnp.float32)
-        y = jnp.repeat(self.targets(params, extra, local), c.clone_batch, axis=0)
+        y = self.targets(params, extra, local, jax.random.fold_in(drop_key, 2), deterministic)
+        y = jnp.repeat(y, c.clone_batch, axis=0)
         scale = c.loss_scale if c.loss_scale is not None else 1.0 / math.sqrt(d)
         counted = mask & jnp.repeat(valid, c.clone_batch)[:, None]
         w = counted.astype(jnp.float32)

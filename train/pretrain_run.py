@@ -25,6 +25,7 @@ import numpy as np
 from flax_d2v.checkpoint import is_flax_dir, load_flax_aux, save_flax
 from flax_d2v.config import PRESETS, Data2VecAudioConfig
 from flax_d2v.convert.fairseq import load_fairseq
+from flax_d2v.convert.fairseq2 import pretraining_settings
 from flax_d2v.convert.hf import save_hf
 from flax_d2v.data2vec2 import PRESETS_V2, Data2Vec2Config, Data2Vec2Model
 from flax_d2v.errors import D2VError
@@ -35,11 +36,11 @@ from flax_d2v.pretrained import load_any
 from flax_d2v.processor import preprocessor_config
 from flax_d2v.teacher import load_aux
 from flax_d2v.train import run_common as common
-from flax_d2v.train.data2vec2_objective import Data2Vec2Objective, Data2Vec2PretrainConfig
+from flax_d2v.train.data2vec2_objective import Data2Vec2Objective, Data2Vec2PretrainConfig, teacher_subtree
 from flax_d2v.train.data2vec_objective import CroppedBatches, Data2VecObjective, Data2VecPretrainConfig
 from flax_d2v.train.loop import PMAP_AXIS, Trainer, log
 from flax_d2v.train.manifests import read_manifest
-from flax_d2v.train.recipes import PretrainConfig
+from flax_d2v.train.recipes import V2_LARGE_DEFAULTS, V2_LARGE_WARMUP_FRACTION, PretrainConfig
 
 
 @dataclasses.dataclass
@@ -64,10 +65,12 @@ def as_config(cfg: PretrainConfig | Mapping[str, Any]) -> PretrainConfig:
 
 
 def pretrain(cfg: PretrainConfig | Mapping[str, Any]) -> Any:
-    """`d2v pretrain` as a function: the run end to end; returns the loop's `FitResult`."""
-    cfg = as_config(cfg)
+    """`d2v pretrain` as a function: the run end to end; returns the loop's `FitResult`.
+
+    2.0 resolves its defaults once the starting point is read (`resolve_v2`: its checkpoint's cfg, its size)."""
+    cfg = PretrainConfig.from_settings(cfg).validate()
     common.init_distributed(cfg)
-    plan = _data2vec2(cfg) if cfg.arch == "data2vec2" else _data2vec(cfg)
+    plan = _data2vec2(cfg) if cfg.arch == "data2vec2" else _data2vec(cfg.resolved())
     return _run(plan)
 
 
@@ -202,10 +205,15 @@ def export(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
 # ------------------------------------------------------------------------------ data2vec 2.0
 def load_init_v2(cfg: PretrainConfig | Mapping[str, Any]) -> tuple[Any, dict | None, dict, str, int]:
     """(2.0 config, model params or None, aux {"ema"?, "decoder"?}, description, teacher's update count)."""
-    cfg = PretrainConfig.from_settings(cfg)
+    config, params, aux, source, seen, _ = _load_init_v2(PretrainConfig.from_settings(cfg))
+    return config, params, aux, source, seen
+
+
+def _load_init_v2(cfg: PretrainConfig) -> tuple[Any, dict | None, dict, str, int, dict]:
+    """`load_init_v2` and the checkpoint's fairseq cfg (`fairseq_cfg.json`'s "cfg"; {} when none)."""
     scratch = _random_init(cfg, PRESETS_V2, Data2Vec2Config)
     if scratch is not None:
-        return scratch[0], None, {}, scratch[1], 0
+        return scratch[0], None, {}, scratch[1], 0, {}
     path = Path(cfg.init_model)
     config, spec, params, resolved = load_any(path)
     is_ctc = spec.architecture == "Data2VecAudioForCTC"
@@ -217,20 +225,62 @@ def load_init_v2(cfg: PretrainConfig | Mapping[str, Any]) -> tuple[Any, dict | N
     aux = {} if is_ctc else load_aux(resolved)
     if is_ctc:
         params = params["data2vec_audio"]
-    seen = 0
-    if "ema" in aux:
+    saved: dict = {}
+    if not is_ctc:  # a fine-tune's cfg is not a pretraining objective
         fcfg = (Path(resolved) / "fairseq_cfg.json") if Path(resolved).is_dir() else None
         if fcfg is not None and fcfg.is_file():
-            seen = int(json.loads(fcfg.read_text(encoding="utf-8")).get("num_updates") or 0)
+            saved = json.loads(fcfg.read_text(encoding="utf-8"))
         elif Path(resolved).suffix == ".pt":
-            seen = int(load_fairseq(resolved).cfg.get("num_updates") or 0)
+            saved = load_fairseq(resolved).cfg or {}
+    seen = int(saved.get("num_updates") or 0) if "ema" in aux else 0
     parts = ["student"] + [k for k in ("ema", "decoder") if k in aux]
-    return config, params, aux, f"{path} ({', '.join(parts)})", seen
+    fairseq_cfg = saved.get("cfg") if isinstance(saved.get("cfg"), dict) else {}
+    return config, params, aux, f"{path} ({', '.join(parts)})", seen, fairseq_cfg
+
+
+def is_large_v2(config: Any) -> bool:
+    """Whether a 2.0 model has large_audio_only_task.yaml's layout (1024 wide, 16 blocks, 8 prenet blocks)."""
+    return (config.hidden_size, config.num_hidden_layers, config.prenet_depth) == (1024, 16, 8)
+
+
+def resolve_v2(
+    cfg: PretrainConfig, config: Any, fairseq_cfg: Mapping[str, Any] | None, source: str = "--model"
+) -> tuple[PretrainConfig, list[str]]:
+    """(the 2.0 run's settings, log lines): a flag given wins over the checkpoint's cfg (`fairseq_cfg`, its
+    objective, `clip_norm`, composite optimizer: `convert.fairseq2.pretraining_settings`), which wins over
+    the size's yaml (`V2_LARGE_DEFAULTS` for a large model), which wins over `ARCH_DEFAULTS`."""
+    defaults: dict[str, Any] = {}
+    lines: list[str] = []
+    if is_large_v2(config):
+        defaults.update(V2_LARGE_DEFAULTS, warmup_fraction=V2_LARGE_WARMUP_FRACTION)
+        lines.append("recipe: v2/large_audio_only_task.yaml (a large model)")
+    if fairseq_cfg:
+        from_ckpt = pretraining_settings(fairseq_cfg, source)
+        defaults.update(from_ckpt)
+        shown = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+        taken = {k: v for k, v in from_ckpt.items() if getattr(cfg, k) is None}
+        over = {k: v for k, v in from_ckpt.items() if getattr(cfg, k) is not None and getattr(cfg, k) != v}
+        if taken:
+            lines.append(
+                "settings from the checkpoint's cfg: " + ", ".join(f"{k} {shown(v)}" for k, v in taken.items())
+            )
+        if over:
+            lines.append(
+                "settings given, over the checkpoint's cfg: "
+                + ", ".join(
+                    f"--{k.replace('_', '-')} {shown(getattr(cfg, k))} (checkpoint: {shown(v)})"
+                    for k, v in over.items()
+                )
+            )
+    return cfg.resolved(defaults), lines
 
 
 def _data2vec2(cfg: PretrainConfig) -> Plan:
     seed = int(cfg.seed)
-    base_config, loaded, aux, source, teacher_updates = load_init_v2(cfg)
+    base_config, loaded, aux, source, teacher_updates, fairseq_cfg = _load_init_v2(cfg)
+    cfg, lines = resolve_v2(cfg, base_config, fairseq_cfg, str(cfg.init_model))
+    for line in lines:
+        log(line)
     cfg = _with_teacher_updates(cfg, teacher_updates)
     config = base_config.replace(**cfg.regularisation())
     module = Data2Vec2Model(config, **common.module_options(cfg))
@@ -240,8 +290,14 @@ def _data2vec2(cfg: PretrainConfig) -> Plan:
     model_params, new_keys, _ = common.graft(init_params(module, seed), loaded)
     params = objective.init_params(model_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1), aux.get("decoder"))
     log(f"init: {source}" + (f"; new tensors: {', '.join(new_keys)}" if loaded is not None and new_keys else ""))
+    teacher = objective.teacher_of(aux["ema"]) if "ema" in aux else None
     title = "d2v pretrain --arch data2vec2"
-    return Plan(cfg, config, module, objective, params, aux.get("ema"), "teacher", None, title, export_v2)
+    return Plan(cfg, config, module, objective, params, teacher, "teacher", V2_RESUME_KEYS, title, export_v2)
+
+
+# what a 2.0 resume must repeat beside `run_common.RESUME_KEYS` (1.0: crop): the teacher's and the optimizer
+# state's shapes change with these
+V2_RESUME_KEYS = ("crop", "ema_encoder_only", "weight_decay_exempt")
 
 
 def export_v2(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
@@ -249,11 +305,13 @@ def export_v2(run_dir: Path, config: Any, params: Any, extra: Any) -> None:
     if jax.process_index() != 0:
         return
     pre = json.dumps({**preprocessor_config(do_normalize=True), "normalize_eps": 1e-5}, indent=2) + "\n"
+    # the teacher as it computes: with ema_encoder_only its blocks over the student's other parts
+    teacher = {**teacher_subtree(params["model"]), **extra["teacher"]}
     save_flax(
         run_dir / "flax",
         config,
         params["model"],
-        aux={"ema": extra["teacher"], "decoder": params["decoder"]},
+        aux={"ema": teacher, "decoder": params["decoder"]},
         extra_files={"preprocessor_config.json": pre},
         overwrite=True,
     )

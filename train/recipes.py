@@ -18,7 +18,9 @@ recipes (fairseq's `base_960h` vs `base_librispeech` configs) are the `@recipe(.
 
 Data2vec 2.0 pretraining (`arch="data2vec2"`) is part of `PretrainConfig`: its own section
 (`Data2Vec2Settings`) and `ARCH_DEFAULTS`, the settings whose default depends on the
-architecture (left None, they take the architecture's value in `PretrainConfig.resolved()`).
+architecture (left None, they take the architecture's value in `PretrainConfig.resolved()`; a
+2.0 run first takes its checkpoint's cfg and, for a large model, `V2_LARGE_DEFAULTS`). A setting
+of one architecture only is refused when given with the other (`PretrainConfig.validate`).
 
 The run entry points (`flax_d2v.train.finetune`, `flax_d2v.train.pretrain`) take these, or a plain
 mapping of settings (`from_settings`: names with `-` or `_`, an unknown key is one `D2VError`
@@ -364,29 +366,31 @@ class PretrainSettings(Settings):
     SECTION: ClassVar[str] = "data2vec objective (fairseq names)"
     arch: Literal["data2vec", "data2vec2"] = setting(
         "data2vec",
-        "data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0, v2/base_audio_only_task.yaml: settings left "
-        "unset take 2.0's defaults)",
+        "data2vec (1.0, base_librispeech.yaml) or data2vec2 (2.0: settings left unset take the checkpoint's "
+        "fairseq cfg, then v2/large_audio_only_task.yaml for a large model, else v2/base_audio_only_task.yaml)",
     )
     crop: bool = setting(
         True, "crop each batch to its shortest clip, random offsets, no padding (fairseq's pretraining)"
     )
-    ema_decay: float = setting(0.999, "teacher EMA decay at the start")
+    ema_decay: float | None = setting(help="teacher EMA decay at the start")
     ema_end_decay: float | None = setting(help="teacher EMA decay after the anneal")
     ema_anneal_end_step: int | None = setting(help="updates over which the decay anneals")
     ema_start_update: int | None = setting(
         help="updates the teacher has already seen, so the decay schedule continues (default: the fairseq "
         "checkpoint's num_updates when --model brings its EMA teacher, else 0)"
     )
-    ema_layers_only: bool = setting(True, "copy the positional conv into the teacher instead of averaging it")
-    average_top_k_layers: int = setting(8, "teacher layers averaged into the target")
-    instance_norm_target_layer: bool = setting(True, "instance-normalise each target layer over time")
-    instance_norm_over_padding: bool = setting(
-        False, "include padded frames in the target statistics (fairseq verbatim; only matters with --no-crop)"
+    ema_layers_only: bool | None = setting(
+        help="copy the positional conv into the teacher instead of averaging it (1.0 only)"
+    )
+    average_top_k_layers: int | None = setting(help="teacher layers averaged into the target")
+    instance_norm_target_layer: bool | None = setting(help="instance-normalise each target layer over time")
+    instance_norm_over_padding: bool | None = setting(
+        help="include padded frames in the target statistics (fairseq verbatim; only matters with --no-crop; 1.0 only)"
     )
     mask_prob: float | None = setting(help="span-start rate: at 1.0's default ~49%% of frames end up masked")
     mask_length: int | None = setting(help="frames per masked span")
-    require_same_masks: bool = setting(True, "trim every row to the batch's smallest mask count")
-    loss_beta: float = setting(0.0, "0: squared error; >0: smooth L1 with this beta")
+    require_same_masks: bool | None = setting(help="trim every row to the batch's smallest mask count (1.0 only)")
+    loss_beta: float | None = setting(help="0: squared error; >0: smooth L1 with this beta")
     loss_scale: float | None = setting(help="loss scale (default 1/sqrt(hidden size))")
     min_target_var: float = setting(0.1, "stop when target_var falls below")
     min_pred_var: float = setting(0.01, "stop when pred_var falls below")
@@ -395,14 +399,23 @@ class PretrainSettings(Settings):
 
 @_section
 class Data2Vec2Settings(Settings):
-    SECTION: ClassVar[str] = "data2vec 2.0 objective (--arch data2vec2)"
-    clone_batch: int = setting(8, "masked copies of each clip (clone_batch)")
-    mask_prob_adjust: float = setting(0.05, "extra span centres (mask_prob_adjust)")
-    inverse_mask: bool = setting(False, "mask_prob is the kept fraction")
-    mask_dropout: float = setting(0.0, "extra span centres (mask_dropout)")
+    SECTION: ClassVar[str] = "data2vec 2.0 objective (--arch data2vec2 only)"
+    clone_batch: int | None = setting(help="masked copies of each clip (clone_batch)")
+    mask_prob_adjust: float | None = setting(help="extra span centres (mask_prob_adjust)")
+    inverse_mask: bool | None = setting(help="mask_prob is the kept fraction")
+    mask_dropout: float | None = setting(help="extra span centres (mask_dropout)")
+    ema_encoder_only: bool | None = setting(
+        help="EMA of the blocks only; the teacher reads the student's positional conv and context encoder "
+        "(ema_encoder_only)"
+    )
+    weight_decay_exempt: bool | None = setting(
+        help="no weight decay for biases, 1-D params (LayerNorms) and alibi_scale (fairseq's composite "
+        "optimizer, large_audio_only_task.yaml)"
+    )
 
 
-# fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names.
+# fairseq base_librispeech.yaml (+ Wav2Vec2Config defaults it leaves alone), in HF config names: 1.0's student.
+# (A 2.0 student keeps its model config's dropouts: the preset's, the checkpoint's; only a flag given changes one.)
 PRETRAIN_REGULARISATION = {
     "hidden_dropout": 0.1,
     "attention_dropout": 0.1,
@@ -414,7 +427,9 @@ PRETRAIN_REGULARISATION = {
 
 @_section
 class PretrainRegularisation(Settings):
-    SECTION: ClassVar[str] = "regularisation of the student (HF config names; defaults: fairseq base)"
+    SECTION: ClassVar[str] = (
+        "regularisation of the student (HF config names; defaults: 1.0 fairseq base, 2.0 the model's config)"
+    )
     dropout: float | None = setting(help="hidden, attention and activation dropout at once")
     hidden_dropout: float | None = setting()
     attention_dropout: float | None = setting()
@@ -423,16 +438,47 @@ class PretrainRegularisation(Settings):
     layerdrop: float | None = setting()
 
 
-# setting -> (data2vec 1.0 default: base_librispeech.yaml, data2vec 2.0 default: v2/base_audio_only_task.yaml)
+# setting -> (data2vec 1.0 default: base_librispeech.yaml, data2vec 2.0 default: v2/base_audio_only_task.yaml).
+# None: the other architecture's setting, refused when given (`PretrainConfig.validate`).
 ARCH_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "learning_rate": (5e-4, 7.5e-4),
     "lr_schedule": ("tri_stage", "cosine"),
+    "clip_norm": (0.0, 0.0),
+    "ema_decay": (0.999, 0.999),
     "ema_end_decay": (0.9999, 0.99999),
     "ema_anneal_end_step": (30000, 75000),
+    "average_top_k_layers": (8, 8),
+    "instance_norm_target_layer": (True, True),
+    "loss_beta": (0.0, 0.0),
     "mask_prob": (0.65, 0.5),
     "mask_length": (10, 5),
+    "ema_layers_only": (True, None),
+    "require_same_masks": (True, None),
+    "instance_norm_over_padding": (False, None),
+    "clone_batch": (None, 8),
+    "mask_prob_adjust": (None, 0.05),
+    "inverse_mask": (None, False),
+    "mask_dropout": (None, 0.0),
+    "ema_encoder_only": (None, False),
+    "weight_decay_exempt": (None, False),
 }
 V2_WARMUP_FRACTION = 8000 / 400000  # warmup_updates / max_update of the 2.0 yaml (cosine schedule)
+# v2/large_audio_only_task.yaml where it differs from the base yaml: the 2.0 recipe of a large model
+# (`flax_d2v.data2vec2.large_config_v2`'s layout). Its optimizer is fairseq's composite one: the params
+# data2vec2.py marks `weight_decay_scale 0` (1-D, `.bias`, `alibi_scale`) get no weight decay.
+V2_LARGE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 4e-4,
+    "clip_norm": 1.0,
+    "weight_decay_exempt": True,
+    "clone_batch": 12,
+    "average_top_k_layers": 16,
+    "mask_prob": 0.55,
+    "mask_prob_adjust": 0.1,
+    "ema_decay": 0.9997,
+    "ema_end_decay": 1.0,
+    "ema_anneal_end_step": 300000,
+}
+V2_LARGE_WARMUP_FRACTION = 10000 / 600000
 
 
 @recipe(
@@ -441,6 +487,7 @@ V2_WARMUP_FRACTION = 8000 / 400000  # warmup_updates / max_update of the 2.0 yam
     final_lr_scale=0.01,
     adam_eps=1e-6,
     weight_decay=0.01,
+    clip_norm=None,
     freeze_feature_encoder=False,
     min_seconds=2.0,  # min_sample_size 32000
 )
@@ -462,29 +509,53 @@ class PretrainConfig(
         super().validate()
         if self.arch == "data2vec2" and not self.crop:
             raise D2VError("--no-crop: data2vec 2.0 pretraining runs on unpadded (cropped) batches, as fairseq's")
+        v2 = self.arch == "data2vec2"
+        for name, pair in ARCH_DEFAULTS.items():
+            if pair[v2] is None and getattr(self, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                other = "data2vec 1.0" if v2 else "data2vec 2.0"
+                raise D2VError(
+                    f"{flag} ({name}): a {other} setting, which --arch {self.arch} does not use; "
+                    f"remove it{'' if v2 else ' or pass --arch data2vec2'}"
+                )
         return self
 
     @classmethod
     def default_note(cls, name: str) -> str | None:
+        def show(v: Any) -> str:
+            if isinstance(v, bool):
+                return "on" if v else "off"
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
         if name in ARCH_DEFAULTS:
             v1, v2 = ARCH_DEFAULTS[name]
-            show = (lambda v: f"{v:g}") if isinstance(v1, float) else str
-            return f"{show(v1)}; data2vec2: {show(v2)}"
+            large = f", large {show(V2_LARGE_DEFAULTS[name])}" if name in V2_LARGE_DEFAULTS else ""
+            if v1 is None:
+                return f"{show(v2)}{large}"
+            if v2 is None:
+                return show(v1)
+            return f"{show(v1)}; data2vec2: {show(v2)}{large}"
         if name in PRETRAIN_REGULARISATION:
-            return f"{PRETRAIN_REGULARISATION[name]:g}"
+            return f"{PRETRAIN_REGULARISATION[name]:g}; data2vec2: the model's"
         return None
 
-    def resolved(self) -> PretrainConfig:
-        """The architecture's defaults filled in (`ARCH_DEFAULTS`; 2.0's cosine schedule warms up over 2%)."""
+    def resolved(self, defaults: Mapping[str, Any] | None = None) -> PretrainConfig:
+        """Settings left unset take `defaults` (a 2.0 run: its checkpoint's cfg, the large yaml), then the
+        architecture's (`ARCH_DEFAULTS`); 2.0's cosine schedule warms up over 2% (large: 1/60)."""
         v2 = self.arch == "data2vec2"
-        out = self.replace(**{k: pair[v2] for k, pair in ARCH_DEFAULTS.items() if getattr(self, k) is None})
+        defaults = dict(defaults or {})
+        fields = self.__dataclass_fields__
+        out = self.replace(**{k: v for k, v in defaults.items() if k in fields and getattr(self, k) is None})
+        out = out.replace(**{k: pair[v2] for k, pair in ARCH_DEFAULTS.items() if getattr(out, k) is None})
         if out.lr_schedule == "cosine" and out.warmup_steps is None and v2 and out.steps:
-            out = out.replace(warmup_steps=max(1, round(V2_WARMUP_FRACTION * int(out.steps))))
+            fraction = defaults.get("warmup_fraction", V2_WARMUP_FRACTION)
+            out = out.replace(warmup_steps=max(1, round(fraction * int(out.steps))))
         return out
 
     def regularisation(self) -> dict[str, float]:
-        """The student's dropouts: fairseq base's, `dropout` for hidden/attention/activation, a specific one wins."""
-        over = dict(PRETRAIN_REGULARISATION)
+        """The student's dropouts to set: 1.0 fairseq base's, `dropout` for hidden/attention/activation, a
+        specific one wins. 2.0 keeps its model config's (the preset's, the checkpoint's): only flags given."""
+        over = {} if self.arch == "data2vec2" else dict(PRETRAIN_REGULARISATION)
         if self.dropout is not None:
             over.update(hidden_dropout=self.dropout, attention_dropout=self.dropout, activation_dropout=self.dropout)
         over.update({k: getattr(self, k) for k in PRETRAIN_REGULARISATION if getattr(self, k) is not None})

@@ -95,6 +95,7 @@ def make_schedule_and_optimizer(
         freeze_feature_encoder=bool(cfg.freeze_feature_encoder),
         freeze_transformer_steps=int(freeze_transformer_steps),
         freeze_base_model=bool(freeze_base_model),
+        weight_decay_exempt=bool(getattr(cfg, "weight_decay_exempt", None)),
     )
     return schedule, tx
 

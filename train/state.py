@@ -21,6 +21,11 @@ learning-rate schedule, and per-parameter groups:
   registered head's tree: `lm_head`, `classifier`, `tdnn_N`, ...
   With `freeze_base_model` (transformers' `freeze_base_model()`) the whole encoder is `frozen`.
 - `trainable`: everything else.
+
+With `weight_decay_exempt` (fairseq's composite optimizer, data2vec 2.0's large recipe) the parameters
+fairseq's `data2vec2.py` marks `weight_decay_scale 0` (1-D ones: biases, LayerNorm scales; `*.bias`;
+`alibi_scale`; see `decays`) form groups of their own, `trainable_no_decay` / `delayed_no_decay`: the same
+AdamW and schedule, weight decay 0.
 """
 
 from __future__ import annotations
@@ -57,6 +62,13 @@ class TrainState:
     opt_state: PyTree
     extra: PyTree  # objective state outside the gradient (EMA teacher), {} for CTC
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def decays(path: tuple[str, ...], value: Any) -> bool:
+    """Whether weight decay applies under `weight_decay_exempt`: fairseq's `len(p.shape) == 1 or
+    name.endswith(".bias") or "alibi_scale" in name` exempt."""
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return not (jnp.ndim(value) == 1 or name.endswith("bias") or "alibi_scale" in name)
 
 
 def param_labels(
@@ -117,13 +129,14 @@ def make_optimizer(
     freeze_feature_encoder: bool = True,
     freeze_transformer_steps: int = 0,
     freeze_base_model: bool = False,
+    weight_decay_exempt: bool = False,
 ) -> optax.GradientTransformation:
     """Clip, then AdamW with `schedule`, per parameter group (see the module docstring).
 
     The schedule sees the number of updates of the whole optimizer, so the head and a delayed
     transformer share one clock (fairseq's single lr scheduler).
     """
-    adamw = lambda sched: optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    adamw = lambda sched, wd=weight_decay: optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=wd)
     start = int(freeze_transformer_steps)
     # the delayed group's inner count is 0 at global update `start`: shift its schedule onto the global clock
     shifted = lambda count: schedule(count + start)
@@ -133,6 +146,14 @@ def make_optimizer(
         "delayed": delayed(adamw(shifted), start),
     }
     labels = param_labels(params, freeze_feature_encoder, freeze_transformer_steps, freeze_base_model)
+    if weight_decay_exempt:
+        transforms["trainable_no_decay"] = adamw(schedule, 0.0)
+        transforms["delayed_no_decay"] = delayed(adamw(shifted, 0.0), start)
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, label, v: label + "_no_decay" if label != "frozen" and not decays(path, v) else label,
+            labels,
+            params,
+        )
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []
     return optax.chain(*chain, optax.multi_transform(transforms, labels))
 

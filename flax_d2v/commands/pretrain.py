@@ -15,8 +15,10 @@ Writes `RUN/metrics.jsonl` (step, loss, lr, grad_norm, ema_decay, target_var, pr
 for `d2v finetune --model RUN/hf`) and `RUN/flax/` (student + `flax_aux.safetensors` with the
 teacher and `final_proj`, to continue pretraining from).
 
-`--arch data2vec2` pretrains data2vec 2.0 (fairseq's `v2/base_audio_only_task.yaml`; settings left
-unset take its defaults, `flax_d2v.train.recipes.ARCH_DEFAULTS`) and writes `RUN/flax`.
+`--arch data2vec2` pretrains data2vec 2.0 and writes `RUN/flax`. Settings left unset take the starting
+checkpoint's fairseq cfg (its objective, `clip_norm`, composite optimizer), then fairseq's yaml for the model's
+size (`v2/large_audio_only_task.yaml` or `v2/base_audio_only_task.yaml`: `flax_d2v.train.recipes`); the run logs
+which came from the checkpoint and which flags overrode it. The other architecture's settings are refused.
 
 Every setting of the recipe (`flax_d2v.train.recipes.PretrainConfig`) is a flag; `--config run.json`
 reads the same keys from a JSON object (flags given on the command line win), as for `d2v finetune`.
