@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from flax_d2v import cli
+from flax_d2v.commands.evaluate import TSV_COLUMNS
 from flax_d2v.errors import D2VError
 from flax_d2v.train.classification import read_label_column
 from flax_d2v.train.loader import BatchLoader
@@ -195,9 +196,59 @@ def test_bad_input_is_one_line(forms, tmp_path, monkeypatch):
     assert out.getvalue().count("\n") == 1 and "offline" in out.getvalue()
 
 
+def _evaluate_cli(model: str, data: str, results: Path) -> tuple[str, list[list[str]]]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(
+            ["evaluate", model, "--data", data, "--batch-size", "4", "--out", str(results), "--no-progress"]
+        )
+    assert code == 0
+    lines = results.read_text().splitlines()
+    assert lines[0].split("\t") == list(TSV_COLUMNS)
+    return stdout.getvalue(), [line.split("\t") for line in lines[1:]]
+
+
+def _check_report(printed: str, table: list[list[str]], metrics: dict) -> None:
+    """The printed WER/CER are `metrics`', and the TSV's per-utterance edits add up to them."""
+    assert f"WER        {100 * metrics['wer']:.2f}%" in printed and f"CER        {100 * metrics['cer']:.2f}%" in printed
+    assert "normalize  upper-letters:" in printed
+    assert len(table) == len(EVAL_CLIPS) and table[0][2] == "TEN OF CLUBS"
+    words, errors = sum(int(r[4]) for r in table), sum(int(r[5]) for r in table)
+    chars, char_errors = sum(int(r[6]) for r in table), sum(int(r[7]) for r in table)
+    assert errors / words == pytest.approx(metrics["wer"], rel=1e-12)
+    assert char_errors / chars == pytest.approx(metrics["cer"], rel=1e-12)
+
+
 def test_evaluate_equals_finetune_eval(speech_dir, hf_cache, tmp_path):
-    """Fine-tune from a save_to_disk split with eval on parquet files; `d2v evaluate RUN/hf` on the same
-    clips as parquet, TSV and hf:DIR:SPLIT reports finetune's last eval WER/CER exactly."""
+    """`d2v finetune`'s eval function and `d2v evaluate` on the same weights and clips (parquet, TSV,
+    hf:DIR:SPLIT) give the same WER and CER (a random tiny model: its transcripts are nonsense, but
+    the same nonsense)."""
+    from types import SimpleNamespace
+
+    from flax_d2v import Data2VecAudioForCTC, init_params, tiny_config
+    from flax_d2v.checkpoint import save_flax
+    from flax_d2v.processor import save_tokenizer_files
+    from flax_d2v.train.ctc import CTCObjective
+    from flax_d2v.train.finetune_run import make_eval_fn
+    from flax_d2v.train.vocab import build_vocab
+
+    forms = write_forms(speech_dir, tmp_path / "four", EVAL_CLIPS)
+    manifest = read_manifest(forms["parquet"], require_text=True)
+    vocab = build_vocab(manifest.texts)
+    module = Data2VecAudioForCTC(tiny_config(vocab_size=len(vocab)))
+    params = init_params(module, 0)
+    save_tokenizer_files(tmp_path / "files", vocab)
+    model = save_flax(tmp_path / "model", module.config, params, files_from=tmp_path / "files")
+    metrics = make_eval_fn(CTCObjective(module), manifest, vocab, batch_size=4)(SimpleNamespace(params=params))
+    assert metrics["eval_clips"] == len(EVAL_CLIPS) and 0 < metrics["cer"]
+    for data in (forms["parquet"], forms["tsv"], forms["hub"]):
+        _check_report(*_evaluate_cli(str(model), data, tmp_path / "results.tsv"), metrics)
+
+
+@pytest.mark.slow
+def test_finetune_from_disk_then_evaluate(speech_dir, hf_cache, tmp_path):
+    """A whole `d2v finetune` from a save_to_disk split with eval on parquet files; `d2v evaluate RUN/hf`
+    on those parquet files reports its last eval WER/CER."""
     from flax_d2v.commands.finetune import resolve
     from flax_d2v.train import finetune
 
@@ -220,46 +271,7 @@ def test_evaluate_equals_finetune_eval(speech_dir, hf_cache, tmp_path):
         )
     )
     logged = [r for r in read_metrics(run) if "wer" in r][-1]
-    for data in (forms["parquet"], forms["tsv"], forms["hub"]):
-        results = tmp_path / "results.tsv"
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):
-            code = cli.main(
-                [
-                    "evaluate",
-                    str(run / "hf"),
-                    "--data",
-                    data,
-                    "--batch-size",
-                    "4",
-                    "--out",
-                    str(results),
-                    "--no-progress",
-                ]
-            )
-        assert code == 0
-        printed = stdout.getvalue()
-        assert (
-            f"WER        {100 * logged['wer']:.2f}%" in printed and f"CER        {100 * logged['cer']:.2f}%" in printed
-        )
-        assert "normalize  upper-letters:" in printed
-        lines = results.read_text().splitlines()
-        assert lines[0].split("\t") == [
-            "index",
-            "path",
-            "reference",
-            "hypothesis",
-            "words",
-            "word_errors",
-            "chars",
-            "char_errors",
-        ]
-        table = [line.split("\t") for line in lines[1:]]
-        assert len(table) == len(EVAL_CLIPS) and table[0][2] == "TEN OF CLUBS"
-        words, errors = sum(int(r[4]) for r in table), sum(int(r[5]) for r in table)
-        chars, char_errors = sum(int(r[6]) for r in table), sum(int(r[7]) for r in table)
-        assert errors / words == pytest.approx(logged["wer"], rel=1e-12)  # the TSV's edits add up to the WER
-        assert char_errors / chars == pytest.approx(logged["cer"], rel=1e-12)
+    _check_report(*_evaluate_cli(str(run / "hf"), forms["parquet"], tmp_path / "results.tsv"), logged)
 
 
 @pytest.mark.slow
@@ -271,7 +283,9 @@ def test_pretrain_and_classify_from_each_form(form, forms, tmp_path):
     from flax_d2v.train import finetune, pretrain
 
     common = dict(train=forms[form], steps=2, batch_size=2, progress=False, log_every=1, max_seconds=4.0)
-    pretrain(resolve_pretrain(dict(common, preset="tiny", out=str(tmp_path / "pt"), min_seconds=1.0)))
+    pretrain(
+        resolve_pretrain(dict(common, preset="tiny", out=str(tmp_path / "pt"), min_seconds=1.0, average_top_k_layers=2))
+    )
     rows = [r for r in read_metrics(tmp_path / "pt") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     finetune(

@@ -126,7 +126,7 @@ def open_dataset(opener: Opener) -> Any:
         ds = opener.open()
     except Exception as e:  # noqa: BLE001 - datasets/hub raise many types (ConnectionError, ValueError, ...)
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-        if opener.kind == "hub" and isinstance(e, (ConnectionError, OSError)) and "split" not in str(e).lower():
+        if opener.kind == "hub" and isinstance(e, ConnectionError):  # what datasets raises offline / unreachable
             raise D2VError(
                 f"{opener.spec}: cannot load {opener.args[0]!r} from the Hugging Face hub: offline, or not in the "
                 f"datasets cache ({reason}); download it where there is network access (the same "
