@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
+
+
 def _cell(text: str) -> str:
     return " ".join(text.split())  # one TSV field: no tabs or newlines
 
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         ("model", str(args.model)),
         (
             "data",
-            f"{args.data}: {clips} utterances, {result.seconds / 3600:.2f} h of audio"
+            f"{args.data}: {clips} utterances, {_duration(result.seconds)} of audio"
             + (f" ({skipped} clips without a transcript or too short left out)" if skipped else ""),
         ),
         ("decoding", f"{decoding}; batch size {runner.batch_size}, {chunking}"),
