@@ -196,11 +196,11 @@ def test_bad_input_is_one_line(forms, tmp_path, monkeypatch):
     assert out.getvalue().count("\n") == 1 and "offline" in out.getvalue()
 
 
-def _evaluate_cli(model: str, data: str, results: Path) -> tuple[str, list[list[str]]]:
+def _evaluate_cli(model: str, data: str, results: Path, *extra: str) -> tuple[str, list[list[str]]]:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = cli.main(
-            ["evaluate", model, "--data", data, "--batch-size", "4", "--out", str(results), "--no-progress"]
+            ["evaluate", model, "--data", data, "--batch-size", "4", "--out", str(results), "--no-progress", *extra]
         )
     assert code == 0
     lines = results.read_text().splitlines()
@@ -243,6 +243,24 @@ def test_evaluate_equals_finetune_eval(speech_dir, hf_cache, tmp_path):
     assert metrics["eval_clips"] == len(EVAL_CLIPS) and 0 < metrics["cer"]
     for data in (forms["parquet"], forms["tsv"], forms["hub"]):
         _check_report(*_evaluate_cli(str(model), data, tmp_path / "results.tsv"), metrics)
+
+    # with an n-gram LM: finetune's --eval-lm numbers (wer_lm, cer_lm) are `d2v evaluate --lm`'s
+    pytest.importorskip("flashlight.lib.text")
+    from test_lm_decode import bigram_arpa
+
+    from flax_d2v.ctc_decode import CTCTokenizer
+    from flax_d2v.lm_decode import decoder_for
+    from flax_d2v.train.vocab import normalize_transcript
+
+    arpa = tmp_path / "words.arpa"
+    bigram_arpa([normalize_transcript(t).split() for t in manifest.texts], arpa)
+    lm = decoder_for(CTCTokenizer.from_vocab(vocab), len(vocab), lm=str(arpa), word_score=2.0)
+    with_lm = make_eval_fn(CTCObjective(module), manifest, vocab, 4, lm)(SimpleNamespace(params=params))
+    printed, table = _evaluate_cli(
+        str(model), forms["parquet"], tmp_path / "results.tsv", "--lm", str(arpa), "--word-score", "2"
+    )
+    assert "beam search, width 100, LM" in printed
+    _check_report(printed, table, {"wer": with_lm["wer_lm"], "cer": with_lm["cer_lm"]})
 
 
 @pytest.mark.slow
