@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("verify", "layer-by-layer parity report: Flax against PyTorch on real audio"),
     "embed": ("embed", "hidden states of any layer as .npz"),
     "transcribe": ("transcribe", "CTC transcription of audio files"),
+    "evaluate": ("evaluate", "WER and CER of a CTC model over a whole split (TSV, fairseq, tfds, datasets)"),
     "classify": ("classify", "audio / frame classification of audio files (label and score per file)"),
     "similarity": ("similarity", "cosine similarity of two recordings' x-vectors"),
     "finetune": ("finetune", "fine-tuning: CTC from transcripts, audio classification or x-vectors (--task)"),

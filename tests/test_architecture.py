@@ -27,7 +27,17 @@ PACKAGES = {
 }
 # Optional third-party dependencies (the extras in pyproject.toml): never imported at the top of a
 # module, so the package imports without them.
-OPTIONAL = {"torch", "transformers", "tensorflow", "tensorflow_datasets", "flashlight", "huggingface_hub", "fairseq"}
+OPTIONAL = {
+    "torch",
+    "transformers",
+    "tensorflow",
+    "tensorflow_datasets",
+    "flashlight",
+    "huggingface_hub",
+    "fairseq",
+    "datasets",  # the [hf] extra, with pyarrow
+    "pyarrow",
+}
 # Project modules that need an optional dependency at their top: imported only inside functions.
 OPTIONAL_ONLY = {"flax_d2v.convert.fairseq2_reference"}  # imports torch
 # The deliberate function-level project imports: (importer, imported). Nothing else is deferred.

@@ -4,8 +4,8 @@
   its logits (transformers' loss); `xvector` trains `Data2VecAudioForXVector` with the AM-softmax
   objective (scale 30, margin 0.4, transformers' `AMSoftmaxLoss`) on its logits and
   `objective.weight`.
-- Labels come from a column of the TSV manifest (`label` by default): names are sorted and
-  numbered, and written into the model config as `id2label` / `label2id` (so `RUN/hf` is what
+- Labels come from a column of the TSV manifest or `datasets` split (`label` by default): names are
+  sorted and numbered, and written into the model config as `id2label` / `label2id` (so `RUN/hf` is what
   transformers' `pipeline("audio-classification")` reads).
 - The loss is summed over the real examples and weighted by their count (the loop's contract,
   `objective.py`); SpecAugment masks are drawn per example as for CTC.
@@ -30,7 +30,7 @@ import optax
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
-from flax_d2v.train import sharding
+from flax_d2v.train import hf_datasets, sharding
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
 from flax_d2v.train.manifests import read_lines, tsv_rows
@@ -42,7 +42,9 @@ TASKS = {s.objective: s.architecture for s in REGISTRY.values() if s.objective i
 
 
 def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
-    """The `column` of a TSV manifest, one entry per clip in manifest order (as `read_tsv_manifest` reads it)."""
+    """The `column` of a TSV manifest or a `datasets` split, one entry per clip in manifest order."""
+    if hf_datasets.is_dataset_spec(str(manifest_path)):
+        return hf_datasets.read_labels(str(manifest_path), column)
     path = Path(manifest_path)
     if not path.is_file():
         raise D2VError(f"{path}: no such manifest file")

@@ -26,15 +26,13 @@ from flax_d2v.heads import REGISTRY, with_labels
 from flax_d2v.lm_decode import decoder_for
 from flax_d2v.modeling import init_params, logical_axes
 from flax_d2v.pretrained import build_module, load_any
-from flax_d2v.train import classification
+from flax_d2v.train import classification, evaluation
 from flax_d2v.train import run_common as common
 from flax_d2v.train import vocab as vocabulary
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
 from flax_d2v.train.loop import Trainer, log
 from flax_d2v.train.manifests import read_manifest
-from flax_d2v.train.metrics import error_rates
-from flax_d2v.train.planning import select_examples
 from flax_d2v.train.recipes import FinetuneConfig
 from flax_d2v.transcribe import Transcriber
 
@@ -121,8 +119,9 @@ def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_siz
 
     Through `flax_d2v.transcribe.Transcriber` itself (greedy, its default chunking with strides for
     clips over 20 s, its padding-invariant forward), so the logged WER is what a user transcribing
-    those clips with `d2v transcribe --model RUN/hf` gets, for clips of any length. Clips are read
-    through the manifest (files or tfds records) a slice at a time, so memory stays bounded.
+    those clips with `d2v transcribe --model RUN/hf` gets, for clips of any length, and what
+    `d2v evaluate RUN/hf --data MANIFEST` reports: both are `train/evaluation.py` (clips read a
+    slice at a time, references and hypotheses normalised as the training transcripts).
     `eval_fn.hypotheses` holds the last eval's {manifest position: text}.
 
     With `lm_decoder` (a `flax_d2v.lm_decode` beam search decoder) also "wer_lm" and "cer_lm": the
@@ -130,32 +129,20 @@ def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_siz
     (a second forward pass over the eval set).
     """
 
-    positions = [int(i) for i in select_examples(manifest, None, None, True)[0]]
-    slice_clips = 256  # clips read per Transcriber call: bounds host memory on long eval sets
-
-    def transcripts(runner: Any) -> dict[int, str]:
-        hyps: dict[int, str] = {}
-        for s in range(0, len(positions), slice_clips):
-            chunk = positions[s : s + slice_clips]
-            results = runner([manifest.load(i) for i in chunk], progress=False)
-            for i, r in zip(chunk, results, strict=True):
-                if r.error:
-                    raise D2VError(f"{manifest.paths[i]}: {r.error}")
-                hyps[i] = r.text
-        return hyps
+    positions = evaluation.eval_positions(manifest)
 
     def eval_fn(state: Any) -> dict[str, float]:
         # one process: the (possibly sharded) global params as they are; several: a full host copy on each
         params = state.params if jax.process_count() == 1 else common.host(state.params)
         runner = Transcriber((objective.module, params), vocab=vocab, batch_size=batch_size)
-        hyps = transcripts(runner)
+        hyps = evaluation.transcribe_manifest(runner, manifest, positions)
         eval_fn.hypotheses = hyps
-        refs = [vocabulary.normalize_transcript(manifest.texts[i] or "") for i in positions]
-        metrics = {**error_rates(refs, [hyps[i] for i in positions]), "eval_clips": len(positions)}
+        refs = [manifest.texts[i] or "" for i in positions]
+        metrics = {**evaluation.corpus_rates(refs, [hyps[i] for i in positions]), "eval_clips": len(positions)}
         if lm_decoder is not None:
             runner.beam, runner.beam_width = lm_decoder, lm_decoder.beam_width
-            with_lm = transcripts(runner)
-            lm_rates = error_rates(refs, [with_lm[i] for i in positions])
+            with_lm = evaluation.transcribe_manifest(runner, manifest, positions)
+            lm_rates = evaluation.corpus_rates(refs, [with_lm[i] for i in positions])
             metrics.update(wer_lm=lm_rates["wer"], cer_lm=lm_rates["cer"])
         return metrics
 
@@ -204,7 +191,7 @@ def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     run_dir = Path(cfg.out)
     mesh, _ = common.make_mesh(cfg)
 
-    manifest = read_manifest(cfg.train, require_text=True)
+    manifest = read_manifest(cfg.train, require_text=True, audio_column=cfg.audio_column, text_column=cfg.text_column)
     base_config, loaded, init_dir = load_init(cfg)
     vocab, vocab_source = choose_vocab(cfg, manifest.texts, init_dir, run_dir)
     config = training_config(base_config, cfg, vocab)
@@ -226,7 +213,9 @@ def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     eval_manifest = None
     eval_bs = int(cfg.eval_batch_size or cfg.batch_size)
     if cfg.eval:
-        eval_manifest = read_manifest(cfg.eval, require_text=True)
+        eval_manifest = read_manifest(
+            cfg.eval, require_text=True, audio_column=cfg.audio_column, text_column=cfg.text_column
+        )
         if eval_bs < 1:
             raise D2VError(f"--eval-batch-size: must be >= 1, got {eval_bs}")
 
@@ -279,7 +268,7 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
         raise D2VError(f"--task: {task!r} is not a classification task; choose one of {sorted(classification.TASKS)}")
     run_dir = Path(cfg.out)
     mesh, dp = common.make_mesh(cfg)
-    manifest = read_manifest(cfg.train)
+    manifest = read_manifest(cfg.train, audio_column=cfg.audio_column, text_column=cfg.text_column)
     names = classification.read_label_column(cfg.train, cfg.label_column)
     labels = sorted(set(names))
     if len(labels) < 2:
@@ -314,7 +303,7 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     loader = common.train_loader(cfg, manifest, None)
     eval_loader = eval_fn = None
     if cfg.eval:
-        eval_manifest = read_manifest(cfg.eval)
+        eval_manifest = read_manifest(cfg.eval, audio_column=cfg.audio_column, text_column=cfg.text_column)
         eval_ids = classification.label_ids(
             classification.read_label_column(cfg.eval, cfg.label_column), label2id, str(cfg.eval)
         )

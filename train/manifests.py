@@ -18,6 +18,8 @@ Formats (`read_manifest(spec)`):
   with fields `speech` (int16 PCM) and `text`. The dataset must already be prepared in the
   ArrayRecord format (nothing is downloaded); lengths are found by reading every record once,
   which `length_cache=` keeps in a JSON file for the next start.
+- a Hugging Face `datasets` split: `hf:NAME[:CONFIG]:SPLIT`, a `save_to_disk` directory, or
+  parquet files (`data/train-*.parquet`), with `audio_column`/`text_column` (`hf_datasets.py`).
 
 An example is `{"path": str, "text": str | None, "index": int}`; `index` is its position in the
 manifest, the same on every host, so per-example randomness can be `fold_in(key, index)`.
@@ -42,6 +44,7 @@ import numpy as np
 from flax_d2v.audio import SAMPLE_RATE, load_audio, prepare_audio
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
+from flax_d2v.train import hf_datasets
 
 MAX_AUDIO_NOTES = 5  # resample/downmix notes printed before the rest are summarised.
 
@@ -127,14 +130,23 @@ def read_manifest(
     labels: str = "auto",
     data_dir: str | None = None,
     length_cache: str | os.PathLike | None = None,
+    audio_column: str = "audio",
+    text_column: str | None = None,
 ) -> Manifest:
-    """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), or `tfds:NAME/SPLIT`.
+    """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), `tfds:NAME/SPLIT`, or a `datasets` split.
 
     `labels` picks the fairseq transcript file: "auto" (.ltr, else .wrd, else none), "ltr",
     "wrd" or "none". `require_text` (fine-tuning) fails when the manifest has no transcripts.
+    `audio_column` and `text_column` name the columns of a `datasets` split (`hf_datasets.py`).
     """
     spec = os.fspath(spec)
-    if spec.startswith("tfds:"):
+    if hf_datasets.is_dataset_spec(spec):
+        hf = hf_datasets.open_source(
+            spec, audio_column=audio_column, text_column=text_column, require_text=require_text
+        )
+        lengths, texts = _cached_scan(hf.cache_key, hf.size, hf.scan, length_cache or hf.default_cache)
+        m = Manifest(spec, hf.paths(), texts, lengths, reader=hf.reader)
+    elif spec.startswith("tfds:"):
         m = read_tfds(spec, data_dir=data_dir, length_cache=length_cache)
     else:
         path = Path(spec)

@@ -95,11 +95,14 @@ def _parse(line: str) -> dict[str, Any] | None:
     return row if isinstance(row, dict) else None
 
 
+EMPTY_REFERENCE = "<empty>"  # what an empty reference is scored as: jiwer refuses empty references
+
+
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
     """Corpus WER and CER (jiwer: edit operations summed over all utterances / reference length)."""
     import jiwer
 
-    refs = [r if r.strip() else "<empty>" for r in references]  # jiwer refuses empty references
+    refs = [r if r.strip() else EMPTY_REFERENCE for r in references]
     hyps = list(hypotheses)
     return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
 

@@ -80,7 +80,11 @@ def _run(plan: Plan) -> Any:
     run_dir = Path(cfg.out)
     seed = int(cfg.seed)
     mesh, _ = common.make_mesh(cfg)
-    loader = common.train_loader(cfg, read_manifest(cfg.train, require_text=False), None)
+    loader = common.train_loader(
+        cfg,
+        read_manifest(cfg.train, require_text=False, audio_column=cfg.audio_column, text_column=cfg.text_column),
+        None,
+    )
     batches = CroppedBatches(loader, seed) if cfg.crop else loader
     schedule, tx = common.make_schedule_and_optimizer(cfg, plan.params)
     meta = {"objective": plan.objective.name, "model_config": json.loads(plan.config.to_json_string())}

@@ -191,7 +191,9 @@ class Settings:
 class RunSettings(Settings):
     SECTION: ClassVar[str] = "run"
     train: str | None = setting(
-        help="training manifest: TSV (path[, text]), fairseq .tsv(+.ltr/.wrd), or tfds:NAME/SPLIT", metavar="MANIFEST"
+        help="training manifest: TSV (path[, text]), fairseq .tsv(+.ltr/.wrd), tfds:NAME/SPLIT, or a datasets split "
+        "(hf:NAME[:CONFIG]:SPLIT, a save_to_disk directory, parquet files)",
+        metavar="MANIFEST",
     )
     out: str | None = setting(help="run directory (resumes when it holds checkpoints)")
     model: str | None = setting(
@@ -255,6 +257,13 @@ class DataSettings(Settings):
     num_buckets: int = setting(
         4, "padded lengths of the training batches, placed where they pad least: one compiled step program each"
     )
+    audio_column: str = setting(
+        "audio", "the Audio column of a datasets split (--train/--eval hf:..., a directory, parquet)"
+    )
+    text_column: str | None = setting(
+        help="the transcript column of a datasets split (default: the first of text, sentence, transcription, "
+        "normalized_text)"
+    )
     bucket_growth: float | None = setting(
         help="a geometric ladder of padded lengths, each this factor over the last (e.g. 1.25), instead of "
         "--num-buckets: less padding, more programs to compile"
@@ -287,7 +296,7 @@ class FinetuneSettings(Settings):
         "ctc", "ctc: transcripts; audio-classification / xvector: one label per clip"
     )
     label_column: str = setting(
-        "label", "the TSV column holding each clip's label (--task audio-classification/xvector)"
+        "label", "the TSV or datasets column holding each clip's label (--task audio-classification/xvector)"
     )
     vocab: str | None = setting(
         help="vocab.json to use (default: the init model's, else built from the training transcripts)"

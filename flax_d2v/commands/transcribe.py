@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 from flax_d2v.errors import D2VError
 from flax_d2v.precision import add_argument as add_precision_argument
@@ -32,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help='add "words": [{"word", "start", "end"}] in seconds, from CTC frame offsets (implies --json)',
     )
+    parser.add_argument(
+        "--strict-audio",
+        action="store_true",
+        help="refuse files that are not 16 kHz mono instead of resampling / averaging them",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or throughput line on stderr")
+    add_decoding_arguments(parser)
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batching, chunking, decoding (greedy, beam, n-gram LM) and precision: `d2v transcribe`'s, shared
+    with `d2v evaluate` so that a WER it reports is of the transcripts `d2v transcribe` gives."""
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="chunks per forward pass (default: %(default)s)"
     )
@@ -90,29 +103,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--word-score", type=float, default=None, metavar="B", help="B above (default -1, or a model's beta)"
     )
     parser.add_argument(
-        "--strict-audio",
-        action="store_true",
-        help="refuse files that are not 16 kHz mono instead of resampling / averaging them",
-    )
-    parser.add_argument(
         "--skip-special-tokens",
         action="store_true",
         help="drop <s>, </s>, <unk> like decode(skip_special_tokens=True) (this also drops the "
         "blank before repeats merge, as transformers does)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or throughput line on stderr")
     add_precision_argument(parser, DEFAULT_PRECISION, "TF32 on GPU; CTC argmax does not move with it")
 
 
-def run(args: argparse.Namespace) -> int:
-    def warn(message: str) -> None:
-        print(f"d2v transcribe: {message}", file=sys.stderr, flush=True)
-
-    as_json = args.json or args.timestamps
+def make_transcriber(model: str, args: argparse.Namespace, warn: Callable[[str], None]) -> Transcriber:
+    """The `Transcriber` of `add_decoding_arguments`' flags."""
     if args.no_lm and args.lm:
         raise D2VError("--lm and --no-lm: give one or the other")
-    runner = Transcriber(
-        args.model,
+    return Transcriber(
+        model,
         batch_size=args.batch_size,
         chunk_length_s=args.chunk_length_s,
         stride_length_s=args.stride_length_s,
@@ -126,6 +130,14 @@ def run(args: argparse.Namespace) -> int:
         warn=warn,
         precision=args.precision,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    def warn(message: str) -> None:
+        print(f"d2v transcribe: {message}", file=sys.stderr, flush=True)
+
+    as_json = args.json or args.timestamps
+    runner = make_transcriber(args.model, args, warn)
     failed = 0
     for result in runner.iter(args.files, strict_audio=args.strict_audio, warn=warn, progress=not args.no_progress):
         if result.error is not None:
