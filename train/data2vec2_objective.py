@@ -250,8 +250,8 @@ class Data2Vec2Objective(EmaTeacher):
         c, mc = self.config, self.module.config
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
-        local = self.module.apply({"params": params["model"]}, input_values, method=Data2Vec2Model.local_features)
-        b, t, d = local.shape
+        b, d = input_values.shape[0], mc.hidden_size
+        t = int(feat_extract_output_lengths(mc, input_values.shape[1]))
         n = b * c.clone_batch
         if am is None:
             frame_mask = None
@@ -266,6 +266,7 @@ class Data2Vec2Objective(EmaTeacher):
         else:
             k = kept_count(mask, n, t, mask_noise, c)
             mask = jnp.asarray(mask).astype(bool)
+        local = self.module.apply({"params": params["model"]}, input_values, method=Data2Vec2Model.local_features)
         ids_shuffle = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
         ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True)
         keep = ids_shuffle[:, :k]
