@@ -261,3 +261,18 @@ def test_v2_padded_keys_masked_in_student_and_teacher(tiny_v2):
 
     student, whole = student_and_forward(params["model"])
     np.testing.assert_allclose(np.asarray(student), np.asarray(whole), atol=1e-5)
+
+
+def test_verify_objective_bad_input_is_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "not_a_ref.npz", source=np.zeros((1, 4), np.float32))
+    cases = [
+        (["verify", str(tmp_path), "--objective", str(tmp_path / "not_a_ref.npz")], "missing array 'padding_mask'"),
+        (["verify", "x.pt", "--objective", str(tmp_path / "none.npz")], "none.npz: no such file"),
+        (["verify", "x.pt", "--objective", "r.npz", "--report", "r.md"], "--objective: --audio, --report"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    with pytest.raises(D2VError, match="a directory; --objective needs the fairseq .pt"):
+        V.load_checkpoint(tmp_path)

@@ -126,6 +126,10 @@ def fingerprint(name: str, grad: np.ndarray) -> np.ndarray:
 def load_checkpoint(path: str | os.PathLike) -> FairseqCheckpoint:
     """A fairseq `.pt`, or an xz-compressed `.pt.xz` (decompressed to a temporary file first)."""
     source = os.fspath(path)
+    if os.path.isdir(source):
+        raise D2VError(
+            f"{source}: a directory; --objective needs the fairseq .pt (or .pt.xz) the reference was made from"
+        )
     if not source.endswith(".xz"):
         return load_fairseq(source)
     if not os.path.isfile(source):

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
+from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
 from flax_d2v.precision import add_argument as add_precision_argument
 from flax_d2v.train import verify_objective
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_objective(args: argparse.Namespace) -> int:
     """`--objective`: the table of `flax_d2v.train.verify_objective`; exit 1 outside its tolerances."""
+    if args.audio or args.report or args.no_batch:
+        raise D2VError("--objective: --audio, --report and --no-batch do not apply (the reference holds the batch)")
     rows, facts = verify_objective.verify_objective(args.src, args.objective)
     checked = [r for r in rows if r.tolerance is not None]
     ok = all(r.passed for r in checked)
