@@ -30,6 +30,12 @@ varies and the first row's count sets how many frames every row keeps (`make_mas
 drawn for the cropped length, so every row has exactly `int(T * mask_prob)` masked frames (the rule's
 intent, and what static shapes need).
 
+Padded rows (a clip shorter than its crop; a padded batch given to `loss` directly, as `d2v verify
+--objective` does with fairseq's own step) are fairseq's: padded frames are never zeroed; they are masked
+as attention keys in the student (the padding mask gathered to the kept frames) and in the teacher; the
+instance norm of the targets runs over all T frames, padded ones included; the decoder sees all T frames
+with no padding mask. Unlike fairseq, a mask on a padded frame (or a filler row) is not counted.
+
 Params `{"model": <Data2Vec2Model params>, "decoder": <Decoder1d params>}`; extra `{"teacher": ...}`, the
 model's tree without `feature_extractor` and `project_features` (the teacher shares the student's).
 """

@@ -29,7 +29,8 @@ Two places where padding or the device layout could make this differ from fairse
   false), so nothing is padded; `d2v pretrain` does the same by default (`CroppedBatches`).
   With padded batches (`--no-crop`) the target statistics are taken over real frames only
   (fairseq with `enable_padding` normalises over the padded frames too:
-  `instance_norm_over_padding=True` is that formula verbatim). Either way padding still leaks
+  `instance_norm_over_padding=True` is that formula verbatim, and what `d2v verify --objective`
+  checks against fairseq's own step). Either way padding still leaks
   into the last real frames through the stacked positional convolutions (as in fairseq and
   transformers), which is why cropping is the default.
 - `require_same_masks` trims every row to the smallest mask count *of the batch the loss sees*
