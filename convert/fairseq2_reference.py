@@ -12,20 +12,63 @@ Sources (facebookresearch/fairseq): examples/data2vec/models/data2vec2.py (`forw
 `get_alibi_bias`, `masked_alibi`, `decoder_input`), modalities/audio.py (`AudioEncoder`,
 `convert_padding_mask`), modalities/modules.py (`AltBlock`, `AltAttention`, `BlockEncoder`, `Decoder1d`),
 fairseq/models/wav2vec/wav2vec2.py (`ConvFeatureExtractionModel`), timm's `Mlp`.
-Import this module only when PyTorch is wanted: it imports torch at the top.
+Import this module only when PyTorch is wanted: it imports torch at the top. It imports nothing of
+flax-d2v: it reads the checkpoint's `cfg.model` itself (`settings`, with fairseq's dataclass defaults)
+and parses the conv spec itself (`conv_layers`), so a wrong reading in our converter
+(`convert.fairseq2.config_from_model_cfg`) shows up as a difference instead of being shared.
 """
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flax_d2v.convert.fairseq2 import model_settings
-from flax_d2v.convert.fairseq_common import parse_conv_layers  # the literal-only parser (fairseq uses eval)
+# fairseq's defaults (examples/data2vec/models/data2vec2.py `Data2VecMultiConfig`, modalities/base.py
+# `D2vModalityConfig`, modalities/audio.py `D2vAudioConfig`, modalities/modules.py `D2vDecoderConfig`).
+MODEL_DEFAULTS = {"embed_dim": 768, "depth": 8, "num_heads": 12, "mlp_ratio": 4.0, "norm_eps": 1e-6}
+AUDIO_DEFAULTS = {
+    "feature_encoder_spec": "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]",
+    "conv_pos_width": 95,
+    "conv_pos_depth": 5,
+    "conv_pos_groups": 16,
+    "prenet_depth": 4,
+    "use_alibi_encoder": False,
+    "alibi_scale": 1.0,
+    "learned_alibi_scale_per_head": False,
+    "learned_alibi_scale_per_layer": False,
+}
+DECODER_DEFAULTS = {"decoder_dim": 384, "decoder_groups": 16, "decoder_kernel": 5, "decoder_layers": 5}
+
+
+def settings(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The architecture of a `data2vec_multi` cfg.model (audio), missing fields at fairseq's defaults."""
+    audio = dict((model_cfg.get("modalities") or {}).get("audio") or {})
+    s = {k: v if model_cfg.get(k) is None else model_cfg[k] for k, v in MODEL_DEFAULTS.items()}
+    s.update({k: v if audio.get(k) is None else audio[k] for k, v in AUDIO_DEFAULTS.items()})
+    if "decoder" in audio and audio["decoder"] is None:
+        s["decoder"] = None
+    else:
+        dec = audio.get("decoder") or {}
+        s["decoder"] = {k: dec.get(k, v) for k, v in DECODER_DEFAULTS.items()}
+    return s
+
+
+def conv_layers(spec: str) -> list[tuple[int, int, int]]:
+    """fairseq `eval`s `feature_encoder_spec`; here each `[(dim, k, stride), ...] (* n)` term of the sum is
+    read with `ast.literal_eval`, so a spec can never run code."""
+    layers: list[tuple[int, int, int]] = []
+    for term in spec.split("+"):
+        m = re.fullmatch(r"\s*(\[[^\]]*\])\s*(?:\*\s*(\d+))?\s*", term)
+        if m is None:
+            raise ValueError(f"feature_encoder_spec: cannot read {term!r} of {spec!r}")
+        layers += [tuple(t) for t in ast.literal_eval(m[1])] * int(m[2] or 1)
+    return layers
 
 
 class TransposeLast(nn.Module):
@@ -52,10 +95,6 @@ class Fp32LayerNorm(nn.LayerNorm):
             self.eps,
         )
         return out.type_as(x)
-
-
-def parse_spec(spec: str) -> list[tuple[int, int, int]]:
-    return parse_conv_layers(spec)
 
 
 class ConvFeatureExtractionModel(nn.Module):
@@ -214,7 +253,7 @@ class AudioEncoder(nn.Module):
         super().__init__()
         d = s["embed_dim"]
         self.s = s
-        self.feature_enc_layers = parse_spec(s["feature_encoder_spec"])
+        self.feature_enc_layers = conv_layers(s["feature_encoder_spec"])
         if not teacher:  # the EMA teacher has no local encoder, project_features or decoder
             self.local_encoder = ConvFeatureExtractionModel(self.feature_enc_layers)
             fd = self.feature_enc_layers[-1][0]
@@ -270,13 +309,19 @@ class AudioEncoder(nn.Module):
         if mask_info is not None:
             if clone_batch > 1:
                 x = x.repeat_interleave(clone_batch, 0)
+                if padding_mask is not None:
+                    padding_mask = padding_mask.repeat_interleave(clone_batch, 0)
             mask, ids_keep, _ = mask_info
             x_unmasked = torch.gather(x, 1, ids_keep)
             x = x * (1 - mask.type_as(x).unsqueeze(-1))  # apply_mask, encoder_zero_mask=True
         x_pos = self.relative_positional_encoder(x)
         if mask_info is not None:
             x = x_unmasked + torch.gather(x_pos, 1, ids_keep)
-            padding_mask = None
+            if padding_mask is not None and padding_mask.any():  # gather_unmasked_mask
+                padding_mask = torch.gather(padding_mask, 1, ids_keep[..., 0])
+                padding_mask = padding_mask if padding_mask.any() else None
+            else:
+                padding_mask = None
         else:
             x = x + x_pos
         alibi_bias, alibi_scale = None, self.alibi_scale
@@ -312,7 +357,7 @@ class Data2VecMulti(nn.Module):
 
     def __init__(self, model_cfg: dict[str, Any], teacher: bool = False):
         super().__init__()
-        s = self.s = model_settings(model_cfg)
+        s = self.s = settings(model_cfg)
         self.modality_encoders = nn.ModuleDict({"AUDIO": AudioEncoder(s, teacher)})
         self.blocks = nn.ModuleList(
             AltBlock(s["embed_dim"], s["num_heads"], s["mlp_ratio"], s["norm_eps"]) for _ in range(s["depth"])
@@ -370,24 +415,32 @@ def instance_norm_targets(layer_results, top_k):
 
 @torch.no_grad()
 def pretrain_loss(
-    student: Data2VecMulti, teacher: Data2VecMulti, source, precomputed_mask, mask_noise, clone_batch: int, top_k: int
+    student: Data2VecMulti,
+    teacher: Data2VecMulti,
+    source,
+    precomputed_mask,
+    mask_noise,
+    clone_batch: int,
+    top_k: int,
+    padding_mask=None,
 ) -> dict[str, Any]:
     """fairseq's training forward with dropout off: per-element regression loss (masked frames x D) and logs.
 
     `precomputed_mask` (B*clone, T), 1 = masked; `mask_noise` (B*clone, num_masked, D), the decoder's
-    mask tokens (fairseq draws them from N(0, mask_noise_std)).
+    mask tokens (fairseq draws them from N(0, mask_noise_std)); `padding_mask` (B, samples), True =
+    padded: key-masked in the student (gathered to the kept frames) and in the teacher, never zeroed.
     """
     enc_mod = student.modality_encoders["AUDIO"]
     local = enc_mod.local_features(source)
     D = local.size(-1)
     info = make_maskinfo(precomputed_mask, D)
-    enc = enc_mod.contextualized_features(local, None, mask_info=info, clone_batch=clone_batch)
+    enc = enc_mod.contextualized_features(local, padding_mask, mask_info=info, clone_batch=clone_batch)
     x, _, _ = student.run_blocks(enc)
     # decoder_input: mask tokens appended, then gathered back into time order
     x_ = torch.cat([x, mask_noise.to(x.dtype)], dim=1)
     x = torch.gather(x_, 1, info[2])
     dx = enc_mod.decoder(x)
-    t = teacher.extract_features(None, None, local=local)
+    t = teacher.extract_features(None, padding_mask, local=local)
     y = instance_norm_targets(t["layer_results"], top_k)
     y = y.repeat_interleave(clone_batch, 0)
     masked_b = info[0].bool()

@@ -427,16 +427,25 @@ class Data2Vec2Model(nn.Module):
             results.append(t)
         return x, hidden, results, prenet
 
-    def encode_masked(self, local: Array, mask: Array, keep: Array, deterministic: bool = True) -> Array:
+    def encode_masked(
+        self,
+        local: Array,
+        mask: Array,
+        keep: Array,
+        deterministic: bool = True,
+        frame_mask: Array | None = None,
+    ) -> Array:
         """The student of pretraining: fairseq's `contextualized_features(mask=True, remove_masked=True)` and
         the blocks, on clone-batched local features (N, T, D). The masked frames are zeroed for the positional
-        conv (`apply_mask`, encoder_zero_mask); only the kept frames `keep` (N, K) go through the blocks, with
-        the ALiBi bias of their original positions."""
+        conv (`apply_mask`, encoder_zero_mask; padded frames are not); only the kept frames `keep` (N, K) go
+        through the blocks, with the ALiBi bias of their original positions and, with `frame_mask` (N, T),
+        fairseq's key padding gathered to the kept frames (`gather_unmasked_mask`)."""
         with matmul_precision(self.precision):
             pos = self.relative_positional_encoder(jnp.where(mask[..., None], jnp.zeros((), local.dtype), local))
             take = lambda a: jnp.take_along_axis(a, keep[..., None], axis=1)  # noqa: E731
             x = take(local) + take(pos)
-            return self.encode(x, self.biases(local.shape[1], keep), deterministic)[0]
+            kept_frames = None if frame_mask is None else jnp.take_along_axis(frame_mask, keep, axis=1)
+            return self.encode(x, self.biases(local.shape[1], keep, kept_frames), deterministic)[0]
 
     def contextualize(
         self, x: Array, frame_mask: Array | None = None, deterministic: bool = True, padding_invariant: bool = False

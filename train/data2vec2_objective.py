@@ -32,6 +32,12 @@ varies and the first row's count sets how many frames every row keeps (`make_mas
 drawn for the cropped length, so every row has exactly `int(T * mask_prob)` masked frames (the rule's
 intent, and what static shapes need).
 
+Padded rows (a clip shorter than its crop; a padded batch given to `loss` directly, as `d2v verify
+--objective` does with fairseq's own step) are fairseq's: padded frames are never zeroed; they are masked
+as attention keys in the student (the padding mask gathered to the kept frames) and in the teacher; the
+instance norm of the targets runs over all T frames, padded ones included; the decoder sees all T frames
+with no padding mask. Unlike fairseq, a mask on a padded frame (or a filler row) is not counted.
+
 Params `{"model": <Data2Vec2Model params>, "decoder": <Decoder1d params>}`; extra `{"teacher": ...}`, the
 model's tree without `feature_extractor` and `project_features` (the teacher shares the student's).
 """
@@ -45,6 +51,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_d2v.data2vec2 import Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
@@ -124,18 +131,56 @@ def clone_masks(keys: jax.Array, num_frames: int, config: Data2Vec2PretrainConfi
 
 
 # ---------------------------------------------------------------------------------------------- model pieces
-def _teacher(m: Data2Vec2Model, local: jax.Array) -> list[jax.Array]:
-    return m.contextualize(local, None, True)[2]
+def _teacher(m: Data2Vec2Model, local: jax.Array, frame_mask: jax.Array | None) -> list[jax.Array]:
+    """The teacher's layer results: padded frames are key-masked, never zeroed (fairseq)."""
+    return m.contextualize(local, frame_mask, True)[2]
 
 
-def _teacher_encoder_only(m: Data2Vec2Model, local: jax.Array, deterministic: bool) -> list[jax.Array]:
+def kept_count(mask: Any, rows: int, num_frames: int, noise: Any, config: Data2Vec2PretrainConfig) -> int:
+    """K, the frames every row keeps, for a given (B * clone_batch, T) mask; a mask that does not fit is
+    refused in one line (an out-of-range gather would otherwise fill the loss with NaN).
+
+    A concrete mask (NumPy, or a JAX array outside a trace) sets K itself, as fairseq's `make_maskinfo`
+    does (`T - mask[0].sum()`): every row must mask the same number of frames. A traced mask cannot be
+    counted, so K is the config's (`masked_count`), and a `mask_noise` must have its shape.
+    """
+    shape = tuple(np.shape(mask))
+    if shape != (rows, num_frames):
+        raise D2VError(f"mask: shape {shape}, expected (batch * clone_batch, frames) = ({rows}, {num_frames})")
+    if isinstance(mask, jax.core.Tracer):
+        k = num_frames - config.masked_count(num_frames)
+    else:
+        counts = np.asarray(mask).astype(bool).sum(axis=1)
+        if np.any(counts != counts[0]):
+            raise D2VError(
+                f"mask: rows mask {sorted(set(counts.tolist()))} frames; data2vec 2.0 needs the same "
+                "number of masked frames in every row (fairseq's make_maskinfo keeps T - mask[0].sum())"
+            )
+        k = num_frames - int(counts[0])
+        if k < 1:
+            raise D2VError(f"mask: masks all {num_frames} frames of every row; at least one must be kept")
+    if noise is not None:
+        want = (rows, num_frames - k)
+        if tuple(np.shape(noise))[:2] != want:
+            raise D2VError(
+                f"mask_noise: shape {tuple(np.shape(noise))}, expected {want + (np.shape(noise)[-1],)} "
+                f"(one vector per masked frame; a traced mask must mask the config's "
+                f"{config.masked_count(num_frames)} frames per row)"
+            )
+    return k
+
+
+def _teacher_encoder_only(
+    m: Data2Vec2Model, local: jax.Array, frame_mask: jax.Array | None, deterministic: bool
+) -> list[jax.Array]:
     """fairseq's teacher with `ema_encoder_only`: the *student's* `contextualized_features(mask=False)`
     (positional conv, alibi_scale, context encoder, in training mode: its dropout and prenet LayerDrop act
-    unless `deterministic`) under no_grad, then the EMA blocks, deterministic; no `dropout_input`."""
+    unless `deterministic`) under no_grad, then the EMA blocks, deterministic; no `dropout_input`. Padded
+    frames are key-masked, never zeroed, as in the full teacher."""
     c = m.config
     with matmul_precision(m.precision):
-        x = local + m.positions(local, None, False)
-        biases = m.biases(x.shape[1])
+        x = local + m.positions(local, frame_mask, False)
+        biases = m.biases(x.shape[1], None, frame_mask)
         x, _ = m.context_encoder(x, biases[: c.prenet_depth], deterministic)
         results = []
         for i, blk in enumerate(m.blocks):
@@ -199,10 +244,18 @@ class Data2Vec2Objective(EmaTeacher):
         return clone_masks(keys, num_frames, self.config)
 
     def targets(
-        self, params: PyTree, extra: PyTree, local: jax.Array, rng: jax.Array | None = None, deterministic: bool = False
+        self,
+        params: PyTree,
+        extra: PyTree,
+        local: jax.Array,
+        frame_mask: jax.Array | None = None,
+        rng: jax.Array | None = None,
+        deterministic: bool = False,
     ) -> jax.Array:
-        """The regression targets; with `ema_encoder_only` the teacher is the student with the EMA blocks, its
-        context encoder's dropout drawn from `rng` (none when `deterministic` or no `rng`)."""
+        """(B, T, D) targets: the teacher on the unmasked local features, padded keys masked; each layer
+        instance-normalised over all T frames, padded ones included (fairseq's `make_targets`). With
+        `ema_encoder_only` the teacher is the student with the EMA blocks, its context encoder's dropout
+        drawn from `rng` (none when `deterministic` or no `rng`)."""
         c = self.config
         if c.ema_encoder_only:
             teacher = {**params["model"], **extra["teacher"]}
@@ -210,6 +263,7 @@ class Data2Vec2Objective(EmaTeacher):
             results = self.module.apply(
                 {"params": jax.lax.stop_gradient(teacher)},
                 jax.lax.stop_gradient(local),
+                frame_mask,
                 quiet,
                 method=_teacher_encoder_only,
                 rngs={} if quiet else {"dropout": rng},
@@ -217,7 +271,7 @@ class Data2Vec2Objective(EmaTeacher):
         else:
             teacher = {**{k: params["model"][k] for k in LOCAL_KEYS}, **extra["teacher"]}
             results = self.module.apply(
-                {"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local), method=_teacher
+                {"params": jax.lax.stop_gradient(teacher)}, jax.lax.stop_gradient(local), frame_mask, method=_teacher
             )
         layers = [r.astype(jnp.float32) for r in results[-c.average_top_k_layers :]]
         if c.instance_norm_target_layer:
@@ -240,19 +294,32 @@ class Data2Vec2Objective(EmaTeacher):
         mask: jax.Array | None = None,
         mask_noise: jax.Array | None = None,
         deterministic: bool = False,
+        outputs: bool = False,
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """(sum of per-masked-frame losses, number of masked frames, metrics). `mask` (B*clone, T),
-        `mask_noise` (B*clone, T - K, D) and `deterministic` are for tests."""
+        `mask_noise` (B*clone, T - K, D), `deterministic` and `outputs` are for tests and `d2v verify
+        --objective`: a concrete `mask` sets K (`kept_count`); `outputs` adds the decoder output
+        `pred` and the targets `targets`, both (B*clone, T, D), to the metrics."""
         c, mc = self.config, self.module.config
         input_values = jnp.asarray(batch["input_values"])
         am = batch.get("attention_mask")
-        valid = jnp.ones(input_values.shape[:1], bool) if am is None else jnp.asarray(am).sum(-1) > 0
-        local = self.module.apply({"params": params["model"]}, input_values, method=Data2Vec2Model.local_features)
-        b, t, d = local.shape
+        b, d = input_values.shape[0], mc.hidden_size
+        t = int(feat_extract_output_lengths(mc, input_values.shape[1]))
+        n = b * c.clone_batch
+        if am is None:
+            frame_mask = None
+            real = jnp.ones((n, t), bool)
+        else:  # fairseq's convert_padding_mask: padded frames key-masked, never zeroed
+            lengths = feat_extract_output_lengths(mc, jnp.asarray(am).astype(jnp.int32).sum(-1))
+            frame_mask = jnp.arange(t)[None, :] < lengths[:, None]
+            real = jnp.repeat(frame_mask, c.clone_batch, axis=0)
         if mask is None:
             mask = self.masks(batch, rng)
-        n = b * c.clone_batch
-        k = t - c.masked_count(t)
+            k = t - c.masked_count(t)
+        else:
+            k = kept_count(mask, n, t, mask_noise, c)
+            mask = jnp.asarray(mask).astype(bool)
+        local = self.module.apply({"params": params["model"]}, input_values, method=Data2Vec2Model.local_features)
         ids_shuffle = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
         ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True)
         keep = ids_shuffle[:, :k]
@@ -265,6 +332,7 @@ class Data2Vec2Objective(EmaTeacher):
             mask,
             keep,
             deterministic,
+            None if frame_mask is None else real,
             method=Data2Vec2Model.encode_masked,
             rngs=rngs,
         )
@@ -274,13 +342,14 @@ class Data2Vec2Objective(EmaTeacher):
             noise_key = batch_key(jax.random.fold_in(rng, NOISE_STREAM), batch)
             mask_noise = mc.mask_noise_std * jax.random.normal(noise_key, (n, t - k, d), jnp.float32)
         full = jnp.take_along_axis(
-            jnp.concatenate([x, mask_noise.astype(x.dtype)], axis=1), ids_restore[..., None], axis=1
+            jnp.concatenate([x, jnp.asarray(mask_noise).astype(x.dtype)], axis=1), ids_restore[..., None], axis=1
         )
+        # The decoder sees all T frames with no padding mask (fairseq's decoder_input and Decoder1d).
         pred = self.decoder.apply({"params": params["decoder"]}, full).astype(jnp.float32)
-        y = self.targets(params, extra, local, jax.random.fold_in(drop_key, 2), deterministic)
+        y = self.targets(params, extra, local, frame_mask, jax.random.fold_in(drop_key, 2), deterministic)
         y = jnp.repeat(y, c.clone_batch, axis=0)
         scale = c.loss_scale if c.loss_scale is not None else 1.0 / math.sqrt(d)
-        counted = mask & jnp.repeat(valid, c.clone_batch)[:, None]
+        counted = mask & real  # a mask on a padded frame (or a filler row) is no target
         w = counted.astype(jnp.float32)
         loss_sum = (regression_loss(pred, y, c.loss_beta) * scale * w).sum()
         weight = w.sum()
@@ -290,6 +359,8 @@ class Data2Vec2Objective(EmaTeacher):
             "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
             "masked_pct": jnp.asarray(1.0 - k / t, jnp.float32),
         }
+        if outputs:
+            metrics.update(pred=pred, targets=y)
         return loss_sum, weight, metrics
 
     def check(self, metrics: dict[str, Any], step: int) -> None:

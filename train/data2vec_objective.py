@@ -29,7 +29,8 @@ Two places where padding or the device layout could make this differ from fairse
   false), so nothing is padded; `d2v pretrain` does the same by default (`CroppedBatches`).
   With padded batches (`--no-crop`) the target statistics are taken over real frames only
   (fairseq with `enable_padding` normalises over the padded frames too:
-  `instance_norm_over_padding=True` is that formula verbatim). Either way padding still leaks
+  `instance_norm_over_padding=True` is that formula verbatim, and what `d2v verify --objective`
+  checks against fairseq's own step). Either way padding still leaks
   into the last real frames through the stacked positional convolutions (as in fairseq and
   transformers), which is why cropping is the default.
 - `require_same_masks` trims every row to the smallest mask count *of the batch the loss sees*
@@ -335,9 +336,11 @@ class Data2VecObjective(EmaTeacher):
         step: jax.Array,
         mask_time_indices: jax.Array | None = None,
         deterministic: bool = False,
+        outputs: bool = False,
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        """(sum of per-masked-frame losses, number of masked frames, metrics). `mask_time_indices`
-        and `deterministic` are for tests (fixed masks, no dropout)."""
+        """(sum of per-masked-frame losses, number of masked frames, metrics). `mask_time_indices`,
+        `deterministic` and `outputs` are for tests and `d2v verify --objective` (fixed masks, no
+        dropout; `outputs` adds the (B, T, D) predictions `pred` and targets `targets` to the metrics)."""
         c = self.config
         if mask_time_indices is None:
             mask_time_indices = self.masks(batch, rng)
@@ -383,6 +386,8 @@ class Data2VecObjective(EmaTeacher):
             "masked_frac": weight
             / jnp.maximum(jnp.ones_like(m).sum() if frame_mask is None else frame_mask.sum().astype(jnp.float32), 1.0),
         }
+        if outputs:
+            metrics.update(pred=pred, targets=y)
         return loss_sum, weight, metrics
 
     # -- host side ---------------------------------------------------------------------------

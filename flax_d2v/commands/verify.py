@@ -1,6 +1,8 @@
 """d2v verify SRC: layer-by-layer parity report, Flax against transformers' PyTorch model, on real audio.
 
 Exit status 1 when any stage is outside the tolerance (`flax_d2v.convert.verify.PARITY_RTOL`).
+`d2v verify CKPT.pt --objective REF.npz`: one pretraining step against fairseq's own loss, targets,
+predictions and gradients (`flax_d2v.train.verify_objective`), exit 1 outside its tolerances.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ import argparse
 from pathlib import Path
 
 from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
+from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
 from flax_d2v.precision import add_argument as add_precision_argument
+from flax_d2v.train import verify_objective
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="PyTorch reference precision (default float32)",
     )
     p.add_argument("--no-batch", action="store_true", help="skip the padded-batch case")
+    p.add_argument(
+        "--objective",
+        default=None,
+        metavar="REF.npz",
+        help="check one pretraining step (loss, targets, predictions, every gradient) of SRC, a fairseq "
+        "data2vec 1.0/2.0 .pt (or .pt.xz), against fairseq's own numbers in REF.npz",
+    )
     add_precision_argument(
         p,
         "highest",
@@ -44,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.objective is not None:
+        return run_objective(args)
     rows, facts = verify(args.src, args.audio, args.reference_dtype, batch=not args.no_batch, precision=args.precision)
     ok = all(r.passed for r in rows)
     print(format_table(rows))
@@ -59,4 +72,20 @@ def run(args: argparse.Namespace) -> int:
         plot_errors(rows, png)
         atomic_write_text(report, markdown_report(rows, facts, png.name))
         print(f"report: {report} (plot: {png})")
+    return 0 if ok else 1
+
+
+def run_objective(args: argparse.Namespace) -> int:
+    """`--objective`: the table of `flax_d2v.train.verify_objective`; exit 1 outside its tolerances."""
+    if args.audio or args.report or args.no_batch:
+        raise D2VError("--objective: --audio, --report and --no-batch do not apply (the reference holds the batch)")
+    rows, facts = verify_objective.verify_objective(args.src, args.objective)
+    checked = [r for r in rows if r.tolerance is not None]
+    ok = all(r.passed for r in checked)
+    print(verify_objective.format_table(rows))
+    print(
+        f"\n{'PASS' if ok else 'FAIL'}: {sum(r.passed for r in checked)}/{len(checked)} checks "
+        f"({facts['model']}, {facts['parameters']} gradients; worst gradient error {facts['worst_grad']:.2e}, "
+        f"loss {facts['loss_rel']:.2e} relative)\n  ours: {facts['checkpoint']}\n  fairseq: {facts['reference']}"
+    )
     return 0 if ok else 1
