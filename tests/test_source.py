@@ -127,7 +127,7 @@ def test_a_list_backed_source_trains_and_resumes_exactly(tmp_path):
 
 def test_the_project_loaders_are_data_sources(tmp_path):
     manifest = read_manifest(write_corpus(tmp_path, 4), require_text=False)
-    loader = BatchLoader(manifest, batch_size=2, prefetch=0, num_workers=1)
+    loader = BatchLoader(manifest, batch_size=2, prefetch=0, num_workers=0)
     assert isinstance(loader, DataSource) and isinstance(CroppedBatches(loader, 0), DataSource)
     assert isinstance(ListSource(_batches()), DataSource)
     assert not isinstance(iter(_batches()), DataSource)  # a bare iterator has no position to save
@@ -141,7 +141,7 @@ def test_the_loader_pads_whatever_ids_the_objectives_encoder_gives(tmp_path):
         return [len(w) for w in text.split()], sum(len(w) > 5 for w in text.split())
 
     assert isinstance(word_lengths, LabelEncoder)
-    loader = BatchLoader(manifest, batch_size=2, labels=word_lengths, shuffle=False, prefetch=0, num_workers=1)
+    loader = BatchLoader(manifest, batch_size=2, labels=word_lengths, shuffle=False, prefetch=0, num_workers=0)
     for batch in [next(loader) for _ in range(loader.batches_per_epoch)]:
         for row, i in enumerate(batch["index"]):
             ids, unknown = word_lengths(manifest.texts[i])
@@ -151,7 +151,7 @@ def test_the_loader_pads_whatever_ids_the_objectives_encoder_gives(tmp_path):
 
     # CTC's encoder comes from its objective; `vocab=` is shorthand for it: the same batches
     vocab = build_vocab(manifest.texts)
-    kw = dict(batch_size=2, seed=1, prefetch=0, num_workers=1)
+    kw = dict(batch_size=2, seed=1, prefetch=0, num_workers=0)
     from_objective = BatchLoader(manifest, labels=CTCObjective(None, vocab=vocab).label_encoder, **kw)
     from_vocab = BatchLoader(manifest, vocab=vocab, **kw)
     for a, b in zip([next(from_objective) for _ in range(3)], [next(from_vocab) for _ in range(3)], strict=True):

@@ -49,7 +49,11 @@ MAX_AUDIO_NOTES = 5  # resample/downmix notes printed before the rest are summar
 class Manifest:
     """A list of clips: paths, optional transcripts, lengths at 16 kHz (-1 = not yet known).
 
-    `load(i)` returns clip i as float32 mono 16 kHz through `flax_d2v.audio`.
+    `load(i)` returns clip i as float32 mono 16 kHz through `flax_d2v.audio`, or through
+    `reader(i)` for a source that is not files (tfds, ArrayRecord shards, a Hugging Face dataset).
+    The manifest travels to the loader's worker processes by pickle, so a `reader` must pickle:
+    an object that opens its source lazily, in each process, on first use, and leaves the open
+    handle out of its pickled state (`TfdsReader`, `shards.ShardReader`).
     """
 
     def __init__(
@@ -97,6 +101,12 @@ class _NoteLimiter:
     def __init__(self) -> None:
         self.count = 0
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # a lock does not pickle: each process gets its own
+        return {"count": self.count}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.count, self._lock = state["count"], threading.Lock()
 
     def __call__(self, message: str) -> None:
         with self._lock:
@@ -295,10 +305,7 @@ def read_tfds(
     if text_key is not None and text_key not in first:
         text_key = None
     paths = [f"{spec}[{i}]" for i in range(n)]
-    notes = _NoteLimiter()
-
-    def reader(i: int) -> np.ndarray:
-        return prepare_audio(np.asarray(source[i][audio_key]), sample_rate, name=paths[i], warn=notes)
+    reader = TfdsReader(spec, name, split, data_dir, audio_key, sample_rate, source)
 
     def scan() -> tuple[np.ndarray, list[str] | None]:
         lengths = np.empty(n, np.int64)
@@ -312,6 +319,36 @@ def read_tfds(
 
     lengths, texts = _cached_scan(spec, n, scan, length_cache)
     return Manifest(spec, paths, texts, lengths, reader=reader)
+
+
+class TfdsReader:
+    """Record i's audio as float32 mono 16 kHz. Picklable: a worker process opens the
+    `tfds.data_source` itself on first use (the open source is not sent along)."""
+
+    def __init__(
+        self,
+        spec: str,
+        name: str,
+        split: str,
+        data_dir: str | None,
+        audio_key: str,
+        sample_rate: int,
+        source: Any = None,
+    ) -> None:
+        self.spec, self.name, self.split, self.data_dir = spec, name, split, data_dir
+        self.audio_key, self.sample_rate, self._source = audio_key, sample_rate, source
+        self._notes = _NoteLimiter()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+        audio = np.asarray(self._source[i][self.audio_key])
+        return prepare_audio(audio, self.sample_rate, name=f"{self.spec}[{i}]", warn=self._notes)
 
 
 def _as_str(x: Any) -> str:
