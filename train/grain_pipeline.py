@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+from absl import flags
 
 from flax_d2v.train.source import HostBatch
 
@@ -98,8 +99,6 @@ def open_iterator(ds: PlanBatches, num_workers: int, prefetch: int, crumbs: Crum
 
 def _absl_flags_parsed() -> None:
     """grain reads absl flags; a program that never parsed them (ours) gets their defaults."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

@@ -14,6 +14,8 @@ Formats (`read_manifest(spec)`):
 - fairseq: `NAME.tsv` whose first line is the root directory (absolute, or relative to the
   manifest), then `relative/path<TAB>num_samples` per clip; transcripts, if any, from `NAME.ltr`
   (letters separated by spaces, `|` between words) or else `NAME.wrd` (words), one line per clip.
+- a directory written by `d2v prepare` (`shards.py`): ArrayRecord shards of the clips, already
+  at 16 kHz, with an `index.json` of their lengths, transcripts and other columns.
 - `tfds:NAME/SPLIT` (e.g. `tfds:librispeech/train_clean100`): `tfds.data_source(NAME, split=SPLIT)`
   with fields `speech` (int16 PCM) and `text`. The dataset must already be prepared in the
   ArrayRecord format (nothing is downloaded); lengths are found by reading every record once,
@@ -42,6 +44,7 @@ import numpy as np
 from flax_d2v.audio import SAMPLE_RATE, load_audio, prepare_audio
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
+from flax_d2v.train import shards
 
 MAX_AUDIO_NOTES = 5  # resample/downmix notes printed before the rest are summarised.
 
@@ -138,7 +141,7 @@ def read_manifest(
     data_dir: str | None = None,
     length_cache: str | os.PathLike | None = None,
 ) -> Manifest:
-    """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), or `tfds:NAME/SPLIT`.
+    """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), a `d2v prepare` directory, or `tfds:NAME/SPLIT`.
 
     `labels` picks the fairseq transcript file: "auto" (.ltr, else .wrd, else none), "ltr",
     "wrd" or "none". `require_text` (fine-tuning) fails when the manifest has no transcripts.
@@ -146,6 +149,9 @@ def read_manifest(
     spec = os.fspath(spec)
     if spec.startswith("tfds:"):
         m = read_tfds(spec, data_dir=data_dir, length_cache=length_cache)
+    elif shards.is_shard_dir(spec):
+        names, texts, lengths, reader = shards.open_shards(spec)
+        m = Manifest(spec, names, texts, lengths, reader=reader)
     else:
         path = Path(spec)
         if not path.is_file():
