@@ -11,8 +11,10 @@ clips: 16 kHz, 11.025 kHz and 8 kHz, mono and stereo), read two ways:
 - `shards`: the same clips packed once by `d2v prepare` (pcm16, already 16 kHz): no decoding.
 
 `workers` are grain worker processes (0: in this process, with threads). The figure to compare
-with the train step's appetite is audio seconds per second. Memory: the peak RSS (VmHWM) of each
-worker process and of this one, read from /proc at the end of a measurement (Linux).
+with the train step's appetite is audio seconds per second. On a shared machine it says little;
+the CPU time of this process and its workers per audio second (`cpu_s_per_audio_s`) does not
+depend on what else runs there. Memory: the peak RSS (VmHWM) of each worker process and of this
+one, read from /proc at the end of a measurement (Linux).
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (/proc/PID/stat), 0.0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker_pids() -> list[int]:
     """This process's grain worker processes (multiprocessing's spawned children)."""
     pids: list[int] = []
@@ -96,12 +108,17 @@ def measure(
         next(loader)
     startup = time.perf_counter() - t_start
     audio = padded = 0.0
+    pids = worker_pids()
+    main0 = time.process_time()
+    cpu0 = main0 + sum(cpu_seconds(p) for p in pids)
     t0 = time.perf_counter()
     for _ in range(batches):
         b = next(loader)
         audio += float(np.asarray(b["seconds"]).sum())
         padded += b["input_values"].size / C.SAMPLE_RATE
     dt = time.perf_counter() - t0
+    main_cpu = time.process_time() - main0
+    cpu = main_cpu + sum(cpu_seconds(p) for p in pids) - (cpu0 - main0)
     rss = [peak_rss_mib(p) for p in worker_pids()]
     rss = [r for r in rss if r is not None]
     loader.close()
@@ -115,6 +132,10 @@ def measure(
         "audio_s_per_s": audio / dt,
         "audio_s_per_s_per_worker": audio / dt / max(workers, 1),
         "padded_fraction": 1 - audio / padded,
+        # CPU of this process and its workers per second of audio: what a machine's cores can feed,
+        # independent of what else runs on it (at N free cores: N / cpu_s_per_audio_s audio s/s)
+        "cpu_s_per_audio_s": cpu / audio,
+        "main_cpu_s_per_audio_s": main_cpu / audio,  # this process alone: its share bounds the throughput
         "peak_rss_mib_per_worker": max(rss) if rss else None,
         "peak_rss_mib_main": peak_rss_mib(),
     }
@@ -156,22 +177,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     mib = lambda x: "-" if x is None else f"{x:.0f} MiB"  # noqa: E731
     table = C.markdown_table(
-        ["source", "workers", "audio s / s", "per worker", "padding", "peak RSS / worker", "main RSS", "target"],
+        [
+            "source",
+            "workers",
+            "audio s/s",
+            "per worker",
+            "CPU ms / audio s (main)",
+            "padding",
+            "peak RSS / worker",
+            "RSS",
+        ],
         [
             [
                 r["source"],
                 r["workers"],
                 f"{r['audio_s_per_s']:.0f}",
                 f"{r['audio_s_per_s_per_worker']:.0f}",
+                f"{1000 * r['cpu_s_per_audio_s']:.3f} ({1000 * r['main_cpu_s_per_audio_s']:.3f})",
                 f"{100 * r['padded_fraction']:.0f}%",
                 mib(r["peak_rss_mib_per_worker"]),
                 mib(r["peak_rss_mib_main"]),
-                f"{args.target:.0f}" if args.target else "-",
             ]
             for r in rows
         ],
     )
-    print(table, file=sys.stderr)
+    print(table + (f"\ntarget: {args.target:.0f} audio s/s" if args.target else ""), file=sys.stderr)
     if args.json:
         C.write_json(args.json, result)
     return 0
