@@ -157,6 +157,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # (the default suite's budget; the real command's SIGTERM: tests/test_grain_runs.py)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_main_process_killed_by_sigterm_leaves_no_worker(tmp_path, speech_dir):
     """SIGTERM before any handler is installed (the default action: the process ends at once),
