@@ -123,16 +123,20 @@ def rows(out: Path) -> list[list[str]]:
         table += pretrain_rows(_json(path))
     r = _json(out / "loader.json")
     if r is not None:
-        best = max(r["rows"], key=lambda x: x["audio_s_per_s"])
-        one = min(r["rows"], key=lambda x: x["workers"])
-        table.append(
-            [
-                "input pipeline",
-                f"{best['audio_s_per_s']:.0f} audio s/s with {best['workers']} workers "
-                f"({one['audio_s_per_s_per_worker']:.0f} per worker alone)",
-                f">= {r.get('target_audio_s_per_s') or 9000:.0f} audio s/s",
-            ]
-        )
+        for source in sorted({x.get("source", "files") for x in r["rows"]}):
+            rows = [x for x in r["rows"] if x.get("source", "files") == source]
+            best = max(rows, key=lambda x: x["audio_s_per_s"])
+            one = min(rows, key=lambda x: x["workers"])
+            rss = best.get("peak_rss_mib_per_worker")
+            table.append(
+                [
+                    f"input pipeline, {source}",
+                    f"{best['audio_s_per_s']:.0f} audio s/s with {best['workers']} workers "
+                    f"({one['audio_s_per_s_per_worker']:.0f} per worker alone"
+                    + (f"; peak RSS {rss:.0f} MiB per worker)" if rss else ")"),
+                    f">= {r.get('target_audio_s_per_s') or 9000:.0f} audio s/s",
+                ]
+            )
     for name, what in (("transcribe.json", "first run"), ("transcribe-cached.json", "second run, compile cache")):
         r = _json(out / name)
         if r is None:

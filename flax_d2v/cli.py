@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "similarity": ("similarity", "cosine similarity of two recordings' x-vectors"),
     "finetune": ("finetune", "fine-tuning: CTC from transcripts, audio classification or x-vectors (--task)"),
     "pretrain": ("pretrain", "data2vec pretraining (masked student, EMA teacher)"),
+    "prepare": ("prepare", "pack a manifest's clips into ArrayRecord shards for --train / --eval"),
 }
 
 

@@ -1,16 +1,25 @@
-"""The loader's worker count and its default buckets.
+"""The loader's worker processes (grain's `mp_prefetch`) and its default buckets.
 
-Workers assemble several batches at once: the batches and their order must not depend on it. The
-default buckets keep a run to at most four train-step programs (issue 12).
+Workers make whole batches in other processes: the batches and their order must not depend on
+how many there are, and a resume (grain's `set_state` at the same count, the plan position at
+another) must continue with the same batches. A worker that dies names the clip it was loading,
+without a hang; a main process that dies leaves no worker behind. The default buckets keep a run
+to at most four train-step programs (issue 12).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from flax_d2v.audio import load_audio
 from flax_d2v.errors import D2VError
 from flax_d2v.train.loader import BatchLoader
 from flax_d2v.train.loop import Trainer
@@ -18,21 +27,26 @@ from flax_d2v.train.manifests import Manifest, read_manifest
 from flax_d2v.train.planning import BUCKET_MULTIPLE, DEFAULT_NUM_BUCKETS, bucket_edges
 from flax_d2v.train.vocab import build_vocab
 
+# A dead worker is noticed by grain within its 1 s queue timeout; spawning one takes a few seconds
+# on a loaded 2-core machine. Anything near this bound is a hang.
+NO_HANG_S = 120
+
 
 @pytest.fixture(scope="module")
 def manifest(speech_dir):
     return read_manifest(speech_dir / "transcripts.tsv", require_text=True)
 
 
-def batches(manifest, n, state=None, **kw):
-    loader = BatchLoader(manifest, batch_size=3, vocab=build_vocab(manifest.texts), seed=5, **kw)
-    if state is not None:
-        loader.restore(state)
-    out = []
-    with loader:
-        for _ in range(n):
-            out.append(next(loader))
-        return out, loader.state()
+def make(manifest, **kw):
+    return BatchLoader(manifest, batch_size=3, vocab=build_vocab(manifest.texts), seed=5, **kw)
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def position(state):
+    return {k: state[k] for k in ("epoch", "batch_in_epoch")}
 
 
 def assert_same(a, b):
@@ -43,17 +57,129 @@ def assert_same(a, b):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-@pytest.mark.parametrize("num_workers,prefetch", [(3, 0), (4, 2), (8, 1)])
-def test_workers_do_not_change_batches_or_order(manifest, num_workers, prefetch):
-    n = 12  # 17 clips in batches of 3: past the epoch boundary (5 batches per epoch)
-    reference, ref_state = batches(manifest, n, num_workers=1, prefetch=0)
-    got, state = batches(manifest, n, num_workers=num_workers, prefetch=prefetch)
-    assert_same(got, reference)
-    assert state == ref_state
-    # a resume from the middle continues with the same batches
-    first, mid = batches(manifest, 4, num_workers=num_workers, prefetch=prefetch)
-    rest, _ = batches(manifest, n - 4, state=mid, num_workers=num_workers, prefetch=prefetch)
-    assert_same(first + rest, reference)
+def check_worker_count(manifest, num_workers, from_another_count=True):
+    """Batches, order and position equal to the loader in this process, across epoch boundaries;
+    a resume continues with the same batches through grain's `set_state` (same worker count, on
+    live workers) and through the plan position (another worker count)."""
+    n, cut = 12, 4  # 17 clips in batches of 3: past two epoch boundaries
+    with make(manifest, num_workers=0, prefetch=0) as ref_loader:
+        reference = take(ref_loader, n)
+        ref_state = ref_loader.state()
+        reference += take(ref_loader, 2)
+    with make(manifest, num_workers=num_workers, prefetch=2) as loader:
+        first = take(loader, cut)
+        mid = loader.state()
+        assert mid["grain"]["num_workers"] == num_workers
+        rest = take(loader, n - cut)
+        assert_same(first + rest, reference[:n])
+        assert position(loader.state()) == position(ref_state)
+        loader.restore(mid)  # grain's set_state: the workers drop what they made ahead
+        assert_same(take(loader, n - cut), reference[cut:n])
+    with make(manifest, num_workers=0, prefetch=0) as other:
+        other.restore(mid)  # another worker count: grain starts at the position
+        assert_same(take(other, n - cut), reference[cut:n])
+        back = other.state()
+    if not from_another_count:  # (another spawn of the workers)
+        return
+    with make(manifest, num_workers=num_workers, prefetch=1) as loader:
+        loader.restore(back)
+        assert_same(take(loader, 2), reference[n:])
+
+
+def test_two_workers_give_the_batches_of_none(manifest):
+    check_worker_count(manifest, 2, from_another_count=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [1, 2, 4])
+def test_any_worker_count_gives_the_same_batches(manifest, num_workers):
+    check_worker_count(manifest, num_workers)
+
+
+class KillOn:
+    """A manifest reader whose clip `bad` kills its process outright, as a decoder crash or an
+    OOM kill does (picklable: it runs in the worker processes)."""
+
+    def __init__(self, paths: list[str], bad: int) -> None:
+        self.paths, self.bad = paths, bad
+
+    def __call__(self, i: int) -> np.ndarray:
+        if i == self.bad:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return load_audio(self.paths[i], warn=lambda _: None)
+
+
+def test_a_worker_that_dies_names_its_clip_without_a_hang(manifest):
+    probe = make(manifest)
+    bad = int(probe.plan(0)[1][1][1])  # the second clip of the second batch
+    killer = KillOn(manifest.paths, bad)
+    m = Manifest(manifest.source, manifest.paths, manifest.texts, manifest.lengths(), reader=killer)
+    loader = make(m, num_workers=2, prefetch=1)
+    t0 = time.time()
+    first = next(loader)  # batch 0 (worker 0) is fine
+    with pytest.raises(D2VError) as err:
+        next(loader)  # batch 1: worker 1 dies on `bad`
+    assert time.time() - t0 < NO_HANG_S
+    message = str(err.value)
+    assert message.startswith(f"{manifest.paths[bad]}: ") and "died (exit code -9)" in message
+    assert "\n" not in message
+    assert first["index"].tolist() == probe.plan(0)[0][1].tolist()
+    loader.close()
+
+
+_ORPHAN_SCRIPT = """
+import sys
+from flax_d2v.train.loader import BatchLoader
+from flax_d2v.train.manifests import read_manifest
+
+if __name__ == "__main__":
+    loader = BatchLoader(read_manifest(sys.argv[1]), batch_size=2, num_workers=1).start()
+    next(loader)
+    print("ready", flush=True)
+    while True:
+        next(loader)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out |= {int(x) for x in f.read().split()}
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # (the default suite's budget; the real command's SIGTERM: tests/test_grain_runs.py)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_main_process_killed_by_sigterm_leaves_no_worker(tmp_path, speech_dir):
+    """SIGTERM before any handler is installed (the default action: the process ends at once),
+    with the workers busy: they notice their parent is gone and exit."""
+    script = tmp_path / "main.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(speech_dir / "transcripts.tsv")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = {c for c in _children(proc.pid) if "python" in open(f"/proc/{c}/cmdline").read()}
+        assert workers, "no worker process"  # the worker (and multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 # ------------------------------------------------------------------------------------------ buckets

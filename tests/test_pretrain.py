@@ -456,7 +456,7 @@ def _run_pretrain(manifest, out, *extra):
             "--no-progress",
             "--no-async-checkpoint",
             "--num-workers",
-            "1",
+            "0",  # in this process (worker processes: test_loader_workers, test_resume)
             *extra,
         ]
     )

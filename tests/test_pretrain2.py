@@ -194,7 +194,7 @@ def test_d2v_pretrain_data2vec2_then_finetune(speech_dir, tmp_path):
                 "--no-progress",
                 "--no-async-checkpoint",
                 "--num-workers",
-                "1",
+                "0",  # in this process (worker processes: test_loader_workers, test_resume)
             ]
         )
         == 0
@@ -273,7 +273,7 @@ def test_d2v_pretrain_data2vec2_resumes_a_fairseq_pt_with_its_teacher(speech_dir
                 "--no-progress",
                 "--no-async-checkpoint",
                 "--num-workers",
-                "1",
+                "0",  # in this process (worker processes: test_loader_workers, test_resume)
             ]
         )
         == 0
@@ -341,7 +341,7 @@ def test_d2v_pretrain_data2vec2_on_a_mesh(speech_dir, tmp_path):
             "--no-progress",
             "--no-async-checkpoint",
             "--num-workers",
-            "1",
+            "0",  # in this process (worker processes: test_loader_workers, test_resume)
             "--no-export-hf",
             "--min-seconds",
             "0",  # the short cards clips too (pretraining drops clips under 2 s by default, as fairseq)

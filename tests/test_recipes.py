@@ -152,7 +152,7 @@ def test_train_finetune_runs_a_finetune_config(tmp_path):
         learning_rate=1e-4,
         log_every=1,
         progress=False,
-        num_workers=1,
+        num_workers=0,  # in this process (worker processes: test_loader_workers, test_resume)
         async_checkpoint=False,
     )
     result = train.finetune(cfg)
@@ -183,7 +183,7 @@ def test_train_pretrain_runs_a_pretrain_config(tmp_path):
         average_top_k_layers=2,
         log_every=1,
         progress=False,
-        num_workers=1,
+        num_workers=0,  # in this process (worker processes: test_loader_workers, test_resume)
         async_checkpoint=False,
         export_hf=False,
     )

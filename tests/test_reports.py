@@ -94,7 +94,7 @@ def test_tensorboard_writes_the_logged_metrics(tmp_path):
                 log_every=1,
                 progress=False,
                 export_hf=False,
-                num_workers=1,
+                num_workers=0,  # in this process (worker processes: test_loader_workers, test_resume)
                 tensorboard=True,
             )
         )

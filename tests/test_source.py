@@ -127,7 +127,7 @@ def test_a_list_backed_source_trains_and_resumes_exactly(tmp_path):
 
 def test_the_project_loaders_are_data_sources(tmp_path):
     manifest = read_manifest(write_corpus(tmp_path, 4), require_text=False)
-    loader = BatchLoader(manifest, batch_size=2, prefetch=0, num_workers=1)
+    loader = BatchLoader(manifest, batch_size=2, prefetch=0, num_workers=0)
     assert isinstance(loader, DataSource) and isinstance(CroppedBatches(loader, 0), DataSource)
     assert isinstance(ListSource(_batches()), DataSource)
     assert not isinstance(iter(_batches()), DataSource)  # a bare iterator has no position to save
@@ -141,7 +141,7 @@ def test_the_loader_pads_whatever_ids_the_objectives_encoder_gives(tmp_path):
         return [len(w) for w in text.split()], sum(len(w) > 5 for w in text.split())
 
     assert isinstance(word_lengths, LabelEncoder)
-    loader = BatchLoader(manifest, batch_size=2, labels=word_lengths, shuffle=False, prefetch=0, num_workers=1)
+    loader = BatchLoader(manifest, batch_size=2, labels=word_lengths, shuffle=False, prefetch=0, num_workers=0)
     for batch in [next(loader) for _ in range(loader.batches_per_epoch)]:
         for row, i in enumerate(batch["index"]):
             ids, unknown = word_lengths(manifest.texts[i])
@@ -151,7 +151,7 @@ def test_the_loader_pads_whatever_ids_the_objectives_encoder_gives(tmp_path):
 
     # CTC's encoder comes from its objective; `vocab=` is shorthand for it: the same batches
     vocab = build_vocab(manifest.texts)
-    kw = dict(batch_size=2, seed=1, prefetch=0, num_workers=1)
+    kw = dict(batch_size=2, seed=1, prefetch=0, num_workers=0)
     from_objective = BatchLoader(manifest, labels=CTCObjective(None, vocab=vocab).label_encoder, **kw)
     from_vocab = BatchLoader(manifest, vocab=vocab, **kw)
     for a, b in zip([next(from_objective) for _ in range(3)], [next(from_vocab) for _ in range(3)], strict=True):
@@ -159,3 +159,49 @@ def test_the_loader_pads_whatever_ids_the_objectives_encoder_gives(tmp_path):
     assert "labels" not in next(BatchLoader(manifest, **kw))  # no encoder (pretraining): no labels
     with pytest.raises(D2VError, match="not both"):
         BatchLoader(manifest, vocab=vocab, labels=word_lengths, **kw)
+
+
+def test_the_data_state_is_a_grain_item_and_old_data_items_are_accepted(tmp_path):
+    """The loader's state goes into the checkpoint through grain's orbax handler (item `iterator`,
+    one JSON file per process); a checkpoint written before (the thread loader's JSON item `data`:
+    `{epoch, batch_in_epoch}`) still resumes, at the same batch of the same plan."""
+    import orbax.checkpoint as ocp
+
+    from flax_d2v.train.checkpoint import Checkpointer
+
+    manifest = read_manifest(write_corpus(tmp_path / "data", 6), require_text=False)
+    kw = dict(batch_size=2, seed=4, prefetch=0, num_workers=0)
+    with BatchLoader(manifest, **kw) as ref:
+        want = [next(ref) for _ in range(7)]
+    state = {"w": np.arange(3, dtype=np.float32)}
+    with BatchLoader(manifest, **kw) as loader:
+        [next(loader) for _ in range(4)]
+        ckpt = Checkpointer(tmp_path / "new", async_save=False)
+        ckpt.save(4, state, loader.state(), {"step": 4})
+        ckpt.close()
+    saved = loader.state()
+    written = json.loads((tmp_path / "new" / "4" / "iterator" / "process_0-of-1.json").read_text())
+    assert written == loader.state()
+    ckpt = Checkpointer(tmp_path / "new", async_save=False)
+    restored_state, data_state, meta = ckpt.restore(4, state)
+    assert data_state == saved and meta == {"step": 4} and "grain" in data_state
+    ckpt.close()
+
+    old = ocp.CheckpointManager(tmp_path / "old", item_names=("state", "data", "meta"))
+    old_position = {"epoch": 1, "batch_in_epoch": 1}  # 3 batches per epoch: batch 4 of the plan
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(old_position), meta=ocp.args.JsonSave({"step": 4})
+    )
+    old.save(4, args=args)
+    old.wait_until_finished()
+    old.close()
+    ckpt = Checkpointer(tmp_path / "old", async_save=False)
+    _, data_state, _ = ckpt.restore(4, state)
+    ckpt.close()
+    assert data_state == old_position
+    for given in (saved, data_state):
+        with BatchLoader(manifest, **kw) as resumed:
+            resumed.restore(given)
+            got = [next(resumed) for _ in range(3)]
+        for a, b in zip(got, want[4:], strict=True):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -126,7 +126,7 @@ def _tiny_finetune(manifest, out, **kw):
         log_every=1,
         progress=False,
         export_hf=False,
-        num_workers=1,
+        num_workers=0,  # in this process (worker processes: test_loader_workers, test_resume)
         async_checkpoint=False,
     )
     base.update(kw)

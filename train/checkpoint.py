@@ -4,8 +4,14 @@ Each checkpoint holds three items:
 - `state`: the whole `TrainState` (params, optimizer state, objective extra such as the EMA
   teacher, step, rng), written by every process for the shards it owns (orbax/tensorstore), so
   it works for FSDP-sharded and multi-host states alike;
-- `data`: the data iterator position (JSON), so a resumed run sees the batches it would have seen;
+- `iterator`: the data source's `state()` (the loader's position and grain's iterator state),
+  written by grain's own orbax handler (`grain.checkpoint.CheckpointHandler`: one
+  `process_<i>-of-<n>.json` per process), so a resumed run sees the batches it would have seen;
 - `meta`: JSON facts about the run (objective, config, vocab size), checked on resume.
+
+Checkpoints written before the grain pipeline hold the thread loader's position in a JSON item
+`data` instead of `iterator`; it is read back as the data state, and the loader accepts it (the
+plan is the same, so `{epoch, batch_in_epoch}` is the same batch).
 
 Writes are asynchronous (training continues while the arrays stream to disk) and atomic: orbax
 writes into a temporary directory and renames it when every process has finished, so a kill
@@ -22,14 +28,40 @@ stored global arrays.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 PyTree = Any
+ITEMS = ("state", "iterator", "meta")
+LEGACY_DATA_ITEM = "data"  # the thread loader's position, JSON (checkpoints from before the grain pipeline)
+
+
+class SourceState:
+    """A data source's state as grain's checkpoint handler takes it (`get_state`/`set_state`).
+
+    The handler writes `get_state()` when orbax saves, possibly on a background thread after the
+    loop has moved on: this holds the state as it was when the checkpoint was asked for.
+    """
+
+    def __init__(self, state: Mapping[str, Any] | None = None) -> None:
+        self.state = dict(state or {})
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, sort_keys=True).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # the handler calls it after set_state; the source starts itself
+        pass
 
 
 class Checkpointer:
@@ -61,7 +93,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS + (LEGACY_DATA_ITEM,))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,7 +111,9 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(state),
+            iterator=grain.checkpoint.CheckpointSave(SourceState(data_state)),
+            meta=ocp.args.JsonSave(meta),
         )
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
@@ -89,11 +123,18 @@ class Checkpointer:
         `abstract_state` is a tree of `jax.ShapeDtypeStruct` with `sharding` set (see
         `loop.abstract_state`); any mesh works, not only the one that saved.
         """
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-        )
+        step_dir = os.path.join(self.directory, str(step))
+        box = SourceState()
+        data: dict[str, Any] = {"iterator": grain.checkpoint.CheckpointRestore(box)}
+        if not os.path.isdir(os.path.join(step_dir, "iterator")):
+            data = {LEGACY_DATA_ITEM: ocp.args.JsonRestore()}
+        elif not os.path.isfile(os.path.join(step_dir, "iterator", _process_file())):
+            data = {}  # written by another process count: every process's position is the same
+            box.state = _any_process_state(os.path.join(step_dir, "iterator"))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(), **data)
         out = self.manager.restore(step, args=args)
-        return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+        data_state = dict(out[LEGACY_DATA_ITEM] or {}) if LEGACY_DATA_ITEM in data else box.state
+        return out["state"], data_state, dict(out["meta"] or {})
 
     def restore_meta(self, step: int) -> dict:
         """Only the `meta` item of checkpoint `step` (cheap; read before the state to check the settings)."""
@@ -107,6 +148,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _process_file() -> str:
+    """The file grain's handler writes for this process."""
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _any_process_state(directory: str) -> dict[str, Any]:
+    files = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+    if not files:
+        return {}
+    with open(files[0], encoding="utf-8") as f:
+        return json.loads(f.read())
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -30,7 +30,7 @@ import optax
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
-from flax_d2v.train import hf_datasets, sharding
+from flax_d2v.train import hf_datasets, sharding, shards
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
 from flax_d2v.train.manifests import read_lines, tsv_rows
@@ -46,6 +46,11 @@ def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
     if hf_datasets.is_dataset_spec(str(manifest_path)):
         return hf_datasets.read_labels(str(manifest_path), column)
     path = Path(manifest_path)
+    if shards.is_shard_dir(path):  # `d2v prepare` kept the TSV's columns in its index
+        columns = shards.read_index(path).get("columns") or {}
+        if column not in columns:
+            raise D2VError(f"{path}: no {column!r} column among the prepared columns ({', '.join(columns)})")
+        return list(columns[column])
     if not path.is_file():
         raise D2VError(f"{path}: no such manifest file")
     lines = read_lines(path)

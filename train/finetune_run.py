@@ -30,7 +30,6 @@ from flax_d2v.train import classification, evaluation
 from flax_d2v.train import run_common as common
 from flax_d2v.train import vocab as vocabulary
 from flax_d2v.train.ctc import CTCObjective
-from flax_d2v.train.loader import BatchLoader
 from flax_d2v.train.loop import Trainer, log
 from flax_d2v.train.manifests import read_manifest
 from flax_d2v.train.recipes import FinetuneConfig
@@ -310,17 +309,7 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
         eval_bs = int(cfg.eval_batch_size or cfg.batch_size)
         if eval_bs % dp:
             raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
-        eval_loader = BatchLoader(
-            eval_manifest,
-            batch_size=eval_bs,
-            vocab=None,
-            shuffle=False,
-            repeat=False,
-            drop_remainder=False,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_workers=int(cfg.num_workers),
-        )
+        eval_loader = common.train_loader(cfg, eval_manifest, None, eval_batch_size=eval_bs)
     schedule, tx = common.make_schedule_and_optimizer(
         cfg,
         params,

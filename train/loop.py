@@ -7,7 +7,7 @@
     trainer.finish()                                          # until cfg.steps, SIGTERM, or an error
 
 `loader` is any `source.DataSource` (the contract that makes resume exact is written there):
-`loader.BatchLoader`, pretraining's `CroppedBatches`, or another pipeline.
+`loader.BatchLoader` (grain, worker processes), pretraining's `CroppedBatches`, or another pipeline.
 
 The step is a pure function `train_step(state, batch) -> (state, metrics)` built by
 `make_train_step`: the step key is `fold_in(state.rng, state.step)` (the objective draws masks and

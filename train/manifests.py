@@ -14,6 +14,8 @@ Formats (`read_manifest(spec)`):
 - fairseq: `NAME.tsv` whose first line is the root directory (absolute, or relative to the
   manifest), then `relative/path<TAB>num_samples` per clip; transcripts, if any, from `NAME.ltr`
   (letters separated by spaces, `|` between words) or else `NAME.wrd` (words), one line per clip.
+- a directory written by `d2v prepare` (`shards.py`): ArrayRecord shards of the clips, already
+  at 16 kHz, with an `index.json` of their lengths, transcripts and other columns.
 - `tfds:NAME/SPLIT` (e.g. `tfds:librispeech/train_clean100`): `tfds.data_source(NAME, split=SPLIT)`
   with fields `speech` (int16 PCM) and `text`. The dataset must already be prepared in the
   ArrayRecord format (nothing is downloaded); lengths are found by reading every record once,
@@ -44,7 +46,7 @@ import numpy as np
 from flax_d2v.audio import SAMPLE_RATE, load_audio, prepare_audio
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
-from flax_d2v.train import hf_datasets
+from flax_d2v.train import hf_datasets, shards
 
 MAX_AUDIO_NOTES = 5  # resample/downmix notes printed before the rest are summarised.
 
@@ -52,7 +54,11 @@ MAX_AUDIO_NOTES = 5  # resample/downmix notes printed before the rest are summar
 class Manifest:
     """A list of clips: paths, optional transcripts, lengths at 16 kHz (-1 = not yet known).
 
-    `load(i)` returns clip i as float32 mono 16 kHz through `flax_d2v.audio`.
+    `load(i)` returns clip i as float32 mono 16 kHz through `flax_d2v.audio`, or through
+    `reader(i)` for a source that is not files (tfds, ArrayRecord shards, a Hugging Face dataset).
+    The manifest travels to the loader's worker processes by pickle, so a `reader` must pickle:
+    an object that opens its source lazily, in each process, on first use, and leaves the open
+    handle out of its pickled state (`TfdsReader`, `shards.ShardReader`).
     """
 
     def __init__(
@@ -101,6 +107,12 @@ class _NoteLimiter:
         self.count = 0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # a lock does not pickle: each process gets its own
+        return {"count": self.count}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.count, self._lock = state["count"], threading.Lock()
+
     def __call__(self, message: str) -> None:
         with self._lock:
             self.count += 1
@@ -133,7 +145,8 @@ def read_manifest(
     audio_column: str = "audio",
     text_column: str | None = None,
 ) -> Manifest:
-    """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), `tfds:NAME/SPLIT`, or a `datasets` split.
+    """Read a TSV manifest, a fairseq manifest (+ .ltr/.wrd), a `d2v prepare` directory, `tfds:NAME/SPLIT`,
+    or a `datasets` split.
 
     `labels` picks the fairseq transcript file: "auto" (.ltr, else .wrd, else none), "ltr",
     "wrd" or "none". `require_text` (fine-tuning) fails when the manifest has no transcripts.
@@ -148,6 +161,9 @@ def read_manifest(
         m = Manifest(spec, hf.paths(), texts, lengths, reader=hf.reader)
     elif spec.startswith("tfds:"):
         m = read_tfds(spec, data_dir=data_dir, length_cache=length_cache)
+    elif shards.is_shard_dir(spec):
+        names, texts, lengths, reader = shards.open_shards(spec)
+        m = Manifest(spec, names, texts, lengths, reader=reader)
     else:
         path = Path(spec)
         if not path.is_file():
@@ -307,10 +323,7 @@ def read_tfds(
     if text_key is not None and text_key not in first:
         text_key = None
     paths = [f"{spec}[{i}]" for i in range(n)]
-    notes = _NoteLimiter()
-
-    def reader(i: int) -> np.ndarray:
-        return prepare_audio(np.asarray(source[i][audio_key]), sample_rate, name=paths[i], warn=notes)
+    reader = TfdsReader(spec, name, split, data_dir, audio_key, sample_rate, source)
 
     def scan() -> tuple[np.ndarray, list[str] | None]:
         lengths = np.empty(n, np.int64)
@@ -324,6 +337,36 @@ def read_tfds(
 
     lengths, texts = _cached_scan(spec, n, scan, length_cache)
     return Manifest(spec, paths, texts, lengths, reader=reader)
+
+
+class TfdsReader:
+    """Record i's audio as float32 mono 16 kHz. Picklable: a worker process opens the
+    `tfds.data_source` itself on first use (the open source is not sent along)."""
+
+    def __init__(
+        self,
+        spec: str,
+        name: str,
+        split: str,
+        data_dir: str | None,
+        audio_key: str,
+        sample_rate: int,
+        source: Any = None,
+    ) -> None:
+        self.spec, self.name, self.split, self.data_dir = spec, name, split, data_dir
+        self.audio_key, self.sample_rate, self._source = audio_key, sample_rate, source
+        self._notes = _NoteLimiter()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+        audio = np.asarray(self._source[i][self.audio_key])
+        return prepare_audio(audio, self.sample_rate, name=f"{self.spec}[{i}]", warn=self._notes)
 
 
 def _as_str(x: Any) -> str:

@@ -253,7 +253,10 @@ class DataSettings(Settings):
     SECTION: ClassVar[str] = "data"
     min_seconds: float | None = setting(help="drop shorter clips (fairseq's pretraining: 2.0)")
     max_seconds: float | None = setting(help="drop longer clips")
-    num_workers: int = setting(4, "loader threads (each assembles whole batches: decode, pad, normalise)")
+    num_workers: int | None = setting(
+        help="loader worker processes (grain; each makes whole batches: decode, resample, normalise, pad); "
+        "0: in this process, with threads; default: the cores beyond two, at most 8"
+    )
     num_buckets: int = setting(
         4, "padded lengths of the training batches, placed where they pad least: one compiled step program each"
     )

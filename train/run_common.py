@@ -11,6 +11,7 @@ jax.distributed) are turned here, once, into a mesh, a loader, a schedule, an op
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,8 +50,36 @@ def make_mesh(cfg: Settings) -> tuple[Any, int]:
     return mesh, dp
 
 
-def train_loader(cfg: Settings, manifest: Any, vocab: dict[str, int] | None) -> BatchLoader:
-    """The shuffled, repeating training `BatchLoader` of this process (its share of the global batch)."""
+MAX_DEFAULT_WORKERS = 8  # the default worker count's cap (`num_workers`)
+
+
+def num_workers(cfg: Settings) -> int:
+    """--num-workers, else one worker process per core beyond the two this process keeps (its
+    Python and JAX's dispatch), at most `MAX_DEFAULT_WORKERS`: 0 (load here) on a 2-core machine,
+    where a worker process would only take cores from the step."""
+    if cfg.num_workers is not None:
+        if int(cfg.num_workers) < 0:
+            raise D2VError(f"--num-workers: must be >= 0, got {cfg.num_workers}")
+        return int(cfg.num_workers)
+    return min(MAX_DEFAULT_WORKERS, max(0, len(os.sched_getaffinity(0)) - 2))
+
+
+def train_loader(
+    cfg: Settings, manifest: Any, vocab: dict[str, int] | None, *, eval_batch_size: int | None = None
+) -> BatchLoader:
+    """This process's `BatchLoader` (its share of each global batch), on grain, workers started.
+
+    Training (default): shuffled, repeating, bucketed by `--num-buckets`/`--bucket-growth`, the
+    duration filters on. With `eval_batch_size`: one pass in manifest order, every clip, the last
+    batch topped up with filler rows. The one place the runs build their loaders.
+    """
+    kw: dict[str, Any] = dict(
+        process_index=jax.process_index(), process_count=jax.process_count(), num_workers=num_workers(cfg)
+    )
+    if eval_batch_size is not None:
+        return BatchLoader(
+            manifest, batch_size=int(eval_batch_size), shuffle=False, repeat=False, drop_remainder=False, **kw
+        )
     loader = BatchLoader(
         manifest,
         batch_size=int(cfg.batch_size),
@@ -58,14 +87,12 @@ def train_loader(cfg: Settings, manifest: Any, vocab: dict[str, int] | None) -> 
         seed=int(cfg.seed),
         min_seconds=cfg.min_seconds,
         max_seconds=cfg.max_seconds,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_workers=int(cfg.num_workers),
         num_buckets=int(cfg.num_buckets),
         bucket_growth=cfg.bucket_growth,
+        **kw,
     )
     log(f"train data: {json.dumps(loader.summary())}")
-    return loader
+    return loader.start()  # the workers spawn (seconds each) while the model is built and compiled
 
 
 def make_schedule_and_optimizer(

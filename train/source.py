@@ -16,10 +16,12 @@ what make a stopped run resume exactly where it stopped:
   its constructor arguments (the epoch number, the seed of a reshuffle, ...). After
   `restore(state())` on a source built the same way (any process, any restart), iterating it
   yields exactly the batches the original source would have yielded next. `BatchLoader` gives
-  `{"epoch": e, "batch_in_epoch": b}`: its plan is a pure function of the manifest and arguments.
+  `{"epoch": e, "batch_in_epoch": b, "grain": {...}}`: its plan is a pure function of the manifest
+  and arguments, and `grain` is its grain iterator's own state. The checkpoint stores the dict
+  through grain's orbax handler (`checkpoint.py`, item `iterator`).
 - `restore(state)`: continue at `state` (from `state()`, possibly of an earlier process); batches
   prefetched before are discarded. Bad input raises `D2VError` in one line.
-- `close()`: stop background work (threads, files); idempotent. The source may be iterated again
+- `close()`: stop background work (worker processes, threads, files); idempotent. The source may be iterated again
   afterwards, from `state()`.
 
 `LabelEncoder` is what an objective that trains on per-example targets hands to the loader
