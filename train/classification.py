@@ -30,6 +30,7 @@ import optax
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
+from flax_d2v.paths import as_path
 from flax_d2v.train import sharding
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
@@ -43,7 +44,7 @@ TASKS = {s.objective: s.architecture for s in REGISTRY.values() if s.objective i
 
 def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
     """The `column` of a TSV manifest, one entry per clip in manifest order (as `read_tsv_manifest` reads it)."""
-    path = Path(manifest_path)
+    path = as_path(manifest_path)
     if not path.is_file():
         raise D2VError(f"{path}: no such manifest file")
     lines = read_lines(path)
