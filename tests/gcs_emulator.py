@@ -6,7 +6,8 @@
 
 Two things are added to the emulator:
 - its media downloads send no `x-goog-generation` header, which tensorstore's OCDBT reads (orbax's
-  format) need ("Malformed StorageGeneration" otherwise): the download handler is wrapped to set it;
+  format) need ("Malformed StorageGeneration" otherwise): the download handler is wrapped to set it
+  (both routes: `/download/...` and the JSON API's `?alt=media`, which tensorstore uses);
 - two buckets that answer like real GCS does to a user it refuses: `PRIVATE_BUCKET` answers every
   request with 401 (what an anonymous caller, i.e. no credentials, gets from a private bucket) and
   `READ_ONLY_BUCKET` answers writes with 403 (a bucket this account may read but not write).
@@ -97,11 +98,11 @@ def _patch_handlers() -> None:
     from gcp_storage_emulator import server as emu
     from gcp_storage_emulator.handlers import objects
 
+    original = objects.download
+    objects.download = _with_generation(original)  # also what `objects.get` calls for `?alt=media` (tensorstore)
     for _, handlers in emu.HANDLERS:
         for method, fn in list(handlers.items()):
-            if fn is objects.download:
-                fn = _with_generation(fn)
-            handlers[method] = _refusing(fn)
+            handlers[method] = _refusing(objects.download if fn is original else fn)
     _patched = True
 
 
@@ -113,7 +114,7 @@ def start_emulator(port: int | None = None) -> tuple[Any, dict[str, str]]:
     from gcp_storage_emulator.handlers import buckets
     from gcp_storage_emulator.server import create_server
 
-    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     _patch_handlers()
     port = port or _free_port()
     server = create_server("localhost", port, in_memory=True, default_bucket=BUCKET)

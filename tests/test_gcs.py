@@ -172,3 +172,108 @@ def test_bad_urls_fail_in_one_line_naming_them(gcs, tmp_path):
     assert rc == 1 and "Traceback" not in err, err[-3000:]
     assert "gs://no-such-bucket-d2v/clip.flac: no such bucket 'no-such-bucket-d2v'" in err, err
     assert f"{b.url('missing.flac')}: no such file or object" in err, err
+
+
+# ---------------------------------------------------------------------------------------- runs in the bucket
+RESUME_RTOL = 1e-6  # as tests/test_resume.py: the same program on the same inputs after an exact restore
+STEPS = 10  # 3 batches per epoch (6 clips, batch 2): the kill lands mid-epoch
+KILL_AFTER = 3  # SIGTERM once the bucket's metrics.jsonl holds this many rows (it is written at each checkpoint)
+
+
+def upload_corpus(b, tmp_path: Path, key: str, clips: int, text: bool = True) -> str:
+    """A synthetic corpus in the bucket: the clips and a manifest listing them by *relative* path."""
+    manifest = write_corpus(tmp_path / key, clips, text=text)
+    rows = manifest.read_text().splitlines()
+    relative = [rows[0]] + ["\t".join([Path(r.split("\t")[0]).name, *r.split("\t")[1:]]) for r in rows[1:]]
+    for p in sorted(manifest.parent.glob("*.wav")):
+        b.put(f"{key}/audio/{p.name}", p.read_bytes())
+    return b.put(f"{key}/audio/clips.tsv", ("\n".join(relative) + "\n").encode())
+
+
+def finetune_argv(manifest: str, out: str, steps: int = STEPS, batch: int = 2, mesh: str | None = None) -> list[str]:
+    argv = ["finetune", "--train", manifest, "--out", out, "--steps", str(steps), "--batch-size", str(batch)]
+    argv += ["--seed", "3", "--save-every", "2", "--log-every", "1", "--no-progress", "--num-workers", "1"]
+    argv += ["--model", "tiny", "--learning-rate", "1e-3", "--dropout", "0.1", "--mask-time-prob", "0.3"]
+    argv += ["--mask-time-length", "2", "--mask-feature-prob", "0.2", "--mask-feature-length", "4"]
+    return argv + (["--mesh", mesh] if mesh else [])
+
+
+def metrics_rows(data: bytes | None) -> list[dict]:
+    return [json.loads(line) for line in (data or b"").decode().splitlines() if line.strip()]
+
+
+def losses(rows: list[dict]) -> dict[int, float]:
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)), steps  # no duplicate, no reordering
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def sigterm_when(argv: list[str], env: dict, ready) -> str:
+    """Start `d2v ARGV`, SIGTERM it once `ready()`; its output."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flax_d2v.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.time() + 600
+        while not ready():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no progress after 600 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)  # freeze it at once, so the SIGTERM lands well before the last update
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "received SIGTERM" in out, out[-4000:]
+    return out
+
+
+def run_cli(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flax_d2v.cli", *argv], capture_output=True, text=True, env=env, timeout=900, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_finetune_in_the_bucket_sigterm_then_resume_logs_the_unbroken_losses(gcs, tmp_path):
+    """Manifest, audio and --out in the bucket: SIGTERM mid-run, the same command resumes from the bucket
+    and logs the losses of an unbroken run on local files; RUN/hf, the settings, the vocabulary, the plot
+    and metrics.jsonl (no row twice) end up in the bucket, no temporary object is left."""
+    b = gcs.bucket
+    manifest = upload_corpus(b, tmp_path, "t2", 6)
+    env = client_env(gcs)
+    local = write_corpus(tmp_path / "local", 6)  # the same bytes, on disk
+    unbroken = run_cli(finetune_argv(str(local), str(tmp_path / "unbroken")), env)
+    assert '"batches_per_epoch": 3' in unbroken.stderr
+    want = losses(metrics_rows((tmp_path / "unbroken" / "metrics.jsonl").read_bytes()))
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    argv = finetune_argv(manifest, b.url("t2/run"))
+    out = sigterm_when(argv, env, lambda: len(metrics_rows(b.get("t2/run/metrics.jsonl"))) >= KILL_AFTER)
+    stopped = max(int(k.split("/")[3]) for k in b.keys("t2/run/checkpoints/") if k.split("/")[3].isdigit())
+    assert KILL_AFTER <= stopped < STEPS, (stopped, out[-2000:])
+    # what a preemption leaves: every row up to the checkpoint it saved, none after
+    assert sorted(losses(metrics_rows(b.get("t2/run/metrics.jsonl")))) == list(range(1, stopped + 1))
+
+    resumed = run_cli(argv, env)
+    assert f"(step {stopped})" in resumed.stderr, resumed.stderr[-3000:]
+    got = losses(metrics_rows(b.get("t2/run/metrics.jsonl")))
+    assert sorted(got) == list(range(1, STEPS + 1))
+    steps = list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=RESUME_RTOL)
+    keys = b.keys("t2/run/")
+    for name in ("finetune_config.json", "vocab.json", "training_curves.png", "hf/model.safetensors", "hf/vocab.json"):
+        assert f"t2/run/{name}" in keys, (name, keys)
+    assert not [k for k in keys if "write-check" in k or ".tmp" in k or "-files-" in k], keys
