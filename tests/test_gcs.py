@@ -277,3 +277,161 @@ def test_finetune_in_the_bucket_sigterm_then_resume_logs_the_unbroken_losses(gcs
     for name in ("finetune_config.json", "vocab.json", "training_curves.png", "hf/model.safetensors", "hf/vocab.json"):
         assert f"t2/run/{name}" in keys, (name, keys)
     assert not [k for k in keys if "write-check" in k or ".tmp" in k or "-files-" in k], keys
+
+
+# ---------------------------------------------------------------------------------------- elastic resume
+# The issue's bar for a run continued on another mesh: the same global batch, data order and
+# per-example randomness, so only the order of floating-point reductions changes.
+ELASTIC_RTOL = 1e-5
+ELASTIC_STEPS = 10
+
+
+def elastic_env(gcs, devices: int) -> dict[str, str]:
+    return client_env(gcs, devices)
+
+
+def copy_prefix(b, src: str, dst: str) -> None:
+    for key in b.keys(src + "/"):
+        b.put(dst + key[len(src) :], b.get(key))
+
+
+def checkpoint_steps(b, run: str) -> list[int]:
+    parts = [k[len(run) + 1 :].split("/") for k in b.keys(run + "/checkpoints/")]
+    return sorted({int(p[1]) for p in parts if len(p) > 2 and p[1].isdigit()})
+
+
+@pytest.mark.slow
+def test_elastic_resume_from_8_devices_on_4_then_1_keeps_the_losses(gcs, tmp_path):
+    """A run checkpointed in the bucket on `--mesh data=8` continues on 4 devices (fsdp=4, data=4,
+    data=2,fsdp=2) and then on one device: one line says the mesh changed, the losses stay within
+    ELASTIC_RTOL of the unbroken 8-device run, and a changed global batch size is still refused."""
+    b = gcs.bucket
+    manifest = upload_corpus(b, tmp_path, "el", 24)  # 3 batches of 8 per epoch
+    argv = lambda out, mesh: finetune_argv(manifest, out, steps=ELASTIC_STEPS, batch=8, mesh=mesh)
+    unbroken = run_cli(argv(str(tmp_path / "unbroken"), "data=8"), elastic_env(gcs, 8))
+    assert '"batches_per_epoch": 3' in unbroken.stderr
+    want = losses(metrics_rows((tmp_path / "unbroken" / "metrics.jsonl").read_bytes()))
+
+    run = "el/run"
+    rows = lambda key: len(metrics_rows(b.get(f"{key}/metrics.jsonl")))
+    sigterm_when(argv(b.url(run), "data=8"), elastic_env(gcs, 8), lambda: rows(run) >= 3)
+    first = checkpoint_steps(b, run)[-1]
+    for other in ("el/data4", "el/data2fsdp2"):
+        copy_prefix(b, run, other)
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "flax_d2v.cli", *finetune_argv(manifest, b.url(run), ELASTIC_STEPS, 4, "fsdp=4")],
+        capture_output=True,
+        text=True,
+        env=elastic_env(gcs, 4),
+        timeout=900,
+        cwd=REPO,
+    )
+    assert refused.returncode == 1 and "--batch-size 8" in refused.stderr, refused.stderr[-3000:]
+
+    out = sigterm_when(argv(b.url(run), "fsdp=4"), elastic_env(gcs, 4), lambda: rows(run) >= first + 2)
+    assert "mesh changed: the checkpoint was written on data=8 (8 devices), this run has fsdp=4" in out, out[-3000:]
+    second = checkpoint_steps(b, run)[-1]
+    assert first < second < ELASTIC_STEPS, (first, second)
+    last = run_cli(argv(b.url(run), None), elastic_env(gcs, 1))
+    assert "mesh changed: the checkpoint was written on fsdp=4 (4 devices), this run has 1 device" in last.stderr
+    got = {"fsdp=4 then 1 device": losses(metrics_rows(b.get(f"{run}/metrics.jsonl")))}
+    for key, mesh in (("el/data4", "data=4"), ("el/data2fsdp2", "data=2,fsdp=2")):
+        resumed = run_cli(argv(b.url(key), mesh), elastic_env(gcs, 4))
+        assert f"(step {first})" in resumed.stderr and "mesh changed" in resumed.stderr, resumed.stderr[-3000:]
+        got[mesh] = losses(metrics_rows(b.get(f"{key}/metrics.jsonl")))
+    steps = list(range(1, ELASTIC_STEPS + 1))
+    worst = {}
+    for name, g in got.items():
+        assert sorted(g) == steps, (name, sorted(g))
+        rel = [abs(g[s] - want[s]) / abs(want[s]) for s in steps]
+        worst[name] = max(rel)
+        np.testing.assert_allclose([g[s] for s in steps], [want[s] for s in steps], rtol=ELASTIC_RTOL, err_msg=name)
+    print(f"elastic resume: largest relative loss difference from the unbroken run: {worst}")
+
+
+@pytest.mark.slow
+def test_two_processes_of_4_devices_write_one_checkpoint_to_the_bucket(gcs, tmp_path):
+    """`d2v finetune --out gs://...` on 2 processes x 4 devices joined by jax.distributed: every process
+    writes its shards of the same checkpoint; the losses are the 8-device single-process run's, and one
+    process on one device reads that checkpoint back."""
+    import socket
+
+    b = gcs.bucket
+    manifest = upload_corpus(b, tmp_path, "mh", 24)
+    steps = 4
+    argv = lambda out, mesh: finetune_argv(manifest, out, steps=steps, batch=8, mesh=mesh)
+    run_cli(argv(str(tmp_path / "one"), "data=8"), elastic_env(gcs, 8))
+    want = losses(metrics_rows((tmp_path / "one" / "metrics.jsonl").read_bytes()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flax_d2v.cli", *argv(b.url("mh/run"), "data=8"), *flags, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=elastic_env(gcs, 4),
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=900))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    keys = b.keys(f"mh/run/checkpoints/{steps}/")
+    for i in range(2):
+        assert any(f"/ocdbt.process_{i}/" in k for k in keys), keys  # each process wrote its shards
+    assert f"mh/run/checkpoints/{steps}/commit_success.txt" in keys or any("commit_success" in k for k in keys), keys
+    got = losses(metrics_rows(b.get("mh/run/metrics.jsonl")))
+    assert sorted(got) == list(range(1, steps + 1))
+    s = list(range(1, steps + 1))
+    np.testing.assert_allclose([got[k] for k in s], [want[k] for k in s], rtol=ELASTIC_RTOL)
+    assert "mh/run/hf/model.safetensors" in b.keys("mh/run/hf/")
+    back = run_cli(argv(b.url("mh/run"), None), elastic_env(gcs, 1))
+    assert f"(step {steps})" in back.stderr and "mesh changed" in back.stderr, back.stderr[-3000:]
+
+
+PRETRAIN_STEPS = 10
+
+
+def pretrain_argv(manifest: str, out: str) -> list[str]:
+    argv = ["pretrain", "--train", manifest, "--out", out, "--steps", str(PRETRAIN_STEPS), "--batch-size", "2"]
+    argv += ["--seed", "3", "--save-every", "2", "--log-every", "1", "--no-progress", "--num-workers", "1"]
+    argv += ["--config", "tiny", "--average-top-k-layers", "2", "--mask-length", "3", "--ema-decay", "0.9"]
+    return argv + ["--ema-end-decay", "0.99", "--ema-anneal-end-step", "10", "--min-seconds", "0", "--tensorboard"]
+
+
+@pytest.mark.slow
+def test_pretrain_in_the_bucket_sigterm_then_resume_logs_the_unbroken_losses(gcs, tmp_path):
+    """`d2v pretrain` (EMA teacher) likewise: SIGTERM, resume from the bucket, the unbroken run's losses;
+    RUN/hf, RUN/flax and the TensorBoard event files in the bucket."""
+    b = gcs.bucket
+    manifest = upload_corpus(b, tmp_path, "pt", 6, text=False)
+    env = client_env(gcs)
+    local = write_corpus(tmp_path / "local", 6, text=False)
+    run_cli(pretrain_argv(str(local), str(tmp_path / "unbroken")), env)
+    want = losses(metrics_rows((tmp_path / "unbroken" / "metrics.jsonl").read_bytes()))
+    argv = pretrain_argv(manifest, b.url("pt/run"))
+    sigterm_when(argv, env, lambda: len(metrics_rows(b.get("pt/run/metrics.jsonl"))) >= KILL_AFTER)
+    stopped = checkpoint_steps(b, "pt/run")[-1]
+    assert KILL_AFTER <= stopped < PRETRAIN_STEPS, stopped
+    resumed = run_cli(argv, env)
+    assert f"(step {stopped})" in resumed.stderr, resumed.stderr[-3000:]
+    got = losses(metrics_rows(b.get("pt/run/metrics.jsonl")))
+    s = list(range(1, PRETRAIN_STEPS + 1))
+    assert sorted(got) == s
+    np.testing.assert_allclose([got[k] for k in s], [want[k] for k in s], rtol=RESUME_RTOL)
+    keys = b.keys("pt/run/")
+    for name in ("pretrain_config.json", "hf/model.safetensors", "flax/flax_model.safetensors", "training_curves.png"):
+        assert f"pt/run/{name}" in keys, (name, keys)
+    assert [k for k in keys if k.startswith("pt/run/tensorboard/events.out.tfevents")], keys
