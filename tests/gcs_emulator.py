@@ -198,3 +198,16 @@ def serve() -> Any:
         yield SimpleNamespace(server=server, env=env, bucket=Bucket(env))
     finally:
         server.stop()
+
+
+if __name__ == "__main__":  # a server in its own process: `python tests/gcs_emulator.py PORT` (bench/gcs_read.py)
+    import sys
+    import time
+
+    srv, _ = start_emulator(int(sys.argv[1]))
+    print("ready", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        srv.stop()
