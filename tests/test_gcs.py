@@ -132,6 +132,7 @@ def test_convert_both_ways_and_transcribe_in_the_bucket(gcs, tmp_path):
     assert lines[0]["text"] == lines[1]["text"]
 
 
+@pytest.mark.slow
 def test_bad_urls_fail_in_one_line_naming_them(gcs, tmp_path):
     """No credentials, a missing bucket, a missing object, a bucket that refuses writes: one line each."""
     b = gcs.bucket
@@ -177,6 +178,7 @@ def test_bad_urls_fail_in_one_line_naming_them(gcs, tmp_path):
 # ---------------------------------------------------------------------------------------- runs in the bucket
 RESUME_RTOL = 1e-6  # as tests/test_resume.py: the same program on the same inputs after an exact restore
 STEPS = 10  # 3 batches per epoch (6 clips, batch 2): the kill lands mid-epoch
+SAVE_EVERY = 3  # few checkpoints: each is many requests to the emulator
 KILL_AFTER = 3  # SIGTERM once the bucket's metrics.jsonl holds this many rows (it is written at each checkpoint)
 
 
@@ -190,9 +192,12 @@ def upload_corpus(b, tmp_path: Path, key: str, clips: int, text: bool = True) ->
     return b.put(f"{key}/audio/clips.tsv", ("\n".join(relative) + "\n").encode())
 
 
-def finetune_argv(manifest: str, out: str, steps: int = STEPS, batch: int = 2, mesh: str | None = None) -> list[str]:
+def finetune_argv(
+    manifest: str, out: str, steps: int = STEPS, batch: int = 2, mesh: str | None = None, save_every: int = 2
+) -> list[str]:
     argv = ["finetune", "--train", manifest, "--out", out, "--steps", str(steps), "--batch-size", str(batch)]
-    argv += ["--seed", "3", "--save-every", "2", "--log-every", "1", "--no-progress", "--num-workers", "1"]
+    argv += ["--seed", "3", "--save-every", str(save_every), "--log-every", "1", "--no-progress"]
+    argv += ["--num-workers", "1"]
     argv += ["--model", "tiny", "--learning-rate", "1e-3", "--dropout", "0.1", "--mask-time-prob", "0.3"]
     argv += ["--mask-time-length", "2", "--mask-feature-prob", "0.2", "--mask-feature-length", "4"]
     return argv + (["--mesh", mesh] if mesh else [])
@@ -253,14 +258,15 @@ def test_finetune_in_the_bucket_sigterm_then_resume_logs_the_unbroken_losses(gcs
     and metrics.jsonl (no row twice) end up in the bucket, no temporary object is left."""
     b = gcs.bucket
     manifest = upload_corpus(b, tmp_path, "t2", 6)
-    env = client_env(gcs)
+    # the three runs compile the same programs: the first one's, read back by the others, keep this test short
+    env = {**client_env(gcs), "D2V_COMPILATION_CACHE": str(tmp_path / "compiled")}
     local = write_corpus(tmp_path / "local", 6)  # the same bytes, on disk
-    unbroken = run_cli(finetune_argv(str(local), str(tmp_path / "unbroken")), env)
+    unbroken = run_cli(finetune_argv(str(local), str(tmp_path / "unbroken"), save_every=SAVE_EVERY), env)
     assert '"batches_per_epoch": 3' in unbroken.stderr
     want = losses(metrics_rows((tmp_path / "unbroken" / "metrics.jsonl").read_bytes()))
     assert sorted(want) == list(range(1, STEPS + 1))
 
-    argv = finetune_argv(manifest, b.url("t2/run"))
+    argv = finetune_argv(manifest, b.url("t2/run"), save_every=SAVE_EVERY)
     out = sigterm_when(argv, env, lambda: len(metrics_rows(b.get("t2/run/metrics.jsonl"))) >= KILL_AFTER)
     stopped = max(int(k.split("/")[3]) for k in b.keys("t2/run/checkpoints/") if k.split("/")[3].isdigit())
     assert KILL_AFTER <= stopped < STEPS, (stopped, out[-2000:])
