@@ -45,6 +45,7 @@ from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes, read_json_object
 from flax_d2v.modeling import param_shapes
 from flax_d2v.params import flatten, unflatten
+from flax_d2v.paths import as_path, localize
 from flax_d2v.processor import preprocessor_config
 
 AUDIO = "modality_encoders.AUDIO."
@@ -647,7 +648,7 @@ def export_fairseq2(src: str | os.PathLike, dst: str | os.PathLike, overwrite: b
 
     import torch
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(localize(src)), as_path(dst)  # a URL source: its local copy; a URL destination: one upload
     if dst.exists() and not overwrite:
         raise D2VError(f"{dst}: exists (pass --overwrite to replace it)")
     config, params = load_flax(src)

@@ -27,6 +27,7 @@ from flax_d2v.fileio import atomic_dir
 from flax_d2v.heads import BASE, detect
 from flax_d2v.modeling import param_shapes
 from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
+from flax_d2v.paths import AnyPath, as_path, localize
 from flax_d2v.processor import PROCESSOR_FILES, copy_processor_files, save_preprocessor_config
 from flax_d2v.types import PyTree
 
@@ -37,7 +38,7 @@ PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
+    p = as_path(path)
     return any((p / n).is_file() for n in (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX))
 
 
@@ -167,8 +168,8 @@ def state_dict_to_flax(
 
 
 def load_hf(model_dir: str | os.PathLike) -> tuple[Data2VecAudioConfig, Any, dict[str, Any]]:
-    """(config, head spec, params) of an HF data2vec-audio directory."""
-    d = Path(model_dir)
+    """(config, head spec, params) of an HF data2vec-audio directory (a URL: its local copy)."""
+    d = Path(localize(model_dir))
     config = Data2VecAudioConfig.from_json_file(d / "config.json")
     state, source = read_hf_state_dict(d)
     spec, params = state_dict_to_flax(state, config, source)
@@ -204,7 +205,7 @@ def save_hf(
     files_from: str | os.PathLike | None = None,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
-) -> Path:
+) -> AnyPath:
     """Write an HF directory (config.json, model.safetensors, preprocessor_config.json, vocab files).
 
     `files_from`: a directory whose processor/tokenizer files are copied; a default
@@ -228,7 +229,7 @@ def save_hf(
             (tmp / name).write_text(text, encoding="utf-8")
         if not (tmp / "preprocessor_config.json").exists():
             save_preprocessor_config(tmp)
-    return Path(dst)
+    return as_path(dst)
 
 
 __all__ = [

@@ -15,6 +15,8 @@ Normalisation mirrors the two references exactly:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import struct
 import sys
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from flax_d2v import paths
 from flax_d2v.errors import D2VError
 
 SAMPLE_RATE = 16000
@@ -41,7 +44,8 @@ def print_note(message: str) -> None:
 def load_audio(
     path: str | os.PathLike, target_sr: int = SAMPLE_RATE, strict: bool = False, warn: Warn = print_note
 ) -> np.ndarray:
-    """Read `path` as a float32 mono waveform at `target_sr`.
+    """Read `path` (a file, or an object URL such as `gs://bucket/clip.flac`) as a float32 mono waveform
+    at `target_sr`.
 
     Anything libsndfile reads (WAV, FLAC, Ogg/Vorbis, ...; integer or float PCM) is accepted.
     Another sample rate is resampled with soxr and several channels are averaged, each with a
@@ -51,19 +55,26 @@ def load_audio(
     import soundfile as sf
 
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise D2VError(f"{name}: no such file")
-    if os.path.isdir(name):
-        raise D2VError(f"{name}: is a directory, not an audio file")
-    try:
-        size = os.path.getsize(name)
-    except OSError as e:
-        raise D2VError(f"{name}: cannot read ({e.strerror or e})") from None
+    if paths.is_url(name):  # an object: its bytes in memory (soundfile reads file objects, not URLs)
+        blob = paths.read_bytes(name)
+        size, source = len(blob), io.BytesIO(blob)
+    else:
+        if not os.path.exists(name):
+            raise D2VError(f"{name}: no such file")
+        if os.path.isdir(name):
+            raise D2VError(f"{name}: is a directory, not an audio file")
+        try:
+            size = os.path.getsize(name)
+        except OSError as e:
+            raise D2VError(f"{name}: cannot read ({e.strerror or e})") from None
+        source = name
     if size == 0:
         raise D2VError(f"{name}: empty file (0 bytes)")
-    _check_wav_not_truncated(name, size)
+    _check_wav_not_truncated(name, size, source)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
     try:
-        with sf.SoundFile(name) as f:
+        with sf.SoundFile(source) as f:
             sample_rate, declared = f.samplerate, f.frames
             data = f.read(dtype="float32")  # (frames,) for mono: no copy on the way to the model
     except sf.LibsndfileError as e:
@@ -132,14 +143,15 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(np.asarray(x, np.float32), sr_in, sr_out, quality=RESAMPLE_QUALITY).astype(np.float32)
 
 
-def _check_wav_not_truncated(name: str, size: int) -> None:
+def _check_wav_not_truncated(name: str, size: int, source: str | io.BytesIO) -> None:
     """libsndfile silently shortens a cut-off WAV; compare the `data` chunk size with the file size.
 
     A writer that streams (size unknown up front) leaves 0 or 0xFFFFFFFF in the header: such a
     file is not called truncated.
     """
     try:
-        with open(name, "rb") as f:
+        with contextlib.nullcontext(source) if isinstance(source, io.BytesIO) else open(source, "rb") as f:
+            f.seek(0)
             head = f.read(12)
             if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
                 return

@@ -27,6 +27,7 @@ from flax_d2v.data2vec2 import read_config  # a 1.0 or a 2.0 (model_type "data2v
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_dir
 from flax_d2v.params import flatten, is_scanned, unflatten, unstack_layers
+from flax_d2v.paths import AnyPath, as_path, localize
 from flax_d2v.processor import copy_processor_files
 from flax_d2v.types import PyTree
 
@@ -67,8 +68,8 @@ def save_flax(
     files_from: str | os.PathLike | None = None,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
-) -> Path:
-    """Write a flax-d2v checkpoint directory atomically (temporary dir, then rename)."""
+) -> AnyPath:
+    """Write a flax-d2v checkpoint directory atomically (temporary dir, then rename; a URL: `fileio.atomic_dir`)."""
     params = jax_to_numpy(params)
     if is_scanned(params):
         params = unstack_layers(params)
@@ -81,12 +82,12 @@ def save_flax(
             copy_processor_files(files_from, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-    return Path(dst)
+    return as_path(dst)
 
 
 def load_flax(src: str | os.PathLike) -> tuple[Data2VecAudioConfig, dict[str, Any]]:
-    """(config, params) of a flax-d2v checkpoint directory."""
-    src = Path(src)
+    """(config, params) of a flax-d2v checkpoint directory (a URL: its local copy)."""
+    src = Path(localize(src))
     config = read_config(src / CONFIG)
     params = unflatten(read_safetensors(src / FLAX_WEIGHTS))
     return config, params
@@ -94,12 +95,12 @@ def load_flax(src: str | os.PathLike) -> tuple[Data2VecAudioConfig, dict[str, An
 
 def load_flax_aux(src: str | os.PathLike) -> dict[str, Any] | None:
     """The pretraining extras (`final_proj`, `ema`) of a flax-d2v directory, or None."""
-    path = Path(src) / FLAX_AUX
+    path = Path(localize(src)) / FLAX_AUX
     return unflatten(read_safetensors(path)) if path.is_file() else None
 
 
 def is_flax_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / FLAX_WEIGHTS).is_file()
+    return (as_path(path) / FLAX_WEIGHTS).is_file()
 
 
 def jax_to_numpy(tree: PyTree) -> PyTree:

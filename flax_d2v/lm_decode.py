@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from flax_d2v import paths
 from flax_d2v.ctc_decode import CTCTokenizer, WordOffset
 from flax_d2v.errors import D2VError
 from flax_d2v.lm_files import (  # noqa: F401  (HFLanguageModel, read_word_list: this module's API since before lm_files)
@@ -521,13 +522,15 @@ def decoder_for(
         if lexicon is not None:
             raise D2VError(f"{lexicon}: --lexicon needs --lm (a word n-gram to score the words with)")
         return BeamSearchDecoder(tokenizer, num_logits, beam_width) if beam_width > 1 else None
+    # KenLM and flashlight open local files only: an LM or lexicon URL is downloaded once
+    local = lambda p: None if p is None else paths.localize(p)
     return BeamSearchDecoder(
         tokenizer,
         num_logits,
         beam_width if beam_width > 1 else DEFAULT_LM_BEAM_WIDTH,
-        lm=lm,
-        lexicon=lexicon,
-        unigrams=unigrams,
+        lm=local(lm),
+        lexicon=local(lexicon),
+        unigrams=local(unigrams),
         lexicon_free=lexicon_free,
         lm_weight=lm_weight,
         word_score=word_score,

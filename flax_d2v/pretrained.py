@@ -34,6 +34,7 @@ from flax_d2v.data2vec2 import Data2Vec2Config, build_module_v2
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, HeadSpec, detect, get_spec
 from flax_d2v.params import stack_layers
+from flax_d2v.paths import localize
 from flax_d2v.precision import resolve
 from flax_d2v.processor import PreprocessorConfig, read_preprocessor_config
 from flax_d2v.teacher import teacher_params
@@ -52,8 +53,11 @@ def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwa
 
 
 def load_any(path: str | os.PathLike) -> tuple[Data2VecAudioConfig, HeadSpec, dict[str, Any], str]:
-    """(config, head spec, unscanned params, resolved local directory or file) for any supported source."""
-    p = Path(path)
+    """(config, head spec, unscanned params, resolved local directory or file) for any supported source.
+
+    A URL (`gs://bucket/model`) is downloaded first (`paths.localize`): safetensors memory-maps and
+    torch opens local files only."""
+    p = Path(localize(path))
     if p.is_dir():
         if is_flax_dir(p):
             config, params = load_flax(p)

@@ -26,6 +26,7 @@ from typing import Any
 from flax_d2v.audio import HF_NORM_EPS, SAMPLE_RATE
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text, read_json, read_json_object
+from flax_d2v.paths import as_path
 
 PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -85,7 +86,7 @@ def validate_vocab(vocab: Mapping[str, int], source: str = "vocab") -> dict[str,
 
 def load_vocab(path: str | os.PathLike) -> dict[str, int]:
     """Read an HF `vocab.json` (a file, or a directory holding one) and check its layout."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         path = path / "vocab.json"
     return validate_vocab(read_json(path), str(path))
@@ -98,7 +99,7 @@ def save_tokenizer_files(directory: str | os.PathLike, vocab: Mapping[str, int])
     are written here without importing transformers. Returns the file names written.
     """
     vocab = validate_vocab(vocab)
-    directory = Path(directory)
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
     config = {
@@ -180,7 +181,7 @@ def save_preprocessor_config(
     directory: str | os.PathLike, do_normalize: bool = True, return_attention_mask: bool = True
 ) -> str:
     """Write preprocessor_config.json (atomically); returns its file name."""
-    directory = Path(directory)
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "preprocessor_config.json", preprocessor_config(do_normalize, return_attention_mask))
     return "preprocessor_config.json"

@@ -16,7 +16,9 @@ plan is the same, so `{epoch, batch_in_epoch}` is the same batch).
 Writes are asynchronous (training continues while the arrays stream to disk) and atomic: orbax
 writes into a temporary directory and renames it when every process has finished, so a kill
 leaves either the complete previous checkpoints or the new one, never half of it; unfinished
-temporaries are ignored and cleaned up on the next start.
+temporaries are ignored and cleaned up on the next start. `RUN` may be a bucket URL (`gs://...`):
+orbax writes it through tensorstore, and on an object store, where there is no rename, it commits
+a checkpoint by writing its `commit_success` marker last; a step without one is not a checkpoint.
 
 Retention: the last `keep` checkpoints, plus the one with the best (lowest) eval WER when one
 was given with `metrics={"wer": ...}`.
@@ -38,6 +40,8 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from flax_d2v.paths import is_url
 
 PyTree = Any
 ITEMS = ("state", "iterator", "meta")
@@ -75,7 +79,8 @@ class Checkpointer:
         async_save: bool = True,
         best_metric: str = "wer",
     ) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
+        # a bucket URL goes to orbax as it is (tensorstore writes gs:// itself, with the same atomic commit)
+        self.directory = os.fspath(directory) if is_url(directory) else os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(keep, 1))]
         if keep_best > 0:

@@ -30,6 +30,7 @@ import optax
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, am_softmax_logits, am_softmax_loss
 from flax_d2v.modeling import apply_padding_invariant
+from flax_d2v.paths import as_path
 from flax_d2v.train import hf_datasets, sharding, shards
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
@@ -45,7 +46,7 @@ def read_label_column(manifest_path: str | Path, column: str) -> list[str]:
     """The `column` of a TSV manifest or a `datasets` split, one entry per clip in manifest order."""
     if hf_datasets.is_dataset_spec(str(manifest_path)):
         return hf_datasets.read_labels(str(manifest_path), column)
-    path = Path(manifest_path)
+    path = as_path(manifest_path)
     if shards.is_shard_dir(path):  # `d2v prepare` kept the TSV's columns in its index
         columns = shards.read_index(path).get("columns") or {}
         if column not in columns:

@@ -25,6 +25,7 @@ from flax_d2v.errors import D2VError
 from flax_d2v.heads import REGISTRY, with_labels
 from flax_d2v.lm_decode import decoder_for
 from flax_d2v.modeling import init_params, logical_axes
+from flax_d2v.paths import AnyPath, is_url, localize
 from flax_d2v.pretrained import build_module, load_any
 from flax_d2v.train import classification, evaluation
 from flax_d2v.train import run_common as common
@@ -61,7 +62,7 @@ def as_config(cfg: FinetuneConfig | Mapping[str, Any]) -> FinetuneConfig:
 
 # ------------------------------------------------------------------------------------------ pieces
 def choose_vocab(
-    cfg: FinetuneConfig, texts: list[str], init_dir: Path | None, run_dir: Path
+    cfg: FinetuneConfig, texts: list[str], init_dir: Path | None, run_dir: AnyPath
 ) -> tuple[dict[str, int], str]:
     """--vocab, else the run's own vocab.json (resume), else the init model's, else built from `texts`."""
     if cfg.vocab:
@@ -99,11 +100,18 @@ def training_config(base: Any, cfg: FinetuneConfig, vocab: dict[str, int]) -> An
     return config
 
 
+def local_dir(run_dir: AnyPath) -> str | None:
+    """Where scratch files of an export go: beside it on disk, the system's temp directory for a bucket."""
+    return None if is_url(run_dir) else str(run_dir)
+
+
 def load_init(cfg: FinetuneConfig) -> tuple[Any, dict | None, Path | None]:
     """(config, CTC-layout params or None for random init, the init directory if any)."""
     name = cfg.init_model
     if cfg.preset is not None or (name in PRESETS and not Path(name).exists()):
         return preset(name), None, None
+    if is_url(name) and name.endswith(".json"):  # a config.json in a bucket
+        name = localize(name)
     if name.endswith(".json") and Path(name).is_file():  # a transformers config.json: random init
         return Data2VecAudioConfig.from_json_file(name), None, None
 
@@ -170,14 +178,14 @@ def eval_lm_decoder(cfg: FinetuneConfig, vocab: dict[str, int], num_logits: int)
     )
 
 
-def export_model(run_dir: Path, config: Any, params: Any, vocab: dict[str, int], to: str = "hf") -> Path | None:
+def export_model(run_dir: AnyPath, config: Any, params: Any, vocab: dict[str, int], to: str = "hf") -> AnyPath | None:
     """RUN/hf (transformers' Data2VecAudioForCTC, `to="hf"`) or RUN/flax (a flax-d2v directory: data2vec
     2.0, which has no transformers class), with the Wav2Vec2Processor files, written atomically."""
     save = {"hf": save_hf, "flax": save_flax}[to]
     host = common.host(params)
     if jax.process_index() != 0:
         return None
-    with tempfile.TemporaryDirectory(prefix=f".{to}-files-", dir=run_dir) as files:
+    with tempfile.TemporaryDirectory(prefix=f".{to}-files-", dir=local_dir(run_dir)) as files:
         processor.save_tokenizer_files(files, vocab)
         processor.save_preprocessor_config(files)
         return save(run_dir / to, config, host, files_from=files, overwrite=True)
@@ -187,7 +195,7 @@ def export_model(run_dir: Path, config: Any, params: Any, vocab: dict[str, int],
 def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     """CTC fine-tuning end to end: returns the loop's `FitResult`."""
     cfg = as_config(cfg)
-    run_dir = Path(cfg.out)
+    run_dir = common.run_dir(cfg)
     mesh, _ = common.make_mesh(cfg)
 
     manifest = read_manifest(cfg.train, require_text=True, audio_column=cfg.audio_column, text_column=cfg.text_column)
@@ -265,7 +273,7 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     task = cfg.task
     if task not in classification.TASKS:
         raise D2VError(f"--task: {task!r} is not a classification task; choose one of {sorted(classification.TASKS)}")
-    run_dir = Path(cfg.out)
+    run_dir = common.run_dir(cfg)
     mesh, dp = common.make_mesh(cfg)
     manifest = read_manifest(cfg.train, audio_column=cfg.audio_column, text_column=cfg.text_column)
     names = classification.read_label_column(cfg.train, cfg.label_column)
@@ -341,7 +349,7 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     if not result.stopped and cfg.export_hf:
         host = common.host(result.state.params)
         if jax.process_index() == 0:
-            with tempfile.TemporaryDirectory(prefix=".hf-files-", dir=run_dir) as files:
+            with tempfile.TemporaryDirectory(prefix=".hf-files-", dir=local_dir(run_dir)) as files:
                 processor.save_preprocessor_config(files)
                 save_hf(run_dir / "hf", config, host, files_from=files, overwrite=True)
             log(f"wrote {run_dir / 'hf'} (transformers {spec.architecture}, id2label of {len(labels)} labels)")

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from flax_d2v import paths
 from flax_d2v.errors import D2VError
 from flax_d2v.train import sharding
 from flax_d2v.train.checkpoint import Checkpointer, abstract_like
@@ -218,7 +219,10 @@ class Trainer:
         self.params_axes, self.rules = params_axes, rules
         self.is_main = jax.process_index() == 0
         self.ckpt = Checkpointer(
-            f"{cfg.out_dir}/checkpoints", keep=cfg.keep, keep_best=cfg.keep_best, async_save=cfg.async_checkpoint
+            paths.join(cfg.out_dir, "checkpoints"),
+            keep=cfg.keep,
+            keep_best=cfg.keep_best,
+            async_save=cfg.async_checkpoint,
         )
         self.writer = MetricsWriter(cfg.out_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
         self._jit_step = None
@@ -293,6 +297,7 @@ class Trainer:
                     f"settings ({first[:200]}); use the run's settings or a new --out"
                 ) from None
             log(f"resumed from {self.ckpt.directory}/{latest} (step {latest})")
+            self._note_mesh_change(meta.get("mesh"))
             self.writer.truncate_after(latest)
             step = latest
         else:
@@ -306,6 +311,7 @@ class Trainer:
                 step=self.put(np.zeros((), np.int32), sh.step), params=p, opt_state=opt_state, extra=extra, rng=rng
             )
             data_state, step = {}, 0
+            self.writer.truncate_after(0)  # rows of an attempt that died before its first checkpoint
         self._log_memory(state)
         return state, data_state, step
 
@@ -343,6 +349,23 @@ class Trainer:
                     f"saved state or the data order: resume with {flag} {_flag_value(shown(a))} "
                     f"or use a new --out"
                 )
+
+    def mesh_layout(self) -> dict[str, int]:
+        """{axis: size} of this run's mesh (pmap: {"pmap": devices}), recorded in every checkpoint."""
+        if self.cfg.use_pmap:
+            return {"pmap": jax.device_count()}
+        return {str(k): int(v) for k, v in self.mesh.shape.items()}
+
+    def _note_mesh_change(self, saved: dict[str, int] | None) -> None:
+        """One line when the checkpoint was written on another mesh (elastic resume: the global batch,
+        the data order and the per-example randomness do not depend on the mesh, so the run continues)."""
+        now = self.mesh_layout()
+        if saved is not None and {k: v for k, v in saved.items() if v > 1} != {k: v for k, v in now.items() if v > 1}:
+            shown = lambda m: ",".join(f"{k}={v}" for k, v in m.items() if v > 1) or "1 device"
+            log(
+                f"mesh changed: the checkpoint was written on {shown(saved)} ({math.prod(saved.values())} devices), "
+                f"this run has {shown(now)} ({math.prod(now.values())} devices); same global batch and data order"
+            )
 
     def _log_memory(self, state: TrainState) -> None:
         per_dev = sharding.bytes_per_device((state.params, state.opt_state, state.extra))
@@ -473,8 +496,9 @@ class Trainer:
         return FitResult(state=final, step=step, stopped=stopped, last_eval=last_eval)
 
     def save(self, state: TrainState, step: int, data_state: dict, metrics: dict | None = None) -> None:
-        meta = {"step": step, **self.cfg.meta}
+        meta = {"step": step, "mesh": self.mesh_layout(), **self.cfg.meta}
         self.ckpt.save(step, state, data_state, meta, metrics=metrics)
+        self.writer.sync()  # a bucket's metrics.jsonl: the rows up to this checkpoint
 
     def _progress(self, start: int):
         if not (self.cfg.progress and self.is_main):
@@ -517,7 +541,7 @@ class Trainer:
         if self.is_main and self.writer.path.exists():
             plot_history(
                 read_metrics(self.writer.path),
-                f"{self.cfg.out_dir}/training_curves.png",
+                paths.join(self.cfg.out_dir, "training_curves.png"),
                 title,
                 curves=self.cfg.plot_curves,
             )

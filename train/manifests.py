@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from flax_d2v import paths as loc  # "paths" is the manifest's list of clips here
 from flax_d2v.audio import SAMPLE_RATE, load_audio, prepare_audio
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
@@ -123,9 +124,19 @@ class _NoteLimiter:
 
 
 def _header_num_samples(path: str) -> int:
-    """Length after loading at 16 kHz, from the header: an upper bound of soxr's output length."""
+    """Length after loading at 16 kHz, from the header: an upper bound of soxr's output length.
+
+    An object URL is opened as a file object, so soundfile reads its header, not the whole clip
+    (a `num_samples` column saves even that)."""
     import soundfile as sf
 
+    if loc.is_url(path):
+        with loc.reporting(path), loc.as_path(path).open("rb") as f:
+            try:
+                info = sf.info(f)
+            except (RuntimeError, OSError, ValueError) as e:
+                raise D2VError(f"{path}: not an audio file that soundfile can read ({e})") from None
+        return int(math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
     try:
         info = sf.info(path)
     except Exception as e:  # noqa: BLE001 - soundfile raises several types for unreadable files
@@ -165,8 +176,13 @@ def read_manifest(
         names, texts, lengths, reader = shards.open_shards(spec)
         m = Manifest(spec, names, texts, lengths, reader=reader)
     else:
-        path = Path(spec)
-        if not path.is_file():
+        path = loc.as_path(spec)
+        with loc.reporting(spec):
+            found = path.is_file()
+        if not found:
+            if loc.is_url(spec):  # the bucket, the credentials or the object: say which
+                with loc.reporting(spec):
+                    path.read_bytes()
             raise D2VError(f"{spec}: no such manifest file")
         first = read_lines(path)[:1]
         if first and "\t" not in first[0] and first[0].strip() != "path":
@@ -181,10 +197,11 @@ def read_manifest(
     return m
 
 
-def read_lines(path: Path) -> list[str]:
-    """A UTF-8 text file's lines (BOM and CR removed); unreadable or non-UTF-8 files fail in one line."""
+def read_lines(path: loc.AnyPath) -> list[str]:
+    """A UTF-8 text file's (or object's) lines (BOM and CR removed); unreadable or non-UTF-8 files fail in one line."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with loc.reporting(path):
+            text = loc.as_path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise D2VError(f"{path}: not UTF-8 text ({e})") from None
     except OSError as e:
@@ -192,13 +209,14 @@ def read_lines(path: Path) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n")]
 
 
-def _resolve(base: Path, p: str) -> str:
-    return p if os.path.isabs(p) else os.path.normpath(base / p)
+def _resolve(base: loc.AnyPath, p: str) -> str:
+    """`p` relative to the manifest's directory `base` (a URL in a bucket, or local)."""
+    return loc.resolve(base, p)
 
 
 def read_tsv_manifest(path: str | os.PathLike) -> Manifest:
     """A TSV with a header: `path`, optional `text`, optional `num_samples`; other columns ignored."""
-    path = Path(path)
+    path = loc.as_path(path)
     lines = read_lines(path)
     if not lines or not lines[0].strip():
         raise D2VError(f"{path}: empty manifest (expected a header line with a 'path' column)")
@@ -247,11 +265,11 @@ def _parse_count(value: str, where: str) -> int:
 
 def read_fairseq_manifest(path: str | os.PathLike, labels: str = "auto") -> Manifest:
     """fairseq's `NAME.tsv` (root line, then `relpath<TAB>num_samples`) with `NAME.ltr` or `NAME.wrd`."""
-    path = Path(path)
+    path = loc.as_path(path)
     lines = [line for line in read_lines(path) if line.strip()]
     if not lines:
         raise D2VError(f"{path}: empty manifest")
-    root = Path(_resolve(path.parent, lines[0].strip()))
+    root = _resolve(path.parent, lines[0].strip())
     paths, lengths = [], []
     for lineno, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
@@ -378,9 +396,10 @@ def _cached_scan(
     spec: str, n: int, scan: Callable[[], tuple[np.ndarray, list[str] | None]], cache: str | os.PathLike | None
 ) -> tuple[np.ndarray, list[str] | None]:
     """Lengths and texts of every record, from `cache` if it matches (spec, size), else scanned and cached."""
-    if cache is not None and Path(cache).is_file():
+    if cache is not None and loc.as_path(cache).is_file():
         try:
-            data = json.loads(Path(cache).read_text(encoding="utf-8"))
+            with loc.reporting(cache):
+                data = json.loads(loc.as_path(cache).read_bytes().decode("utf-8"))
         except (OSError, ValueError) as e:
             raise D2VError(f"{cache}: unreadable length cache ({e}); delete it to rebuild") from None
         if data.get("spec") == spec and data.get("num_examples") == n:

@@ -5,7 +5,8 @@
 averaged over the updates since the previous row, and eval rows (`step`, `wer`, `cer`, ...).
 Only process 0 writes. Each line is flushed as it is written; a resumed run first drops the
 rows past the step it resumes from (and a line torn by a kill), so the file always describes one
-consistent history.
+consistent history. In a bucket, where nothing can be appended, the file is rewritten whole at
+each checkpoint (`MetricsWriter.sync`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes, atomic_write_text
+from flax_d2v.paths import AnyPath, as_path, is_url, reporting
 
 
 def _clean(v: Any) -> Any:
@@ -29,12 +32,23 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Append-only `metrics.jsonl` (+ TensorBoard) on process 0; a no-op elsewhere."""
+    """`metrics.jsonl` (+ TensorBoard) on process 0; a no-op elsewhere.
+
+    On disk each row is appended and flushed as it comes. An object store (`RUN` a `gs://` URL)
+    cannot append: the rows are kept in memory and the whole object is rewritten by `sync()`, which
+    the loop calls after each checkpoint save and at the end; a preempted run thus loses at most the
+    rows since its last checkpoint, and the resumed run drops the rows past its step
+    (`truncate_after`) before continuing, so no row is written twice. TensorBoard's event files are
+    written to a local directory and copied to `RUN/tensorboard/` by the same `sync()`.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = False) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = as_path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.remote = is_url(run_dir)
+        self._rows: list[str] | None = None  # remote: the history, loaded on first use
         self._tb = None
+        self._tb_local: str | None = None
         if enabled and tensorboard:
             try:  # TensorFlow's own summary writer; the `tensorboard` package is only needed to view them
                 import tensorflow as tf
@@ -45,11 +59,30 @@ class MetricsWriter:
             # what tensorboard's `summary.scalar` writes: a float32 scalar tensor tagged for the scalars plugin
             self._scalar_metadata = summary_pb2.SummaryMetadata()
             self._scalar_metadata.plugin_data.plugin_name = "scalars"
-            self._tb = tf.summary.create_file_writer(str(Path(run_dir) / "tensorboard"))
+            self._tb_dir = as_path(run_dir) / "tensorboard"
+            if self.remote:
+                self._tb_local = tempfile.mkdtemp(prefix="d2v-tensorboard-")
+            self._tb = tf.summary.create_file_writer(self._tb_local or str(self._tb_dir))
+
+    def _history(self) -> list[str]:
+        if self._rows is None:
+            with reporting(self.path):
+                text = self.path.read_bytes().decode("utf-8") if self.path.exists() else ""
+            self._rows = [line for line in text.splitlines() if _parse(line) is not None]
+        return self._rows
 
     def truncate_after(self, step: int) -> None:
         """Drop rows with `step` > `step` (a resumed run rewrites that part of the history)."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return
+        if self.remote:
+            rows = self._history()
+            kept = [line for line in rows if _parse(line).get("step", 0) <= step]
+            if len(kept) != len(rows):
+                self._rows = kept
+                self.sync()
+            return
+        if not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line.strip()]
         kept = [json.dumps(r) for r in map(_parse, rows) if r is not None and r.get("step", 0) <= step]
@@ -60,10 +93,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        if self.remote:
+            self._history().append(json.dumps(row))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
         if self._tb is not None:
             step = int(row["step"])
             with self._tb.as_default():
@@ -74,16 +110,34 @@ class MetricsWriter:
                         )
             self._tb.flush()
 
+    def sync(self) -> None:
+        """Remote run: the whole history as one object (and the event files copied); on disk: nothing to do."""
+        if not (self.enabled and self.remote):
+            return
+        atomic_write_text(self.path, "".join(line + "\n" for line in self._history()))
+        if self._tb_local is not None:
+            self._tb.flush()
+            for name in sorted(os.listdir(self._tb_local)):
+                with open(os.path.join(self._tb_local, name), "rb") as f:
+                    atomic_write_bytes(self._tb_dir / name, f.read())
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        self.sync()
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    return [r for r in map(_parse, path.read_text().splitlines()) if r is not None]
+    """The rows of `metrics.jsonl` (or of `RUN/metrics.jsonl` for a run directory), file or URL."""
+    path = as_path(path)
+    with reporting(path):
+        if path.is_dir():
+            path = path / "metrics.jsonl"
+        text = path.read_bytes().decode("utf-8")
+    return [r for r in map(_parse, text.splitlines()) if r is not None]
 
 
 def _parse(line: str) -> dict[str, Any] | None:
@@ -113,7 +167,7 @@ def plot_history(
     title: str = "",
     curves: Sequence[str] = ("loss",),
     eval_curves: Sequence[str] = ("wer", "cer"),
-) -> Path | None:
+) -> AnyPath | None:
     """Loss (log scale) and eval error rates against step, one PNG (atomic). None if nothing to plot."""
     import io
 
@@ -161,4 +215,4 @@ def plot_history(
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(out_png, buf.getvalue())
-    return Path(out_png)
+    return as_path(out_png)

@@ -32,6 +32,7 @@ from flax_d2v.errors import D2VError
 from flax_d2v.fileio import read_json_object
 from flax_d2v.modeling import Data2VecAudioModel, init_params, logical_axes
 from flax_d2v.params import is_scanned, unstack_layers
+from flax_d2v.paths import is_url, localize
 from flax_d2v.pretrained import load_any
 from flax_d2v.processor import preprocessor_config
 from flax_d2v.teacher import load_aux
@@ -77,7 +78,7 @@ def pretrain(cfg: PretrainConfig | Mapping[str, Any]) -> Any:
 # ------------------------------------------------------------------------------ the shared run
 def _run(plan: Plan) -> Any:
     cfg = plan.cfg
-    run_dir = Path(cfg.out)
+    run_dir = common.run_dir(cfg)
     seed = int(cfg.seed)
     mesh, _ = common.make_mesh(cfg)
     loader = common.train_loader(
@@ -125,13 +126,13 @@ def _objective_settings(cls: type, cfg: PretrainConfig) -> Any:
 def _random_init(cfg: PretrainConfig, presets: Mapping[str, Any], config_cls: Any) -> tuple[Any, str] | None:
     """(config, description) when the run starts from scratch: --preset, or --model naming a preset or config.json."""
     name = cfg.init_model
-    if cfg.preset is not None or (name in presets and not Path(name).exists()):
+    if cfg.preset is not None or (name in presets and not Path(name).exists()):  # (a URL is never a preset)
         if name not in presets:
             raise D2VError(f"--preset: {name!r} is not one of {'|'.join(presets)}")
         kind = "data2vec 2.0 preset" if config_cls is Data2Vec2Config else "preset"
         return presets[name](), f"random init, {kind} {name}"
-    if name.endswith(".json") and Path(name).is_file():  # a transformers / flax-d2v config.json
-        return config_cls.from_json_file(name), f"random init, {name}"
+    if name.endswith(".json") and (is_url(name) or Path(name).is_file()):  # a transformers / flax-d2v config.json
+        return config_cls.from_json_file(localize(name)), f"random init, {name}"
     return None
 
 
@@ -148,7 +149,7 @@ def load_init(cfg: PretrainConfig | Mapping[str, Any]) -> tuple[Any, dict | None
     scratch = _random_init(cfg, PRESETS, Data2VecAudioConfig)
     if scratch is not None:
         return scratch[0], None, {}, scratch[1], 0
-    path = Path(cfg.init_model)
+    path = Path(localize(cfg.init_model))  # a URL: its local copy
     aux: dict = {}
     fairseq_cfg: dict = {}
     if path.is_file() and path.suffix == ".pt":
@@ -218,7 +219,7 @@ def _load_init_v2(cfg: PretrainConfig) -> tuple[Any, dict | None, dict, str, int
     scratch = _random_init(cfg, PRESETS_V2, Data2Vec2Config)
     if scratch is not None:
         return scratch[0], None, {}, scratch[1], 0, {}
-    path = Path(cfg.init_model)
+    path = Path(localize(cfg.init_model))  # a URL: its local copy
     config, spec, params, resolved = load_any(path)
     is_ctc = spec.architecture == "Data2VecAudioForCTC"
     if not isinstance(config, Data2Vec2Config):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_text
 from flax_d2v.params import flatten, stack_layers, unflatten
+from flax_d2v.paths import AnyPath, as_path, check_writable
 from flax_d2v.precision import resolve as resolve_precision
 from flax_d2v.train import sharding
 from flax_d2v.train.loader import BatchLoader
@@ -187,17 +187,24 @@ def resume_settings(cfg: Settings, extra: tuple[str, ...] = ()) -> dict[str, Any
     return out
 
 
-def save_settings(path: Path, cfg: Settings) -> None:
+def save_settings(path: str | os.PathLike, cfg: Settings) -> None:
     """The resolved settings of a run (None values left out), written atomically: a `--config` file for a rerun."""
     values = {k: v for k, v in cfg.to_dict().items() if v is not None}
     atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
+def run_dir(cfg: Settings) -> AnyPath:
+    """RUN (`--out`): a local directory, or a bucket URL checked for writing at once (every process
+    writes its checkpoint shards there), so a missing bucket or credentials fail before any work."""
+    check_writable(cfg.out)
+    return as_path(cfg.out)
+
+
 def start_run(cfg: Settings, settings_file: str) -> None:
     """RUN/ and its resolved settings (process 0)."""
     if jax.process_index() == 0:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        save_settings(Path(cfg.out) / settings_file, cfg)
+        as_path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_settings(as_path(cfg.out) / settings_file, cfg)
 
 
 # ------------------------------------------------------------------------------ params

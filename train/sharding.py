@@ -20,7 +20,9 @@ dimension that a mesh axis does not divide is replicated over that axis rather t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -209,31 +211,92 @@ def describe(mesh: Mesh, tree_shardings: PyTree, shapes: PyTree) -> str:
     )
 
 
+# Google's PCI vendor id and the device ids of TPU chips (v3, v4, v5p, v5e, v6e, TPU7x), as JAX's own
+# `hardware_utils` lists them: a TPU VM is recognised from sysfs, with no metadata-server round trip.
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+PCI_DEVICES = "/sys/bus/pci/devices"
+
+
+def tpu_chips(pci_devices: str = PCI_DEVICES) -> int:
+    """TPU chips attached to this machine (0 off a TPU VM)."""
+    import glob
+
+    count = 0
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                count += f.read().strip() == GOOGLE_PCI_VENDOR and g.read().strip() in TPU_PCI_DEVICES
+        except OSError:
+            continue
+    return count
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None, pci_devices: str = PCI_DEVICES) -> str | None:
+    """What `jax.distributed.initialize()` with no arguments will find here, in words, or None.
+
+    Detected (the environment those platforms set; JAX's own cluster classes then read the rest):
+    - a Cloud TPU VM (TPU chips on PCI): JAX asks the metadata server for the slice's workers, so every
+      host of a pod slice (v4-32: 4 hosts) runs the same command with no flags;
+    - TPUs on GKE: `TPU_WORKER_HOSTNAMES` (or `TPU_PROCESS_ADDRESSES`) listing several hosts;
+    - Multislice: `MEGASCALE_COORDINATOR_ADDRESS`;
+    - SLURM: `srun` with more than one task (`SLURM_JOB_ID`, `SLURM_NTASKS` > 1, `SLURM_STEP_NODELIST`,
+      `SLURM_PROCID`, `SLURM_LOCALID`);
+    - Open MPI: `mpirun` with more than one rank (`OMPI_MCA_orte_hnp_uri`, `OMPI_COMM_WORLD_SIZE` > 1).
+    Anything else (GPU hosts started by hand, Kubernetes without the TPU variables) needs
+    `--coordinator HOST:PORT --num-processes N --process-id I`.
+    """
+    env = os.environ if environ is None else environ
+    hosts = [h for h in (env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or "").split(",") if h]
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return f"TPU Multislice (coordinator {env['MEGASCALE_COORDINATOR_ADDRESS']})"
+    if len(hosts) > 1:
+        return f"TPU slice on GKE ({len(hosts)} hosts in TPU_WORKER_HOSTNAMES)"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in env for k in slurm) and _count(env.get("SLURM_NTASKS")) > 1:
+        return f"SLURM job {env['SLURM_JOB_ID']} ({env['SLURM_NTASKS']} tasks)"
+    if "OMPI_MCA_orte_hnp_uri" in env and _count(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
+        return f"Open MPI job ({env['OMPI_COMM_WORLD_SIZE']} ranks)"
+    if env.get("TPU_SKIP_MDS_QUERY") is None and tpu_chips(pci_devices) > 0:
+        return f"Cloud TPU VM ({tpu_chips(pci_devices)} chips here; the slice's hosts from the metadata server)"
+    return None
+
+
+def _count(value: str | None) -> int:
+    try:
+        return int(value or 1)
+    except ValueError:
+        return 1
+
+
 def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    pci_devices: str = PCI_DEVICES,
 ) -> bool:
     """`jax.distributed.initialize` when the run spans several processes; True if it did.
 
-    Explicit `--coordinator HOST:PORT --num-processes N --process-id I` always initialise. With
-    none of them, JAX's own cluster detection runs where it applies: a multi-host TPU slice
-    (`TPU_WORKER_HOSTNAMES` lists several hosts, or `MEGASCALE_*` is set) or a SLURM job with more than
-    one task. A single process on one machine is left alone. Must run before anything touches devices.
-    (The autodetection paths are JAX's own and were not exercised here: no TPU pod or SLURM cluster.)
+    Explicit `--coordinator HOST:PORT --num-processes N --process-id I` always initialise. With none of
+    them, `detect_cluster` decides: on a Cloud TPU VM, a GKE TPU slice, Multislice, a multi-task SLURM
+    step or a multi-rank Open MPI job, `jax.distributed.initialize()` runs with no arguments and JAX's
+    own cluster detection finds the coordinator; one line names what was found. A single process on one
+    machine is left alone. Must run before anything touches devices.
     """
-    import os
-
     given = [x is not None for x in (coordinator, num_processes, process_id)]
     if any(given):
         if not all(given):
             raise D2VError("--coordinator, --num-processes and --process-id go together (give all three)")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         return True
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    multi_tpu = (
-        "," in tpu_hosts or any(k.startswith("MEGASCALE_") for k in os.environ) or "CLOUD_TPU_TASK_ID" in os.environ
+    found = detect_cluster(environ, pci_devices)
+    if found is None:
+        return False
+    jax.distributed.initialize()
+    print(
+        f"jax.distributed: {found}: process {jax.process_index()} of {jax.process_count()}",
+        file=sys.stderr,
+        flush=True,
     )
-    multi_slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
-    if multi_tpu or multi_slurm:
-        jax.distributed.initialize()
-        return True
-    return False
+    return True

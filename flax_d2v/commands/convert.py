@@ -2,7 +2,8 @@
 
 SRC is an HF directory (config.json + model.safetensors or pytorch_model.bin), a fairseq `.pt`,
 or (with --to hf) a flax-d2v directory. DST must be empty or absent unless --overwrite; it is
-built in a temporary directory and renamed at the end, so it is never half-written.
+built in a temporary directory and renamed at the end, so it is never half-written. Either may be
+a bucket URL (`gs://bucket/model`): SRC is downloaded, DST uploaded with its weights file last.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax_d2v.convert.fairseq2 import export_fairseq2
 from flax_d2v.convert.hf import is_hf_dir, load_hf, save_hf
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import detect
+from flax_d2v.paths import is_url, localize
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,9 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    src = Path(args.src)
+    if is_url(args.src):  # a bucket URL: read from a local copy (SRC and DST may both be URLs)
+        src = Path(localize(args.src))
+    else:
+        src = Path(args.src)
     if not src.exists():
         raise D2VError(f"{src}: no such file or directory")
+    if args.dict_path is not None:
+        args.dict_path = localize(args.dict_path)
     if args.to == "flax":
         if src.is_file() and src.suffix == ".pt":
             result = convert_fairseq(src, args.dst, dict_path=args.dict_path, overwrite=args.overwrite)
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 "(expected config.json with model.safetensors or pytorch_model.bin)"
             )
 
-        config, params = load_flax(args.dst)
+        config, params = load_flax(args.dst)  # read back what was written (a URL: downloaded again)
         kind = detect(params).architecture
         if type(config).__name__ == "Data2Vec2Config":  # data2vec 2.0: its own classes, CTC or bare
             kind = "Data2Vec2ForCTC" if "lm_head" in params else "Data2Vec2Model"

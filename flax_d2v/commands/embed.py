@@ -23,6 +23,7 @@ from flax_d2v.audio import HF_NORM_EPS, load_audio, pad_batch
 from flax_d2v.classify import Classifier
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes
+from flax_d2v.paths import as_path
 from flax_d2v.precision import add_argument as add_precision_argument
 from flax_d2v.pretrained import load_model
 
@@ -85,7 +86,7 @@ def run_xvector(args: argparse.Namespace, out: Path, several: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = as_path(args.out)  # a file or directory, or a bucket URL
     several = len(args.files) > 1
     if several and out.suffix == ".npz":
         raise D2VError(f"--out {out}: with several files --out must be a directory")

@@ -8,11 +8,12 @@ predictions and gradients (`flax_d2v.train.verify_objective`), exit 1 outside it
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import io
 
 from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
 from flax_d2v.errors import D2VError
-from flax_d2v.fileio import atomic_write_text
+from flax_d2v.fileio import atomic_write_bytes, atomic_write_text
+from flax_d2v.paths import as_path, localize
 from flax_d2v.precision import add_argument as add_precision_argument
 from flax_d2v.train import verify_objective
 
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.objective is not None:
         return run_objective(args)
-    rows, facts = verify(args.src, args.audio, args.reference_dtype, batch=not args.no_batch, precision=args.precision)
+    src = localize(args.src)  # a bucket URL: its local copy (transformers loads local directories)
+    rows, facts = verify(src, args.audio, args.reference_dtype, batch=not args.no_batch, precision=args.precision)
     ok = all(r.passed for r in rows)
     print(format_table(rows))
     print(
@@ -66,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
         f"  reference: {facts['reference']}"
     )
     if args.report:
-        report = Path(args.report)
+        report = as_path(args.report)
         png = report.with_suffix(".png")
         report.parent.mkdir(parents=True, exist_ok=True)
-        plot_errors(rows, png)
+        buf = io.BytesIO()
+        plot_errors(rows, buf)
+        atomic_write_bytes(png, buf.getvalue())
         atomic_write_text(report, markdown_report(rows, facts, png.name))
         print(f"report: {report} (plot: {png})")
     return 0 if ok else 1
