@@ -30,7 +30,6 @@ stored global arrays.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Mapping
@@ -41,7 +40,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from flax_d2v.paths import is_url
+from flax_d2v.paths import as_path, is_url
 
 PyTree = Any
 ITEMS = ("state", "iterator", "meta")
@@ -128,14 +127,14 @@ class Checkpointer:
         `abstract_state` is a tree of `jax.ShapeDtypeStruct` with `sharding` set (see
         `loop.abstract_state`); any mesh works, not only the one that saved.
         """
-        step_dir = os.path.join(self.directory, str(step))
+        iterator_dir = as_path(self.directory) / str(step) / "iterator"  # a local path or a bucket URL
         box = SourceState()
         data: dict[str, Any] = {"iterator": grain.checkpoint.CheckpointRestore(box)}
-        if not os.path.isdir(os.path.join(step_dir, "iterator")):
+        if not iterator_dir.is_dir():
             data = {LEGACY_DATA_ITEM: ocp.args.JsonRestore()}
-        elif not os.path.isfile(os.path.join(step_dir, "iterator", _process_file())):
+        elif not (iterator_dir / _process_file()).is_file():
             data = {}  # written by another process count: every process's position is the same
-            box.state = _any_process_state(os.path.join(step_dir, "iterator"))
+            box.state = _any_process_state(iterator_dir)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(), **data)
         out = self.manager.restore(step, args=args)
         data_state = dict(out[LEGACY_DATA_ITEM] or {}) if LEGACY_DATA_ITEM in data else box.state
@@ -160,12 +159,11 @@ def _process_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
-def _any_process_state(directory: str) -> dict[str, Any]:
-    files = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+def _any_process_state(directory: Any) -> dict[str, Any]:
+    files = sorted(directory.glob("process_*-of-*.json"), key=str)
     if not files:
         return {}
-    with open(files[0], encoding="utf-8") as f:
-        return json.loads(f.read())
+    return json.loads(files[0].read_text(encoding="utf-8"))
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
