@@ -42,6 +42,7 @@ import numpy as np
 
 from flax_d2v.audio import SAMPLE_RATE, load_audio, prepare_audio
 from flax_d2v.errors import D2VError
+from flax_d2v.train import shards
 
 TEXT_COLUMNS = ("text", "sentence", "transcription", "normalized_text")  # the default --text-column, in order
 MAX_NOTES = 5  # resample/downmix notes printed per process before the rest are summarised
@@ -55,8 +56,8 @@ def is_dataset_spec(spec: str) -> bool:
     path = Path(spec)
     if path.suffix == ".parquet" or (glob.has_magic(spec) and spec.endswith("parquet")):
         return True
-    if path.is_dir():
-        return True
+    if path.is_dir():  # any directory but a `d2v prepare` one (its index.json): a directory is ours to explain
+        return not (path / shards.INDEX_NAME).is_file()
     return not path.exists() and (path.parent / "dataset_dict.json").is_file()  # DIR/SPLIT, the split missing
 
 
