@@ -1,6 +1,6 @@
 """d2v verify SRC: layer-by-layer parity report, Flax against transformers' PyTorch model, on real audio.
 
-Exit status 1 when any stage is outside the tolerance (`flax_d2v.convert.verify.PARITY_RTOL`).
+Exit status 1 when any stage is outside the tolerance (`flax_d2v.api.verify.PARITY_RTOL`).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
+from flax_d2v.api.verify import format_table, markdown_report, plot_errors, verify
 from flax_d2v.fileio import atomic_write_text
 from flax_d2v.precision import add_argument as add_precision_argument
 
