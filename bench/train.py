@@ -281,7 +281,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["recipe"] = args.recipe
     result["prng"] = args.prng or str(jax.config.jax_default_prng_impl)
     with C.hf_checkpoint(args.size, ctc=True, model_dir=args.model, **overrides) as path:
-        config = flax_d2v.pretrained.load_any(path)[0] if args.model else C.SIZES[args.size]().replace(**overrides)
+        config = flax_d2v.api.pretrained.load_any(path)[0] if args.model else C.SIZES[args.size]().replace(**overrides)
         frames = int(flax_d2v.modeling.feat_extract_output_lengths(config, x.shape[1]))
         labels = encode_labels(texts, vocab, max_len=frames // 2)
         if args.model:  # its own vocabulary: fold our ids into it, never onto the blank

@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from flax_d2v.api.pretrained import load_any
+    from flax_d2v.api.transcribe import Transcriber
     from flax_d2v.checkpoint import save_flax
     from flax_d2v.commands.demo import build_base_checkpoint
-    from flax_d2v.pretrained import load_any
-    from flax_d2v.transcribe import Transcriber
 
     cache_entries = None
     if args.compilation_cache:

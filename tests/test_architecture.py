@@ -21,10 +21,21 @@ LAYERS = ("core", "convert", "api", "train", "commands")
 # The installed package name of each source directory (convert/ and train/ install inside flax_d2v).
 PACKAGES = {
     "flax_d2v": "flax_d2v",
+    "flax_d2v/api": "flax_d2v.api",
     "flax_d2v/commands": "flax_d2v.commands",
     "convert": "flax_d2v.convert",
     "train": "flax_d2v.train",
 }
+# One folder per layer (ARCHITECTURE.md, "One folder per layer"); the two entry files Python needs at
+# the package's top are the named exceptions.
+FOLDER_LAYER = {
+    "flax_d2v": "core",
+    "convert": "convert",
+    "flax_d2v/api": "api",
+    "train": "train",
+    "flax_d2v/commands": "commands",
+}
+ENTRY_FILES = {"flax_d2v/__init__.py": "api", "flax_d2v/cli.py": "commands"}
 # Optional third-party dependencies (the extras in pyproject.toml): never imported at the top of a
 # module, so the package imports without them.
 OPTIONAL = {
@@ -41,7 +52,7 @@ OPTIONAL = {
 # Project modules that need an optional dependency at their top: imported only inside functions.
 OPTIONAL_ONLY = {"flax_d2v.convert.fairseq2_reference"}  # imports torch
 # The deliberate function-level project imports: (importer, imported). Nothing else is deferred.
-DEFERRED = {("flax_d2v.convert.verify2", "flax_d2v.convert.fairseq2_reference")}
+DEFERRED = {("flax_d2v.api.verify2", "flax_d2v.convert.fairseq2_reference")}
 
 
 def _modules() -> dict[str, Path]:
@@ -135,6 +146,38 @@ def test_every_module_has_a_layer_and_every_row_a_module():
     assert not stale, f"ARCHITECTURE.md's package map names modules that do not exist: {stale}"
 
 
+def test_each_folder_holds_one_layer():
+    """The folder a module lives in names its layer: no api module in flax_d2v/ or convert/, ..."""
+    wrong = []
+    for name, layer in _layers().items():
+        rel = MODULES[name].relative_to(ROOT)
+        expected = ENTRY_FILES.get(rel.as_posix(), FOLDER_LAYER[rel.parent.as_posix()])
+        if layer != expected:
+            wrong.append(f"{rel.as_posix()}: layer {layer} in ARCHITECTURE.md, but its folder holds {expected}")
+    assert not wrong, "modules whose folder is not their layer's:\n" + "\n".join(wrong)
+
+
+def test_folders_import_one_way():
+    """Counted by folder (the entry files aside), imports run one way: no two folders import each other."""
+    rank = {folder: LAYERS.index(layer) for folder, layer in FOLDER_LAYER.items()}
+    wrong = []
+    for m, path in MODULES.items():
+        rel = path.relative_to(ROOT)
+        if rel.as_posix() in ENTRY_FILES:
+            continue
+        for target, line, _ in _imports(m):
+            if not target.startswith("flax_d2v") or target not in MODULES:
+                continue
+            trel = MODULES[target].relative_to(ROOT)
+            if trel.as_posix() in ENTRY_FILES and trel.as_posix() != "flax_d2v/__init__.py":
+                continue
+            # the facade counts as the api folder
+            tfolder = "flax_d2v/api" if trel.as_posix() == "flax_d2v/__init__.py" else trel.parent.as_posix()
+            if rank[tfolder] > rank[rel.parent.as_posix()]:
+                wrong.append(f"{_where(m, line)}: {rel.parent.as_posix()}/ imports {tfolder}/ ({target})")
+    assert not wrong, "folders that import a folder of a later layer:\n" + "\n".join(wrong)
+
+
 def test_imports_run_one_way():
     layers = _layers()
     rank = {name: LAYERS.index(layer) for name, layer in layers.items() if layer is not None}
@@ -183,3 +226,34 @@ def test_the_checker_sees_a_wrong_way_import(tmp_path, monkeypatch):
         ("flax_d2v.train.vocab", False),
         ("torch", False),
     }
+
+
+def test_old_api_module_paths_still_import():
+    """Users' imports from before the api layer had its folder keep working, and name the moved modules."""
+    import importlib
+
+    import flax_d2v
+
+    for old, module in flax_d2v.MOVED_MODULES.items():
+        assert importlib.import_module(old) is module, old
+        assert module.__name__.startswith("flax_d2v.api."), module.__name__
+    assert callable(flax_d2v.transcribe) and callable(flax_d2v.classify)  # the functions, not the modules
+    from flax_d2v.transcribe import Transcriber  # noqa: F401  (the module through its old path)
+
+    assert callable(flax_d2v.transcribe)
+
+
+def test_no_module_imports_an_old_api_path():
+    """Inside the project the moved modules are imported by their new paths, so the layer check sees them."""
+    import flax_d2v
+
+    wrong = [
+        f"{_where(m, node.lineno)}: {name}"
+        for m, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+        + ([f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+        if name in flax_d2v.MOVED_MODULES
+    ]
+    assert not wrong, "imports of an api module by its old path:\n" + "\n".join(wrong)

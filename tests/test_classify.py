@@ -113,7 +113,7 @@ def test_pipeline_on_run_hf_gives_the_labels_of_d2v_classify(speaker_id, capsys)
 
 @pytest.mark.slow
 def test_xvector_training_separates_speakers(speech_dir, tmp_path, capsys):
-    from flax_d2v.classify import Classifier, cosine
+    from flax_d2v.api.classify import Classifier, cosine
 
     result, files, speakers = train("xvector", speech_dir, tmp_path)
     hf = tmp_path / "run" / "hf"

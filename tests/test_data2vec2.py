@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import flax_d2v
+from flax_d2v.api.verify import PARITY_RTOL
 from flax_d2v.cli import main
-from flax_d2v.convert.verify import PARITY_RTOL
 
 torch = pytest.importorskip("torch")
 
@@ -244,7 +244,7 @@ def test_embed_and_transcribe_on_2_0(tmp_path, capsys, speech_dir):
     arrays = np.load(tmp_path / "e.npz")
     assert len(arrays.files) == F2.LAYOUTS["base"]["depth"] + 1
     capsys.readouterr()
-    from flax_d2v.transcribe import Transcriber
+    from flax_d2v.api.transcribe import Transcriber
 
     tr = Transcriber(str(tmp_path / "m"), batch_size=4)
     wave = _wave(speech_dir, 2.0)

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import flax_d2v
+from flax_d2v.api.verify import PARITY_RTOL
 from flax_d2v.cli import main
 from flax_d2v.convert import fairseq as fs
-from flax_d2v.convert.verify import PARITY_RTOL
 from flax_d2v.errors import D2VError
 
 torch = pytest.importorskip("torch")
@@ -468,7 +468,7 @@ def test_large_size_converts_and_matches(tmp_path, speech_dir, ctc):
     assert all(torch.equal(original[k], restored[k]) for k in original)
     print(f"large: HF export identical bit for bit, {len(original)}/{len(original)} tensors")
     del back, restored
-    from flax_d2v.convert.verify import verify
+    from flax_d2v.api.verify import verify
 
     t0 = time.perf_counter()
     rows, _ = verify(str(pt), [str(speech_dir / CLIP), str(speech_dir / "16k" / "goforward.wav")])

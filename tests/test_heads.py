@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flax_d2v.convert.verify import PARITY_RTOL
+from flax_d2v.api.verify import PARITY_RTOL
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -69,9 +69,9 @@ def make_hf(path, arch: str, weighted: bool = False, adapter: bool = False, seed
 
 @pytest.mark.parametrize("arch,weighted,adapter", CASES)
 def test_head_converts_round_trips_and_matches_pytorch(tmp_path, capsys, speech_dir, arch, weighted, adapter):
+    from flax_d2v.api.pretrained import from_pretrained
+    from flax_d2v.api.verify import verify
     from flax_d2v.cli import main
-    from flax_d2v.convert.verify import verify
-    from flax_d2v.pretrained import from_pretrained
 
     model = make_hf(tmp_path / "hf", arch, weighted, adapter)
     # HF -> Flax -> HF: transformers loads it with nothing missing, unexpected or mismatched, bit for bit
@@ -102,8 +102,8 @@ def test_head_outputs_depend_on_the_audio(tmp_path, speech_dir):
     """The scaled heads make parity meaningful: logits differ clip to clip far beyond the tolerance."""
     import jax.numpy as jnp
 
+    from flax_d2v.api.pretrained import from_pretrained
     from flax_d2v.audio import load_audio, pad_batch
-    from flax_d2v.pretrained import from_pretrained
 
     make_hf(tmp_path / "hf", "Data2VecAudioForSequenceClassification")
     module, params = from_pretrained(tmp_path / "hf")

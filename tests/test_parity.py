@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flax_d2v.convert.verify import PARITY_RTOL
+from flax_d2v.api.verify import PARITY_RTOL
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,7 +28,7 @@ def _save(model, path):
 
 def test_base_size_parity_single_and_padded_batch(tmp_path, speech_dir):
     """data2vec-audio-base, perturbed LayerNorms, three real clips of different lengths."""
-    from flax_d2v.convert.verify import verify
+    from flax_d2v.api.verify import verify
 
     torch.manual_seed(0)
     model = transformers.Data2VecAudioModel(transformers.Data2VecAudioConfig()).eval()
@@ -46,7 +46,7 @@ def test_base_size_parity_single_and_padded_batch(tmp_path, speech_dir):
 
 def test_ctc_logits_parity_float64_reference(tmp_path, speech_dir):
     """A CTC model against a float64 PyTorch reference: the error is fp32 rounding only."""
-    from flax_d2v.convert.verify import verify
+    from flax_d2v.api.verify import verify
 
     torch.manual_seed(1)
     model = transformers.Data2VecAudioForCTC(transformers.Data2VecAudioConfig(**tiny_hf_kwargs())).eval()

@@ -61,7 +61,7 @@ def test_verify_forward_is_highest_even_under_a_lower_global_flag(tiny_ctc_dir):
     """The program `d2v verify` runs: every matmul/conv HIGHEST, also when the user's global flag
     asks for bf16 passes (what a TPU does by default). Fails on a model that leaves precision
     to the global flag (seen before the policy: all 27 ops of the tiny CTC forward at DEFAULT)."""
-    from flax_d2v.convert.verify import flax_forward
+    from flax_d2v.api.verify import flax_forward
 
     module, params = flax_d2v.from_pretrained(tiny_ctc_dir, precision="highest")
     x = jnp.zeros((2, 8000), jnp.float32)
@@ -116,7 +116,7 @@ def test_policy_errors_are_one_line():
     assert set(NAMES) == {"highest", "default", "bf16"} and resolve("bf16") is POLICIES["bf16"]
     with pytest.raises(D2VError, match="precision 'tf32': choose one of highest, default, bf16"):
         resolve("tf32")
-    from flax_d2v.pretrained import precision_kwargs
+    from flax_d2v.api.pretrained import precision_kwargs
 
     with pytest.raises(D2VError, match="contradicts precision='highest'"):
         precision_kwargs("highest", jnp.bfloat16)
@@ -126,7 +126,7 @@ def test_policy_errors_are_one_line():
 def test_verify_bf16_on_real_speech_passes_its_tolerance(tiny_ctc_dir, speech_dir):
     """`verify --precision bf16` on real speech: within the bf16 tolerance, and honestly above the
     fp32 one (a check that the Flax side really ran in bf16)."""
-    from flax_d2v.convert.verify import PARITY_RTOL, TOLERANCES, verify
+    from flax_d2v.api.verify import PARITY_RTOL, TOLERANCES, verify
 
     clips = [str(speech_dir / "16k/librivox_0880.wav"), str(speech_dir / "16k/cards_001.wav")]
     rows, facts = verify(tiny_ctc_dir, clips, precision="bf16")
@@ -198,7 +198,7 @@ def test_data2vec2_forward_is_highest_and_verify_bf16_honest(tmp_path, speech_di
     import fairseq2_fixtures as F2
     from fairseq_fixtures import save_checkpoint
 
-    from flax_d2v.convert.verify import PARITY_RTOL, TOLERANCES, flax_forward, verify
+    from flax_d2v.api.verify import PARITY_RTOL, TOLERANCES, flax_forward, verify
 
     pt = save_checkpoint(F2.ctc_checkpoint("base")[0], tmp_path / "ctc2.pt")
     module, params = flax_d2v.from_pretrained(pt, precision="highest")

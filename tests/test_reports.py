@@ -28,7 +28,7 @@ def tiny_ctc_dir(tmp_path_factory):
 
 
 def _fail_every_stage(monkeypatch):
-    import flax_d2v.convert.verify as verify_module
+    import flax_d2v.api.verify as verify_module
 
     # no error can be below -1: every stage fails, whatever the precision policy's tolerance
     monkeypatch.setattr(verify_module, "TOLERANCES", {k: -1.0 for k in verify_module.TOLERANCES})

@@ -239,7 +239,7 @@ def test_fairseq_normalize_eps_is_read_by_transcribe(tmp_path, monkeypatch):
 
     pt = F.save_checkpoint(F.checkpoint(F.hf_model(True), True, task_dictionary=True), tmp_path / "ft.pt")
     fs.convert_fairseq(pt, tmp_path / "conv")
-    T = importlib.import_module("flax_d2v.transcribe")  # the module (the package exports a function of that name)
+    T = importlib.import_module("flax_d2v.api.transcribe")  # the module (the package exports a function of that name)
     assert read_preprocessor_config(tmp_path / "conv").normalize_eps == FAIRSEQ_NORM_EPS
     seen = []
     real = T.pad_batch

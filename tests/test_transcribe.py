@@ -16,12 +16,12 @@ import soundfile as sf
 
 import flax_d2v
 from flax_d2v import Data2VecAudioForCTC, init_params, tiny_config
+from flax_d2v.api.transcribe import ChunkPlan, Transcriber, bucket_length, transcribe
 from flax_d2v.audio import SAMPLE_RATE, load_audio, pad_batch, resample
 from flax_d2v.cli import main as d2v_main
 from flax_d2v.ctc_decode import CTCTokenizer
 from flax_d2v.errors import D2VError
 from flax_d2v.modeling import apply_padding_invariant
-from flax_d2v.transcribe import ChunkPlan, Transcriber, bucket_length, transcribe
 
 VOCAB = {
     "<pad>": 0,

@@ -10,7 +10,7 @@ finetune --eval SPLIT` logged for the same weights:
 
 - the clips kept are `eval_positions` (every clip with a transcript that the encoder gives a frame);
 - they are read through the manifest `SLICE_CLIPS` at a time and transcribed by a
-  `flax_d2v.transcribe.Transcriber` (its length buckets, its chunking with strides for clips over
+  `flax_d2v.api.transcribe.Transcriber` (its length buckets, its chunking with strides for clips over
   its chunk length, its padding-invariant forward, greedy or with its beam search / n-gram LM);
 - references and hypotheses go through the same `NORMALIZATIONS` entry, `upper-letters` by
   default: `train/vocab.py`'s `normalize_transcript`, the rule `d2v finetune` trains on;

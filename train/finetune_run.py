@@ -17,6 +17,8 @@ from typing import Any
 import jax
 
 from flax_d2v import processor
+from flax_d2v.api.pretrained import build_module, load_any
+from flax_d2v.api.transcribe import Transcriber
 from flax_d2v.checkpoint import save_flax
 from flax_d2v.config import PRESETS, Data2VecAudioConfig, preset
 from flax_d2v.convert.hf import save_hf
@@ -26,7 +28,6 @@ from flax_d2v.heads import REGISTRY, with_labels
 from flax_d2v.lm_decode import decoder_for
 from flax_d2v.modeling import init_params, logical_axes
 from flax_d2v.paths import AnyPath, is_url, localize
-from flax_d2v.pretrained import build_module, load_any
 from flax_d2v.train import classification, evaluation
 from flax_d2v.train import run_common as common
 from flax_d2v.train import vocab as vocabulary
@@ -34,7 +35,6 @@ from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loop import Trainer, log
 from flax_d2v.train.manifests import read_manifest
 from flax_d2v.train.recipes import FinetuneConfig
-from flax_d2v.transcribe import Transcriber
 
 DROPOUT_KEYS = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout")
 CONFIG_KEYS = DROPOUT_KEYS + (
@@ -124,7 +124,7 @@ def load_init(cfg: FinetuneConfig) -> tuple[Any, dict | None, Path | None]:
 def make_eval_fn(objective: Any, manifest: Any, vocab: dict[str, int], batch_size: int, lm_decoder: Any = None):
     """eval_fn(state) -> {"wer", "cer", "eval_clips"}: `d2v transcribe` over the whole eval manifest.
 
-    Through `flax_d2v.transcribe.Transcriber` itself (greedy, its default chunking with strides for
+    Through `flax_d2v.api.transcribe.Transcriber` itself (greedy, its default chunking with strides for
     clips over 20 s, its padding-invariant forward), so the logged WER is what a user transcribing
     those clips with `d2v transcribe --model RUN/hf` gets, for clips of any length, and what
     `d2v evaluate RUN/hf --data MANIFEST` reports: both are `train/evaluation.py` (clips read a

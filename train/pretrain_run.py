@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax_d2v.api.pretrained import load_any
+from flax_d2v.api.teacher import load_aux
 from flax_d2v.checkpoint import is_flax_dir, load_flax_aux, save_flax
 from flax_d2v.config import PRESETS, Data2VecAudioConfig
 from flax_d2v.convert.fairseq import load_fairseq
@@ -33,9 +35,7 @@ from flax_d2v.fileio import read_json_object
 from flax_d2v.modeling import Data2VecAudioModel, init_params, logical_axes
 from flax_d2v.params import is_scanned, unstack_layers
 from flax_d2v.paths import is_url, localize
-from flax_d2v.pretrained import load_any
 from flax_d2v.processor import preprocessor_config
-from flax_d2v.teacher import load_aux
 from flax_d2v.train import run_common as common
 from flax_d2v.train.data2vec2_objective import Data2Vec2Objective, Data2Vec2PretrainConfig, teacher_subtree
 from flax_d2v.train.data2vec_objective import CroppedBatches, Data2VecObjective, Data2VecPretrainConfig
@@ -141,7 +141,7 @@ def load_init(cfg: PretrainConfig | Mapping[str, Any]) -> tuple[Any, dict | None
     """(model config, encoder params or None (random init), aux {"final_proj"?, "ema"?}, description,
     updates the checkpoint's teacher has seen (fairseq's `num_updates`; 0 when unknown or no teacher)).
 
-    The hook for pretrained starting points: anything `flax_d2v.pretrained.load_any` reads gives
+    The hook for pretrained starting points: anything `flax_d2v.api.pretrained.load_any` reads gives
     the student; a fairseq `.pt` (`flax_d2v.convert.fairseq.load_fairseq`) or a flax-d2v dir with
     `flax_aux.safetensors` also gives the teacher (`ema`) and `final_proj`.
     """

@@ -13,9 +13,9 @@ import argparse
 import json
 import sys
 
-from flax_d2v.classify import Classifier
+from flax_d2v.api.classify import Classifier
+from flax_d2v.api.transcribe import DEFAULT_BATCH_SIZE
 from flax_d2v.errors import D2VError
-from flax_d2v.transcribe import DEFAULT_BATCH_SIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

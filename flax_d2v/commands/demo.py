@@ -14,13 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
+from flax_d2v.api.pretrained import load_any
+from flax_d2v.api.transcribe import transcribe
+from flax_d2v.api.verify import default_clip, format_table, markdown_report, plot_errors, verify
 from flax_d2v.checkpoint import save_flax
-from flax_d2v.convert.verify import default_clip, format_table, markdown_report, plot_errors, verify
 from flax_d2v.fileio import atomic_dir, atomic_write_text
 from flax_d2v.precision import add_argument as add_precision_argument
-from flax_d2v.pretrained import load_any
 from flax_d2v.processor import save_preprocessor_config, save_tokenizer_files
-from flax_d2v.transcribe import transcribe
 
 # facebook/data2vec-audio-base-960h's vocab.json (character CTC vocabulary, <pad> = blank = 0).
 BASE_960H_VOCAB = [

@@ -19,13 +19,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from flax_d2v.api.classify import Classifier
+from flax_d2v.api.pretrained import load_model
 from flax_d2v.audio import HF_NORM_EPS, load_audio, pad_batch
-from flax_d2v.classify import Classifier
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes
 from flax_d2v.paths import as_path
 from flax_d2v.precision import add_argument as add_precision_argument
-from flax_d2v.pretrained import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from flax_d2v.classify import Classifier, cosine
+from flax_d2v.api.classify import Classifier, cosine
 from flax_d2v.errors import D2VError
 
 

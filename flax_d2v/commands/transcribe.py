@@ -12,9 +12,9 @@ import json
 import sys
 from collections.abc import Callable
 
+from flax_d2v.api.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, DEFAULT_PRECISION, Transcriber
 from flax_d2v.errors import D2VError
 from flax_d2v.precision import add_argument as add_precision_argument
-from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LENGTH_S, DEFAULT_PRECISION, Transcriber
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

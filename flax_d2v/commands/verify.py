@@ -1,6 +1,6 @@
 """d2v verify SRC: layer-by-layer parity report, Flax against transformers' PyTorch model, on real audio.
 
-Exit status 1 when any stage is outside the tolerance (`flax_d2v.convert.verify.PARITY_RTOL`).
+Exit status 1 when any stage is outside the tolerance (`flax_d2v.api.verify.PARITY_RTOL`).
 `d2v verify CKPT.pt --objective REF.npz`: one pretraining step against fairseq's own loss, targets,
 predictions and gradients (`flax_d2v.train.verify_objective`), exit 1 outside its tolerances.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 
-from flax_d2v.convert.verify import format_table, markdown_report, plot_errors, verify
+from flax_d2v.api.verify import format_table, markdown_report, plot_errors, verify
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes, atomic_write_text
 from flax_d2v.paths import as_path, localize

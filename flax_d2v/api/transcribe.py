@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_d2v.api.pretrained import load_model
 from flax_d2v.audio import SAMPLE_RATE, Warn, load_audio, pad_batch, prepare_audio, print_note
 from flax_d2v.ctc_decode import CTCTokenizer
 from flax_d2v.data2vec2 import Data2Vec2ForCTC
 from flax_d2v.errors import D2VError
 from flax_d2v.lm_decode import decoder_for
 from flax_d2v.modeling import Data2VecAudioForCTC, apply_padding_invariant, feat_extract_output_lengths
-from flax_d2v.pretrained import load_model
 from flax_d2v.types import PyTree
 
 DEFAULT_BATCH_SIZE = 4  # x 20 s chunks: base-size activations ~1.7 GB on CPU (8 would need ~3.4 GB)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flax_d2v.api.teacher import teacher_params
 from flax_d2v.checkpoint import is_flax_dir, load_flax
 from flax_d2v.config import Data2VecAudioConfig
 from flax_d2v.convert import fairseq
@@ -37,7 +38,6 @@ from flax_d2v.params import stack_layers
 from flax_d2v.paths import localize
 from flax_d2v.precision import resolve
 from flax_d2v.processor import PreprocessorConfig, read_preprocessor_config
-from flax_d2v.teacher import teacher_params
 from flax_d2v.types import PyTree
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

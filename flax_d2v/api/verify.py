@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flax_d2v.api.pretrained import from_pretrained, load_any
+from flax_d2v.api.verify2 import is_v2_source, verify_v2
 from flax_d2v.audio import load_audio, pad_batch
 from flax_d2v.convert.hf import is_hf_dir, save_hf
 from flax_d2v.convert.parity import (
@@ -31,10 +33,8 @@ from flax_d2v.convert.parity import (
     parity_cases,
     torch_device,
 )
-from flax_d2v.convert.verify2 import is_v2_source, verify_v2
 from flax_d2v.errors import D2VError
 from flax_d2v.precision import resolve
-from flax_d2v.pretrained import from_pretrained, load_any
 from flax_d2v.processor import read_preprocessor_config
 
 

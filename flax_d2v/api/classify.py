@@ -1,7 +1,7 @@
 """Audio classification, frame classification and speaker embeddings with the data2vec-audio heads.
 
     results = flax_d2v.classify("my-classifier", ["a.wav", "b.flac"], top_k=3)   # [Classification]
-    from flax_d2v.classify import Classifier
+    from flax_d2v.api.classify import Classifier
     embeddings = Classifier("my-xvector-model").embed(["a.wav"])        # x-vectors, .embedding each
 
 Inputs are read, bucketed and batched as `flax_d2v.transcribe` does (the same audio loader,
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_d2v.api.pretrained import load_model
+from flax_d2v.api.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length, load_input
 from flax_d2v.audio import SAMPLE_RATE, Warn, pad_batch, print_note
 from flax_d2v.errors import D2VError
 from flax_d2v.heads import (
@@ -39,8 +41,6 @@ from flax_d2v.heads import (
     id2label,
 )
 from flax_d2v.modeling import apply_padding_invariant
-from flax_d2v.pretrained import load_model
-from flax_d2v.transcribe import DEFAULT_BATCH_SIZE, batch_rows, bucket_length, load_input
 from flax_d2v.types import PyTree
 
 CLASSIFIERS = (

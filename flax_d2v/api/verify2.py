@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from flax_d2v.api.pretrained import from_pretrained
 from flax_d2v.audio import load_audio, pad_batch
 from flax_d2v.checkpoint import load_flax
 from flax_d2v.convert.fairseq import convert_fairseq
@@ -28,7 +29,6 @@ from flax_d2v.data2vec2 import MODEL_TYPE_V2
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import read_json_object
 from flax_d2v.precision import resolve
-from flax_d2v.pretrained import from_pretrained
 from flax_d2v.processor import read_preprocessor_config
 
 
