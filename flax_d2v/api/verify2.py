@@ -120,7 +120,7 @@ def is_v2_source(src: str) -> bool:
 
 
 def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision: str = "highest") -> tuple[list, dict]:
-    """Rows and facts as `convert.verify.verify` returns them, for a data2vec 2.0 model.
+    """Rows and facts as `api.verify.verify` returns them, for a data2vec 2.0 model.
 
     `precision` is the Flax side's policy (`flax_d2v.precision`), judged against
     `convert.parity.TOLERANCES`; the reference runs in fp32 with TF32 off.
