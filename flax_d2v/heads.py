@@ -116,19 +116,20 @@ def _run_base(
     """The encoder's output and the hidden state the head reads (weighted layer sum or the last)."""
     c = module.config
     out = _base(module)(input_values, attention_mask, output_hidden_states or c.use_weighted_layer_sum, **options)
+    # freeze_base_model stops the gradient at the encoder's outputs, before the weighted sum: as
+    # transformers' freeze_base_model() (data2vec_audio.* only), `layer_weights` keep training
+    frozen = jax.lax.stop_gradient if module.freeze_base_model else (lambda x: x)
     if c.use_weighted_layer_sum:
         n = c.num_hidden_layers + 1  # transformer layers + the encoder input
         weights = module.param(
             "layer_weights", nn.with_logical_partitioning(nn.initializers.constant(1.0 / n), (None,)), (n,)
         )
         norm = jax.nn.softmax(weights.astype(jnp.float32))
-        h = sum(norm[i] * out.hidden_states[i] for i in range(n))
+        h = sum(norm[i] * frozen(out.hidden_states[i]) for i in range(n))
         if not output_hidden_states:
             out = out.replace(hidden_states=None)
     else:
-        h = out.last_hidden_state
-    if module.freeze_base_model:
-        h = jax.lax.stop_gradient(h)
+        h = frozen(out.last_hidden_state)
     return out, h
 
 
