@@ -35,6 +35,7 @@ CASES = [
     ("Data2VecAudioForAudioFrameClassification", True, False),
     ("Data2VecAudioForXVector", False, False),
     ("Data2VecAudioForXVector", True, False),
+    ("Data2VecAudioForXVector", False, True),
     ("Data2VecAudioModel", False, True),
     ("Data2VecAudioForCTC", False, True),
 ]
@@ -52,6 +53,8 @@ def make_hf(path, arch: str, weighted: bool = False, adapter: bool = False, seed
     kw = tiny_hf_kwargs(**HEAD_KW, use_weighted_layer_sum=weighted)
     if adapter:  # a narrower output width, so the adapter's proj + proj_layer_norm are exercised
         kw.update(add_adapter=True, num_adapter_layers=2, output_hidden_size=48)
+        if arch == "Data2VecAudioForXVector":  # transformers' x-vector projector reads hidden_size features
+            kw.update(output_hidden_size=kw["hidden_size"])
     kw.update(extra)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(transformers.Data2VecAudioConfig(**kw)).eval()
