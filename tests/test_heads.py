@@ -117,13 +117,17 @@ def test_head_outputs_depend_on_the_audio(tmp_path, speech_dir):
 
 
 def test_classifier_heads_refuse_the_adapter(tmp_path):
-    """As transformers: sequence / frame classification with add_adapter=True is a clear error."""
+    """As transformers: sequence / frame classification with add_adapter=True is a clear error; so is an
+    x-vector adapter of another width (transformers' x-vector fails on it with a shape error)."""
     import flax_d2v
-    from flax_d2v.heads import Data2VecAudioForSequenceClassification
+    from flax_d2v.heads import Data2VecAudioForSequenceClassification, Data2VecAudioForXVector
     from flax_d2v.modeling import init_params
 
     with pytest.raises(flax_d2v.D2VError, match="adapter"):
         init_params(Data2VecAudioForSequenceClassification(flax_d2v.tiny_config(add_adapter=True)))
+    # x-vectors take the adapter at the encoder's width only: transformers' projector reads hidden_size
+    with pytest.raises(flax_d2v.D2VError, match="output_hidden_size == hidden_size"):
+        init_params(Data2VecAudioForXVector(flax_d2v.tiny_config(add_adapter=True, output_hidden_size=48)))
 
 
 def test_freeze_base_model_stops_gradients_into_the_encoder():
