@@ -43,6 +43,7 @@ from flax_d2v.convert.keys import to_flax_array, to_hf_array
 from flax_d2v.data2vec2 import Data2Vec2Config, Data2Vec2ForCTC, Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes, read_json_object
+from flax_d2v.heads import detect
 from flax_d2v.modeling import param_shapes
 from flax_d2v.params import flatten, unflatten
 from flax_d2v.paths import as_path, localize
@@ -655,6 +656,12 @@ def export_fairseq2(src: str | os.PathLike, dst: str | os.PathLike, overwrite: b
     if not isinstance(config, Data2Vec2Config):
         raise D2VError(
             f"{src}: --to fairseq writes data2vec 2.0 models; this directory holds a 1.0 model (export it with --to hf)"
+        )
+    head = detect(params).architecture
+    if head not in ("Data2VecAudioModel", "Data2VecAudioForCTC"):  # fairseq's data2vec 2.0 has no such head
+        raise D2VError(
+            f"{src}: a data2vec 2.0 model with the {head} head has no fairseq form "
+            "(fairseq's data2vec 2.0 is the bare encoder or CTC)"
         )
     aux = load_flax_aux(src) or {}
     is_ctc = "lm_head" in params

@@ -39,6 +39,12 @@ import numpy as np
 from flax_d2v.config import Data2VecAudioConfig
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import read_json_object
+from flax_d2v.heads import (
+    Data2VecAudioForAudioFrameClassification,
+    Data2VecAudioForSequenceClassification,
+    Data2VecAudioForXVector,
+    get_spec,
+)
 from flax_d2v.masking import compute_mask_indices
 from flax_d2v.modeling import (
     REMAT_POLICIES,
@@ -221,6 +227,7 @@ class Data2Vec2Output:
     logits: Array | None = None
     frame_mask: Array | None = None
     mask_time_indices: Array | None = None
+    embeddings: Array | None = None  # the x-vector head's (as 1.0's output)
 
     @property
     def logits_frame_mask(self) -> Array | None:
@@ -352,6 +359,7 @@ class Data2Vec2Model(nn.Module):
     precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
     is_data2vec2 = True
+    takes_padding_invariant = True  # see flax_d2v.modeling.apply_padding_invariant
 
     def setup(self) -> None:
         c = self.config
@@ -532,6 +540,7 @@ class Data2Vec2ForCTC(Data2VecAudioForCTC):
 
     base_model: ClassVar[type[nn.Module]] = Data2Vec2Model
     is_data2vec2 = True
+    takes_padding_invariant = True
 
 
 class Decoder1d(nn.Module):
@@ -574,5 +583,43 @@ def init_decoder(config: Data2Vec2Config, rng: Array | int = 0, num_frames: int 
     return nn.meta.unbox(dec.init(rng, jnp.zeros((1, num_frames, config.hidden_size)))["params"])
 
 
-def build_module_v2(config: Data2Vec2Config, is_ctc: bool, **kwargs: Any) -> nn.Module:
-    return (Data2Vec2ForCTC if is_ctc else Data2Vec2Model)(config, **kwargs)
+class Data2Vec2ForSequenceClassification(Data2VecAudioForSequenceClassification):
+    """1.0's classification head (`flax_d2v.heads`) on the 2.0 encoder, nested as `data2vec_audio`."""
+
+    base_model: ClassVar[type[nn.Module]] = Data2Vec2Model
+    is_data2vec2 = True
+
+
+class Data2Vec2ForAudioFrameClassification(Data2VecAudioForAudioFrameClassification):
+    """1.0's frame-classification head on the 2.0 encoder."""
+
+    base_model: ClassVar[type[nn.Module]] = Data2Vec2Model
+    is_data2vec2 = True
+
+
+class Data2Vec2ForXVector(Data2VecAudioForXVector):
+    """1.0's x-vector head on the 2.0 encoder."""
+
+    base_model: ClassVar[type[nn.Module]] = Data2Vec2Model
+    is_data2vec2 = True
+
+
+# The 2.0 module of each head in `flax_d2v.heads.REGISTRY` (keyed by its architecture name there: the
+# key rows, detection and objectives are the registry's; only the encoder differs).
+MODULES_V2: dict[str, type[nn.Module]] = {
+    "Data2VecAudioModel": Data2Vec2Model,
+    "Data2VecAudioForCTC": Data2Vec2ForCTC,
+    "Data2VecAudioForSequenceClassification": Data2Vec2ForSequenceClassification,
+    "Data2VecAudioForAudioFrameClassification": Data2Vec2ForAudioFrameClassification,
+    "Data2VecAudioForXVector": Data2Vec2ForXVector,
+}
+
+
+def build_module_v2(config: Data2Vec2Config, architecture: str, **kwargs: Any) -> nn.Module:
+    """The 2.0 module of the registry's `architecture` (a transformers class name) for `config`."""
+    spec = get_spec(architecture)
+    if spec.architecture not in MODULES_V2:
+        raise D2VError(f"architecture {spec.architecture!r}: no data2vec 2.0 module")
+    if spec.architecture in ("Data2VecAudioModel", "Data2VecAudioForCTC") and kwargs.pop("freeze_base_model", False):
+        raise D2VError(f"freeze_base_model: {spec.architecture} has no classification head")
+    return MODULES_V2[spec.architecture](config, **kwargs)

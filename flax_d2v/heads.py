@@ -19,7 +19,9 @@ encoder is nested under `data2vec_audio` as there):
 All heads are called as `Data2VecAudioModel` (input values, attention mask, output_hidden_states, and
 the keyword options `flax_d2v.modeling.ForwardOptions`, forwarded to the encoder) and take
 `freeze_base_model` (transformers' `freeze_base_model()`): no gradient reaches the encoder (and the
-optimizer freezes its parameters, see `flax_d2v.train.state`).
+optimizer freezes its parameters, see `flax_d2v.train.state`); the head, `layer_weights` included,
+still trains. Each head's `base_model` is the encoder class: data2vec 2.0's heads
+(`flax_d2v.data2vec2.MODULES_V2`) are these classes on 2.0's encoder, under the same registry entries.
 
 `REGISTRY` maps transformers' `architectures` names to a `HeadSpec`: the module class, the
 head's rows of the key table (`flax_d2v.convert.keys` adds them to the encoder's rows), its
@@ -32,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable
-from typing import Any, Unpack
+from typing import Any, ClassVar, Unpack
 
 import flax.linen as nn
 import jax
@@ -83,8 +85,8 @@ def with_labels(config: Data2VecAudioConfig, labels: Iterable[str]) -> Data2VecA
     return config.replace(extra=extra)
 
 
-def _base(module: nn.Module) -> Data2VecAudioModel:
-    return Data2VecAudioModel(
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_model(
         module.config,
         module.dtype,
         module.remat_policy,
@@ -112,23 +114,30 @@ def _run_base(
     attention_mask: Array | None,
     output_hidden_states: bool,
     options: ForwardOptions,
+    padding_invariant: bool,
 ) -> tuple[Data2VecAudioOutput, Array]:
-    """The encoder's output and the hidden state the head reads (weighted layer sum or the last)."""
+    """The encoder's output and the hidden state the head reads (weighted layer sum or the last).
+
+    `padding_invariant` goes on to an encoder that takes it (data2vec 2.0); 1.0's encoder is made
+    padding-invariant from outside (`flax_d2v.modeling.apply_padding_invariant`)."""
     c = module.config
+    if padding_invariant and getattr(module.base_model, "takes_padding_invariant", False):
+        options = {**options, "padding_invariant": True}
     out = _base(module)(input_values, attention_mask, output_hidden_states or c.use_weighted_layer_sum, **options)
+    # freeze_base_model stops the gradient at the encoder's outputs, before the weighted sum: as
+    # transformers' freeze_base_model() (data2vec_audio.* only), `layer_weights` keep training
+    frozen = jax.lax.stop_gradient if module.freeze_base_model else (lambda x: x)
     if c.use_weighted_layer_sum:
         n = c.num_hidden_layers + 1  # transformer layers + the encoder input
         weights = module.param(
             "layer_weights", nn.with_logical_partitioning(nn.initializers.constant(1.0 / n), (None,)), (n,)
         )
         norm = jax.nn.softmax(weights.astype(jnp.float32))
-        h = sum(norm[i] * out.hidden_states[i] for i in range(n))
+        h = sum(norm[i] * frozen(out.hidden_states[i]) for i in range(n))
         if not output_hidden_states:
             out = out.replace(hidden_states=None)
     else:
-        h = out.last_hidden_state
-    if module.freeze_base_model:
-        h = jax.lax.stop_gradient(h)
+        h = frozen(out.last_hidden_state)
     return out, h
 
 
@@ -138,7 +147,12 @@ def _no_adapter(config: Data2VecAudioConfig, name: str) -> None:
 
 
 class _Head(nn.Module):
-    """Fields every head shares (those of `Data2VecAudioForCTC`, plus `freeze_base_model`)."""
+    """Fields every head shares (those of `Data2VecAudioForCTC`, plus `freeze_base_model`).
+
+    `base_model` is the encoder class, nested as `data2vec_audio` (data2vec 2.0's heads in
+    `flax_d2v.data2vec2` are these classes with 2.0's encoder). Every head takes `padding_invariant`
+    (see `flax_d2v.modeling.apply_padding_invariant`).
+    """
 
     config: Data2VecAudioConfig
     dtype: Dtype = jnp.float32
@@ -147,6 +161,9 @@ class _Head(nn.Module):
     freeze_feature_encoder: bool = False
     freeze_base_model: bool = False
     precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
+
+    base_model: ClassVar[type[nn.Module]] = Data2VecAudioModel
+    takes_padding_invariant: ClassVar[bool] = True
 
 
 class Data2VecAudioForSequenceClassification(_Head):
@@ -159,11 +176,12 @@ class Data2VecAudioForSequenceClassification(_Head):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
+        padding_invariant: bool = False,
         **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
         _no_adapter(c, "Data2VecAudioForSequenceClassification")
-        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options)
+        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options, padding_invariant)
         h = _dense(c.classifier_proj_size, ("embed", "vocab"), self.dtype, "projector")(h).astype(jnp.float32)
         if out.frame_mask is None:
             pooled = h.mean(axis=1)
@@ -184,11 +202,12 @@ class Data2VecAudioForAudioFrameClassification(_Head):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
+        padding_invariant: bool = False,
         **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
         _no_adapter(c, "Data2VecAudioForAudioFrameClassification")
-        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options)
+        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options, padding_invariant)
         logits = _dense(num_labels(c), ("embed", "vocab"), self.dtype, "classifier")(h)
         return out.replace(logits=logits.astype(jnp.float32))
 
@@ -237,11 +256,12 @@ class TDNNLayer(nn.Module):
         return jax.nn.relu(y + bias.astype(self.dtype))
 
 
-def tdnn_output_lengths(config: Data2VecAudioConfig, frames: Any) -> Any:
-    """Frames left after the TDNN stack, as transformers' `_get_tdnn_output_lengths` (which, like it,
-    ignores the dilation)."""
-    for k in config.tdnn_kernel:
-        frames = frames - k + 1
+def tdnn_output_lengths(config: Data2VecAudioConfig, frames: Any, dilated: bool = False) -> Any:
+    """Frames left after the TDNN stack: as transformers' `_get_tdnn_output_lengths`, which ignores the
+    dilation (so it counts a few frames that read past the real ones), or with it (`dilated`: the
+    frames of the valid dilated convolution, exactly those of the clip run alone)."""
+    for k, d in zip(config.tdnn_kernel, config.tdnn_dilation, strict=True):
+        frames = frames - (k - 1) * (d if dilated else 1)
     return frames
 
 
@@ -265,10 +285,16 @@ class Data2VecAudioForXVector(_Head):
         input_values: Array,
         attention_mask: Array | None = None,
         output_hidden_states: bool = False,
+        padding_invariant: bool = False,
         **options: Unpack[ForwardOptions],
     ) -> Data2VecAudioOutput:
         c = self.config
-        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options)
+        if c.add_adapter and c.output_hidden_size != c.hidden_size and not c.use_weighted_layer_sum:
+            raise D2VError(
+                f"config: Data2VecAudioForXVector with the adapter needs output_hidden_size == hidden_size "
+                f"(got {c.output_hidden_size} and {c.hidden_size}): transformers' projector reads hidden_size features"
+            )
+        out, h = _run_base(self, input_values, attention_mask, output_hidden_states, options, padding_invariant)
         h = _dense(c.tdnn_dim[0], ("embed", "vocab"), self.dtype, "projector")(h)
         for i in range(len(c.tdnn_dim)):
             h = TDNNLayer(c, i, self.dtype, name=f"tdnn_{i}")(h)
@@ -277,9 +303,12 @@ class Data2VecAudioForXVector(_Head):
         if attention_mask is None:
             lengths = jnp.full((h.shape[0],), t)
         else:
-            frames = feat_extract_output_lengths(c, attention_mask.astype(jnp.int32).sum(-1), add_adapter=True)
-            # transformers slices `[:length]`: a length past the end (its formula ignores the dilation) is all frames
-            lengths = jnp.minimum(tdnn_output_lengths(c, frames), t)
+            # transformers counts the adapter's frames even when the weighted sum reads the encoder's
+            adapter = not (padding_invariant and c.use_weighted_layer_sum)
+            frames = feat_extract_output_lengths(c, attention_mask.astype(jnp.int32).sum(-1), add_adapter=adapter)
+            # transformers slices `[:length]`: a length past the end (its formula ignores the dilation) is all
+            # frames. Padding-invariant: only the frames the clip alone has, none that read the padding.
+            lengths = jnp.minimum(tdnn_output_lengths(c, frames, dilated=padding_invariant), t)
         m = (jnp.arange(t)[None, :] < lengths[:, None])[..., None]
         n = lengths[:, None].astype(jnp.float32)
         mean = jnp.where(m, h, 0.0).sum(axis=1) / n

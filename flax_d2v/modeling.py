@@ -432,6 +432,7 @@ class AdapterLayer(nn.Module):
 
     config: Data2VecAudioConfig
     dtype: Dtype = jnp.float32
+    layer_id: int = 0  # its place in the stack: the padding-invariant forward counts its input frames by it
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -465,7 +466,7 @@ class Adapter(nn.Module):
             x = _dense(c.output_hidden_size, ("embed", "mlp"), self.dtype, "proj")(x)
             x = _layer_norm(TORCH_LAYER_NORM_EPS, "embed", self.dtype, "proj_layer_norm")(x)
         for i in range(c.num_adapter_layers):
-            y = AdapterLayer(c, self.dtype, name=f"layers_{i}")(x)
+            y = AdapterLayer(c, self.dtype, i, name=f"layers_{i}")(x)
             if not deterministic and c.layerdrop > 0.0:
                 skip = jax.random.uniform(self.make_rng("dropout"), ()) < c.layerdrop
                 # only where a skipped layer keeps the shape (stride 1): transformers' skip of a
@@ -728,21 +729,35 @@ def apply_padding_invariant(
     last frames of the utterance (and through attention, slightly, into all of them), so a clip's
     transcript would depend on the bucket it was padded to and on its batch-mates. Zeroing the
     padded frames after every positional conv layer makes each layer see exactly the zero
-    padding it sees on the unpadded clip, so bucketing changes nothing.
+    padding it sees on the unpadded clip, so bucketing changes nothing. The adapter's strided convs
+    (padding 1) read one frame past a clip's end in the same way: their inputs are zeroed past each
+    layer's real frames.
+
+    Modules with a `padding_invariant` keyword (`takes_padding_invariant`: data2vec 2.0, the heads)
+    get `padding_invariant=True`: 2.0 never zeroes padded frames itself, and the x-vector head then
+    pools only the TDNN frames that read real frames (those the clip alone has).
     """
-    frames = feat_extract_output_lengths(module.config, attention_mask.astype(jnp.int32).sum(-1))
+    c = module.config
+    frames = feat_extract_output_lengths(c, attention_mask.astype(jnp.int32).sum(-1))
+
+    def zero_past(x: Array, n: Array) -> Array:
+        real = jnp.arange(x.shape[1])[None, :] < n[:, None]
+        return jnp.where(real[..., None], x, jnp.zeros((), x.dtype))
 
     def zero_padded_frames(
         next_fun: Callable[..., Any], args: Any, kwargs: Any, context: nn.module.InterceptorContext
     ) -> Any:
+        if isinstance(context.module, AdapterLayer) and context.method_name == "__call__":
+            n = frames
+            for _ in range(context.module.layer_id):  # this layer's input frames, as feat_extract_output_lengths
+                n = (n - 1) // c.adapter_stride + 1
+            args = (zero_past(args[0], n), *args[1:])
         out = next_fun(*args, **kwargs)
         if isinstance(context.module, PositionalConvLayer) and context.method_name == "__call__":
-            real = jnp.arange(out.shape[1])[None, :] < frames[:, None]
-            out = jnp.where(real[..., None], out, jnp.zeros((), out.dtype))
+            out = zero_past(out, frames)
         return out
 
-    # data2vec 2.0 never zeroes padded frames itself; asked to, it also zeroes the positional conv's input
-    extra = {"padding_invariant": True} if getattr(module, "is_data2vec2", False) else {}
+    extra = {"padding_invariant": True} if getattr(module, "takes_padding_invariant", False) else {}
     with nn.intercept_methods(zero_padded_frames):
         return module.apply({"params": params}, input_values, attention_mask, **extra)
 

@@ -35,6 +35,7 @@ CASES = [
     ("Data2VecAudioForAudioFrameClassification", True, False),
     ("Data2VecAudioForXVector", False, False),
     ("Data2VecAudioForXVector", True, False),
+    ("Data2VecAudioForXVector", False, True),
     ("Data2VecAudioModel", False, True),
     ("Data2VecAudioForCTC", False, True),
 ]
@@ -52,6 +53,8 @@ def make_hf(path, arch: str, weighted: bool = False, adapter: bool = False, seed
     kw = tiny_hf_kwargs(**HEAD_KW, use_weighted_layer_sum=weighted)
     if adapter:  # a narrower output width, so the adapter's proj + proj_layer_norm are exercised
         kw.update(add_adapter=True, num_adapter_layers=2, output_hidden_size=48)
+        if arch == "Data2VecAudioForXVector":  # transformers' x-vector projector reads hidden_size features
+            kw.update(output_hidden_size=kw["hidden_size"])
     kw.update(extra)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(transformers.Data2VecAudioConfig(**kw)).eval()
@@ -114,34 +117,46 @@ def test_head_outputs_depend_on_the_audio(tmp_path, speech_dir):
 
 
 def test_classifier_heads_refuse_the_adapter(tmp_path):
-    """As transformers: sequence / frame classification with add_adapter=True is a clear error."""
+    """As transformers: sequence / frame classification with add_adapter=True is a clear error; so is an
+    x-vector adapter of another width (transformers' x-vector fails on it with a shape error)."""
     import flax_d2v
-    from flax_d2v.heads import Data2VecAudioForSequenceClassification
+    from flax_d2v.heads import Data2VecAudioForSequenceClassification, Data2VecAudioForXVector
     from flax_d2v.modeling import init_params
 
     with pytest.raises(flax_d2v.D2VError, match="adapter"):
         init_params(Data2VecAudioForSequenceClassification(flax_d2v.tiny_config(add_adapter=True)))
+    # x-vectors take the adapter at the encoder's width only: transformers' projector reads hidden_size
+    with pytest.raises(flax_d2v.D2VError, match="output_hidden_size == hidden_size"):
+        init_params(Data2VecAudioForXVector(flax_d2v.tiny_config(add_adapter=True, output_hidden_size=48)))
 
 
 def test_freeze_base_model_stops_gradients_into_the_encoder():
+    """transformers' `freeze_base_model()` freezes `data2vec_audio.*` only: every other group, the
+    softmaxed `layer_weights` of the weighted layer sum included, still gets a gradient. Checked group
+    by group (a max over all head gradients would hide one group at zero)."""
     import jax
     import jax.numpy as jnp
 
     import flax_d2v
-    from flax_d2v.heads import Data2VecAudioForSequenceClassification
+    from flax_d2v.heads import REGISTRY
     from flax_d2v.modeling import init_params
-    from flax_d2v.params import flatten
 
-    config = flax_d2v.tiny_config()
+    arch = "Data2VecAudioForXVector"  # the head with most groups: projector, tdnn_*, feature_extractor, ...
+    config = flax_d2v.tiny_config(
+        use_weighted_layer_sum=True, tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(2, 1), xvector_output_dim=8
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8000))
     for frozen in (False, True):
-        module = Data2VecAudioForSequenceClassification(config, freeze_base_model=frozen)
+        module = REGISTRY[arch].build(config, freeze_base_model=frozen)
         params = init_params(module, 0)
-        grads = jax.grad(lambda p, m=module: m.apply({"params": p}, x).logits.sum())(params)
-        enc = max(float(jnp.abs(v).max()) for k, v in flatten(grads).items() if k.startswith("data2vec_audio/"))
-        head = max(float(jnp.abs(v).max()) for k, v in flatten(grads).items() if not k.startswith("data2vec_audio/"))
-        assert head > 0
-        assert (enc == 0) == frozen
+        grads = jax.jit(jax.grad(lambda p, m=module: m.apply({"params": p}, x).logits.sum()))(params)
+        # the largest |gradient| of each top-level group (`objective` is the AM-softmax loss's, unused here)
+        by_group = {k: max(float(jnp.abs(v).max()) for v in jax.tree.leaves(g)) for k, g in grads.items()}
+        by_group.pop("objective", None)
+        assert "layer_weights" in by_group
+        heads = {k: v for k, v in by_group.items() if k != "data2vec_audio"}
+        assert all(v > 0 for v in heads.values()), (frozen, heads)
+        assert (by_group["data2vec_audio"] == 0) == frozen, (frozen, by_group["data2vec_audio"])
 
 
 def test_am_softmax_matches_transformers():

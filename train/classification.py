@@ -9,7 +9,9 @@
   transformers' `pipeline("audio-classification")` reads).
 - The loss is summed over the real examples and weighted by their count (the loop's contract,
   `objective.py`); SpecAugment masks are drawn per example as for CTC.
-- Eval: accuracy over the eval manifest, through the padding-invariant forward `d2v classify` uses.
+- Eval: accuracy over the eval manifest, through the padding-invariant forward `d2v classify` uses;
+  x-vectors also `eer`, the speaker-verification equal error rate over every pair of eval clips
+  (cosine of their x-vectors, as `d2v similarity`; same label = same speaker), what x-vectors are for.
 
 Everything else (meshes, resume, bf16, schedules, checkpoints) is the same loop as CTC.
 """
@@ -35,6 +37,7 @@ from flax_d2v.train import hf_datasets, sharding, shards
 from flax_d2v.train.ctc import CTCObjective
 from flax_d2v.train.loader import BatchLoader
 from flax_d2v.train.manifests import read_lines, tsv_rows
+from flax_d2v.train.metrics import equal_error_rate
 from flax_d2v.train.objective import Batch, NoExtra, train_forward
 
 PyTree = Any
@@ -121,20 +124,40 @@ class ClassificationObjective(NoExtra):
         metrics = {"train_accuracy": correct.sum() / jnp.maximum(n, 1)}
         return jnp.where(valid, per, 0.0).sum(), n.astype(jnp.float32), metrics
 
-    def predict(self, params: PyTree, batch: Batch) -> jax.Array:
-        """Class ids (B,), deterministic, through the padding-invariant forward (as `d2v classify`)."""
+    def outputs(self, params: PyTree, batch: Batch) -> tuple[jax.Array, jax.Array | None]:
+        """(class ids (B,), x-vectors (B, D) or None), deterministic, through the padding-invariant forward
+        (as `d2v classify` and `d2v embed --xvector`)."""
         out = apply_padding_invariant(self.module, params, batch["input_values"], batch["attention_mask"])
         zeros = jnp.zeros(out.logits.shape[0], jnp.int32)
-        return jnp.argmax(self._scores(params, out.logits, zeros, False), -1).astype(jnp.int32)
+        ids = jnp.argmax(self._scores(params, out.logits, zeros, False), -1).astype(jnp.int32)
+        return ids, out.embeddings
+
+    def predict(self, params: PyTree, batch: Batch) -> jax.Array:
+        """Class ids (B,), deterministic, through the padding-invariant forward (as `d2v classify`)."""
+        return self.outputs(params, batch)[0]
+
+
+def verification_eer(embeddings: list[np.ndarray], speakers: list[Any]) -> float:
+    """The EER of every pair of `embeddings` as a verification trial: cosine-scored, same speaker or not."""
+    unit = [e / max(float(np.linalg.norm(e)), 1e-8) for e in embeddings]  # cosine, as `d2v similarity`
+    scores, same = [], []
+    for a in range(len(unit)):
+        for b in range(a + 1, len(unit)):
+            scores.append(float(unit[a] @ unit[b]))
+            same.append(speakers[a] == speakers[b])
+    return equal_error_rate(scores, same)
 
 
 def make_accuracy_eval_fn(
     objective: ClassificationObjective, trainer: Any, loader: BatchLoader, eval_labels: np.ndarray
 ) -> Callable[[Any], dict[str, float]]:
-    """eval_fn(state) -> {"accuracy", "eval_clips"} over the whole eval manifest."""
+    """eval_fn(state) -> {"accuracy", "eval_clips"} over the whole eval manifest, and "eer" for x-vectors
+    (`flax_d2v.train.metrics.equal_error_rate` over every pair of eval clips; NaN without a speaker
+    of two clips and two speakers)."""
 
     def predict(params, batch):
-        return objective.predict(params, batch), batch["index"]
+        ids, embeddings = objective.outputs(params, batch)
+        return ids, batch["index"], embeddings
 
     jitted = jax.jit(
         predict,
@@ -145,15 +168,22 @@ def make_accuracy_eval_fn(
     def eval_fn(state: Any) -> dict[str, float]:
         loader.restore({"epoch": 0, "batch_in_epoch": 0})
         preds: dict[int, int] = {}
+        vectors: dict[int, np.ndarray] = {}
         for batch in loader:
             arrays = {k: np.asarray(batch[k]) for k in ("input_values", "attention_mask", "index")}
             arrays["index"] = arrays["index"].astype(np.int32)
-            ids, index = (np.asarray(a) for a in jitted(state.params, sharding.shard_batch(arrays, trainer.mesh)))
-            for i, p in zip(index, ids, strict=True):
+            ids, index, emb = jitted(state.params, sharding.shard_batch(arrays, trainer.mesh))
+            ids, index = np.asarray(ids), np.asarray(index)
+            for row, (i, p) in enumerate(zip(index, ids, strict=True)):
                 if i >= 0:
                     preds[int(i)] = int(p)
+                    if emb is not None:
+                        vectors[int(i)] = np.asarray(emb[row], np.float64)
         order = sorted(preds)
         correct = sum(preds[i] == int(eval_labels[i]) for i in order)
-        return {"accuracy": correct / max(len(order), 1), "eval_clips": len(order)}
+        metrics = {"accuracy": correct / max(len(order), 1), "eval_clips": len(order)}
+        if objective.am_softmax:
+            metrics["eer"] = verification_eer([vectors[i] for i in order], [int(eval_labels[i]) for i in order])
+        return metrics
 
     return eval_fn

@@ -76,13 +76,9 @@ def choose_vocab(
 
 def training_config(base: Any, cfg: FinetuneConfig, vocab: dict[str, int]) -> Any:
     """The init model's config with this run's vocabulary and regularisation (HF semantics)."""
-    over: dict[str, Any] = {}
-    if cfg.dropout is not None:  # every dropout, LayerDrop included (the flag's help says so)
-        over.update({k: float(cfg.dropout) for k in DROPOUT_KEYS + ("layerdrop",)})
-    over.update({k: getattr(cfg, k) for k in CONFIG_KEYS if getattr(cfg, k) is not None})
-    if not base.apply_spec_augment and any(getattr(cfg, k) for k in ("mask_time_prob", "mask_feature_prob")):
-        over["apply_spec_augment"] = True  # a mask rate asked for on the command line means SpecAugment on
-    over.update(
+    return regularised_config(
+        base,
+        cfg,
         vocab_size=len(vocab),
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab["<s>"],
@@ -90,7 +86,17 @@ def training_config(base: Any, cfg: FinetuneConfig, vocab: dict[str, int]) -> An
         ctc_zero_infinity=bool(cfg.ctc_zero_infinity),
         ctc_loss_reduction="sum" if cfg.ctc_reduction == "sum" else "mean",
     )
-    config = base.replace(**over)
+
+
+def regularised_config(base: Any, cfg: FinetuneConfig, **fields: Any) -> Any:
+    """The init model's config with this run's regularisation flags (one meaning for every --task) and `fields`."""
+    over: dict[str, Any] = {}
+    if cfg.dropout is not None:  # every dropout, LayerDrop included (the flag's help says so)
+        over.update({k: float(cfg.dropout) for k in DROPOUT_KEYS + ("layerdrop",)})
+    over.update({k: getattr(cfg, k) for k in CONFIG_KEYS if getattr(cfg, k) is not None})  # a specific flag wins
+    if not base.apply_spec_augment and any(getattr(cfg, k) for k in ("mask_time_prob", "mask_feature_prob")):
+        over["apply_spec_augment"] = True  # a mask rate asked for on the command line means SpecAugment on
+    config = base.replace(**over, **fields)
     if hasattr(config, "post_mlp_dropout"):  # data2vec 2.0: fairseq's Wav2VecEncoder sets these from the same cfg
         config = config.replace(
             post_mlp_dropout=config.hidden_dropout,
@@ -287,12 +293,10 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     train_ids = classification.label_ids(names, label2id, str(cfg.train))
 
     base_config, loaded, _ = load_init(cfg)
-    over = {k: getattr(cfg, k) for k in CONFIG_KEYS if getattr(cfg, k) is not None}
-    if cfg.dropout is not None:
-        over.update({k: float(cfg.dropout) for k in DROPOUT_KEYS})
-    config = with_labels(base_config.replace(**over), labels)
+    config = with_labels(regularised_config(base_config, cfg), labels)
     spec = REGISTRY[classification.TASKS[task]]
-    module = spec.build(config, **common.module_options(cfg), freeze_base_model=bool(cfg.freeze_base_model))
+    # the head on the init model's own encoder (data2vec 2.0's for a 2.0 checkpoint)
+    module = build_module(config, spec, **common.module_options(cfg), freeze_base_model=bool(cfg.freeze_base_model))
     params, new_keys, dropped = common.graft(init_params(module, int(cfg.seed)), common.stacked(cfg, loaded))
     if loaded is not None:
         log(
@@ -328,7 +332,11 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     loop_cfg = common.loop_config(
         cfg,
         eval_every=int(cfg.eval_every),
-        meta={"objective": task, "model_config": json.loads(config.to_json_string())},
+        meta={
+            "objective": task,
+            "model_config": json.loads(config.to_json_string()),
+            "settings": common.resume_settings(cfg, ("freeze_transformer_steps", "freeze_base_model")),
+        },
     )
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -348,9 +356,12 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     trainer.finish(title=f"d2v finetune {run_dir.name}")
     if not result.stopped and cfg.export_hf:
         host = common.host(result.state.params)
+        v2 = getattr(module, "is_data2vec2", False)  # no transformers class for 2.0: a flax-d2v directory
+        to, save = ("flax", save_flax) if v2 else ("hf", save_hf)
         if jax.process_index() == 0:
-            with tempfile.TemporaryDirectory(prefix=".hf-files-", dir=local_dir(run_dir)) as files:
+            with tempfile.TemporaryDirectory(prefix=f".{to}-files-", dir=local_dir(run_dir)) as files:
                 processor.save_preprocessor_config(files)
-                save_hf(run_dir / "hf", config, host, files_from=files, overwrite=True)
-            log(f"wrote {run_dir / 'hf'} (transformers {spec.architecture}, id2label of {len(labels)} labels)")
+                save(run_dir / to, config, host, files_from=files, overwrite=True)
+            kind = f"flax-d2v data2vec 2.0 {type(module).__name__}" if v2 else f"transformers {spec.architecture}"
+            log(f"wrote {run_dir / to} ({kind}, id2label of {len(labels)} labels)")
     return result

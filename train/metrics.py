@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import atomic_write_bytes, atomic_write_text
 from flax_d2v.paths import AnyPath, as_path, is_url, reporting
@@ -159,6 +161,23 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
     refs = [r if r.strip() else EMPTY_REFERENCE for r in references]
     hyps = list(hypotheses)
     return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
+
+
+def equal_error_rate(scores: Sequence[float], same: Sequence[bool]) -> float:
+    """Speaker-verification EER of trials scored `scores` (higher: more alike), `same` when both sides are
+    one speaker: at the threshold where the false-acceptance rate (other-speaker trials scored at or
+    above it) and the false-rejection rate (same-speaker trials below it) are closest, their mean.
+    NaN without trials of both kinds."""
+    s, y = np.asarray(scores, np.float64), np.asarray(same, bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"equal_error_rate: {s.shape} scores for {y.shape} labels")
+    if y.all() or not y.any():
+        return float("nan")
+    thresholds = np.unique(s)
+    far = (s[~y][None, :] >= thresholds[:, None]).mean(axis=1)
+    frr = (s[y][None, :] < thresholds[:, None]).mean(axis=1)
+    k = int(np.argmin(np.abs(far - frr)))
+    return float((far[k] + frr[k]) / 2)
 
 
 def plot_history(

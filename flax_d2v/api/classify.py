@@ -12,9 +12,10 @@ audio-classification pipeline feeds it. Scores are the softmax of the logits, la
 the config's `id2label`. An x-vector model's labels are the speakers it was trained on: the
 softmax of its AM-softmax scores (scale x cosine to each class weight, no margin).
 
-x-vectors: the stats pooling (as transformers) counts a few frames past the real ones that the
-dilated TDNN reads from padding, so a padded clip's embedding can differ from the clip's alone in
-the last digits (cosine > 0.999); run with `batch_size=1` for exact single-clip embeddings.
+x-vectors: a clip's embedding is the clip's alone, unpadded, to float32 noise, whatever it is
+batched with: the padding-invariant forward zeroes what the adapter's convs would read past the
+clip, and the statistics pooling takes only the TDNN frames that read real frames (transformers'
+batched pooling, which `apply` keeps for parity, counts a few that read the padding).
 """
 
 from __future__ import annotations
@@ -127,9 +128,17 @@ class Classifier:
     """A classification / frame-classification / x-vector model with its compiled forward passes cached."""
 
     def __init__(
-        self, model_or_path: Any, do_normalize: bool | None = None, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int = 1
+        self,
+        model_or_path: Any,
+        do_normalize: bool | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        top_k: int = 1,
+        precision: str | None = None,
     ):
-        module, params, where, _, preprocessor = load_model(model_or_path)
+        """`precision`: a `flax_d2v.precision` policy for a model loaded from a path (None: "highest");
+        a `(module, params)` tuple keeps its module's own. Audio is normalised with the model's
+        `preprocessor_config.json` (`do_normalize`, and the `normalize_eps` of a fairseq conversion)."""
+        module, params, where, _, preprocessor = load_model(model_or_path, precision=precision)
         if not isinstance(module, CLASSIFIERS):
             raise D2VError(
                 f"{where}: a {type(module).__name__} has no classification or x-vector head "
@@ -145,6 +154,7 @@ class Classifier:
         self.config = module.config
         self.labels = id2label(self.config)
         self.do_normalize = preprocessor.do_normalize if do_normalize is None else bool(do_normalize)
+        self.normalize_eps = preprocessor.normalize_eps  # 1e-5 for a model converted from fairseq
         self.batch_size, self.top_k = int(batch_size), int(top_k)
         self.shapes: set[tuple[int, int]] = set()
 
@@ -169,7 +179,13 @@ class Classifier:
             for b in range(0, len(group), self.batch_size):
                 items = group[b : b + self.batch_size]
                 rows = batch_rows(len(items), self.batch_size)
-                x, mask = pad_batch([loaded[i][1] for i in items], self.do_normalize, pad_to=bucket, batch_to=rows)
+                x, mask = pad_batch(
+                    [loaded[i][1] for i in items],
+                    self.do_normalize,
+                    pad_to=bucket,
+                    batch_to=rows,
+                    eps=self.normalize_eps,
+                )
                 self.shapes.add((rows, bucket))
                 probs, emb, fmask = _forward(self.module, self.params, x, mask)
                 probs = np.asarray(probs)

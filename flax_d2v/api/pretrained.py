@@ -48,7 +48,7 @@ def build_module(config: Data2VecAudioConfig, head: HeadSpec | str, **module_kwa
     """The module of `head` (a `HeadSpec` or a transformers architecture name) for `config`."""
     spec = get_spec(head)
     if isinstance(config, Data2Vec2Config):
-        return build_module_v2(config, spec.architecture == "Data2VecAudioForCTC", **module_kwargs)
+        return build_module_v2(config, spec.architecture, **module_kwargs)
     return spec.build(config, **module_kwargs)
 
 

@@ -5,8 +5,9 @@ and LayerNorm, layer_i the output of transformer layer i, as transformers' `hidd
 (frames, hidden). Audio is preprocessed as the checkpoint's preprocessor_config.json says (HF
 normalisation, eps 1e-7). With several files, OUT is a directory holding one `<name>.npz` each.
 
-`--xvector` (an x-vector model, transformers' `Data2VecAudioForXVector`): one speaker embedding
-per file instead, the array `xvector` (xvector_output_dim,) in each .npz.
+`--xvector` (an x-vector model, transformers' `Data2VecAudioForXVector`, or data2vec 2.0's): one
+speaker embedding per file instead, the array `xvector` (xvector_output_dim,) in each .npz, at
+`--precision` and with the same preprocessing.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def run_xvector(args: argparse.Namespace, out: Path, several: bool) -> int:
         print(f"d2v embed: {message}", file=sys.stderr, flush=True)
 
     failures = 0
-    for r in Classifier(args.model, batch_size=1).embed(args.files, strict_audio=args.strict_audio, warn=warn):
+    runner = Classifier(args.model, batch_size=1, precision=args.precision)
+    for r in runner.embed(args.files, strict_audio=args.strict_audio, warn=warn):
         if r.error is not None:
             failures += 1
             continue
