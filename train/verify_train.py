@@ -160,17 +160,20 @@ def _pseudo_transcript(rng: np.random.Generator, seconds: float, letters: Sequen
     return " ".join(words)
 
 
-def _write_manifest(tmp: Path, audio: Sequence[str], task: str, base_config: Any, init_dir: Path | None, seed: int):
+def _write_manifest(
+    tmp: Path, audio: Sequence[str], task: str, base_config: Any, init_dir: Path | None, seed: int, batch_size: int
+) -> tuple[Path, str, str]:
     """A TSV manifest of `audio` with labels (the clips carry none): drawn transcripts for CTC, labels
-    dealt round the checkpoint's label names for classification. Returns (path, label column, note)."""
-    files = [str(Path(a).resolve()) for a in audio]
-    if not files:  # the bundled clip and three crops of it (a batch needs several clips)
-        import soundfile as sf
+    dealt round the checkpoint's label names for classification. Fewer clips than a batch (the bundled clip
+    by default) are completed with crops of the first. Returns (path, label column, what the labels are)."""
+    import soundfile as sf
 
-        wave = load_audio(default_clip())
-        for i, frac in enumerate((1.0, 0.85, 0.7, 0.55)):
-            f = tmp / f"clip{i}.wav"
-            sf.write(f, wave[: int(len(wave) * frac)], 16000)
+    files = [str(Path(a).resolve()) for a in audio] or [default_clip()]
+    if len(files) < batch_size:
+        wave = load_audio(files[0])
+        for i in range(batch_size - len(files)):
+            f = tmp / f"crop{i}.wav"
+            sf.write(f, wave[: int(len(wave) * (0.85 - 0.15 * i))], 16000)
             files.append(str(f))
     rng = np.random.default_rng(seed)
     if task == "ctc":
@@ -344,7 +347,8 @@ def compare_groups(
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _task(architecture: str) -> str:
+def task_of(architecture: str) -> str:
+    """The `d2v finetune --task` that trains `architecture` (a `D2VError` naming the ones there are if none)."""
     tasks = {"Data2VecAudioForCTC": "ctc", **{arch: task for task, arch in finetune_run.classification.TASKS.items()}}
     if architecture not in tasks:
         raise D2VError(
@@ -383,13 +387,14 @@ def verify_train(
     policy = resolve(precision)
     tolerance = TOLERANCES[policy.name]
     base_config, spec, _, where = load_any(src)
-    task = _task(spec.architecture)
+    task = task_of(spec.architecture)
     recipe = {**RECIPE, **(recipe or {})}
     with tempfile.TemporaryDirectory(prefix="d2v-verify-train-") as tmp_name:
         tmp = Path(tmp_name)
         init_dir = Path(where) if Path(where).is_dir() else None
         if manifest is None:
-            train, column, labels_note = _write_manifest(tmp, audio, task, base_config, init_dir, seed)
+            batch = int(recipe["batch_size"])
+            train, column, labels_note = _write_manifest(tmp, audio, task, base_config, init_dir, seed, batch)
         else:
             train, column, labels_note = manifest, label_column or "label", "from the manifest"
         cfg = FinetuneConfig.from_settings(
@@ -469,7 +474,7 @@ def verify_train(
         "architecture": spec.architecture,
         "task": task,
         "steps": int(steps),
-        "data": str(manifest) if manifest else (", ".join(audio) if audio else f"{default_clip()} and 3 crops of it"),
+        "data": str(manifest) if manifest else ", ".join(audio or [default_clip()]) + " (with crops up to a batch)",
         "labels": labels_note,
         "recipe": {k: cfg[k] for k in RECIPE} | {"clip_norm": clip_norm, "ctc_reduction": cfg.ctc_reduction},
         "reference": f"transformers {spec.architecture} + torch.optim.AdamW (fp32, TF32 off) on {torch_device()}",
