@@ -219,7 +219,7 @@ def tri_stage_lambda(total: int, phase_ratio: Sequence[float], init_scale: float
         if update < offset + hold:
             return 1.0
         offset += hold
-        if update <= offset + decay:
+        if update <= offset + decay and decay > 0:  # (fairseq divides by decay_steps: none is no decay stage)
             return math.exp(-decay_factor * (update - offset))
         return final_scale
 
