@@ -3,7 +3,9 @@
 Tiny random checkpoints in transformers' format (written by `save_pretrained`, LayerNorms moved off
 their init so weight decay shows on them; biases too, except for the x-vector: random biases kill
 its narrow ReLU TDNN, and an embedding that no longer depends on the input leaves the encoder a
-gradient of rounding noise), real speech from ../shared/speech.
+gradient of rounding noise; its Linear layers are drawn 10x wider than transformers' 0.02, else the
+five narrow TDNN layers shrink the embedding to ~1e-7, which AM-softmax normalises, so its gradient
+reaches 1e6 and rounding decides the updates), real speech from ../shared/speech.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def seq_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def xvector_dir(tmp_path_factory):
-    tdnn = {"tdnn_dim": (32,) * 4 + (96,), "xvector_output_dim": 16}
+    tdnn = {"tdnn_dim": (32,) * 4 + (96,), "xvector_output_dim": 16, "initializer_range": 0.2}
     return _save(tmp_path_factory, "xvec", "Data2VecAudioForXVector", biases=False, num_labels=3, **tdnn)
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
 
 from flax_d2v.audio import load_audio
 from flax_d2v.convert.hf import save_hf
@@ -48,6 +49,7 @@ from flax_d2v.fileio import atomic_write_text
 from flax_d2v.params import flatten
 from flax_d2v.precision import resolve
 from flax_d2v.pretrained import load_any
+from flax_d2v.processor import load_vocab
 from flax_d2v.train import finetune_run
 from flax_d2v.train import run_common as common
 from flax_d2v.train.loop import make_train_step, update_gradients
@@ -166,8 +168,6 @@ def _write_manifest(
     """A TSV manifest of `audio` with labels (the clips carry none): drawn transcripts for CTC, labels
     dealt round the checkpoint's label names for classification. Fewer clips than a batch (the bundled clip
     by default) are completed with crops of the first. Returns (path, label column, what the labels are)."""
-    import soundfile as sf
-
     files = [str(Path(a).resolve()) for a in audio] or [default_clip()]
     if len(files) < batch_size:
         wave = load_audio(files[0])
@@ -180,8 +180,6 @@ def _write_manifest(
         letters = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
         vocab_file = init_dir / "vocab.json" if init_dir is not None else None
         if vocab_file is not None and vocab_file.is_file():
-            from flax_d2v.processor import load_vocab
-
             letters = [c for c in load_vocab(vocab_file) if c not in SPECIAL_TOKENS and c != WORD_DELIMITER] or letters
         rows = [f"{f}\t{_pseudo_transcript(rng, len(load_audio(f)) / 16000, letters)}" for f in files]
         header, column, note = "path\ttext", "text", "random transcripts (the clips came without)"
