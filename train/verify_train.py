@@ -65,7 +65,7 @@ DEFAULT_STEPS = 20
 #   and acts at every update: see CLIP_RMS);
 # - phase_ratio 0.2,0.3,0.5: warm-up, hold and decay each span several of the default 20 updates.
 RECIPE: dict[str, Any] = {
-    "learning_rate": 1e-4,
+    "learning_rate": 2e-5,
     "weight_decay": 0.1,
     "grad_accum": 2,
     "batch_size": 4,
@@ -186,8 +186,11 @@ def _write_manifest(
     else:
         names = list((base_config.extra.get("id2label") or {}).values()) or ["a", "b"]
         names = names[: max(2, min(len(names), len(files) // 2))]
-        rows = [f"{f}\t{names[i % len(names)]}" for i, f in enumerate(files)]
-        header, column, note = "path\tlabel", "label", f"labels dealt round {len(names)} of the checkpoint's names"
+        # the first name for all but the last clips, one clip each for the others: a random encoder maps all clips
+        # to nearly one embedding, and with classes of equal size their gradients would cancel to rounding noise
+        first = len(files) - (len(names) - 1)
+        rows = [f"{f}\t{names[max(0, i - first + 1)]}" for i, f in enumerate(files)]
+        header, column, note = "path\tlabel", "label", f"{len(names)} of the checkpoint's label names, one mostly"
     path = tmp / "train.tsv"
     atomic_write_text(path, "\n".join([header, *rows]) + "\n")
     return path, column, note
