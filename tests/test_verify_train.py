@@ -89,6 +89,7 @@ def test_ctc_train_parity_cli_report(ctc_dir, speech_dir, tmp_path, capsys):
     assert text.count("\n| ") >= 6 + 14  # 6 loss rows + 14 layer rows (with headers)
 
 
+@pytest.mark.slow  # ~1.5-2 min each on the loaded 2-core machine: over the suite's budget
 @pytest.mark.parametrize("head", ["seq", "xvector"])
 def test_classification_train_parity(head, seq_dir, xvector_dir, speech_dir, tmp_path):
     """Sequence classification (cross-entropy) and x-vectors (AM-softmax) from a labelled manifest."""
@@ -137,8 +138,10 @@ def test_group_of_follows_the_key_table():
     assert vt.group_of("data2vec_audio.feature_projection.layer_norm.bias") == "feature_projection"
     assert vt.group_of("data2vec_audio.encoder.layer_norm.weight") == "encoder.layer_norm"
     assert vt.group_of("lm_head.weight") == "lm_head" and vt.group_of("tdnn.2.kernel.weight") == "tdnn.2"
-    errs = vt.tensor_errors({"a.w": np.ones(3) * 1.001, "a.b": np.zeros(2)}, {"a.w": np.ones(3), "a.b": np.zeros(2)})
-    assert errs["a.w"] == pytest.approx(1e-3) and errs["a.b"] == 0.0
+    ref = {"lm_head.weight": np.ones(3), "lm_head.bias": np.zeros(2), "projector.bias": np.zeros(2)}
+    got = {"lm_head.weight": np.ones(3) * 1.001, "lm_head.bias": np.zeros(2), "projector.bias": np.ones(2)}
+    errs = vt.group_errors(got, ref)
+    assert errs["lm_head"] == pytest.approx(1e-3) and errs["projector"] == math.inf
 
 
 @pytest.mark.slow

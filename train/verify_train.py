@@ -84,36 +84,39 @@ RECIPE: dict[str, Any] = {
 CLIP_RMS = 1e-8
 
 # Tolerances, by the project side's precision (`flax_d2v.precision`); the reference is PyTorch fp32, TF32 off.
-# Each is relative: |a - b| / |b| for losses; ||a - b|| / ||b|| per tensor for the step-1 gradient and for
-# the update of the params (final - initial) after --steps updates; a tensor whose own norm is below
-# FLOOR x its layer's is measured against FLOOR x its layer's norm (attention's k_proj.bias has a zero
-# gradient in exact arithmetic, so on both sides it is rounding noise that Adam scales up to lr).
+# Each is relative: |a - b| / |b| for losses; ||a - b|| / ||b|| over the tensors of each layer of the key table
+# for the step-1 gradient and for the update of the params (final - initial) after --steps updates.
 #
-# Measured (highest, 2-core CPU, 20 updates of RECIPE on the 14 clips of ../shared/speech/16k):
-#   ... filled in below from the measurement.
-FLOOR = 1e-3
+# Measured (2-core CPU; worst over updates, tensors and the checkpoints; see README "Training parity"):
+# - highest: base (CTC, sequence classification, x-vector; 20 updates) and tiny checkpoints: step-1 loss
+#   <= 1.6e-7, loss curve <= BASE_LOSS, step-1 gradient <= 9.1e-5 (CTC's gradients differ by a common
+#   factor of ~6e-5, the size of fp32 rounding on a ~600-nat log-likelihood), updates <= BASE_UPDATE.
+#   The mutations in the README fail these by 10x or more (a warm-up one step short: the loss curve by
+#   1000x, the updates by 1.6x).
+# - bf16: tiny CTC, 6 updates: loss 2.8e-5, gradient 1.4e-2, updates 2.7e-2; not measured at base size,
+#   so set ~4-7x over (loss: the gradient's margin). The mutations were checked at highest only; at bf16
+#   the small ones (a warm-up one step short) are within the tolerance.
+# - default: on CPU the same fp32 as highest; TF32 on a GPU is not measured here: set between the two.
 # Tensors whose gradient is zero in exact arithmetic: softmax is invariant to the key bias (it adds q.b_k to
 # every score of a query), so both sides train it on rounding noise that Adam scales up to lr per update;
-# their updates are not compared (their gradients are, against FLOOR).
+# their updates are not compared (their gradients are).
 NO_SIGNAL = ("attention.k_proj.bias",)
 TOLERANCES: dict[str, dict[str, float]] = {
     "highest": {"loss": 1e-4, "grad": 1e-3, "param": 1e-2},
-    "default": {"loss": 1e-2, "grad": 5e-2, "param": 2e-1},
-    "bf16": {"loss": 5e-2, "grad": 2e-1, "param": 5e-1},
+    "default": {"loss": 1e-3, "grad": 2e-2, "param": 5e-2},
+    "bf16": {"loss": 1e-2, "grad": 1e-1, "param": 2e-1},
 }
 
 
 # ------------------------------------------------------------------------------------------ results
 @dataclasses.dataclass
 class GroupError:
-    """One layer of the key table: the worst tensor's relative errors in it."""
+    """One layer of the key table: the relative errors of its tensors together."""
 
     group: str
     tensors: int
-    grad: float  # step-1 gradient, worst tensor
-    grad_tensor: str
-    param: float  # update of the params over all steps, worst tensor
-    param_tensor: str
+    grad: float  # step-1 gradient: ||flax - torch|| / ||torch|| over the layer's tensors
+    param: float  # update of the params over all steps (final - initial), the same measure
     frozen: bool  # no tensor of it is trained by the reference
 
 
@@ -140,9 +143,9 @@ class TrainParity:
             out.append(f"loss curve: {len(bad)} of {len(err)} updates beyond {tol['loss']:g} (first: update {bad[0]})")
         for g in self.groups:
             if not np.isfinite(g.grad) or g.grad > tol["grad"]:
-                out.append(f"{g.group}: step-1 gradient error {g.grad:.3e} > {tol['grad']:g} ({g.grad_tensor})")
+                out.append(f"{g.group}: step-1 gradient error {g.grad:.3e} > {tol['grad']:g}")
             if not np.isfinite(g.param) or g.param > tol["param"]:
-                out.append(f"{g.group}: update error {g.param:.3e} > {tol['param']:g} ({g.param_tensor})")
+                out.append(f"{g.group}: update error {g.param:.3e} > {tol['param']:g}")
         return out
 
     @property
@@ -308,22 +311,24 @@ def _as_hf(flat: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def tensor_errors(
+def group_errors(
     got: dict[str, np.ndarray], ref: dict[str, np.ndarray], skip: tuple[str, ...] = ()
 ) -> dict[str, float]:
-    """||got - ref|| / ||ref|| per tensor, with ||ref|| floored at FLOOR x its layer's norm (see FLOOR)."""
-    group_norm: dict[str, float] = {}
-    for k, v in ref.items():
-        group_norm[group_of(k)] = math.hypot(group_norm.get(group_of(k), 0.0), float(np.linalg.norm(v)))
-    out = {}
+    """||got - ref|| / ||ref|| per layer of the key table, over its tensors (but those ending in `skip`).
+
+    Per layer, not per tensor: Adam turns an element's gradient that is at rounding level on both sides
+    into an update of +-lr with either sign, and a tensor of small gradients (attention's q/k weights in
+    a random model) is mostly such elements; over the layer they weigh what they move.
+    """
+    diff: dict[str, float] = {}
+    norm: dict[str, float] = {}
     for k, r in ref.items():
         if k.endswith(skip):
             continue
-        g = got[k]
-        diff = float(np.linalg.norm(g - r))
-        scale = max(float(np.linalg.norm(r)), FLOOR * group_norm[group_of(k)])
-        out[k] = 0.0 if diff == 0.0 else (diff / scale if scale > 0 else math.inf)
-    return out
+        g = group_of(k)
+        diff[g] = diff.get(g, 0.0) + float(np.sum((got[k] - r) ** 2))
+        norm[g] = norm.get(g, 0.0) + float(np.sum(r**2))
+    return {g: 0.0 if diff[g] == 0.0 else (math.sqrt(diff[g] / norm[g]) if norm[g] > 0 else math.inf) for g in diff}
 
 
 def compare_groups(
@@ -333,17 +338,13 @@ def compare_groups(
     ref_moved: dict[str, np.ndarray],
     trained: set[str],
 ) -> list[GroupError]:
-    g_err, p_err = tensor_errors(grad, ref_grad), tensor_errors(moved, ref_moved, NO_SIGNAL)
+    g_err, p_err = group_errors(grad, ref_grad), group_errors(moved, ref_moved, NO_SIGNAL)
     rows: dict[str, GroupError] = {}
     for k in ref_moved:
         name = group_of(k)
-        row = rows.setdefault(name, GroupError(name, 0, 0.0, "", 0.0, "", True))
+        row = rows.setdefault(name, GroupError(name, 0, g_err.get(name, 0.0), p_err.get(name, 0.0), True))
         row.tensors += 1
         row.frozen = row.frozen and k not in trained
-        if k in g_err and g_err[k] >= row.grad:
-            row.grad, row.grad_tensor = g_err[k], k
-        if k in p_err and p_err[k] >= row.param:
-            row.param, row.param_tensor = p_err[k], k
     return list(rows.values())
 
 
@@ -534,7 +535,7 @@ def markdown_report(result: TrainParity, plot_name: str | None) -> str:
         f"- data: {f['data']}; labels: {f['labels']}",
         f"- recipe (both sides, {f['steps']} updates): {recipe}",
         f"- tolerances (TOLERANCES[{f['precision']!r}]): loss {tol['loss']:g}, gradient {tol['grad']:g}, "
-        f"update {tol['param']:g} (relative; per tensor, worst tensor per layer)",
+        f"update {tol['param']:g} (relative, over each layer's tensors)",
         "- not in the reference model (not compared): " + (", ".join(f["not_compared"]) or "none"),
         f"- result: **{'PASS' if result.passed else 'FAIL'}**\n",
         summary(result) + "\n",
@@ -569,7 +570,7 @@ def plot(result: TrainParity, path: str | os.PathLike) -> None:
     b.axhline(result.tolerance["param"], color="C1", linestyle="--", label="update tolerance")
     short = [n.replace("encoder.layers.", "L").replace("feature_extractor.conv_layers.", "conv") for n in names]
     b.set_xticks(pos, short, rotation=70, fontsize=7)
-    b.set_ylabel("relative error (worst tensor)")
+    b.set_ylabel("relative error")
     b.set_title("per layer of the key table")
     b.legend(fontsize=7)
     fig.tight_layout()
