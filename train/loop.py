@@ -138,8 +138,13 @@ def make_train_step(
     schedule: optax.Schedule,
     grad_accum: int = 1,
     axis_name: str | None = None,
+    return_grads: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure update `(state, batch) -> (state, metrics)`; `axis_name` when run under `pmap`."""
+    """The pure update `(state, batch) -> (state, metrics)`; `axis_name` when run under `pmap`.
+
+    `return_grads`: the metrics also hold `"grads"`, the gradient handed to `tx` (`d2v verify --train`
+    compares it with PyTorch's from the same compiled step).
+    """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -159,6 +164,8 @@ def make_train_step(
             "weight": weight,
             **{k: v.astype(jnp.float32) for k, v in metrics.items()},
         }
+        if return_grads:
+            out["grads"] = grads
         return new_state, out
 
     return train_step

@@ -8,8 +8,8 @@ This report runs both and compares them, update for update.
 - **Project side**: what `d2v finetune` runs, not a copy. The run's parts come from
   `finetune_run.ctc_parts` / `classifier_parts` (its config with the regularisation off, module,
   initial params, objective, optax chain, schedule), its batches from `run_common.train_loader`,
-  and each update is `loop.make_train_step`, jitted (the step the `Trainer` jits); the step-1
-  gradient is `loop.update_gradients`, the function that step hands to the optax chain.
+  and each update is `loop.make_train_step`, jitted (the step the `Trainer` jits), which also
+  returns the gradient it hands to the optax chain (`loop.update_gradients`): the step-1 gradient.
 - **Reference side**: the transformers class of the checkpoint's architecture, loaded from those
   same initial params written by the converter (`save_hf`), in `train()` mode with every dropout,
   LayerDrop and SpecAugment off, its own loss (`labels=`), `freeze_feature_encoder()`,
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 
@@ -52,7 +51,7 @@ from flax_d2v.pretrained import load_any
 from flax_d2v.processor import load_vocab
 from flax_d2v.train import finetune_run
 from flax_d2v.train import run_common as common
-from flax_d2v.train.loop import make_train_step, update_gradients
+from flax_d2v.train.loop import make_train_step
 from flax_d2v.train.recipes import FinetuneConfig
 from flax_d2v.train.state import create_state, param_labels
 from flax_d2v.train.vocab import SPECIAL_TOKENS, WORD_DELIMITER
@@ -429,27 +428,25 @@ def verify_train(
         hf_dir = save_hf(tmp / "init-hf", parts.config, common.host(parts.params))
         ref_labels = [b["labels"] if task == "ctc" else parts.objective.labels[b["index"]] for b in batches]
 
-        # the project: its step-1 gradient (what its step hands to the optax chain), then its updates
+        # the project: its jitted step, which also hands back the gradient it gave the optax chain
         accum = int(cfg.grad_accum)
         objective, params = parts.objective, parts.params
-        rng = jax.random.PRNGKey(int(seed))
-        zero = jnp.zeros((), jnp.int32)
-        grad_fn = jax.jit(lambda p, b: update_gradients(objective, p, {}, b, jax.random.fold_in(rng, 0), zero, accum))
-        grad = _as_hf(flatten(jax.device_get(grad_fn(params, batches[0])[3])))
         # clipping acts at every update: the clip norm is CLIP_RMS per trained element
         frozen = flatten(param_labels(params, bool(cfg.freeze_feature_encoder), 0, bool(cfg.freeze_base_model)))
         trained_size = sum(int(np.size(v)) for k, v in flatten(params).items() if frozen[k] != "frozen")
         clip_norm = float(CLIP_RMS * math.sqrt(trained_size))
         cfg = cfg.replace(clip_norm=clip_norm)
         schedule, tx = finetune_run.schedule_and_optimizer(cfg, params)
-        step = jax.jit(make_train_step(objective, tx, schedule, accum))
-        state = create_state(params, tx, objective.init_extra(params), rng)
-        losses = []
+        step = jax.jit(make_train_step(objective, tx, schedule, accum, return_grads=True))
+        state = create_state(params, tx, objective.init_extra(params), jax.random.PRNGKey(int(seed)))
+        losses, grad = [], None
         for b in batches:
             state, metrics = step(state, b)
+            if grad is None:
+                grad = _as_hf(flatten(jax.device_get(metrics["grads"])))
             losses.append(float(metrics["loss"]))
         initial, final = _as_hf(flatten(jax.device_get(params))), _as_hf(flatten(jax.device_get(state.params)))
-        del state, step, grad_fn
+        del state, step
 
         # the reference: the same initial weights (as the converter writes them), batches, labels and recipe
         ref = Reference(str(hf_dir), spec.architecture, cfg, clip_norm)
