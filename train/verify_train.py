@@ -565,7 +565,12 @@ def plot(result: TrainParity, path: str | os.PathLike) -> None:
     b.semilogy(pos, [max(g.param, 1e-12) for g in result.groups], "s", label=f"update after {len(x)} steps")
     b.axhline(result.tolerance["grad"], color="C0", linestyle=":", label="gradient tolerance")
     b.axhline(result.tolerance["param"], color="C1", linestyle="--", label="update tolerance")
-    short = [n.replace("encoder.layers.", "L").replace("feature_extractor.conv_layers.", "conv") for n in names]
+    abbrev = (("encoder.layers.", "L"), ("feature_extractor.conv_layers.", "conv"), ("encoder.pos_conv_embed.", "pos_"))
+    short = []
+    for n in names:
+        for long, s in abbrev:
+            n = n.replace(long, s)
+        short.append(n)
     b.set_xticks(pos, short, rotation=70, fontsize=7)
     b.set_ylabel("relative error")
     b.set_title("per layer of the key table")
