@@ -8,6 +8,7 @@ model and vocabulary, the module with this run's regularisation, the loader, the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Mapping
@@ -197,13 +198,39 @@ def export_model(run_dir: AnyPath, config: Any, params: Any, vocab: dict[str, in
         return save(run_dir / to, config, host, files_from=files, overwrite=True)
 
 
-# ------------------------------------------------------------------------------------------ the run
-def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
-    """CTC fine-tuning end to end: returns the loop's `FitResult`."""
-    cfg = as_config(cfg)
-    run_dir = common.run_dir(cfg)
-    mesh, _ = common.make_mesh(cfg)
+# ------------------------------------------------------------------------------------------ what a run trains
+@dataclasses.dataclass
+class FinetuneParts:
+    """What a fine-tuning run trains, as `finetune_ctc` / `finetune_classifier` build it: the training
+    config, the module, the initial params, the objective, the schedule and the optax chain.
 
+    Built in one place so that `d2v verify --train` (`train/verify_train.py`) steps exactly what
+    `d2v finetune` steps, not a copy of it.
+    """
+
+    config: Any
+    module: Any
+    params: Any
+    objective: Any
+    schedule: Any
+    tx: Any
+    manifest: Any
+    vocab: dict[str, int] | None = None  # CTC: the character vocabulary
+    labels: list[str] | None = None  # classification: the label names, in id order
+
+
+def schedule_and_optimizer(cfg: FinetuneConfig, params: Any) -> tuple[Any, Any]:
+    """(lr schedule, optax chain) of a fine-tuning run (`--freeze-base-model` counts for the classifiers only)."""
+    return common.make_schedule_and_optimizer(
+        cfg,
+        params,
+        freeze_transformer_steps=int(cfg.freeze_transformer_steps),
+        freeze_base_model=bool(cfg.freeze_base_model) and cfg.task != "ctc",
+    )
+
+
+def ctc_parts(cfg: FinetuneConfig, run_dir: Path) -> FinetuneParts:
+    """The CTC run's parts: init model, vocabulary, training config, module, params, optimizer, objective."""
     manifest = read_manifest(cfg.train, require_text=True, audio_column=cfg.audio_column, text_column=cfg.text_column)
     base_config, loaded, init_dir = load_init(cfg)
     vocab, vocab_source = choose_vocab(cfg, manifest.texts, init_dir, run_dir)
@@ -220,6 +247,60 @@ def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     else:
         log(f"random init: preset {cfg.init_model}")
     log(f"vocab: {len(vocab)} symbols from {vocab_source}")
+    schedule, tx = schedule_and_optimizer(cfg, params)
+    objective = CTCObjective(module, reduction=cfg.ctc_reduction, zero_infinity=bool(cfg.ctc_zero_infinity))
+    return FinetuneParts(config, module, params, objective, schedule, tx, manifest, vocab=vocab)
+
+
+def classifier_parts(cfg: FinetuneConfig) -> FinetuneParts:
+    """The classification / x-vector run's parts: labels from the manifest's column, then as `ctc_parts`."""
+    task = cfg.task
+    if task not in classification.TASKS:
+        raise D2VError(f"--task: {task!r} is not a classification task; choose one of {sorted(classification.TASKS)}")
+    manifest = read_manifest(cfg.train, audio_column=cfg.audio_column, text_column=cfg.text_column)
+    names = classification.read_label_column(cfg.train, cfg.label_column)
+    labels = sorted(set(names))
+    if len(labels) < 2:
+        raise D2VError(
+            f"{cfg.train}: column {cfg.label_column!r} has {len(labels)} distinct label(s); "
+            "classification needs at least 2"
+        )
+    label2id = {name: i for i, name in enumerate(labels)}
+    train_ids = classification.label_ids(names, label2id, str(cfg.train))
+
+    base_config, loaded, _ = load_init(cfg)
+    config = with_labels(regularised_config(base_config, cfg), labels)
+    spec = REGISTRY[classification.TASKS[task]]
+    # the head on the init model's own encoder (data2vec 2.0's for a 2.0 checkpoint)
+    module = build_module(config, spec, **common.module_options(cfg), freeze_base_model=bool(cfg.freeze_base_model))
+    params, new_keys, dropped = common.graft(init_params(module, int(cfg.seed)), common.stacked(cfg, loaded))
+    if loaded is not None:
+        log(
+            f"init from {cfg.init_model}: {len(new_keys)} new tensors ({', '.join(new_keys[:4])}"
+            f"{', ...' if len(new_keys) > 4 else ''})" + (f", {len(dropped)} unused" if dropped else "")
+        )
+    else:
+        log(f"random init: {cfg.init_model}")
+    log(
+        f"{spec.architecture}: {len(labels)} labels from column {cfg.label_column!r}: "
+        + ", ".join(labels[:8])
+        + (", ..." if len(labels) > 8 else "")
+    )
+    schedule, tx = schedule_and_optimizer(cfg, params)
+    objective = classification.ClassificationObjective(module, train_ids, am_softmax=task == "xvector", name=task)
+    return FinetuneParts(config, module, params, objective, schedule, tx, manifest, labels=labels)
+
+
+# ------------------------------------------------------------------------------------------ the run
+def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
+    """CTC fine-tuning end to end: returns the loop's `FitResult`."""
+    cfg = as_config(cfg)
+    run_dir = common.run_dir(cfg)
+    mesh, _ = common.make_mesh(cfg)
+
+    parts = ctc_parts(cfg, run_dir)
+    config, module, params, vocab = parts.config, parts.module, parts.params, parts.vocab
+    schedule, tx, objective, manifest = parts.schedule, parts.tx, parts.objective, parts.manifest
 
     lm_decoder = eval_lm_decoder(cfg, vocab, config.vocab_size)
     loader = common.train_loader(cfg, manifest, vocab)
@@ -232,10 +313,6 @@ def finetune_ctc(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
         if eval_bs < 1:
             raise D2VError(f"--eval-batch-size: must be >= 1, got {eval_bs}")
 
-    schedule, tx = common.make_schedule_and_optimizer(
-        cfg, params, freeze_transformer_steps=int(cfg.freeze_transformer_steps)
-    )
-    objective = CTCObjective(module, reduction=cfg.ctc_reduction, zero_infinity=bool(cfg.ctc_zero_infinity))
     loop_cfg = common.loop_config(
         cfg,
         eval_every=int(cfg.eval_every),
@@ -277,39 +354,12 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
     """`--task audio-classification | xvector` end to end: returns the loop's `FitResult`."""
     cfg = as_config(cfg)
     task = cfg.task
-    if task not in classification.TASKS:
-        raise D2VError(f"--task: {task!r} is not a classification task; choose one of {sorted(classification.TASKS)}")
     run_dir = common.run_dir(cfg)
     mesh, dp = common.make_mesh(cfg)
-    manifest = read_manifest(cfg.train, audio_column=cfg.audio_column, text_column=cfg.text_column)
-    names = classification.read_label_column(cfg.train, cfg.label_column)
-    labels = sorted(set(names))
-    if len(labels) < 2:
-        raise D2VError(
-            f"{cfg.train}: column {cfg.label_column!r} has {len(labels)} distinct label(s); "
-            "classification needs at least 2"
-        )
+    parts = classifier_parts(cfg)
+    config, module, params, labels = parts.config, parts.module, parts.params, parts.labels
+    schedule, tx, objective, manifest = parts.schedule, parts.tx, parts.objective, parts.manifest
     label2id = {name: i for i, name in enumerate(labels)}
-    train_ids = classification.label_ids(names, label2id, str(cfg.train))
-
-    base_config, loaded, _ = load_init(cfg)
-    config = with_labels(regularised_config(base_config, cfg), labels)
-    spec = REGISTRY[classification.TASKS[task]]
-    # the head on the init model's own encoder (data2vec 2.0's for a 2.0 checkpoint)
-    module = build_module(config, spec, **common.module_options(cfg), freeze_base_model=bool(cfg.freeze_base_model))
-    params, new_keys, dropped = common.graft(init_params(module, int(cfg.seed)), common.stacked(cfg, loaded))
-    if loaded is not None:
-        log(
-            f"init from {cfg.init_model}: {len(new_keys)} new tensors ({', '.join(new_keys[:4])}"
-            f"{', ...' if len(new_keys) > 4 else ''})" + (f", {len(dropped)} unused" if dropped else "")
-        )
-    else:
-        log(f"random init: {cfg.init_model}")
-    log(
-        f"{spec.architecture}: {len(labels)} labels from column {cfg.label_column!r}: "
-        + ", ".join(labels[:8])
-        + (", ..." if len(labels) > 8 else "")
-    )
 
     loader = common.train_loader(cfg, manifest, None)
     eval_loader = eval_fn = None
@@ -322,13 +372,6 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
         if eval_bs % dp:
             raise D2VError(f"--eval-batch-size: {eval_bs} must be divisible by the data-parallel size {dp}")
         eval_loader = common.train_loader(cfg, eval_manifest, None, eval_batch_size=eval_bs)
-    schedule, tx = common.make_schedule_and_optimizer(
-        cfg,
-        params,
-        freeze_transformer_steps=int(cfg.freeze_transformer_steps),
-        freeze_base_model=bool(cfg.freeze_base_model),
-    )
-    objective = classification.ClassificationObjective(module, train_ids, am_softmax=task == "xvector", name=task)
     loop_cfg = common.loop_config(
         cfg,
         eval_every=int(cfg.eval_every),
@@ -362,6 +405,6 @@ def finetune_classifier(cfg: FinetuneConfig | Mapping[str, Any]) -> Any:
             with tempfile.TemporaryDirectory(prefix=f".{to}-files-", dir=local_dir(run_dir)) as files:
                 processor.save_preprocessor_config(files)
                 save(run_dir / to, config, host, files_from=files, overwrite=True)
-            kind = f"flax-d2v data2vec 2.0 {type(module).__name__}" if v2 else f"transformers {spec.architecture}"
+            kind = f"flax-d2v data2vec 2.0 {type(module).__name__}" if v2 else f"transformers {type(module).__name__}"
             log(f"wrote {run_dir / to} ({kind}, id2label of {len(labels)} labels)")
     return result

@@ -82,14 +82,23 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(
+def update_gradients(
     objective: Objective,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    params: PyTree,
+    extra: PyTree,
+    batch: Batch,
+    rng: jax.Array,
+    step: jax.Array,
     grad_accum: int = 1,
     axis_name: str | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure update `(state, batch) -> (state, metrics)`; `axis_name` when run under `pmap`."""
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], PyTree]:
+    """`(loss sum, weight, metrics, gradient)` of one update, before the optax chain (clipping, AdamW).
+
+    The gradient of the objective's loss sum over all micro-batches (`grad_accum`) and devices
+    (`axis_name`), divided by the sum of their weights: what `make_train_step` hands to `tx`, so
+    clipping sees the accumulated gradient. A function of its own so that `d2v verify --train`
+    compares exactly this gradient with PyTorch's.
+    """
 
     def loss_and_grad(params, extra, batch, rng, step):
         def f(p):
@@ -99,32 +108,51 @@ def make_train_step(
         (total, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return total, weight, metrics, grads
 
+    if grad_accum == 1:
+        total, weight, metrics, grads = loss_and_grad(params, extra, batch, rng, step)
+    else:
+        micro = _split_micro(batch, grad_accum)
+
+        def body(carry, xs):
+            mb = xs
+            t, w, m, g = loss_and_grad(params, extra, mb, rng, step)
+            ct, cw, cm, cg = carry
+            return (ct + t, cw + w, jax.tree.map(jnp.add, cm, m), jax.tree.map(jnp.add, cg, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        shapes = jax.eval_shape(lambda: loss_and_grad(params, extra, jax.tree.map(lambda x: x[0], micro), rng, step))
+        m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0, zeros)
+        (total, weight, metrics, grads), _ = jax.lax.scan(body, init, micro)
+        metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
+    if axis_name is not None:
+        total, weight, grads = jax.lax.psum((total, weight, grads), axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+    denom = jnp.where(weight > 0, weight, 1.0).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+    return total, weight, metrics, grads
+
+
+def make_train_step(
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+    axis_name: str | None = None,
+    return_grads: bool = False,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure update `(state, batch) -> (state, metrics)`; `axis_name` when run under `pmap`.
+
+    `return_grads`: the metrics also hold `"grads"`, the gradient handed to `tx` (`d2v verify --train`
+    compares it with PyTorch's from the same compiled step).
+    """
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        if grad_accum == 1:
-            total, weight, metrics, grads = loss_and_grad(state.params, state.extra, batch, rng, state.step)
-        else:
-            micro = _split_micro(batch, grad_accum)
-
-            def body(carry, xs):
-                mb = xs
-                t, w, m, g = loss_and_grad(state.params, state.extra, mb, rng, state.step)
-                ct, cw, cm, cg = carry
-                return (ct + t, cw + w, jax.tree.map(jnp.add, cm, m), jax.tree.map(jnp.add, cg, g)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            shapes = jax.eval_shape(
-                lambda: loss_and_grad(state.params, state.extra, jax.tree.map(lambda x: x[0], micro), rng, state.step)
-            )
-            m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0, zeros)
-            (total, weight, metrics, grads), _ = jax.lax.scan(body, init, micro)
-            metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
-        if axis_name is not None:
-            total, weight, grads = jax.lax.psum((total, weight, grads), axis_name)
-            metrics = jax.lax.pmean(metrics, axis_name)
+        total, weight, metrics, grads = update_gradients(
+            objective, state.params, state.extra, batch, rng, state.step, grad_accum, axis_name
+        )
         denom = jnp.where(weight > 0, weight, 1.0).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -137,6 +165,8 @@ def make_train_step(
             "weight": weight,
             **{k: v.astype(jnp.float32) for k, v in metrics.items()},
         }
+        if return_grads:
+            out["grads"] = grads
         return new_state, out
 
     return train_step

@@ -1,0 +1,156 @@
+"""`d2v verify MODEL --train`: d2v finetune's step against transformers + torch.optim.AdamW.
+
+Tiny random checkpoints in transformers' format (written by `save_pretrained`, LayerNorms moved off
+their init so weight decay shows on them; biases too, except for the x-vector: random biases kill
+its narrow ReLU TDNN, and an embedding that no longer depends on the input leaves the encoder a
+gradient of rounding noise; its Linear layers are drawn 10x wider than transformers' 0.02, else the
+five narrow TDNN layers shrink the embedding to ~1e-7, which AM-softmax normalises, so its gradient
+reaches 1e6 and rounding decides the updates), real speech from ../shared/speech.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flax_d2v.train import verify_train as vt
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# the four shortest clips (1.1 - 2.0 s, one speaker): a batch of 4, two micro-batches of 2
+CLIPS = ("16k/cards_001.wav", "16k/cards_003.wav", "16k/cards_004.wav", "16k/cards_002.wav")
+
+
+def _save(tmp_path_factory, name: str, cls_name: str, biases: bool = True, **extra):
+    from conftest import perturb_layer_norms, tiny_hf_kwargs
+
+    from flax_d2v.commands.demo import BASE_960H_VOCAB
+    from flax_d2v.processor import save_preprocessor_config, save_tokenizer_files
+
+    torch.manual_seed(0)
+    config = transformers.Data2VecAudioConfig(**tiny_hf_kwargs(**extra))
+    model = getattr(transformers, cls_name)(config)
+    if biases:
+        perturb_layer_norms(model)
+    else:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "layer_norm" in key:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+    d = tmp_path_factory.mktemp(name)
+    model.save_pretrained(d)
+    save_preprocessor_config(d, do_normalize=True, return_attention_mask=True)
+    if cls_name == "Data2VecAudioForCTC":
+        save_tokenizer_files(d, {c: i for i, c in enumerate(BASE_960H_VOCAB)})
+    return d
+
+
+@pytest.fixture(scope="module")
+def ctc_dir(tmp_path_factory):
+    return _save(tmp_path_factory, "ctc", "Data2VecAudioForCTC")
+
+
+@pytest.fixture(scope="module")
+def seq_dir(tmp_path_factory):
+    return _save(tmp_path_factory, "seq", "Data2VecAudioForSequenceClassification", num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def xvector_dir(tmp_path_factory):
+    tdnn = {"tdnn_dim": (32,) * 4 + (96,), "xvector_output_dim": 16, "initializer_range": 0.2}
+    return _save(tmp_path_factory, "xvec", "Data2VecAudioForXVector", biases=False, num_labels=3, **tdnn)
+
+
+def _clips(speech_dir):
+    return [str(speech_dir / c) for c in CLIPS]
+
+
+def test_ctc_train_parity_cli_report(ctc_dir, speech_dir, tmp_path, capsys):
+    """CTC (transformers' ctc_loss_reduction "sum", as the checkpoint's config says): 6 updates, so the
+    tri-stage warm-up, hold and decay each get one, through the command, with its report."""
+    from flax_d2v.cli import main
+
+    md = tmp_path / "train.md"
+    rc = main(["verify", str(ctc_dir), "--train", "--steps", "6", "--audio", *_clips(speech_dir), "--report", str(md)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS: step-1 loss" in out
+    text = md.read_text()
+    assert "**PASS**" in text and "## Per layer" in text and "## Loss per update" in text
+    assert (tmp_path / "train.png").stat().st_size > 10_000
+    # one row per layer of the key table: every encoder layer, the conv stack (frozen) and the head
+    for row in ("| encoder.layers.0 |", "| encoder.layers.1 |", "| feature_extractor.conv_layers.6 (frozen) |"):
+        assert row in text
+    assert "| lm_head |" in text and "ctc_reduction sum" in text
+    assert text.count("\n| ") >= 6 + 14  # 6 loss rows + 14 layer rows (with headers)
+
+
+@pytest.mark.slow  # ~1.5-2 min each on the loaded 2-core machine: over the suite's budget
+@pytest.mark.parametrize("head", ["seq", "xvector"])
+def test_classification_train_parity(head, seq_dir, xvector_dir, speech_dir, tmp_path):
+    """Sequence classification (cross-entropy) and x-vectors (AM-softmax) from a labelled manifest."""
+    src = seq_dir if head == "seq" else xvector_dir
+    manifest = tmp_path / "speakers.tsv"
+    rows = [f"{c}\t{'spk' + str(i % 2)}" for i, c in enumerate(_clips(speech_dir))]
+    manifest.write_text("path\tspeaker\n" + "\n".join(rows) + "\n")
+    result = vt.verify_train(str(src), steps=5, manifest=str(manifest), label_column="speaker")
+    assert result.passed, result.failures()
+    assert result.facts["task"] == ("audio-classification" if head == "seq" else "xvector")
+    groups = {g.group: g for g in result.groups}
+    assert groups["feature_extractor.conv_layers.0"].frozen and groups["feature_extractor.conv_layers.0"].param == 0.0
+    assert "classifier" in groups and ("objective" in groups) == (head == "xvector")
+    assert all(g.grad <= result.tolerance["grad"] for g in result.groups)
+
+
+def test_wrong_adam_eps_fails(ctc_dir, speech_dir, monkeypatch, capsys):
+    """The project's optimizer built with eps 1e-6 instead of the recipe's 1e-8: exit 1, the updates flagged."""
+    from flax_d2v.cli import main
+    from flax_d2v.train import run_common, state
+
+    def wrong_eps(*args, **kwargs):
+        return state.make_optimizer(*args, **{**kwargs, "eps": 1e-6})
+
+    monkeypatch.setattr(run_common, "make_optimizer", wrong_eps)
+    rc = main(["verify", str(ctc_dir), "--train", "--steps", "3", "--audio", *_clips(speech_dir)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL encoder.layers.0: update error" in out
+    assert "gradient error" not in out  # the gradient is the same; only what AdamW makes of it differs
+
+
+def test_tri_stage_lambda_is_fairseqs_schedule():
+    """The reference's LambdaLR factor against fairseq's tri-stage numbers, written out by hand."""
+    f = vt.tri_stage_lambda(20, (0.2, 0.3, 0.5), 0.01, 0.05)  # warm-up 4, hold 6, decay 10
+    assert f(0) == pytest.approx(0.01) and f(2) == pytest.approx(0.01 + 0.99 * 2 / 4)
+    assert f(4) == 1.0 and f(9) == 1.0
+    assert f(10) == 1.0 and f(15) == pytest.approx(math.exp(math.log(0.05) * 5 / 10))
+    assert f(20) == pytest.approx(0.05) and f(25) == 0.05
+
+
+def test_group_of_follows_the_key_table():
+    assert vt.group_of("data2vec_audio.encoder.layers.11.attention.q_proj.weight") == "encoder.layers.11"
+    conv = "feature_extractor.conv_layers.3"
+    assert vt.group_of(f"data2vec_audio.{conv}.conv.weight") == conv
+    assert vt.group_of("data2vec_audio.feature_projection.layer_norm.bias") == "feature_projection"
+    assert vt.group_of("data2vec_audio.encoder.layer_norm.weight") == "encoder.layer_norm"
+    assert vt.group_of("lm_head.weight") == "lm_head" and vt.group_of("tdnn.2.kernel.weight") == "tdnn.2"
+    ref = {"lm_head.weight": np.ones(3), "lm_head.bias": np.zeros(2), "projector.bias": np.zeros(2)}
+    got = {"lm_head.weight": np.ones(3) * 1.001, "lm_head.bias": np.zeros(2), "projector.bias": np.ones(2)}
+    errs = vt.group_errors(got, ref)
+    assert errs["lm_head"] == pytest.approx(1e-3) and errs["projector"] == math.inf
+
+
+@pytest.mark.slow
+def test_base_ctc_train_parity(speech_dir, tmp_path):
+    """Base size (data2vec-audio-base-960h's shape, random weights through save_pretrained), 20 updates of
+    4 clips out of the 14 real ones: the figures the README gives."""
+    from flax_d2v.commands.demo import build_base_checkpoint
+
+    src = build_base_checkpoint(tmp_path / "base", seed=0)
+    clips = sorted(str(p) for p in (speech_dir / "16k").glob("*.wav"))
+    result = vt.verify_train(str(src), steps=vt.DEFAULT_STEPS, audio=clips)
+    assert result.passed, result.failures()
