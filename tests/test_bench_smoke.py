@@ -124,6 +124,7 @@ def test_analytic_flops_base():
     assert per_second == pytest.approx(14.2, abs=0.1)
 
 
+@pytest.mark.slow  # ~52 s on 2 cores (two pretraining compiles): over the suite's 20-minute budget
 def test_gpu_check_dry_run_pretraining_stages(speech_dir, tmp_path):
     """`STAGES=pretrain bench/gpu_check.sh --dry-run`: both pretraining stages as the GPU runs them, at tiny size.
 
