@@ -113,6 +113,7 @@ def test_greedy_decode():
     assert greedy_decode(ids, np.array([10, 6]), vocab) == ["AA BB", "B"]
 
 
+@pytest.mark.slow  # ~43 s on 2 cores, over the suite budget; the tests above check the loss against torch
 def test_unrolled_ctc_equals_optax_values_and_gradients():
     """`ctc_loss` (the one fine-tuning runs, unrolled for accelerators) is optax's recursion:
     same per-example values and gradients, for every unroll factor, with padded frames/labels."""

@@ -291,7 +291,7 @@ def test_d2v_pretrain_data2vec2_resumes_a_fairseq_pt_with_its_teacher(speech_dir
     np.testing.assert_array_equal(flatten(aux["decoder"])["proj/bias"].shape, (48,))
 
 
-@pytest.mark.slow  # ~70 s on 2 cores (an 8-device subprocess): over the suite budget; 1.0 and CTC meshes stay in test_sharding
+@pytest.mark.slow  # ~70 s (8-device subprocess), over the suite budget; test_sharding keeps 1.0 and CTC
 def test_d2v_pretrain_data2vec2_on_a_mesh(speech_dir, tmp_path):
     """The same first update on one device and on data=2,fsdp=4 over 8 (fake) devices; --pmap over 8 runs too."""
     import json

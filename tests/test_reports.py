@@ -64,7 +64,9 @@ def test_demo_writes_its_report_and_exits_1_on_a_failed_stage(tiny_ctc_dir, tmp_
     assert main(["demo", "--model", str(tiny_ctc_dir), "--out", str(out)]) == 0
     _check_report(out / "report.md", out / "report.png")
     assert (out / "flax" / "config.json").is_file()
-    assert "[4/4] transcribing" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[4/5] transcribing" in printed and "[5/5] training parity" in printed
+    assert (out / "train_report.md").is_file()  # the training-parity stage writes its own report
 
     _fail_every_stage(monkeypatch)
     out2 = tmp_path / "demo-failed"
