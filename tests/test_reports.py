@@ -65,14 +65,18 @@ def test_demo_writes_its_report_and_exits_1_on_a_failed_stage(tiny_ctc_dir, tmp_
     _check_report(out / "report.md", out / "report.png")
     assert (out / "flax" / "config.json").is_file()
     printed = capsys.readouterr().out
-    assert "[4/5] transcribing" in printed and "[5/5] training parity" in printed
-    assert (out / "train_report.md").is_file()  # the training-parity stage writes its own report
+    assert "[4/5] transcribing" in printed and "[5/5] training parity: 3 ctc updates" in printed
+    assert "- result: **PASS**" in (out / "train_report.md").read_text()
 
     _fail_every_stage(monkeypatch)
+    from flax_d2v.train import verify_train
+
+    monkeypatch.setitem(verify_train.TOLERANCES, "highest", {"loss": 0.0, "grad": 0.0, "param": 0.0})
     out2 = tmp_path / "demo-failed"
     assert main(["demo", "--model", str(tiny_ctc_dir), "--out", str(out2)]) == 1
     _check_report(out2 / "report.md", out2 / "report.png")
     assert "- result: **FAIL**" in (out2 / "report.md").read_text()
+    assert "- result: **FAIL**" in (out2 / "train_report.md").read_text()
 
 
 def test_tensorboard_writes_the_logged_metrics(tmp_path):
@@ -96,7 +100,7 @@ def test_tensorboard_writes_the_logged_metrics(tmp_path):
                 log_every=1,
                 progress=False,
                 export_hf=False,
-                num_workers=0,  # in this process (worker processes: test_loader_workers, test_resume)
+                num_workers=1,
                 tensorboard=True,
             )
         )
