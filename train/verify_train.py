@@ -16,6 +16,10 @@ This report runs both and compares them, update for update.
   `torch.optim.AdamW` with the recipe's betas, eps and weight decay, fairseq's tri-stage
   schedule as a `LambdaLR` written here from fairseq's `tri_stage_lr_scheduler.py`,
   `loss / K` accumulated over K micro-batches and `clip_grad_norm_` after the accumulation.
+  It runs in float64 (`REFERENCE_DTYPE`): the exact step, the project's fp32 one is judged against.
+  Beside it the same run in fp32 gives PyTorch's own rounding error (the "floor"): where fp32 itself
+  is that far off the exact step, the project is allowed `FLOOR_FACTOR` times as much. A ReLU x-vector
+  head is such a case (README "Training parity"); a CTC or classification step is not.
 - The recipe both sides run (`RECIPE`) is chosen so that each detail shows: weight decay on,
   gradient accumulation on, the clip norm half the first gradient's norm (so clipping acts),
   tri-stage phases that all fall within `--steps`.
@@ -57,6 +61,11 @@ from flax_d2v.train.state import create_state, param_labels
 from flax_d2v.train.vocab import SPECIAL_TOKENS, WORD_DELIMITER
 
 DEFAULT_STEPS = 20
+# The reference's dtype: float64, the exact step. See the README, "Training parity": an fp32 step of
+# a base x-vector is itself off the exact one by 4.5e-4 (one ReLU of the TDNN, in a channel that is
+# almost dead, flips: the std pooling's 1 / std makes its gradient weigh as much as the rest), so an
+# fp32 reference judges the project by PyTorch's rounding, not by the step.
+REFERENCE_DTYPE = "float64"
 # The recipe both sides run (FinetuneConfig settings), chosen so that every detail of a step shows:
 # - weight_decay 0.1: decay moves LayerNorm scales by lr * 0.1 per update, ~10% of what Adam moves
 #   them, so a group that is decayed on one side only is far outside PARAM_RTOL;
@@ -82,7 +91,8 @@ RECIPE: dict[str, Any] = {
 # eps 100x too large changes every update, not only those of the few tensors with tiny gradients.
 CLIP_RMS = 1e-8
 
-# Tolerances, by the project side's precision (`flax_d2v.precision`); the reference is PyTorch fp32, TF32 off.
+# Tolerances, by the project side's precision (`flax_d2v.precision`). Measured against a PyTorch fp32 reference
+# (TF32 off): the sum of both sides' rounding; the float64 reference leaves only the project's.
 # Each is relative: |a - b| / |b| for losses; ||a - b|| / ||b|| over the tensors of each layer of the key table
 # for the step-1 gradient and for the update of the params (final - initial) after --steps updates.
 #
@@ -96,7 +106,7 @@ CLIP_RMS = 1e-8
 # Adam turns rounding-level gradient elements into +-lr updates, which makes this the noisiest measure).
 # The mutations in the README fail them by 5x or more (a warm-up one step short fails the loss curve;
 # its updates, 1.6% off, are within).
-# A base x-vector (ReLU TDNN, 1500 wide) is outside: see the README.
+# A base x-vector (ReLU TDNN, 1500 wide) is outside them by fp32 rounding alone, PyTorch's as ours: FLOOR_FACTOR.
 # - bf16: tiny CTC, 6 updates (earlier recipe: lr 1e-4, errors per tensor): loss 2.8e-5, gradient 1.4e-2,
 #   updates 2.7e-2; not measured at base size,
 #   so set ~4-7x over (loss: the gradient's margin). The mutations were checked at highest only; at bf16
@@ -106,6 +116,13 @@ CLIP_RMS = 1e-8
 # every score of a query), so both sides train it on rounding noise that Adam scales up to lr per update;
 # their updates are not compared (their gradients are).
 NO_SIGNAL = ("attention.k_proj.bias",)
+# Beside the float64 reference, PyTorch's own fp32 run: each check allows FLOOR_FACTOR times PyTorch fp32's error
+# against the exact step where that is over the tolerance (a step that rounding alone moves that far in PyTorch
+# cannot be held to less in flax-d2v). Where fp32 is well conditioned (CTC, sequence classification) the floor is
+# far below the tolerances and changes nothing. Measured on the base x-vector (20 updates, README "Training
+# parity"): flax-d2v's loss error over PyTorch fp32's largest so far at worst 1.94x (update 16: 2.0e-3 against
+# 1.03e-3), its updates at worst 1.02x PyTorch's own error, its step-1 gradient 2e-6 where PyTorch's is 4.5e-4.
+FLOOR_FACTOR = 3.0
 TOLERANCES: dict[str, dict[str, float]] = {
     "highest": {"loss": 1e-4, "grad": 1e-3, "param": 5e-2},
     "default": {"loss": 1e-3, "grad": 2e-2, "param": 1e-1},
@@ -123,6 +140,14 @@ class GroupError:
     grad: float  # step-1 gradient: ||flax - torch|| / ||torch|| over the layer's tensors
     param: float  # update of the params over all steps (final - initial), the same measure
     frozen: bool  # no tensor of it is trained by the reference
+    # the fp32 reference's own errors against the float64 one (None: no float32 floor was run)
+    grad_floor: float | None = None
+    param_floor: float | None = None
+
+
+def allowed(tol: float, floor: float | None) -> float:
+    """The tolerance of one check: `tol`, or FLOOR_FACTOR times PyTorch's own fp32 error where that is larger."""
+    return tol if floor is None or not np.isfinite(floor) else max(tol, FLOOR_FACTOR * floor)
 
 
 @dataclasses.dataclass
@@ -132,25 +157,46 @@ class TrainParity:
     ref_losses: np.ndarray  # (steps,) the reference's
     facts: dict[str, Any]
     tolerance: dict[str, float]
+    floor_losses: np.ndarray | None = None  # (steps,) the float32 reference's, beside a float64 one
+
+    @staticmethod
+    def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.abs(a - b) / np.maximum(np.abs(b), 1e-30)
 
     @property
     def loss_errors(self) -> np.ndarray:
-        return np.abs(self.losses - self.ref_losses) / np.maximum(np.abs(self.ref_losses), 1e-30)
+        return self._rel(self.losses, self.ref_losses)
+
+    @property
+    def loss_floor(self) -> np.ndarray | None:
+        """PyTorch fp32's own relative loss error per update against the float64 reference."""
+        return None if self.floor_losses is None else self._rel(self.floor_losses, self.ref_losses)
+
+    def loss_allowed(self) -> np.ndarray:
+        """Per update: the loss tolerance, or FLOOR_FACTOR x the largest loss error PyTorch's fp32 run has reached
+        by then (once rounding has moved a run off the exact one it stays off; where it lands at one update is
+        chance: on the base x-vector PyTorch's own error went 1.0e-3, 4.8e-4, 1.5e-4 at updates 11-13)."""
+        floor = self.loss_floor
+        tol = self.tolerance["loss"]
+        if floor is None:
+            return np.full(len(self.losses), tol)
+        return np.array([allowed(tol, f) for f in np.maximum.accumulate(np.nan_to_num(floor, nan=0.0))])
 
     def failures(self) -> list[str]:
         """One line per check outside its tolerance (empty: PASS)."""
         tol, out = self.tolerance, []
-        err = self.loss_errors
-        if not np.isfinite(err[0]) or err[0] > tol["loss"]:
-            out.append(f"step-1 loss: relative error {err[0]:.3e} > {tol['loss']:g}")
-        bad = [i + 1 for i, e in enumerate(err) if not np.isfinite(e) or e > tol["loss"]]
+        err, ok = self.loss_errors, self.loss_allowed()
+        if not np.isfinite(err[0]) or err[0] > ok[0]:
+            out.append(f"step-1 loss: relative error {err[0]:.3e} > {ok[0]:.3g}")
+        bad = [i + 1 for i, (e, t) in enumerate(zip(err, ok, strict=True)) if not np.isfinite(e) or e > t]
         if bad:
-            out.append(f"loss curve: {len(bad)} of {len(err)} updates beyond {tol['loss']:g} (first: update {bad[0]})")
+            out.append(f"loss curve: {len(bad)} of {len(err)} updates beyond their tolerance (first: update {bad[0]})")
         for g in self.groups:
-            if not np.isfinite(g.grad) or g.grad > tol["grad"]:
-                out.append(f"{g.group}: step-1 gradient error {g.grad:.3e} > {tol['grad']:g}")
-            if not np.isfinite(g.param) or g.param > tol["param"]:
-                out.append(f"{g.group}: update error {g.param:.3e} > {tol['param']:g}")
+            g_ok, p_ok = allowed(tol["grad"], g.grad_floor), allowed(tol["param"], g.param_floor)
+            if not np.isfinite(g.grad) or g.grad > g_ok:
+                out.append(f"{g.group}: step-1 gradient error {g.grad:.3e} > {g_ok:.3g}")
+            if not np.isfinite(g.param) or g.param > p_ok:
+                out.append(f"{g.group}: update error {g.param:.3e} > {p_ok:.3g}")
         return out
 
     @property
@@ -238,15 +284,18 @@ def tri_stage_lambda(total: int, phase_ratio: Sequence[float], init_scale: float
 class Reference:
     """The transformers model and `torch.optim.AdamW`, stepped as a PyTorch user fine-tunes it."""
 
-    def __init__(self, hf_dir: str, architecture: str, cfg: FinetuneConfig, clip_norm: float | None) -> None:
+    def __init__(
+        self, hf_dir: str, architecture: str, cfg: FinetuneConfig, clip_norm: float | None, dtype: str = "float64"
+    ) -> None:
         import torch
         import transformers
 
         full_precision_torch()
         self.torch = torch
         self.device = torch_device()
+        self.dtype = getattr(torch, dtype)
         model = getattr(transformers, architecture).from_pretrained(hf_dir, attn_implementation="eager")
-        self.model = model.to(self.device).train()
+        self.model = model.to(self.device, self.dtype).train()
         if cfg.freeze_feature_encoder:
             self.model.freeze_feature_encoder()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -264,7 +313,8 @@ class Reference:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lam)
 
     def params(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().double().cpu().numpy() for k, v in self.model.state_dict().items()}
+        """Copies (a float64 tensor's `.double().numpy()` is the live storage, which training overwrites)."""
+        return {k: np.array(v.detach().cpu().numpy(), np.float64) for k, v in self.model.state_dict().items()}
 
     def accumulate(self, batch: dict, labels: np.ndarray) -> float:
         """Zero the grads, then loss / K backward over the K micro-batches (rows j, K+j, ...); the loss."""
@@ -272,7 +322,7 @@ class Reference:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for j in range(self.accum):
-            x = torch.from_numpy(batch["input_values"][j :: self.accum]).to(self.device)
+            x = torch.from_numpy(batch["input_values"][j :: self.accum]).to(self.device, self.dtype)
             m = torch.from_numpy(batch["attention_mask"][j :: self.accum]).long().to(self.device)
             y = torch.from_numpy(np.asarray(labels[j :: self.accum])).long().to(self.device)
             loss = self.model(x, attention_mask=m, labels=y).loss / self.accum
@@ -281,8 +331,8 @@ class Reference:
         return total
 
     def grads(self) -> dict[str, np.ndarray]:
-        return {
-            k: p.grad.detach().double().cpu().numpy()
+        return {  # copies: clip_grad_norm_ scales the grads in place
+            k: np.array(p.grad.detach().cpu().numpy(), np.float64)
             for k, p in self.model.named_parameters()
             if p.requires_grad and p.grad is not None
         }
@@ -295,6 +345,36 @@ class Reference:
             self.torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_norm)
         self.opt.step()
         self.sched.step()
+
+
+@dataclasses.dataclass
+class ReferenceRun:
+    losses: list[float]  # per update
+    grad: dict[str, np.ndarray]  # the step-1 gradient (before clipping), by transformers' key
+    initial: dict[str, np.ndarray]
+    final: dict[str, np.ndarray]
+    trained: set[str]  # keys the optimizer updates
+
+
+def run_reference(
+    hf_dir: str,
+    architecture: str,
+    cfg: FinetuneConfig,
+    clip_norm: float | None,
+    batches: Sequence[dict],
+    labels: Sequence[np.ndarray],
+    dtype: str,
+) -> ReferenceRun:
+    """The reference's updates, one per batch, in `dtype`."""
+    ref = Reference(hf_dir, architecture, cfg, clip_norm, dtype)
+    initial, losses, grad = ref.params(), [], {}
+    for i, (b, y) in enumerate(zip(batches, labels, strict=True)):
+        losses.append(ref.accumulate(b, y))
+        if i == 0:
+            grad = ref.grads()
+        ref.update()
+    trained = {k for k, p in ref.model.named_parameters() if p.requires_grad}
+    return ReferenceRun(losses, grad, initial, ref.params(), trained)
 
 
 # ------------------------------------------------------------------------------------------ comparison
@@ -375,6 +455,7 @@ def verify_train(
     precision: str = "highest",
     seed: int = 0,
     recipe: dict[str, Any] | None = None,
+    reference_dtype: str = REFERENCE_DTYPE,
 ) -> TrainParity:
     """`steps` fine-tuning updates of `src` by the project and by transformers + torch.optim.AdamW.
 
@@ -391,6 +472,8 @@ def verify_train(
         raise D2VError(f"--steps: must be >= 1, got {steps}")
     if manifest is not None and audio:
         raise D2VError("d2v verify --train: give --audio or --manifest, not both")
+    if reference_dtype not in ("float32", "float64"):
+        raise D2VError(f"--reference-dtype: float32 or float64, got {reference_dtype!r}")
     policy = resolve(precision)
     tolerance = TOLERANCES[policy.name]
     base_config, spec, _, where = load_any(src)
@@ -454,25 +537,26 @@ def verify_train(
         initial, final = _as_hf(flatten(jax.device_get(params))), _as_hf(flatten(jax.device_get(state.params)))
         del state, step
 
-        # the reference: the same initial weights (as the converter writes them), batches, labels and recipe
-        ref = Reference(str(hf_dir), spec.architecture, cfg, clip_norm)
-        ref_initial = ref.params()
-        ref_losses = []
-        for i, (b, y) in enumerate(zip(batches, ref_labels, strict=True)):
-            ref_losses.append(ref.accumulate(b, y))
-            if i == 0:
-                ref_grad = ref.grads()
-            ref.update()
-        ref_final = ref.params()
-        trained = {k for k, p in ref.model.named_parameters() if p.requires_grad}
-        del ref
+        # the reference: the same initial weights (as the converter writes them), batches, labels and recipe;
+        # beside a float64 one, PyTorch's fp32 run too: how far fp32 rounding alone takes a step off the exact one
+        args = (str(hf_dir), spec.architecture, cfg, clip_norm, batches, ref_labels)
+        ref = run_reference(*args, reference_dtype)
+        floor = run_reference(*args, "float32") if reference_dtype == "float64" else None
 
-    common_keys = [k for k in ref_final if k in final]
-    moved = {k: final[k] - initial[k] for k in common_keys}
-    ref_moved = {k: ref_final[k] - ref_initial[k] for k in common_keys}
-    grad = {k: grad[k] for k in common_keys}
-    ref_grad = {k: ref_grad.get(k, np.zeros_like(ref_moved[k])) for k in common_keys}
-    groups = compare_groups(grad, ref_grad, moved, ref_moved, trained)
+    common_keys = [k for k in ref.final if k in final]
+
+    def moved_grad(run_initial: dict, run_final: dict, run_grad: dict) -> tuple[dict, dict]:
+        moved = {k: run_final[k] - run_initial[k] for k in common_keys}
+        return moved, {k: run_grad.get(k, np.zeros_like(moved[k])) for k in common_keys}
+
+    ref_moved, ref_grad = moved_grad(ref.initial, ref.final, ref.grad)
+    moved, grad = moved_grad(initial, final, grad)
+    groups = compare_groups(grad, ref_grad, moved, ref_moved, ref.trained)
+    if floor is not None:
+        floor_moved, floor_grad = moved_grad(floor.initial, floor.final, floor.grad)
+        g_floor, p_floor = group_errors(floor_grad, ref_grad), group_errors(floor_moved, ref_moved, NO_SIGNAL)
+        for g in groups:
+            g.grad_floor, g.param_floor = g_floor.get(g.group, 0.0), p_floor.get(g.group, 0.0)
     device = jax.devices()[0]
     facts = {
         "model": src,
@@ -482,7 +566,8 @@ def verify_train(
         "data": str(manifest) if manifest else ", ".join(audio or [default_clip()]) + " (with crops up to a batch)",
         "labels": labels_note,
         "recipe": {k: cfg[k] for k in RECIPE} | {"clip_norm": clip_norm, "ctc_reduction": cfg.ctc_reduction},
-        "reference": f"transformers {spec.architecture} + torch.optim.AdamW (fp32, TF32 off) on {torch_device()}",
+        "reference": f"transformers {spec.architecture} + torch.optim.AdamW ({reference_dtype}, TF32 off) on "
+        f"{torch_device()}" + ("; its float32 run beside it sets the floor" if floor is not None else ""),
         "flax": f"d2v finetune's step, precision={policy.name} ({policy.description}) on {device.platform} "
         f"({getattr(device, 'device_kind', device.platform)})",
         "precision": policy.name,
@@ -490,27 +575,41 @@ def verify_train(
         "hidden_size": parts.config.hidden_size,
         "layers": parts.config.num_hidden_layers,
     }
-    return TrainParity(groups, np.asarray(losses), np.asarray(ref_losses), facts, tolerance)
+    floor_losses = None if floor is None else np.asarray(floor.losses)
+    return TrainParity(groups, np.asarray(losses), np.asarray(ref.losses), facts, tolerance, floor_losses)
 
 
 # ------------------------------------------------------------------------------------------ report
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3e}"
+
+
 def format_table(result: TrainParity) -> str:
     tol = result.tolerance
     lines = [
-        "| layer | tensors | step-1 gradient rel err | update rel err | result |",
-        "|---|---|---|---|---|",
+        "| layer | tensors | step-1 gradient rel err | PyTorch fp32's own "
+        "| update rel err | PyTorch fp32's own | result |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g in result.groups:
-        ok = g.grad <= tol["grad"] and g.param <= tol["param"]
+        ok = g.grad <= allowed(tol["grad"], g.grad_floor) and g.param <= allowed(tol["param"], g.param_floor)
         frozen = " (frozen)" if g.frozen else ""
-        lines.append(f"| {g.group}{frozen} | {g.tensors} | {g.grad:.3e} | {g.param:.3e} | {'pass' if ok else 'FAIL'} |")
+        lines.append(
+            f"| {g.group}{frozen} | {g.tensors} | {g.grad:.3e} | {_fmt(g.grad_floor)} | {g.param:.3e} | "
+            f"{_fmt(g.param_floor)} | {'pass' if ok else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
 def format_losses(result: TrainParity) -> str:
-    lines = ["| update | loss (flax-d2v) | loss (transformers) | rel err |", "|---|---|---|---|"]
-    for i, (a, b, e) in enumerate(zip(result.losses, result.ref_losses, result.loss_errors, strict=True)):
-        lines.append(f"| {i + 1} | {a:.6f} | {b:.6f} | {e:.3e} |")
+    lines = [
+        "| update | loss (flax-d2v) | loss (transformers) | rel err | PyTorch fp32's own | allowed |",
+        "|---|---|---|---|---|---|",
+    ]
+    floor = result.loss_floor if result.loss_floor is not None else [None] * len(result.losses)
+    rows = zip(result.losses, result.ref_losses, result.loss_errors, floor, result.loss_allowed(), strict=True)
+    for i, (a, b, e, f, t) in enumerate(rows):
+        lines.append(f"| {i + 1} | {a:.6f} | {b:.6f} | {e:.3e} | {_fmt(f)} | {t:.3g} |")
     return "\n".join(lines)
 
 
@@ -522,7 +621,19 @@ def summary(result: TrainParity) -> str:
         f"{'PASS' if result.passed else 'FAIL'}: step-1 loss {result.losses[0]:.6f} vs {result.ref_losses[0]:.6f} "
         f"(rel {err[0]:.2e}, tol {tol['loss']:g}); loss curve max rel {err.max():.2e}; "
         f"gradient max rel {worst_g.grad:.2e} ({worst_g.group}, tol {tol['grad']:g}); "
-        f"update max rel {worst_p.param:.2e} ({worst_p.group}, tol {tol['param']:g})"
+        f"update max rel {worst_p.param:.2e} ({worst_p.group}, tol {tol['param']:g})" + _floor_summary(result)
+    )
+
+
+def _floor_summary(result: TrainParity) -> str:
+    """PyTorch fp32's own errors against the float64 reference (empty without the floor run)."""
+    if result.loss_floor is None:
+        return ""
+    g = max(g.grad_floor or 0.0 for g in result.groups)
+    p = max(g.param_floor or 0.0 for g in result.groups)
+    return (
+        f"; PyTorch fp32's own: loss curve {result.loss_floor.max():.2e}, gradient {g:.2e}, update {p:.2e} "
+        f"(x{FLOOR_FACTOR:g} where over a tolerance)"
     )
 
 
@@ -538,7 +649,12 @@ def markdown_report(result: TrainParity, plot_name: str | None) -> str:
         f"- data: {f['data']}; labels: {f['labels']}",
         f"- recipe (both sides, {f['steps']} updates): {recipe}",
         f"- tolerances (TOLERANCES[{f['precision']!r}]): loss {tol['loss']:g}, gradient {tol['grad']:g}, "
-        f"update {tol['param']:g} (relative, over each layer's tensors)",
+        f"update {tol['param']:g} (relative, over each layer's tensors)"
+        + (
+            f"; where PyTorch's own fp32 run is further than that from the float64 one, {FLOOR_FACTOR:g}x its error"
+            if result.loss_floor is not None
+            else ""
+        ),
         "- not in the reference model (not compared): " + (", ".join(f["not_compared"]) or "none"),
         f"- result: **{'PASS' if result.passed else 'FAIL'}**\n",
         summary(result) + "\n",
@@ -561,6 +677,8 @@ def plot(result: TrainParity, path: str | os.PathLike) -> None:
     x = np.arange(1, len(result.losses) + 1)
     a.plot(x, result.ref_losses, "o-", label="transformers + torch AdamW")
     a.plot(x, result.losses, "x--", label="flax-d2v (d2v finetune's step)")
+    if result.floor_losses is not None:
+        a.plot(x, result.floor_losses, "+:", label="transformers + torch AdamW, fp32")
     a.set_xlabel("update")
     a.set_ylabel("loss")
     a.set_title("loss per update")
@@ -569,6 +687,23 @@ def plot(result: TrainParity, path: str | os.PathLike) -> None:
     pos = np.arange(len(names))
     b.semilogy(pos, [max(g.grad, 1e-12) for g in result.groups], "o", label="step-1 gradient")
     b.semilogy(pos, [max(g.param, 1e-12) for g in result.groups], "s", label=f"update after {len(x)} steps")
+    if result.loss_floor is not None:
+        b.semilogy(
+            pos,
+            [max(g.grad_floor or 0.0, 1e-12) for g in result.groups],
+            "o",
+            mfc="none",
+            color="C0",
+            label="PyTorch fp32's own, gradient",
+        )
+        b.semilogy(
+            pos,
+            [max(g.param_floor or 0.0, 1e-12) for g in result.groups],
+            "s",
+            mfc="none",
+            color="C1",
+            label="PyTorch fp32's own, update",
+        )
     b.axhline(result.tolerance["grad"], color="C0", linestyle=":", label="gradient tolerance")
     b.axhline(result.tolerance["param"], color="C1", linestyle="--", label="update tolerance")
     abbrev = (("encoder.layers.", "L"), ("feature_extractor.conv_layers.", "conv"), ("encoder.pos_conv_embed.", "pos_"))
