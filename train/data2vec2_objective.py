@@ -56,7 +56,7 @@ import numpy as np
 from flax_d2v.data2vec2 import Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
 from flax_d2v.masking import block_mask_1d
-from flax_d2v.modeling import feat_extract_output_lengths
+from flax_d2v.modeling import feat_extract_output_lengths, real_frames
 from flax_d2v.precision import matmul_precision
 from flax_d2v.train.data2vec_objective import (
     EmaTeacher,
@@ -310,8 +310,7 @@ class Data2Vec2Objective(EmaTeacher):
             frame_mask = None
             real = jnp.ones((n, t), bool)
         else:  # fairseq's convert_padding_mask: padded frames key-masked, never zeroed
-            lengths = feat_extract_output_lengths(mc, jnp.asarray(am).astype(jnp.int32).sum(-1))
-            frame_mask = jnp.arange(t)[None, :] < lengths[:, None]
+            frame_mask = real_frames(mc, jnp.asarray(am), t)
             real = jnp.repeat(frame_mask, c.clone_batch, axis=0)
         if mask is None:
             mask = self.masks(batch, rng)
