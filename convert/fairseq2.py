@@ -336,19 +336,14 @@ def _inactive(value: Any, ours: Any) -> bool:
     return value is None or value == ours
 
 
+# cfg.model options of both data2vec versions that normalise the teacher's targets otherwise than our objectives
+# (instance norm of each layer, `instance_norm_target_layer`): implemented only when off.
+TARGET_OPTIONS = ("layer_norm_target_layer", "layer_norm_targets", "instance_norm_targets", "batch_norm_target_layer")
+
 # (where, key, is the value one we implement?) for fairseq options with no setting here; each is checked only
-# when the cfg has the key. "model" is cfg.model, "audio" cfg.model.modalities.audio.
+# when the cfg has the key. "model" is cfg.model, "audio" cfg.model.modalities.audio, "decoder" its decoder.
 UNSUPPORTED_OPTIONS: tuple[tuple[str, str, Any], ...] = (
-    *(
-        ("model", k, lambda v, _m, _a: not v)
-        for k in (
-            "layer_norm_target_layer",
-            "layer_norm_targets",
-            "instance_norm_targets",
-            "batch_norm_target_layer",
-            "end_of_block_targets",
-        )
-    ),
+    *(("model", k, lambda v, _m, _a: not v) for k in (*TARGET_OPTIONS, "end_of_block_targets")),
     *(
         (where, k, lambda v, _m, _a: not float(v or 0))
         for where in ("model", "audio")
@@ -369,20 +364,33 @@ UNSUPPORTED_OPTIONS: tuple[tuple[str, str, Any], ...] = (
     ("model", "recon_loss", lambda v, _m, _a: not float(v or 0)),
     ("model", "d2v_loss", lambda v, _m, _a: v is None or float(v) == 1.0),
     ("model", "shared_decoder", lambda v, _m, _a: v is None),
+    # `Decoder1d` has no positions, always its residuals and one projection
+    ("decoder", "add_positions_masked", lambda v, _m, _a: not v),
+    ("decoder", "add_positions_all", lambda v, _m, _a: not v),
+    ("decoder", "decoder_residual", lambda v, _m, _a: v is None or bool(v)),
+    ("decoder", "projection_layers", lambda v, _m, _a: v is None or int(v) == 1),
 )
+_PREFIX = {
+    "model": "cfg.model.",
+    "audio": "cfg.model.modalities.audio.",
+    "decoder": "cfg.model.modalities.audio.decoder.",
+}
 
 
-def unsupported_options(model_cfg: Mapping[str, Any]) -> list[str]:
+def unsupported_options(
+    model_cfg: Mapping[str, Any], options: tuple[tuple[str, str, Any], ...] = UNSUPPORTED_OPTIONS
+) -> list[str]:
     """["cfg.model.layer_norm_targets = True", ...]: the pretraining options of a data2vec_multi cfg.model
-    whose value `d2v pretrain --arch data2vec2` does not implement (fairseq's defaults are all implemented)."""
+    whose value `d2v pretrain --arch data2vec2` does not implement (fairseq's defaults are all implemented).
+    `options`: another table of the same form (`d2v verify --objective`'s for a 1.0 cfg.model)."""
     model = _plain(model_cfg)
     audio = _plain(_plain(model.get("modalities")).get("audio"))
+    parts = {"model": model, "audio": audio, "decoder": _plain(audio.get("decoder"))}
     out = []
-    for where, key, ok in UNSUPPORTED_OPTIONS:
-        part = model if where == "model" else audio
+    for where, key, ok in options:
+        part = parts[where]
         if key in part and not ok(part[key], model, audio):
-            prefix = "cfg.model." if where == "model" else "cfg.model.modalities.audio."
-            out.append(f"{prefix}{key} = {part[key]!r}")
+            out.append(f"{_PREFIX[where]}{key} = {part[key]!r}")
     return out
 
 

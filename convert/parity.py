@@ -1,18 +1,22 @@
 """What every parity report shares, 1.0 (`verify.py`, against transformers) and 2.0 (`verify2.py`,
-against fairseq or its PyTorch rendering): the tolerances, the per-stage error measure, the cases run,
-the default clip, and a PyTorch reference at true full precision.
+against fairseq or its PyTorch rendering): the tolerances, the per-stage error measure, the cases run
+and how each is compared (`parity_setup`, `parity_rows`), the default clip, and a PyTorch reference at
+true full precision.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from flax_d2v.audio import load_audio, pad_batch
 from flax_d2v.errors import D2VError
+from flax_d2v.precision import PrecisionPolicy, resolve
 
 # Relative tolerance: max |flax - torch| / max |torch|. fp32 against fp64 PyTorch differs by about
 # 1.5e-6 at base size on real speech, so 1e-4 leaves room only for reduction order, not for a bug
@@ -107,3 +111,39 @@ def parity_cases(files: Sequence[str], waves: Sequence[np.ndarray], batch: bool)
 
 def default_clip() -> str:
     return str(resources.files("flax_d2v.assets") / "librivox_0880.wav")
+
+
+def parity_setup(precision: str, audio: Sequence[str]) -> tuple[PrecisionPolicy, list[str], list[np.ndarray]]:
+    """(the Flax side's policy, the clips, their waveforms) of a report (its tolerance: `TOLERANCES[policy.name]`):
+    the reference set to true full precision (`full_precision_torch`), the default clip when no `audio` is given."""
+    policy = resolve(precision)
+    full_precision_torch()
+    files = list(audio) or [default_clip()]
+    return policy, files, [load_audio(f) for f in files]
+
+
+def parity_rows(
+    files: Sequence[str],
+    waves: Sequence[np.ndarray],
+    batch: bool,
+    do_normalize: bool,
+    tolerance: float,
+    run_reference: Callable[[np.ndarray, np.ndarray | None], dict[str, np.ndarray]],
+    run_flax: Callable[[np.ndarray, np.ndarray | None], tuple[dict[str, np.ndarray], Any]],
+    stage_mask: Callable[[str, np.ndarray, Any], np.ndarray | None] = lambda stage, value, masks: masks,
+) -> list[StageError]:
+    """The report's rows: each case of `parity_cases` padded as the processor pads it (`do_normalize`), the
+    attention mask given only to a batch of several clips, the reference run and then the Flax model
+    (`run_flax` returns its stages and its frame masks), every stage the reference returns compared over
+    the frames `stage_mask(stage, reference value, masks)` selects (default: the Flax run's masks as they are)."""
+    rows = []
+    for name, group in parity_cases(files, waves, batch):
+        values, mask = pad_batch(group, do_normalize=do_normalize)
+        use_mask = mask if len(group) > 1 else None
+        ref = run_reference(values, use_mask)
+        got, masks = run_flax(values, use_mask)
+        for stage in ref:
+            if stage not in got:
+                raise D2VError(f"{stage}: PyTorch returns it, the Flax model does not")
+            rows.append(compare(name, stage, got[stage], ref[stage], stage_mask(stage, ref[stage], masks), tolerance))
+    return rows

@@ -45,18 +45,21 @@ from flax_d2v.heads import (
     Data2VecAudioForXVector,
     get_spec,
 )
-from flax_d2v.masking import compute_mask_indices
+from flax_d2v.masking import spec_augment
 from flax_d2v.modeling import (
-    REMAT_POLICIES,
     TORCH_LAYER_NORM_EPS,
     Data2VecAudioForCTC,
+    EncoderModule,
     FeatureEncoder,
     ForwardOptions,
     PositionalConvEmbedding,
+    _attend,
+    _conv,
     _dense,
     _layer_norm,
-    feat_extract_output_lengths,
+    _remat,
     gelu,
+    real_frames,
 )
 from flax_d2v.precision import matmul_precision
 
@@ -262,12 +265,7 @@ class AltAttention(nn.Module):
         b, t, _ = x.shape
         qkv = _dense(3 * c.hidden_size, ("embed", "heads"), self.dtype, "qkv")(x).reshape(b, t, 3, heads, head_dim)
         q, k, v = qkv[:, :, 0] * (head_dim**-0.5), qkv[:, :, 1], qkv[:, :, 2]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if bias is not None:
-            scores = scores + bias
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(b, t, c.hidden_size)
+        out = _attend(q, k, v, bias, c.attention_dropout, deterministic, self.dtype).reshape(b, t, c.hidden_size)
         out = _dense(c.hidden_size, ("heads", "embed"), self.dtype, "proj")(out)
         return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)
 
@@ -306,14 +304,6 @@ class AltBlock(nn.Module):
         return x, t
 
 
-def _block_cls(policy: str) -> type[nn.Module]:
-    if policy == "none":
-        return AltBlock
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
-    return nn.remat(AltBlock, policy=getattr(jax.checkpoint_policies, policy), static_argnums=(3,))
-
-
 class ContextEncoder(nn.Module):
     """`context_encoder` (fairseq's BlockEncoder): LayerNorm(norm_eps), dropout, the prenet blocks."""
 
@@ -328,7 +318,7 @@ class ContextEncoder(nn.Module):
         x = nn.Dropout(c.prenet_dropout)(x, deterministic=deterministic)
         states = []
         for i in range(c.prenet_depth):
-            y, _ = _block_cls(self.remat_policy)(c, self.dtype, name=f"blocks_{i}")(x, biases[i], deterministic)
+            y, _ = _remat(AltBlock, self.remat_policy)(c, self.dtype, name=f"blocks_{i}")(x, biases[i], deterministic)
             x = _layerdrop(self, y, x, c.prenet_layerdrop, deterministic)
             states.append(x)
         return x, states
@@ -341,7 +331,7 @@ def _layerdrop(mod: nn.Module, new: Array, old: Array, rate: float, deterministi
     return jnp.where(skip, old, new)
 
 
-class Data2Vec2Model(nn.Module):
+class Data2Vec2Model(EncoderModule):
     """The data2vec 2.0 audio encoder (fairseq's `extract_features`; no pretraining modules).
 
     Call: `module.apply({"params": p}, input_values, attention_mask=None, output_hidden_states=False)`,
@@ -351,12 +341,7 @@ class Data2Vec2Model(nn.Module):
     points trace at the module's matmul precision.
     """
 
-    config: Data2Vec2Config
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = False
-    freeze_feature_encoder: bool = False
-    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
+    config: Data2Vec2Config  # the fields and their order are `EncoderModule`'s
 
     is_data2vec2 = True
     takes_padding_invariant = True  # see flax_d2v.modeling.apply_padding_invariant
@@ -375,16 +360,13 @@ class Data2Vec2Model(nn.Module):
                 (c.num_alibi_scales, c.num_attention_heads if c.alibi_scale_per_head else 1),
             )
         self.context_encoder = ContextEncoder(c, self.dtype, self.remat_policy)
-        block = _block_cls(self.remat_policy)
+        block = _remat(AltBlock, self.remat_policy)
         self.blocks = [block(c, self.dtype, name=f"blocks_{i}") for i in range(c.num_hidden_layers)]
         self.dropout_input = nn.Dropout(c.feat_proj_dropout)  # fairseq's dropout_input
 
     # ------------------------------------------------------------------ pieces
     def frame_mask(self, attention_mask: Array | None, num_frames: int) -> Array | None:
-        if attention_mask is None:
-            return None
-        lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1))
-        return jnp.arange(num_frames)[None, :] < lengths[:, None]
+        return real_frames(self.config, attention_mask, num_frames)
 
     def local_features(self, input_values: Array) -> Array:
         """Conv feature extractor and `project_features` (fairseq's `local_features`)."""
@@ -475,24 +457,13 @@ class Data2Vec2Model(nn.Module):
         """Fine-tuning's masking (fairseq `apply_mask`, encoder_zero_mask off): N(0, mask_noise_std) noise
         in masked frames, zeroed channels; (masked states, the time mask used). As 1.0's method of the
         name: masks passed in are applied, missing ones drawn when training (transformers' counting rule)."""
-        c = self.config
-        h = hidden_states
-        b, t, d = h.shape
-        if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
-            lengths = None if frame_mask is None else frame_mask.sum(-1)
-            mask_time_indices = compute_mask_indices(
-                self.make_rng("dropout"), (b, t), c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks, lengths
-            )
-        if mask_time_indices is not None:
-            noise = c.mask_noise_std * jax.random.normal(self.make_rng("dropout"), h.shape, jnp.float32)
-            h = jnp.where(mask_time_indices[..., None], noise.astype(h.dtype), h)
-        if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
-            mask_feature_indices = compute_mask_indices(
-                self.make_rng("dropout"), (b, d), c.mask_feature_prob, c.mask_feature_length, c.mask_feature_min_masks
-            )
-        if mask_feature_indices is not None:
-            h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
-        return h, mask_time_indices
+
+        def add_noise(h: Array, mask: Array) -> Array:
+            noise = self.config.mask_noise_std * jax.random.normal(self.make_rng("dropout"), h.shape, jnp.float32)
+            return jnp.where(mask[..., None], noise.astype(h.dtype), h)
+
+        masks = (mask_time_indices, mask_feature_indices)
+        return spec_augment(self, hidden_states, frame_mask, *masks, deterministic, add_noise)
 
     def __call__(
         self,
@@ -560,16 +531,8 @@ class Decoder1d(nn.Module):
         length = x.shape[1]
         residual = x
         for i in range(c.decoder_layers):
-            y = nn.Conv(
-                c.decoder_dim,
-                kernel_size=(k,),
-                padding=[(k // 2, k // 2)],
-                feature_group_count=c.decoder_groups,
-                dtype=self.dtype,
-                name=f"blocks_{i}",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, None)),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-            )(x)[:, :length]
+            same = dict(padding=[(k // 2, k // 2)], feature_group_count=c.decoder_groups)
+            y = _conv(c.decoder_dim, k, None, self.dtype, f"blocks_{i}", **same)(x)[:, :length]
             y = gelu(_layer_norm(TORCH_LAYER_NORM_EPS, "decoder", self.dtype, f"norm_{i}", affine=False)(y))
             x = y + residual if residual.shape[-1] == y.shape[-1] else y
             residual = x

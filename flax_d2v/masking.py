@@ -19,10 +19,15 @@ spans a row of length L gets and where a span may start (`span_count`):
   in ``[0, num]`` when the row is too short; spans clipped to the row.
 
 Either way span starts are drawn without replacement and spans may overlap.
+
+`spec_augment` applies the SpecAugment masks as both encoders (1.0 and 2.0) do, drawing the missing ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -126,6 +131,43 @@ def compute_mask_indices(
         return row_span_mask(TRANSFORMERS, k, n, u, sequence_length, mask_prob, mask_length, min_masks, bound)
 
     return jax.vmap(row)(keys, lengths.astype(jnp.int32))
+
+
+def spec_augment(
+    module: nn.Module,
+    hidden_states: jax.Array,
+    frame_mask: jax.Array | None,
+    mask_time_indices: jax.Array | None,
+    mask_feature_indices: jax.Array | None,
+    deterministic: bool,
+    fill_time: Callable[[jax.Array, jax.Array], jax.Array],
+) -> tuple[jax.Array, jax.Array | None]:
+    """SpecAugment as both encoders' `mask_hidden_states` apply it (`module`, the encoder, gives the
+    config and the keys): (masked states, the time mask used).
+
+    Masks passed in are applied; when training (`deterministic=False`) the missing ones are drawn with
+    transformers' counting rule when their probability is > 0, the time mask over the real frames of
+    `frame_mask`. What a time-masked frame becomes is the encoder's (`fill_time(states, mask)`: 1.0's
+    learned `masked_spec_embed`, 2.0's noise); masked channels are 0. The keys are the module's
+    `make_rng("dropout")`, drawn in this order: time mask, whatever `fill_time` draws, channel mask.
+    """
+    c = module.config
+    h = hidden_states
+    b, t, d = h.shape
+    if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
+        lengths = None if frame_mask is None else frame_mask.sum(-1)
+        mask_time_indices = compute_mask_indices(
+            module.make_rng("dropout"), (b, t), c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks, lengths
+        )
+    if mask_time_indices is not None:
+        h = fill_time(h, mask_time_indices)
+    if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
+        mask_feature_indices = compute_mask_indices(
+            module.make_rng("dropout"), (b, d), c.mask_feature_prob, c.mask_feature_length, c.mask_feature_min_masks
+        )
+    if mask_feature_indices is not None:
+        h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
+    return h, mask_time_indices
 
 
 def per_example_mask_indices(

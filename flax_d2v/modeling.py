@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_d2v.config import Data2VecAudioConfig
-from flax_d2v.masking import compute_mask_indices
+from flax_d2v.masking import spec_augment
 from flax_d2v.precision import matmul_precision
 
 Array = jax.Array
@@ -98,6 +98,18 @@ def feat_extract_output_lengths(config: Data2VecAudioConfig, input_lengths: Any,
     return input_lengths
 
 
+def real_frames(
+    config: Data2VecAudioConfig, attention_mask: Array | None, num_frames: int, add_adapter: bool = False
+) -> Array | None:
+    """(batch, num_frames) True on the frames made from real samples of `attention_mask` (batch, samples)
+    (right padding); None without a mask. `add_adapter`: the frames after the adapter (as
+    `feat_extract_output_lengths`)."""
+    if attention_mask is None:
+        return None
+    lengths = feat_extract_output_lengths(config, attention_mask.astype(jnp.int32).sum(-1), add_adapter)
+    return jnp.arange(num_frames)[None, :] < lengths[:, None]
+
+
 def _dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(
         features,
@@ -106,6 +118,20 @@ def _dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str, use_bi
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
         name=name,
+    )
+
+
+def _conv(features: int, kernel_size: int, axis: str | None, dtype: Dtype, name: str, **options: Any) -> nn.Conv:
+    """A 1-d `nn.Conv` (batch, frames, channels) as every conv here is built: He-normal kernel, zero bias,
+    the output channels on logical axis `axis`; `options` are nn.Conv's (strides, padding, groups, bias)."""
+    return nn.Conv(
+        features,
+        kernel_size=(kernel_size,),
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, axis)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
+        name=name,
+        **options,
     )
 
 
@@ -131,17 +157,9 @@ class ConvLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        x = nn.Conv(
-            c.conv_dim[self.layer_id],
-            kernel_size=(c.conv_kernel[self.layer_id],),
-            strides=(c.conv_stride[self.layer_id],),
-            padding="VALID",
-            use_bias=c.conv_bias,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "conv_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_dim",)),
-            name="conv",
-        )(x)
+        i = self.layer_id
+        options = dict(strides=(c.conv_stride[i],), padding="VALID", use_bias=c.conv_bias)
+        x = _conv(c.conv_dim[i], c.conv_kernel[i], "conv_dim", self.dtype, "conv", **options)(x)
         x = _layer_norm(TORCH_LAYER_NORM_EPS, "conv_dim", self.dtype, "layer_norm")(x)
         return gelu(x)
 
@@ -189,15 +207,9 @@ class PositionalConvLayer(nn.Module):
         c = self.config
         k = c.conv_pos_kernel_size
         length = x.shape[1]
-        x = nn.Conv(
-            c.hidden_size,
-            kernel_size=(k,),
-            padding=[(k // 2, k // 2)],
-            feature_group_count=c.num_conv_pos_embedding_groups,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="conv",
+        groups = c.num_conv_pos_embedding_groups
+        x = _conv(
+            c.hidden_size, k, "embed", self.dtype, "conv", padding=[(k // 2, k // 2)], feature_group_count=groups
         )(x)
         x = x[:, :length]  # an even kernel makes one frame too many (transformers' PadLayer)
         x = _layer_norm(TORCH_LAYER_NORM_EPS, "embed", self.dtype, "layer_norm", affine=False)(x)
@@ -258,6 +270,23 @@ def fused_attention(
     return out[:, :t]
 
 
+def _attend(
+    q: Array, k: Array, v: Array, bias: Array | None, dropout: float, deterministic: bool, dtype: Dtype
+) -> Array:
+    """The explicit attention of both encoders, (batch, T, heads, head_dim) from (batch, T, heads, head_dim)
+    q (already scaled), k, v: fp32 logits plus `bias`, softmax, dropout on the probabilities (an
+    `nn.Dropout` of the calling module), the weighted sum. Call it from a module's compact method."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if bias is not None:
+        scores = scores + bias
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    weights = nn.Dropout(dropout)(weights, deterministic=deterministic)
+    # Head-major output, then one small transpose: asking for "bqhd" directly makes XLA's CPU
+    # layout assignment transpose the whole (heads, T, T) probability matrix instead (2x slower
+    # attention at 30 s of audio).
+    return jnp.einsum("bhqk,bkhd->bhqd", weights, v).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     """`encoder.layers.N.attention`: multi-head self-attention with a key padding bias."""
 
@@ -281,15 +310,7 @@ class Attention(nn.Module):
         dropout_on = not deterministic and c.attention_dropout > 0.0
         out = None if dropout_on else fused_attention(q, k, v, attention_bias)
         if out is None:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-            if attention_bias is not None:
-                scores = scores + attention_bias
-            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
-            # Head-major output, then one small transpose: asking for "bqhd" directly makes XLA's CPU
-            # layout assignment transpose the whole (heads, T, T) probability matrix instead (2x slower
-            # attention at 30 s of audio).
-            out = jnp.einsum("bhqk,bkhd->bhqd", weights, v).transpose(0, 2, 1, 3)
+            out = _attend(q, k, v, attention_bias, c.attention_dropout, deterministic, self.dtype)
         out = out.reshape(b, t, c.hidden_size)
         return _dense(c.hidden_size, ("heads", "embed"), self.dtype, "out_proj")(out)
 
@@ -437,16 +458,8 @@ class AdapterLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        x = nn.Conv(
-            2 * c.output_hidden_size,
-            kernel_size=(c.adapter_kernel_size,),
-            strides=(c.adapter_stride,),
-            padding=[(1, 1)],
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), ("conv_width", None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="conv",
-        )(x)
+        width, stride = c.adapter_kernel_size, (c.adapter_stride,)
+        x = _conv(2 * c.output_hidden_size, width, "embed", self.dtype, "conv", strides=stride, padding=[(1, 1)])(x)
         a, b = jnp.split(x, 2, axis=-1)
         return a * jax.nn.sigmoid(b)
 
@@ -496,7 +509,19 @@ class FeatureEncoding:
     frame_mask: Array | None = None  # (batch, frames): True on real frames; None without an attention mask
 
 
-class Data2VecAudioModel(nn.Module):
+class EncoderModule(nn.Module):
+    """The constructor fields of every encoder model (1.0's, 2.0's and the CTC model around either), in
+    this positional order: the CTC model hands them to its base model positionally."""
+
+    config: Data2VecAudioConfig
+    dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    freeze_feature_encoder: bool = False
+    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
+
+
+class Data2VecAudioModel(EncoderModule):
     """The bare encoder (transformers' `Data2VecAudioModel`).
 
     Call: `module.apply({"params": p}, input_values, attention_mask=None, output_hidden_states=False)`.
@@ -511,13 +536,6 @@ class Data2VecAudioModel(nn.Module):
     (SpecAugment; its time mask is `apply_time_mask`, the learned `masked_spec_embed`), `encode`
     (the transformer encoder), then the adapter when configured. Each traces at the module's matmul precision.
     """
-
-    config: Data2VecAudioConfig
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = False
-    freeze_feature_encoder: bool = False
-    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
     def setup(self) -> None:
         c = self.config
@@ -535,10 +553,7 @@ class Data2VecAudioModel(nn.Module):
 
     def frame_mask(self, attention_mask: Array | None, num_frames: int) -> Array | None:
         """(batch, num_frames) True on the frames made from real samples; None without a mask."""
-        if attention_mask is None:
-            return None
-        lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1))
-        return jnp.arange(num_frames)[None, :] < lengths[:, None]
+        return real_frames(self.config, attention_mask, num_frames)
 
     def conv_features(self, input_values: Array) -> Array:
         """The conv `feature_extractor`: (batch, samples) audio to (batch, frames, conv_dim[-1]);
@@ -587,28 +602,13 @@ class Data2VecAudioModel(nn.Module):
 
         Nothing at all when `config.apply_spec_augment` is off, even for masks passed in. Masks
         passed in are applied; when training (`deterministic=False`) the missing ones are drawn with
-        the `"dropout"` rng (transformers' counting rule, `flax_d2v.masking.compute_mask_indices`)
-        when their probability is > 0. Time-masked frames get `masked_spec_embed`, masked channels 0.
+        the `"dropout"` rng when their probability is > 0 (`flax_d2v.masking.spec_augment`, 2.0's too).
+        Time-masked frames get `masked_spec_embed`, masked channels 0.
         """
-        c = self.config
-        h = hidden_states
-        b, t, d = h.shape
-        if not c.apply_spec_augment:
-            return h, None
-        if mask_time_indices is None and not deterministic and c.mask_time_prob > 0:
-            lengths = None if frame_mask is None else frame_mask.sum(-1)
-            mask_time_indices = compute_mask_indices(
-                self.make_rng("dropout"), (b, t), c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks, lengths
-            )
-        if mask_time_indices is not None:
-            h = self.apply_time_mask(h, mask_time_indices)
-        if mask_feature_indices is None and not deterministic and c.mask_feature_prob > 0:
-            mask_feature_indices = compute_mask_indices(
-                self.make_rng("dropout"), (b, d), c.mask_feature_prob, c.mask_feature_length, c.mask_feature_min_masks
-            )
-        if mask_feature_indices is not None:
-            h = jnp.where(mask_feature_indices[:, None, :], 0.0, h)
-        return h, mask_time_indices
+        if not self.config.apply_spec_augment:
+            return hidden_states, None
+        masks = (mask_time_indices, mask_feature_indices)
+        return spec_augment(self, hidden_states, frame_mask, *masks, deterministic, self.apply_time_mask)
 
     def encode(
         self,
@@ -664,9 +664,7 @@ class Data2VecAudioModel(nn.Module):
             last, output_frame_mask = out.last_hidden_state, None
             if self.config.add_adapter:
                 last = self.adapter(last, deterministic)
-                if attention_mask is not None:
-                    lengths = feat_extract_output_lengths(self.config, attention_mask.astype(jnp.int32).sum(-1), True)
-                    output_frame_mask = jnp.arange(last.shape[1])[None, :] < lengths[:, None]
+                output_frame_mask = real_frames(self.config, attention_mask, last.shape[1], add_adapter=True)
         return out.replace(
             last_hidden_state=last,
             extract_features=features.extract_features,
@@ -675,19 +673,12 @@ class Data2VecAudioModel(nn.Module):
         )
 
 
-class Data2VecAudioForCTC(nn.Module):
+class Data2VecAudioForCTC(EncoderModule):
     """The encoder with `lm_head` for CTC (transformers' `Data2VecAudioForCTC`); adds `logits`.
 
     Called as its `base_model` (same positional arguments and keyword options, `ForwardOptions`),
     which it nests as `data2vec_audio`; data2vec 2.0's CTC model is this class with 2.0's encoder.
     """
-
-    config: Data2VecAudioConfig
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = False
-    freeze_feature_encoder: bool = False
-    precision: str = "highest"  # matmul/conv precision, see flax_d2v.precision
 
     base_model: ClassVar[type[nn.Module]] = Data2VecAudioModel
 

@@ -56,13 +56,11 @@ import numpy as np
 from flax_d2v.data2vec2 import Data2Vec2Model, Decoder1d
 from flax_d2v.errors import D2VError
 from flax_d2v.masking import block_mask_1d
-from flax_d2v.modeling import feat_extract_output_lengths
+from flax_d2v.modeling import feat_extract_output_lengths, real_frames
 from flax_d2v.precision import matmul_precision
 from flax_d2v.train.data2vec_objective import (
     EmaTeacher,
-    check_collapse,
     instance_norm_time,
-    masked_std,
     regression_loss,
 )
 from flax_d2v.train.objective import Batch, PyTree, batch_key, example_keys
@@ -202,6 +200,8 @@ class Data2Vec2Objective(EmaTeacher):
     """data2vec 2.0 pretraining (see the module docstring). `module`: the bare `Data2Vec2Model`."""
 
     name = "data2vec2"
+    module_type = Data2Vec2Model
+    title = "data2vec 2.0 pretraining"
 
     def __init__(
         self,
@@ -209,10 +209,7 @@ class Data2Vec2Objective(EmaTeacher):
         config: Data2Vec2PretrainConfig = Data2Vec2PretrainConfig(),
         axis_name: str | None = None,
     ) -> None:
-        if not isinstance(module, Data2Vec2Model):
-            raise D2VError(f"data2vec 2.0 pretraining needs the bare Data2Vec2Model, got {type(module).__name__}")
-        config.validate(module.config.num_hidden_layers)
-        self.module, self.config, self.axis_name = module, config, axis_name
+        super().__init__(module, config, axis_name)
         self.decoder = Decoder1d(module.config, module.dtype)
 
     # -- state -------------------------------------------------------------------------------
@@ -310,8 +307,7 @@ class Data2Vec2Objective(EmaTeacher):
             frame_mask = None
             real = jnp.ones((n, t), bool)
         else:  # fairseq's convert_padding_mask: padded frames key-masked, never zeroed
-            lengths = feat_extract_output_lengths(mc, jnp.asarray(am).astype(jnp.int32).sum(-1))
-            frame_mask = jnp.arange(t)[None, :] < lengths[:, None]
+            frame_mask = real_frames(mc, jnp.asarray(am), t)
             real = jnp.repeat(frame_mask, c.clone_batch, axis=0)
         if mask is None:
             mask = self.masks(batch, rng)
@@ -353,18 +349,8 @@ class Data2Vec2Objective(EmaTeacher):
         w = counted.astype(jnp.float32)
         loss_sum = (regression_loss(pred, y, c.loss_beta) * scale * w).sum()
         weight = w.sum()
-        metrics = {
-            "target_var": masked_std(y, counted, self.axis_name),
-            "pred_var": masked_std(jax.lax.stop_gradient(pred), counted, self.axis_name),
-            "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
-            "masked_pct": jnp.asarray(1.0 - k / t, jnp.float32),
-        }
-        if outputs:
-            metrics.update(pred=pred, targets=y)
+        metrics = self.step_metrics(y, pred, counted, step, outputs, masked_pct=jnp.asarray(1.0 - k / t, jnp.float32))
         return loss_sum, weight, metrics
-
-    def check(self, metrics: dict[str, Any], step: int) -> None:
-        check_collapse(metrics, step, self.config)
 
 
 def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:

@@ -223,16 +223,30 @@ def final_proj_logical_axes() -> dict[str, PartitionSpec]:
 
 
 class EmaTeacher:
-    """The EMA teacher both data2vec objectives keep in `TrainState.extra`: `{teacher_key: an fp32
-    copy of teacher_of(student)}`, moved towards the student after every update with the decay
-    `ema_decay_at` gives (offset by `ema_start_update`, so a resumed fairseq run continues its curve).
+    """What both data2vec objectives share: the construction checks, the EMA teacher they keep in
+    `TrainState.extra` (`{teacher_key: an fp32 copy of teacher_of(student)}`, moved towards the student
+    after every update with the decay `ema_decay_at` gives, offset by `ema_start_update` so a resumed
+    fairseq run continues its curve), the metrics every step reports and the collapse guard.
 
-    A subclass names `teacher_key` and `teacher_of` (which subtree of the student the teacher
-    mirrors) and may keep some entries copied instead of averaged (`ema_copy_keys`).
+    A subclass names its bare encoder (`module_type`, `title` for the error), `teacher_key` and
+    `teacher_of` (which subtree of the student the teacher mirrors) and may keep some entries copied
+    instead of averaged (`ema_copy_keys`) or check the module further (`check_module`).
     """
 
+    module_type: type
+    title: str
     teacher_key: str
     config: Any
+
+    def __init__(self, module: Any, config: Any, axis_name: str | None = None) -> None:
+        if not isinstance(module, self.module_type):
+            raise D2VError(f"{self.title} needs the bare {self.module_type.__name__}, got {type(module).__name__}")
+        self.check_module(module)
+        config.validate(module.config.num_hidden_layers)
+        self.module, self.config, self.axis_name = module, config, axis_name
+
+    def check_module(self, module: Any) -> None:
+        """Further requirements on the module (after its type, before the config's own checks)."""
 
     def teacher_of(self, model: PyTree) -> PyTree:
         raise NotImplementedError
@@ -258,6 +272,26 @@ class EmaTeacher:
         k = self.teacher_key
         return {k: ema_update(extra[k], self.teacher_of(new_params["model"]), decay, self.ema_copy_keys())}
 
+    def step_metrics(
+        self, targets: jax.Array, pred: jax.Array, counted: jax.Array, step: jax.Array, outputs: bool, **more: Any
+    ) -> dict[str, jax.Array]:
+        """The metrics of a step: the spread of the targets and predictions over the `counted` frames (what
+        the collapse guard reads), this update's EMA decay, `more`; with `outputs` the predictions `pred`
+        and targets `targets` themselves."""
+        metrics = {
+            "target_var": masked_std(targets, counted, self.axis_name),
+            "pred_var": masked_std(jax.lax.stop_gradient(pred), counted, self.axis_name),
+            "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
+            **more,
+        }
+        if outputs:
+            metrics.update(pred=pred, targets=targets)
+        return metrics
+
+    def check(self, metrics: dict[str, Any], step: int) -> None:
+        """fairseq's collapse guards, host side after a logged step: raise once past `guard_after` updates."""
+        check_collapse(metrics, step, self.config)
+
 
 class Data2VecObjective(EmaTeacher):
     """data2vec-audio pretraining as an `Objective` (see the module docstring).
@@ -268,6 +302,8 @@ class Data2VecObjective(EmaTeacher):
     """
 
     name = "data2vec"
+    module_type = Data2VecAudioModel
+    title = "data2vec pretraining"
 
     def __init__(
         self,
@@ -275,17 +311,14 @@ class Data2VecObjective(EmaTeacher):
         config: Data2VecPretrainConfig = Data2VecPretrainConfig(),
         axis_name: str | None = None,
     ) -> None:
-        if not isinstance(module, Data2VecAudioModel):
-            raise D2VError(f"data2vec pretraining needs the bare Data2VecAudioModel, got {type(module).__name__}")
+        super().__init__(module, config, axis_name)
+
+    def check_module(self, module: Data2VecAudioModel) -> None:
         if not module.config.has_masked_spec_embed:
             raise D2VError(
                 "config.json: mask_time_prob and mask_feature_prob are both 0, so the model has no "
                 "masked_spec_embed (the mask embedding pretraining needs); set mask_time_prob > 0"
             )
-        config.validate(module.config.num_hidden_layers)
-        self.module = module
-        self.config = config
-        self.axis_name = axis_name
 
     # -- state -------------------------------------------------------------------------------
 
@@ -379,22 +412,11 @@ class Data2VecObjective(EmaTeacher):
         m = mask_time_indices.astype(jnp.float32)
         loss_sum = (per_frame * m).sum()
         weight = m.sum()
-        metrics = {
-            "target_var": masked_std(y, mask_time_indices, self.axis_name),
-            "pred_var": masked_std(jax.lax.stop_gradient(pred), mask_time_indices, self.axis_name),
-            "ema_decay": self.ema_decay(jnp.asarray(step) + 1),
-            "masked_frac": weight
-            / jnp.maximum(jnp.ones_like(m).sum() if frame_mask is None else frame_mask.sum().astype(jnp.float32), 1.0),
-        }
-        if outputs:
-            metrics.update(pred=pred, targets=y)
+        real = jnp.ones_like(m).sum() if frame_mask is None else frame_mask.sum().astype(jnp.float32)
+        metrics = self.step_metrics(
+            y, pred, mask_time_indices, step, outputs, masked_frac=weight / jnp.maximum(real, 1.0)
+        )
         return loss_sum, weight, metrics
-
-    # -- host side ---------------------------------------------------------------------------
-
-    def check(self, metrics: dict[str, Any], step: int) -> None:
-        """fairseq's collapse guards, host side after a logged step: raise once past `guard_after` updates."""
-        check_collapse(metrics, step, self.config)
 
 
 def check_collapse(metrics: dict[str, Any], step: int, config: Data2VecPretrainConfig) -> None:

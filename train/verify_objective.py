@@ -9,7 +9,8 @@ under fairseq's name. This runs **the objective `d2v pretrain` runs** (`Data2Vec
 fairseq's behaviour on a padded batch (1.0: `instance_norm_over_padding`), on the converted checkpoint,
 the reference's masks and noise injected through the objectives' test arguments, and compares.
 A cfg field the checkpoint leaves out takes fairseq's dataclass default (`Data2VecAudioConfig`,
-`Data2VecMultiConfig`, `D2vAudioConfig`); a target or loss option our objective lacks is refused.
+`Data2VecMultiConfig`, `D2vAudioConfig`); a target or loss option our objective lacks is refused. A 2.0
+cfg is read as `d2v pretrain` reads it (`convert.fairseq2.pretraining_settings`, `unsupported_options`).
 
 Gradients are of the criterion's unnormalised loss: our `loss` returns (sum, sample_size), the sum
 being fairseq's loss, so its gradient is differentiated directly (the loop divides later, as fairseq's
@@ -28,7 +29,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_d2v.convert.fairseq import FairseqCheckpoint, hf_to_fairseq_key, load_fairseq
-from flax_d2v.convert.fairseq2 import key_rows, to_fairseq
+from flax_d2v.convert.fairseq2 import (
+    AUDIO_OBJECTIVE_KEYS,
+    OBJECTIVE_KEYS,
+    TARGET_OPTIONS,
+    key_rows,
+    pretraining_settings,
+    to_fairseq,
+    unsupported_options,
+)
 from flax_d2v.convert.keys import flax_to_hf_key, to_hf_array
 from flax_d2v.data2vec2 import Data2Vec2Config, Data2Vec2Model
 from flax_d2v.errors import D2VError
@@ -55,6 +64,29 @@ GRAD_TOL = 1e-4  # the shared README's fingerprint check: rms(p - p_ref) <= tol 
 FINGERPRINT_PROJECTIONS = 8
 
 MODEL_V1, MODEL_V2 = "data2vec_audio", "data2vec_multi"
+
+# The 1.0 cfg.model options our `Data2VecObjective` implements only off (the form of
+# `convert.fairseq2.UNSUPPORTED_OPTIONS`, which is 2.0's, read by the same `unsupported_options`).
+UNSUPPORTED_OPTIONS_V1: tuple[tuple[str, str, Any], ...] = (
+    *(("model", k, lambda v, _m, _a: not v) for k in (*TARGET_OPTIONS, "group_norm_target_layer")),
+    ("model", "feature_grad_mult", lambda v, _m, _a: v is None or float(v) == 1.0),  # a scaled conv gradient
+)
+# fairseq's dataclass defaults (Data2VecMultiConfig, D2vAudioConfig) of the 2.0 objective's settings, for the
+# keys a cfg leaves out (`pretraining_settings` gives those it has)
+FAIRSEQ_DEFAULTS_V2: dict[str, Any] = dict(
+    clone_batch=1,
+    mask_prob=0.7,
+    mask_prob_adjust=0.0,
+    mask_length=5,
+    inverse_mask=False,
+    mask_dropout=0.0,
+    average_top_k_layers=8,
+    instance_norm_target_layer=False,
+    ema_decay=0.999,
+    ema_end_decay=0.9999,
+    loss_beta=0.0,
+    loss_scale=None,
+)
 
 
 # ------------------------------------------------------------------------------------ the reference
@@ -153,39 +185,27 @@ def _model_cfg(ck: FairseqCheckpoint, source: str) -> dict[str, Any]:
     return dict(model)
 
 
-def _anneal_end(m: Mapping[str, Any]) -> int:
+def _anneal_end(step: Any, m: Mapping[str, Any]) -> int:
     """`ema_anneal_end_step` (fairseq's default: `optimization.max_update`, copied into cfg.model.max_update)."""
-    return max(1, int(m.get("ema_anneal_end_step") or m.get("max_update") or 1))
+    return max(1, int(step or m.get("max_update") or 1))
 
 
-def _refuse(source: str, where: str, checks: list[tuple[str, Any, Callable[[Any], bool], str]]) -> None:
-    for key, value, ok, what in checks:
-        if not ok(value):
-            raise D2VError(f"{source}: {where}.{key} is {value!r}: {what} is not implemented by our objective")
+def _refuse(source: str, unsupported: list[str]) -> None:
+    """One line naming the first option `unsupported_options` found."""
+    if unsupported:
+        raise D2VError(f"{source}: {unsupported[0]}: not implemented by our objective, so the step cannot be checked")
 
 
 def objective_v1(ck: FairseqCheckpoint, source: str) -> tuple[Data2VecObjective, dict, dict]:
     """(objective, params, extra) of a `data2vec_audio` checkpoint, settings from its cfg.model."""
     m = _model_cfg(ck, source)
-    off = lambda v: not v  # noqa: E731
-    _refuse(
-        source,
-        "cfg.model",
-        [
-            ("layer_norm_target_layer", m.get("layer_norm_target_layer"), off, "a per-layer LayerNorm target"),
-            ("batch_norm_target_layer", m.get("batch_norm_target_layer"), off, "a batch-norm target"),
-            ("group_norm_target_layer", m.get("group_norm_target_layer"), off, "a group-norm target"),
-            ("instance_norm_targets", m.get("instance_norm_targets"), off, "a final instance norm"),
-            ("layer_norm_targets", m.get("layer_norm_targets"), off, "a final LayerNorm"),
-            ("feature_grad_mult", m.get("feature_grad_mult", 1.0), lambda v: float(v) == 1.0, "a scaled conv grad"),
-        ],
-    )
+    _refuse(source, unsupported_options(m, UNSUPPORTED_OPTIONS_V1))
     if "final_proj" not in ck.aux or "ema" not in ck.aux:
         raise D2VError(f"{source}: needs final_proj and the EMA teacher (_ema) to run the objective")
     config = Data2VecPretrainConfig(
         ema_decay=float(m.get("ema_decay", 0.999)),
         ema_end_decay=float(m.get("ema_end_decay", 0.9999)),
-        ema_anneal_end_step=_anneal_end(m),
+        ema_anneal_end_step=_anneal_end(m.get("ema_anneal_end_step"), m),
         ema_layers_only=bool(m.get("ema_layers_only", True)),
         average_top_k_layers=int(m.get("average_top_k_layers", 8)),
         instance_norm_target_layer=bool(m.get("instance_norm_target_layer", False)),
@@ -205,61 +225,18 @@ def objective_v1(ck: FairseqCheckpoint, source: str) -> tuple[Data2VecObjective,
 
 
 def objective_v2(ck: FairseqCheckpoint, source: str) -> tuple[Data2Vec2Objective, dict, dict]:
-    """(objective, params, extra) of a `data2vec_multi` (audio) checkpoint, settings from its cfg.model."""
+    """(objective, params, extra) of a `data2vec_multi` (audio) checkpoint: the options `d2v pretrain` refuses
+    are refused, the settings are those `d2v pretrain` takes from the checkpoint (`pretraining_settings`),
+    fairseq's defaults for the rest. (min_target_var, min_pred_var: the collapse guard's, not the step's.)"""
     m = _model_cfg(ck, source)
-    audio = dict((m.get("modalities") or {}).get("audio") or {})
-    dec = dict(audio.get("decoder") or {})
-    off = lambda v: not v  # noqa: E731
-    _refuse(
-        source,
-        "cfg.model",
-        [
-            ("layer_norm_target_layer", m.get("layer_norm_target_layer"), off, "a per-layer LayerNorm target"),
-            ("batch_norm_target_layer", m.get("batch_norm_target_layer"), off, "a batch-norm target"),
-            ("instance_norm_targets", m.get("instance_norm_targets"), off, "a final instance norm"),
-            ("layer_norm_targets", m.get("layer_norm_targets"), off, "a final LayerNorm"),
-            ("end_of_block_targets", m.get("end_of_block_targets"), off, "block-output targets"),
-            ("cls_loss", m.get("cls_loss", 0), lambda v: not float(v or 0), "a CLS loss"),
-            ("recon_loss", m.get("recon_loss", 0), lambda v: not float(v or 0), "a reconstruction loss"),
-            ("d2v_loss", m.get("d2v_loss", 1), lambda v: float(v) == 1.0, "a weighted regression loss"),
-            ("shared_decoder", m.get("shared_decoder"), lambda v: v is None, "a shared decoder"),
-        ],
-    )
-    _refuse(
-        source,
-        "cfg.model.modalities.audio",
-        [
-            ("encoder_zero_mask", audio.get("encoder_zero_mask", True), bool, "noise instead of zeroed masks"),
-            ("keep_masked_pct", audio.get("keep_masked_pct", 0), lambda v: not float(v or 0), "keeping masked frames"),
-            ("mask_channel_prob", audio.get("mask_channel_prob", 0), lambda v: not float(v or 0), "channel masks"),
-            ("local_grad_mult", audio.get("local_grad_mult", 1.0), lambda v: float(v) == 1.0, "a scaled conv grad"),
-            ("ema_local_encoder", audio.get("ema_local_encoder"), off, "a teacher with its own conv extractor"),
-            ("decoder.add_positions_masked", dec.get("add_positions_masked"), off, "decoder positions"),
-            ("decoder.add_positions_all", dec.get("add_positions_all"), off, "decoder positions"),
-            ("decoder.decoder_residual", dec.get("decoder_residual", True), bool, "a decoder without residuals"),
-            ("decoder.projection_layers", dec.get("projection_layers", 1), lambda v: int(v) == 1, "a deeper proj"),
-        ],
-    )
+    _refuse(source, unsupported_options(m))
+    settings = pretraining_settings((ck.cfg or {}).get("cfg") or {}, source)
     if "decoder" not in ck.aux or "ema" not in ck.aux:
         raise D2VError(f"{source}: needs the decoder and the EMA teacher (_ema) to run the objective")
-    config = Data2Vec2PretrainConfig(
-        clone_batch=int(m.get("clone_batch", 1)),
-        mask_prob=float(audio.get("mask_prob", 0.7)),
-        mask_prob_adjust=float(audio.get("mask_prob_adjust", 0.0)),
-        mask_length=int(audio.get("mask_length", 5)),
-        inverse_mask=bool(audio.get("inverse_mask", False)),
-        mask_dropout=float(audio.get("mask_dropout", 0.0)),
-        average_top_k_layers=int(m.get("average_top_k_layers", 8)),
-        instance_norm_target_layer=bool(m.get("instance_norm_target_layer", False)),
-        ema_decay=float(m.get("ema_decay", 0.999)),
-        ema_end_decay=float(m.get("ema_end_decay", 0.9999)),
-        ema_anneal_end_step=_anneal_end(m),
-        ema_start_update=int((ck.cfg or {}).get("num_updates") or 0),
-        loss_beta=float(m.get("loss_beta", 0.0)),
-        loss_scale=None if m.get("loss_scale") is None else float(m["loss_scale"]),
-        min_target_var=float(m.get("min_target_var", 0.1)),
-        min_pred_var=float(m.get("min_pred_var", 0.01)),
-    )
+    taken = {k: settings[k] for k in (*OBJECTIVE_KEYS, *AUDIO_OBJECTIVE_KEYS) if k in settings}
+    taken["ema_anneal_end_step"] = _anneal_end(settings.get("ema_anneal_end_step"), m)
+    taken["ema_start_update"] = int((ck.cfg or {}).get("num_updates") or 0)
+    config = Data2Vec2PretrainConfig(**{**FAIRSEQ_DEFAULTS_V2, **taken})
     obj = Data2Vec2Objective(Data2Vec2Model(ck.config, precision="highest"), config)
     params = obj.init_params(ck.params, jax.random.PRNGKey(0), ck.aux["decoder"])
     return obj, params, {"teacher": ck.aux["ema"]}

@@ -21,20 +21,17 @@ import numpy as np
 
 from flax_d2v.api.pretrained import from_pretrained, load_any
 from flax_d2v.api.verify2 import is_v2_source, verify_v2
-from flax_d2v.audio import load_audio, pad_batch
 from flax_d2v.convert.hf import is_hf_dir, save_hf
-from flax_d2v.convert.parity import (
+from flax_d2v.convert.parity import (  # noqa: F401 - default_clip: re-exported (d2v demo)
     PARITY_RTOL,
     TOLERANCES,
     StageError,
-    compare,
     default_clip,
-    full_precision_torch,
-    parity_cases,
+    parity_rows,
+    parity_setup,
     torch_device,
 )
 from flax_d2v.errors import D2VError
-from flax_d2v.precision import resolve
 from flax_d2v.processor import read_preprocessor_config
 
 
@@ -168,29 +165,23 @@ def verify(
         raise D2VError("d2v verify needs PyTorch and transformers: pip install 'flax-d2v[torch]'") from None
     import jax
 
-    policy = resolve(precision)
+    policy, files, waves = parity_setup(precision, audio)
     tolerance = TOLERANCES[policy.name]
-    full_precision_torch()
-
-    files = list(audio) or [default_clip()]
-    waves = [load_audio(f) for f in files]
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = _hf_dir_for(src, tmp)
         pre = read_preprocessor_config(hf_dir)
         module, params = from_pretrained(hf_dir, precision=policy.name)
         model = _torch_model(hf_dir, reference_dtype)
-        rows: list[StageError] = []
-        for name, group in parity_cases(files, waves, batch):
-            values, mask = pad_batch(group, do_normalize=pre.do_normalize)
-            use_mask = mask if len(group) > 1 else None
-            ref = _run_torch(model, values, use_mask, reference_dtype)
-            got, masks = _run_flax(module, params, values, use_mask)
-            for stage in ref:
-                if stage not in got:
-                    raise D2VError(f"{stage}: PyTorch returns it, the Flax model does not")
-                rows.append(
-                    compare(name, stage, got[stage], ref[stage], _stage_mask(stage, ref[stage], masks), tolerance)
-                )
+        rows = parity_rows(
+            files,
+            waves,
+            batch,
+            pre.do_normalize,
+            tolerance,
+            lambda values, mask: _run_torch(model, values, mask, reference_dtype),
+            lambda values, mask: _run_flax(module, params, values, mask),
+            _stage_mask,
+        )
     device = jax.devices()[0]
     facts = {
         "model": src,

@@ -19,16 +19,14 @@ from typing import Any
 import numpy as np
 
 from flax_d2v.api.pretrained import from_pretrained
-from flax_d2v.audio import load_audio, pad_batch
 from flax_d2v.checkpoint import load_flax
 from flax_d2v.convert.fairseq import convert_fairseq
 from flax_d2v.convert.fairseq2 import CTC_PREFIX, default_cfg, export_fairseq2, fairseq_state, is_data2vec2
 from flax_d2v.convert.fairseq_common import read_fairseq_file
-from flax_d2v.convert.parity import TOLERANCES, compare, default_clip, full_precision_torch, parity_cases
+from flax_d2v.convert.parity import TOLERANCES, parity_rows, parity_setup
 from flax_d2v.data2vec2 import MODEL_TYPE_V2
 from flax_d2v.errors import D2VError
 from flax_d2v.fileio import read_json_object
-from flax_d2v.precision import resolve
 from flax_d2v.processor import read_preprocessor_config
 
 
@@ -131,12 +129,8 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
         raise D2VError("d2v verify needs PyTorch: pip install 'flax-d2v[torch]'") from None
     import jax
 
-    policy = resolve(precision)
+    policy, files, waves = parity_setup(precision, audio)
     tolerance = TOLERANCES[policy.name]
-    full_precision_torch()
-
-    files = list(audio) or [default_clip()]
-    waves = [load_audio(f) for f in files]
     with tempfile.TemporaryDirectory() as tmp:
         fdir = _flax_dir(src, tmp)
         pre = read_preprocessor_config(fdir)
@@ -170,14 +164,8 @@ def verify_v2(src: str, audio: Sequence[str] = (), batch: bool = True, precision
                 "fairseq is not importable)"
             )
             run_ref = lambda v, m: _run_reference(ref, proj, v, m)  # noqa: E731
-        rows = []
-        for name, group in parity_cases(files, waves, batch):
-            values, mask = pad_batch(group, do_normalize=pre.do_normalize)
-            use_mask = mask if len(group) > 1 else None
-            ref_out = run_ref(values, use_mask)
-            got, frame_mask = _run_flax(module, params, values, use_mask)
-            for stage in ref_out:
-                rows.append(compare(name, stage, got[stage], ref_out[stage], frame_mask, tolerance))
+        run_flax = lambda v, m: _run_flax(module, params, v, m)  # noqa: E731
+        rows = parity_rows(files, waves, batch, pre.do_normalize, tolerance, run_ref, run_flax)
     facts = {
         "model": src,
         "audio": files,
