@@ -520,7 +520,6 @@ def verify_train(
         hf_dir = save_hf(tmp / "init-hf", parts.config, common.host(parts.params))
         ref_labels = [b["labels"] if task == "ctc" else parts.objective.labels[b["index"]] for b in batches]
 
-        # the project: its jitted step, which also hands back the gradient it gave the optax chain
         accum = int(cfg.grad_accum)
         objective, params = parts.objective, parts.params
         # clipping acts at every update: the clip norm is CLIP_RMS per trained element
@@ -528,6 +527,15 @@ def verify_train(
         trained_size = sum(int(np.size(v)) for k, v in flatten(params).items() if frozen[k] != "frozen")
         clip_norm = float(CLIP_RMS * math.sqrt(trained_size))
         cfg = cfg.replace(clip_norm=clip_norm)
+
+        # the reference first (PyTorch hands its memory back; XLA's compiled step keeps what it took): the same
+        # initial weights (as the converter writes them), batches, labels and recipe; beside a float64 one,
+        # PyTorch's fp32 run too: how far fp32 rounding alone takes a step off the exact one
+        args = (str(hf_dir), spec.architecture, cfg, clip_norm, batches, ref_labels)
+        ref = run_reference(*args, reference_dtype)
+        floor = run_reference(*args, "float32") if reference_dtype == "float64" else None
+
+        # the project: its jitted step, which also hands back the gradient it gave the optax chain
         schedule, tx = finetune_run.schedule_and_optimizer(cfg, params)
         step = jax.jit(make_train_step(objective, tx, schedule, accum, return_grads=True))
         state = create_state(params, tx, objective.init_extra(params), jax.random.PRNGKey(int(seed)))
@@ -539,12 +547,6 @@ def verify_train(
             losses.append(float(metrics["loss"]))
         initial, final = _as_hf(flatten(jax.device_get(params))), _as_hf(flatten(jax.device_get(state.params)))
         del state, step
-
-        # the reference: the same initial weights (as the converter writes them), batches, labels and recipe;
-        # beside a float64 one, PyTorch's fp32 run too: how far fp32 rounding alone takes a step off the exact one
-        args = (str(hf_dir), spec.architecture, cfg, clip_norm, batches, ref_labels)
-        ref = run_reference(*args, reference_dtype)
-        floor = run_reference(*args, "float32") if reference_dtype == "float64" else None
 
     common_keys = [k for k in ref.final if k in final]
 
