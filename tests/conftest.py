@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The peak RSS of a subprocess, as a Python expression its script evaluates (bytes; Linux): VmHWM, the peak of its
+# own memory map. Not `getrusage(RUSAGE_SELF).ru_maxrss`: exec folds the forking process's peak into it, so a child
+# of a pytest process that once held 10 GiB reports 10 GiB (seen: a 3.7 GiB `d2v convert` measured 10.3).
+PEAK_RSS_EXPR = "int(next(x for x in open('/proc/self/status') if x.startswith('VmHWM')).split()[1]) * 1024"
 
 # Commands run in-process turn on JAX's persistent compilation cache (flax_d2v/compile_cache.py);
 # the suite keeps its compiles in memory and writes nothing under the user's home.

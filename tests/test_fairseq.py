@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import fairseq_fixtures as F  # noqa: E402
+from conftest import PEAK_RSS_EXPR  # noqa: E402
 
 CLIP = "16k/librivox_0880.wav"
 
@@ -428,10 +429,10 @@ def test_large_size_converts_and_matches(tmp_path, speech_dir, ctc):
     model, _, pt = _write(tmp_path, ctc=ctc, hf=large)
     # `d2v convert` in a process of its own, as the README measured it: its time and peak RSS
     script = (
-        "import json, resource, sys, time; from flax_d2v.cli import main; t0 = time.perf_counter(); "
+        "import json, sys, time; from flax_d2v.cli import main; t0 = time.perf_counter(); "
         "rc = main(['convert', sys.argv[1], sys.argv[2]]); "
         "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t0, "
-        "'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"
+        f"'peak': {PEAK_RSS_EXPR}}}))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, str(pt), str(tmp_path / "flax")], capture_output=True, text=True, timeout=1800
