@@ -680,7 +680,8 @@ def plot(result: TrainParity, path: str | os.PathLike) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
     x = np.arange(1, len(result.losses) + 1)
-    a.plot(x, result.ref_losses, "o-", label="transformers + torch AdamW")
+    exact = ", float64" if result.floor_losses is not None else ""
+    a.plot(x, result.ref_losses, "o-", label=f"transformers + torch AdamW{exact}")
     a.plot(x, result.losses, "x--", label="flax-d2v (d2v finetune's step)")
     if result.floor_losses is not None:
         a.plot(x, result.floor_losses, "+:", label="transformers + torch AdamW, fp32")
@@ -692,23 +693,11 @@ def plot(result: TrainParity, path: str | os.PathLike) -> None:
     pos = np.arange(len(names))
     b.semilogy(pos, [max(g.grad, 1e-12) for g in result.groups], "o", label="step-1 gradient")
     b.semilogy(pos, [max(g.param, 1e-12) for g in result.groups], "s", label=f"update after {len(x)} steps")
-    if result.loss_floor is not None:
-        b.semilogy(
-            pos,
-            [max(g.grad_floor or 0.0, 1e-12) for g in result.groups],
-            "o",
-            mfc="none",
-            color="C0",
-            label="PyTorch fp32's own, gradient",
-        )
-        b.semilogy(
-            pos,
-            [max(g.param_floor or 0.0, 1e-12) for g in result.groups],
-            "s",
-            mfc="none",
-            color="C1",
-            label="PyTorch fp32's own, update",
-        )
+    if result.loss_floor is not None:  # hollow markers: PyTorch fp32's own errors, in the same colours
+        for field, marker, color in (("grad_floor", "o", "C0"), ("param_floor", "s", "C1")):
+            values = [max(getattr(g, field) or 0.0, 1e-12) for g in result.groups]
+            what = "gradient" if field == "grad_floor" else "update"
+            b.semilogy(pos, values, marker, mfc="none", color=color, label=f"PyTorch fp32's own, {what}")
     b.axhline(result.tolerance["grad"], color="C0", linestyle=":", label="gradient tolerance")
     b.axhline(result.tolerance["param"], color="C1", linestyle="--", label="update tolerance")
     abbrev = (("encoder.layers.", "L"), ("feature_extractor.conv_layers.", "conv"), ("encoder.pos_conv_embed.", "pos_"))
