@@ -350,7 +350,7 @@ def test_ten_minute_recording_stays_under_3gb_rss(flax_dir, speech_dir, tmp_path
 
 # The README's figure for a base-size model on one hour of audio (2-core CPU): 2.36 GiB peak RSS (VmHWM; the
 # bound below was set on an earlier reading of 2.72 GiB that included the pytest process's own peak).
-# The bound: that plus ~10% for allocator and thread-count variation between machines.
+# The bound: the earlier reading plus ~10% for allocator and thread-count variation between machines.
 HOUR_BASE_MAX_RSS = 3.0 * 1024**3
 
 
