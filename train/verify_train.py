@@ -147,6 +147,14 @@ class GroupError:
     grad_floor: float | None = None
     param_floor: float | None = None
 
+    def allowed(self, tol: dict[str, float]) -> tuple[float, float]:
+        """(gradient, update) errors this layer may have: the tolerances, widened by its floor (`allowed`)."""
+        return allowed(tol["grad"], self.grad_floor), allowed(tol["param"], self.param_floor)
+
+    def passed(self, tol: dict[str, float]) -> bool:
+        g_ok, p_ok = self.allowed(tol)
+        return bool(self.grad <= g_ok and self.param <= p_ok)  # NaN fails
+
 
 def allowed(tol: float, floor: float | None) -> float:
     """The tolerance of one check: `tol`, or FLOOR_FACTOR times PyTorch's own fp32 error where that is larger."""
@@ -195,7 +203,7 @@ class TrainParity:
         if bad:
             out.append(f"loss curve: {len(bad)} of {len(err)} updates beyond their tolerance (first: update {bad[0]})")
         for g in self.groups:
-            g_ok, p_ok = allowed(tol["grad"], g.grad_floor), allowed(tol["param"], g.param_floor)
+            g_ok, p_ok = g.allowed(tol)
             if not np.isfinite(g.grad) or g.grad > g_ok:
                 out.append(f"{g.group}: step-1 gradient error {g.grad:.3e} > {g_ok:.3g}")
             if not np.isfinite(g.param) or g.param > p_ok:
@@ -288,7 +296,7 @@ class Reference:
     """The transformers model and `torch.optim.AdamW`, stepped as a PyTorch user fine-tunes it."""
 
     def __init__(
-        self, hf_dir: str, architecture: str, cfg: FinetuneConfig, clip_norm: float | None, dtype: str = "float64"
+        self, hf_dir: str, architecture: str, cfg: FinetuneConfig, clip_norm: float | None, dtype: str = REFERENCE_DTYPE
     ) -> None:
         import torch
         import transformers
@@ -339,9 +347,6 @@ class Reference:
             for k, p in self.model.named_parameters()
             if p.requires_grad and p.grad is not None
         }
-
-    def grad_norm(self) -> float:
-        return float(self.torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.trainable if p.grad is not None)))
 
     def update(self) -> None:
         if self.clip_norm:
@@ -425,12 +430,22 @@ def compare_groups(
     moved: dict[str, np.ndarray],
     ref_moved: dict[str, np.ndarray],
     trained: set[str],
+    floor: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> list[GroupError]:
-    g_err, p_err = group_errors(grad, ref_grad), group_errors(moved, ref_moved, NO_SIGNAL)
+    """One row per layer; `floor`: (gradient, moved) of PyTorch's fp32 run, whose errors against the reference
+    (a float64 one) fill the rows' floors."""
+
+    def errors(g: dict, m: dict) -> tuple[dict[str, float], dict[str, float]]:
+        return group_errors(g, ref_grad), group_errors(m, ref_moved, NO_SIGNAL)
+
+    g_err, p_err = errors(grad, moved)
+    g_floor, p_floor = errors(*floor) if floor is not None else ({}, {})
     rows: dict[str, GroupError] = {}
     for k in ref_moved:
         name = group_of(k)
         row = rows.setdefault(name, GroupError(name, 0, g_err.get(name, 0.0), p_err.get(name, 0.0), True))
+        if floor is not None:
+            row.grad_floor, row.param_floor = g_floor.get(name, 0.0), p_floor.get(name, 0.0)
         row.tensors += 1
         row.frozen = row.frozen and k not in trained
     return list(rows.values())
@@ -556,12 +571,11 @@ def verify_train(
 
     ref_moved, ref_grad = moved_grad(ref.initial, ref.final, ref.grad)
     moved, grad = moved_grad(initial, final, grad)
-    groups = compare_groups(grad, ref_grad, moved, ref_moved, ref.trained)
+    floor_run = None
     if floor is not None:
         floor_moved, floor_grad = moved_grad(floor.initial, floor.final, floor.grad)
-        g_floor, p_floor = group_errors(floor_grad, ref_grad), group_errors(floor_moved, ref_moved, NO_SIGNAL)
-        for g in groups:
-            g.grad_floor, g.param_floor = g_floor.get(g.group, 0.0), p_floor.get(g.group, 0.0)
+        floor_run = (floor_grad, floor_moved)
+    groups = compare_groups(grad, ref_grad, moved, ref_moved, ref.trained, floor_run)
     device = jax.devices()[0]
     facts = {
         "model": src,
@@ -597,7 +611,7 @@ def format_table(result: TrainParity) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for g in result.groups:
-        ok = g.grad <= allowed(tol["grad"], g.grad_floor) and g.param <= allowed(tol["param"], g.param_floor)
+        ok = g.passed(tol)
         frozen = " (frozen)" if g.frozen else ""
         lines.append(
             f"| {g.group}{frozen} | {g.tensors} | {g.grad:.3e} | {_fmt(g.grad_floor)} | {g.param:.3e} | "
